@@ -1,0 +1,254 @@
+"""Datasets: JSONL files in the formats people already use, turned into token sequences with a loss target.
+
+Formats, detected from the keys of the first record (as mlx-lm does):
+    {"text": ...}                        language modelling on every token
+    {"prompt": ..., "completion": ...}   language modelling on the completion tokens only
+    {"messages": [{"role", "content"}]}  chat: the model's chat template; loss on the last (assistant) message
+    {"text": ..., "label": ...}          classification: prompt = template.format(text=...), answer = label word
+Every example becomes (tokens, target_start): the loss covers tokens[target_start:], each predicted from the
+position before it. Classification examples also carry the label's index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .files import EdgezoError
+
+DEFAULT_TEMPLATE = "{text}\nLabel:"
+
+
+class Format(str, Enum):
+    TEXT = "text"
+    COMPLETIONS = "completions"
+    CHAT = "chat"
+    CLASSIFICATION = "classification"
+
+
+class Tokenizer(Protocol):
+    def tokenize(self, text: str, add_special: bool) -> list[int]: ...
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str: ...
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    train: Path | None = None
+    valid: Path | None = None
+    test: Path | None = None
+
+    def split(self, name: str) -> Path:
+        path = getattr(self, name)
+        if path is None:
+            raise EdgezoError(f"the dataset has no {name} split")
+        return path
+
+
+@dataclass(frozen=True)
+class Example:
+    tokens: tuple[int, ...]
+    target_start: int  # loss on tokens[target_start:]; for classification = len(tokens) (answer follows)
+    label: int = -1  # index into Task.labels for classification, -1 otherwise
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the loss needs besides the examples."""
+
+    format: Format
+    labels: tuple[str, ...] = ()  # classification label names, in index order
+    label_token_ids: tuple[int, ...] = ()  # first token of each label word
+    template: str = DEFAULT_TEMPLATE
+
+    @property
+    def is_classification(self) -> bool:
+        return self.format is Format.CLASSIFICATION
+
+
+def resolve_files(data: str | os.PathLike, valid: str | None = None, test: str | None = None) -> DataFiles:
+    """A directory with train/valid/test.jsonl, or a JSONL path (the train split) with optional --valid/--test."""
+    path = Path(data)
+    if path.is_dir():
+        found = {s: path / f"{s}.jsonl" for s in ("train", "valid", "test") if (path / f"{s}.jsonl").exists()}
+        if not found:
+            raise EdgezoError(f"{path}: directory holds none of train.jsonl, valid.jsonl, test.jsonl")
+        files = DataFiles(**found)
+    elif path.is_file():
+        files = DataFiles(train=path)
+    else:
+        raise EdgezoError(f"{path}: no such dataset file or directory (and not a built-in dataset name)")
+    overrides = {k: Path(v) for k, v in (("valid", valid), ("test", test)) if v}
+    for split, p in overrides.items():
+        if not p.is_file():
+            raise EdgezoError(f"{p}: no such {split} file")
+    return DataFiles(**{**files.__dict__, **overrides})
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    path = Path(path)
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise EdgezoError(f"{path}:{line_no}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(record, dict):
+                    raise EdgezoError(f"{path}:{line_no}: expected a JSON object, got {type(record).__name__}")
+                records.append(record)
+    except UnicodeDecodeError as exc:
+        raise EdgezoError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise EdgezoError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not records:
+        raise EdgezoError(f"{path}: the dataset is empty")
+    return records
+
+
+def detect_format(record: dict, path: Path) -> Format:
+    keys = set(record)
+    if "messages" in keys:
+        return Format.CHAT
+    if {"prompt", "completion"} <= keys:
+        return Format.COMPLETIONS
+    if {"text", "label"} <= keys:
+        return Format.CLASSIFICATION
+    if "text" in keys:
+        return Format.TEXT
+    raise EdgezoError(
+        f"{path}:1: unknown record format with keys {sorted(keys)}; expected text, prompt+completion, messages, or text+label"
+    )
+
+
+_REQUIRED = {
+    Format.TEXT: ("text",),
+    Format.COMPLETIONS: ("prompt", "completion"),
+    Format.CHAT: ("messages",),
+    Format.CLASSIFICATION: ("text", "label"),
+}
+
+
+def _check_record(record: dict, fmt: Format, where: str) -> None:
+    for key in _REQUIRED[fmt]:
+        if key not in record:
+            raise EdgezoError(f"{where}: missing field {key!r} (the file's format is {fmt.value})")
+        value = record[key]
+        if key == "messages":
+            ok = isinstance(value, list) and value and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+            )
+            if not ok:
+                raise EdgezoError(f"{where}: 'messages' must be a non-empty list of {{'role': str, 'content': str}}")
+        elif key == "label":
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise EdgezoError(f"{where}: 'label' must be a string or an integer, got {value!r}")
+        elif not isinstance(value, str):
+            raise EdgezoError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+
+
+def build_task(train_records: list[dict], path: Path, tokenizer: Tokenizer, template: str | None,
+               label_words: dict[str, str] | None) -> Task:
+    """Fix the format (and for classification the label set and label tokens) from the training split."""
+    fmt = detect_format(train_records[0], path)
+    if fmt is not Format.CLASSIFICATION:
+        return Task(format=fmt)
+    template = template or DEFAULT_TEMPLATE
+    if "{text}" not in template:
+        raise EdgezoError(f"--template must contain {{text}}, got {template!r}")
+    labels = tuple(sorted({str(r.get("label")) for r in train_records if "label" in r}))
+    if len(labels) < 2:
+        raise EdgezoError(f"{path}: classification needs at least two labels, found {list(labels)}")
+    label_words = label_words or {}
+    unknown = sorted(set(label_words) - set(labels))
+    if unknown:
+        raise EdgezoError(f"--label-words names label(s) {unknown} that do not occur in {path} (labels: {list(labels)})")
+    token_ids = []
+    for label in labels:
+        word = label_words.get(label, " " + label)
+        ids = tokenizer.tokenize(word, add_special=False)
+        if len(ids) != 1:
+            raise EdgezoError(
+                f"label word {word!r} of label {label!r} is {len(ids)} tokens, not one; "
+                f"map it to a single-token word with --label-words {label}=WORD"
+            )
+        token_ids.append(ids[0])
+    if len(set(token_ids)) != len(token_ids):
+        raise EdgezoError(f"label words of {list(labels)} share a token; choose distinct --label-words")
+    return Task(format=fmt, labels=labels, label_token_ids=tuple(token_ids), template=template)
+
+
+def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Tokenizer, max_tokens: int) -> list[Example]:
+    examples = []
+    label_index = {label: i for i, label in enumerate(task.labels)}
+    for i, record in enumerate(records):
+        where = f"{path}:{i + 1}"
+        _check_record(record, task.format, where)
+        if task.format is Format.CLASSIFICATION:
+            label = str(record["label"])
+            if label not in label_index:
+                raise EdgezoError(f"{where}: unknown label {label!r} (labels from the training split: {list(task.labels)})")
+            tokens = tokenizer.tokenize(task.template.format(text=record["text"]), add_special=True)
+            example = Example(tuple(tokens), target_start=len(tokens), label=label_index[label])
+        else:
+            prompt, full = _prompt_and_full_text(record, task.format, tokenizer)
+            prompt_tokens = tokenizer.tokenize(prompt, add_special=True) if prompt else []
+            if task.format is Format.TEXT:
+                tokens = tokenizer.tokenize(full, add_special=True)
+                start = 1
+            else:
+                tokens = prompt_tokens + tokenizer.tokenize(full[len(prompt):], add_special=False)
+                start = len(prompt_tokens)
+            if start >= len(tokens):
+                raise EdgezoError(f"{where}: nothing to learn (the completion is empty)")
+            example = Example(tuple(tokens), target_start=max(start, 1))
+        if len(example.tokens) > max_tokens:
+            raise EdgezoError(
+                f"{where}: {len(example.tokens)} tokens, longer than the context of {max_tokens} tokens per sequence "
+                f"(raise --max-seq-len or shorten the example)"
+            )
+        if not example.tokens:
+            raise EdgezoError(f"{where}: the example has no tokens")
+        examples.append(example)
+    return examples
+
+
+def _prompt_and_full_text(record: dict, fmt: Format, tokenizer: Tokenizer) -> tuple[str, str]:
+    if fmt is Format.TEXT:
+        return "", record["text"]
+    if fmt is Format.COMPLETIONS:
+        return record["prompt"], record["prompt"] + record["completion"]
+    messages = record["messages"]
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if not full.startswith(prompt):
+        raise EdgezoError("the chat template does not render the conversation as prompt + last message")
+    return prompt, full
+
+
+def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Indices of the examples in the batch of 0-based `step`.
+
+    The training stream is the concatenation of per-epoch permutations (epoch e shuffled by its own generator
+    seeded with (seed, e)), cut into consecutive batches; a pure function of step, so resume needs no state.
+    """
+    start = step * batch_size
+    out = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_examples)
+        order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+        out.extend(order[offset : offset + batch_size - len(out)].tolist())
+    return np.asarray(out)
+
+
+def chunks(items: Sequence, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

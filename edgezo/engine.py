@@ -1,0 +1,365 @@
+"""The inference engine: llama.cpp through llama-cpp-python's low-level ctypes API. The only module that imports llama_cpp.
+
+What the trainer needs from llama.cpp, and how this module gets it fast:
+* Many sequences per decode: a context with n_seq_max sequences and a split (non-unified) KV cache, each
+  sequence getting n_ctx / n_seq_max cells; positions restart at 0 per sequence. The KV cache is cleared
+  before every evaluation, because K/V computed under other adapter values are stale.
+* Logits only where the loss needs them: `batch.logits[i]` is set just for those positions, so llama.cpp
+  runs the last layer's output rows and the lm_head only there.
+* A float32 LoRA adapter whose values change between evaluations without rebuilding anything: the adapter
+  is loaded once from a GGUF; its tensors live at stable addresses in ordinary backend buffers, which we
+  find once (a throwaway context's eval callback sees them as src[j] of the mul_mat nodes) and overwrite with
+  ggml_backend_tensor_set. This gives logits bit-identical to loading a freshly written adapter GGUF with the
+  same values (tests/test_engine.py) while the graph is reused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from .adapter import LoraAdapter, write_lora_gguf
+from .files import EdgezoError
+
+
+
+@llama_cpp.llama_log_callback
+def _log_errors_only(level, text, user_data):
+    # llama.cpp logs every load and every adapter tensor at INFO/WARN; keep only GGML_LOG_LEVEL_ERROR (3).
+    if level == 3:
+        os.write(2, text)
+
+
+llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
+llama_cpp.llama_backend_init()
+
+# ---- struct ggml_tensor, as in ggml/include/ggml.h of the llama.cpp that llama-cpp-python 0.3.36 vendors ----
+GGML_MAX_DIMS, GGML_MAX_OP_PARAMS, GGML_MAX_SRC, GGML_MAX_NAME = 4, 64, 10, 64
+
+
+class GgmlTensor(ctypes.Structure):
+    pass
+
+
+GgmlTensor._fields_ = [
+    ("type", ctypes.c_int),
+    ("buffer", ctypes.c_void_p),
+    ("ne", ctypes.c_int64 * GGML_MAX_DIMS),
+    ("nb", ctypes.c_size_t * GGML_MAX_DIMS),
+    ("op", ctypes.c_int),
+    ("op_params", ctypes.c_int32 * (GGML_MAX_OP_PARAMS // 4)),
+    ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(GgmlTensor) * GGML_MAX_SRC),
+    ("view_src", ctypes.POINTER(GgmlTensor)),
+    ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p),
+    ("name", ctypes.c_char * GGML_MAX_NAME),
+    ("extra", ctypes.c_void_p),
+    ("padding", ctypes.c_char * 8),
+]
+GGML_TYPE_F32 = 0
+
+_libggml_base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
+_libggml_base.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_libggml_base.ggml_backend_tensor_set.restype = None
+_libggml_base.ggml_nbytes.argtypes = [ctypes.c_void_p]
+_libggml_base.ggml_nbytes.restype = ctypes.c_size_t
+
+# Quantization types `edgezo --quant` offers, by llama.cpp's file-type enum (llama.h LLAMA_FTYPE_*).
+QUANT_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
+                "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_seq_max: int = 16  # sequences per decode (the training batch size)
+    n_ctx_per_seq: int = 128  # KV cells per sequence: the longest sequence the context can score
+    n_ubatch: int = 1024  # tokens per llama.cpp micro-batch; compute buffers are reserved for this many
+    n_threads: int = 0  # 0: all cores
+    flash_attn: bool = True  # faster on CPU here (FIELD-NOTES); results depend slightly on batch composition
+
+    @property
+    def n_ctx(self) -> int:
+        return self.n_seq_max * self.n_ctx_per_seq
+
+
+class Engine:
+    """A base GGUF (memory-mapped) plus one context sized for `config`, with an optional trainable LoRA adapter."""
+
+    def __init__(self, model_path: str | os.PathLike, config: EngineConfig = EngineConfig()):
+        self.model_path = Path(model_path)
+        self.config = config
+        self._adapter_ptr = None
+        self._adapter_tensors: dict[str, int] = {}  # adapter tensor name -> struct ggml_tensor address
+        self._adapter_file: Path | None = None
+        if not self.model_path.is_file():
+            raise EdgezoError(f"{self.model_path}: no such model file")
+        params = llama_cpp.llama_model_default_params()
+        params.use_mmap = True
+        self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), params)
+        if not self.model:
+            raise EdgezoError(f"{self.model_path}: llama.cpp could not load this model")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_threads = config.n_threads or os.cpu_count() or 1
+        self.ctx = self._new_context(config)
+        self._batch = llama_cpp.llama_batch_init(config.n_ctx, 0, 1)
+
+    # ---- context -------------------------------------------------------------------------------------------
+    def _new_context(self, config: EngineConfig, cb_eval=None):
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = config.n_ctx
+        p.n_batch = config.n_ctx
+        p.n_ubatch = min(config.n_ubatch, config.n_ctx)
+        p.n_seq_max = config.n_seq_max
+        p.kv_unified = False
+        p.flash_attn_type = 1 if config.flash_attn else 0
+        p.n_threads = p.n_threads_batch = self.n_threads
+        p.no_perf = True
+        if cb_eval is not None:
+            p.cb_eval = cb_eval
+        ctx = llama_cpp.llama_init_from_model(self.model, p)
+        if not ctx:
+            raise EdgezoError(f"llama.cpp could not create a context (n_ctx={config.n_ctx}, n_seq_max={config.n_seq_max})")
+        return ctx
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self._adapter_ptr:
+            llama_cpp.llama_adapter_lora_free(self._adapter_ptr)
+            self._adapter_ptr = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+        if self._adapter_file:
+            self._adapter_file.unlink(missing_ok=True)
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- model metadata and tokenizer ----------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def tokenize(self, text: str, add_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        out = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), out, n_max, add_special, True)
+        if n < 0:
+            raise EdgezoError(f"tokenization failed for a text of {len(data)} bytes")
+        return list(out[:n])
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        pieces = bytearray()
+        buf = ctypes.create_string_buffer(256)
+        for t in tokens:
+            n = llama_cpp.llama_token_to_piece(self.vocab, int(t), buf, len(buf), 0, False)
+            pieces += buf.raw[: max(n, 0)]
+        return pieces.decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        template = llama_cpp.llama_model_chat_template(self.model, None)
+        if not template:
+            raise EdgezoError(f"{self.model_path.name} has no chat template; use the text or prompt/completion format")
+        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
+        chat = (llama_cpp.llama_chat_message * len(keep))(*[llama_cpp.llama_chat_message(r, c) for r, c in keep])
+        size = 4096 + 2 * sum(len(c) for _, c in keep)
+        buf = ctypes.create_string_buffer(size)
+        n = llama_cpp.llama_chat_apply_template(template, chat, len(keep), add_generation_prompt, buf, size)
+        if n < 0:
+            raise EdgezoError(f"llama.cpp does not support the chat template of {self.model_path.name}")
+        if n > size:
+            buf = ctypes.create_string_buffer(n)
+            n = llama_cpp.llama_chat_apply_template(template, chat, len(keep), add_generation_prompt, buf, n)
+        return buf.raw[:n].decode("utf-8", errors="replace")
+
+    # ---- scoring -------------------------------------------------------------------------------------------
+    def logits(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+               columns: Sequence[int] | None = None) -> np.ndarray:
+        """Logits at `positions[i]` of each sequence i, stacked in order: float32 [sum(len(p)), n_vocab or len(columns)].
+
+        All sequences go through one llama_decode (llama.cpp splits it into micro-batches of n_ubatch tokens).
+        """
+        n_seq = len(sequences)
+        n_tokens = sum(len(s) for s in sequences)
+        if n_seq > self.config.n_seq_max:
+            raise EdgezoError(f"{n_seq} sequences in one evaluation, the context holds {self.config.n_seq_max}")
+        longest = max(len(s) for s in sequences)
+        if longest > self.config.n_ctx_per_seq:
+            raise EdgezoError(f"a sequence of {longest} tokens exceeds the context of {self.config.n_ctx_per_seq} per sequence")
+        b = self._batch
+        token = np.ctypeslib.as_array(b.token, shape=(n_tokens,))
+        pos = np.ctypeslib.as_array(b.pos, shape=(n_tokens,))
+        n_seq_id = np.ctypeslib.as_array(b.n_seq_id, shape=(n_tokens,))
+        flags = np.ctypeslib.as_array(b.logits, shape=(n_tokens,))
+        flags[:] = 0
+        n_seq_id[:] = 1
+        i = 0
+        for seq, (tokens, want) in enumerate(zip(sequences, positions)):
+            n = len(tokens)
+            token[i : i + n] = tokens
+            pos[i : i + n] = np.arange(n)
+            for j in range(i, i + n):
+                b.seq_id[j][0] = seq
+            flags[i + np.asarray(want, dtype=np.int64)] = 1
+            i += n
+        b.n_tokens = n_tokens
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        rc = llama_cpp.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise EdgezoError(f"llama_decode failed with code {rc} ({n_seq} sequences, {n_tokens} tokens)")
+        n_out = int(flags.sum())
+        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
+        return out[:, list(columns)].copy() if columns is not None else out.copy()
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, seed: int = 0):
+        """Yield new tokens one by one (greedy at temperature 0), stopping at end of generation."""
+        rng = np.random.default_rng(seed)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        b = self._batch
+        tokens = list(prompt)
+        feed, start = tokens, 0
+        for _ in range(max_tokens):
+            if start + len(feed) > self.config.n_ctx_per_seq:
+                return
+            n = len(feed)
+            for j, t in enumerate(feed):
+                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = t, start + j, 1, 0
+                b.seq_id[j][0] = 0
+            b.logits[n - 1] = 1
+            b.n_tokens = n
+            if llama_cpp.llama_decode(self.ctx, b) != 0:
+                raise EdgezoError("llama_decode failed during generation")
+            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
+            if temperature <= 0:
+                nxt = int(np.argmax(row))
+            else:
+                p = np.exp((row - row.max()) / temperature)
+                nxt = int(rng.choice(self.n_vocab, p=p / p.sum()))
+            if self.is_end_of_generation(nxt):
+                return
+            yield nxt
+            start += n
+            feed = [nxt]
+
+    # ---- adapter -------------------------------------------------------------------------------------------
+    def set_adapter(self, adapter: LoraAdapter | None, in_place: bool = True) -> None:
+        """Load `adapter` (written to a temporary GGUF) and make it the context's only adapter, at scale 1
+        (llama.cpp applies alpha / r from the file). With `in_place`, find its tensors for `update_adapter`."""
+        old_ptr, old_file = self._adapter_ptr, self._adapter_file
+        if adapter is None:
+            llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+            self._adapter_ptr, self._adapter_file, self._adapter_tensors = None, None, {}
+        else:
+            fd, name = tempfile.mkstemp(prefix="edgezo-adapter-", suffix=".gguf")
+            os.close(fd)
+            path = Path(name)
+            adapter.save(path)
+            ptr = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
+            if not ptr:
+                path.unlink(missing_ok=True)
+                raise EdgezoError(f"llama.cpp rejected the adapter for {self.model_path.name}")
+            self._activate(self.ctx, ptr)
+            self._adapter_ptr, self._adapter_file = ptr, path
+            self._adapter_tensors = self._find_adapter_tensors(adapter) if in_place else {}
+        # Free the old adapter only after the new set is active: the context compares raw pointers.
+        if old_ptr:
+            llama_cpp.llama_adapter_lora_free(old_ptr)
+        if old_file:
+            old_file.unlink(missing_ok=True)
+
+    @staticmethod
+    def _activate(ctx, ptr) -> None:
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(ptr)
+        scales = (ctypes.c_float * 1)(1.0)
+        if llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales) != 0:
+            raise EdgezoError("llama.cpp could not activate the adapter")
+
+    def _find_adapter_tensors(self, adapter: LoraAdapter) -> dict[str, int]:
+        """Addresses of the adapter's ggml tensors, seen by the eval callback of a one-token throwaway context."""
+        found: dict[str, int] = {}
+
+        @llama_cpp.ggml_backend_sched_eval_callback
+        def callback(t, ask, user_data):
+            node = ctypes.cast(t, ctypes.POINTER(GgmlTensor)).contents
+            for src in node.src:
+                if not src:
+                    continue
+                name = src.contents.name.decode(errors="replace")
+                if (name.endswith(".lora_a") or name.endswith(".lora_b")) and "#" not in name:
+                    found[name] = ctypes.addressof(src.contents)
+            return False  # never ask for data: the graph runs in one piece
+
+        probe = EngineConfig(n_seq_max=1, n_ctx_per_seq=256, n_ubatch=8, n_threads=self.n_threads,
+                             flash_attn=self.config.flash_attn)
+        ctx = self._new_context(probe, cb_eval=callback)
+        try:
+            self._activate(ctx, self._adapter_ptr)
+            batch = llama_cpp.llama_batch_get_one((llama_cpp.llama_token * 1)(0), 1)
+            if llama_cpp.llama_decode(ctx, batch) != 0:
+                raise EdgezoError("llama_decode failed while locating the adapter tensors")
+        finally:
+            llama_cpp.llama_free(ctx)
+        problems = []
+        for name, value in adapter.tensors.items():
+            address = found.get(name)
+            if address is None:
+                problems.append(f"{name}: not used by the compute graph")
+                continue
+            t = GgmlTensor.from_address(address)
+            ne = tuple(t.ne[: value.ndim])
+            if t.type != GGML_TYPE_F32 or ne != value.shape[::-1]:
+                problems.append(f"{name}: ggml type {t.type} ne {ne}, expected F32 {value.shape[::-1]}")
+        if problems:
+            raise EdgezoError("cannot update the adapter in place:\n  " + "\n  ".join(problems))
+        return {name: found[name] for name in adapter.tensors}
+
+    def update_adapter(self, values: Mapping[str, np.ndarray]) -> None:
+        """Overwrite the active adapter's tensors with `values` (same names and shapes as the adapter set)."""
+        if not self._adapter_tensors:
+            raise EdgezoError("update_adapter needs an adapter set with set_adapter(..., in_place=True)")
+        llama_cpp.llama_synchronize(self.ctx)  # no decode may still be reading the tensors
+        for name, address in self._adapter_tensors.items():
+            value = np.ascontiguousarray(values[name], dtype=np.float32)
+            nbytes = _libggml_base.ggml_nbytes(address)
+            if value.nbytes != nbytes:
+                raise EdgezoError(f"{name}: {value.nbytes} bytes given, the adapter tensor holds {nbytes}")
+            _libggml_base.ggml_backend_tensor_set(address, value.ctypes.data, 0, nbytes)
+
+
+def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, quant: str, n_threads: int = 0) -> None:
+    """Convert a GGUF to another tensor type with llama.cpp's own quantizer (requantizing quantized inputs)."""
+    ftype = QUANT_FTYPES.get(quant.lower())
+    if ftype is None:
+        raise EdgezoError(f"unknown quant type {quant!r}; choose from {', '.join(QUANT_FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    params.nthread = n_threads or os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise EdgezoError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
+
+

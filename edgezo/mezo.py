@@ -1,0 +1,143 @@
+"""MeZO: memory-efficient zeroth-order SGD (Malladi et al. 2023), independent of any inference engine.
+
+The optimizer sees only `loss_fn(params) -> float`, where `params` maps tensor names to float32 arrays.
+One step with n directions:
+    for k in 1..n:  seed_k = f(run_seed, step, k)
+                    z_k    = N(0, I), regenerated tensor by tensor from (seed_k, tensor index)
+                    g_k    = (L(theta + eps z_k) - L(theta - eps z_k)) / (2 eps)     # projected gradient
+    theta <- theta - lr_t * (1/n) sum_k (g_k z_k + wd theta)
+z is never stored: the perturbed parameters are a lazy view (`PerturbedParams`) that builds theta + eps z
+one tensor at a time while the engine uploads it, and theta itself is never modified by a perturbation,
+so "perturb then restore" is exact by construction. A run is replayable from its (seed_k, g_k) log.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from .files import EdgezoError
+
+Params = dict[str, np.ndarray]
+LossFn = Callable[[Mapping[str, np.ndarray]], float]
+
+
+class Schedule(str, Enum):
+    CONSTANT = "constant"
+    LINEAR = "linear"
+    COSINE = "cosine"
+
+
+@dataclass(frozen=True)
+class MezoConfig:
+    learning_rate: float = 1e-3
+    eps: float = 1e-2
+    n_directions: int = 1
+    weight_decay: float = 0.0
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "schedule", Schedule(self.schedule))
+        if not self.learning_rate > 0:
+            raise EdgezoError(f"learning rate must be > 0, got {self.learning_rate}")
+        if not self.eps > 0:
+            raise EdgezoError(f"eps must be > 0, got {self.eps}")
+        if self.n_directions < 1:
+            raise EdgezoError(f"n_directions must be >= 1, got {self.n_directions}")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise EdgezoError("weight decay and warmup steps must be >= 0")
+
+
+def learning_rate_at(config: MezoConfig, step: int, total_steps: int) -> float:
+    """Learning rate for 0-based `step`: linear warmup, then the schedule decays to 0 at `total_steps`."""
+    if step < config.warmup_steps:
+        return config.learning_rate * (step + 1) / config.warmup_steps
+    span = max(1, total_steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    if config.schedule is Schedule.LINEAR:
+        return config.learning_rate * (1.0 - progress)
+    if config.schedule is Schedule.COSINE:
+        return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return config.learning_rate
+
+
+def direction_seed(run_seed: int, step: int, k: int) -> int:
+    """The seed of direction k at `step`: a pure function of (run_seed, step, k), so resume needs no RNG state."""
+    return int(np.random.SeedSequence([run_seed, step, k]).generate_state(1, dtype=np.uint32)[0])
+
+
+def direction(seed: int, tensor_index: int, shape: tuple[int, ...]) -> np.ndarray:
+    """z for one tensor: its own generator, so tensors can be produced in any order and one at a time."""
+    return np.random.default_rng([seed, tensor_index]).standard_normal(shape, dtype=np.float32)
+
+
+class PerturbedParams(Mapping):
+    """Read-only view theta + scale * z(seed); each access builds one tensor (nothing else is materialised)."""
+
+    def __init__(self, theta: Params, seed: int, scale: float):
+        self._theta, self._seed, self._scale = theta, seed, np.float32(scale)
+        self._index = {name: i for i, name in enumerate(theta)}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._theta[name]
+        return t + self._scale * direction(self._seed, self._index[name], t.shape)
+
+    def __iter__(self):
+        return iter(self._theta)
+
+    def __len__(self) -> int:
+        return len(self._theta)
+
+
+@dataclass
+class StepRecord:
+    """Everything needed to replay one step: theta_{t+1} = update(theta_t, seeds, projected_grads, lr)."""
+
+    step: int
+    lr: float
+    seeds: list[int] = field(default_factory=list)
+    projected_grads: list[float] = field(default_factory=list)
+    losses_plus: list[float] = field(default_factory=list)
+    losses_minus: list[float] = field(default_factory=list)
+
+    @property
+    def loss(self) -> float:
+        """Mean of the + and - losses: an estimate of the loss at theta on this step's batch."""
+        return float(np.mean(self.losses_plus + self.losses_minus))
+
+
+class NonFiniteLoss(EdgezoError):
+    pass
+
+
+def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
+    """One MeZO step, updating `theta` in place. Raises NonFiniteLoss (theta untouched) on a NaN/inf loss."""
+    record = StepRecord(step=step, lr=learning_rate_at(config, step, total_steps))
+    for k in range(config.n_directions):
+        seed = direction_seed(run_seed, step, k)
+        loss_plus = float(loss_fn(PerturbedParams(theta, seed, +config.eps)))
+        loss_minus = float(loss_fn(PerturbedParams(theta, seed, -config.eps)))
+        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+            raise NonFiniteLoss(f"step {step}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
+        record.seeds.append(seed)
+        record.projected_grads.append((loss_plus - loss_minus) / (2.0 * config.eps))
+        record.losses_plus.append(loss_plus)
+        record.losses_minus.append(loss_minus)
+    apply_update(theta, record, config)
+    return record
+
+
+def apply_update(theta: Params, record: StepRecord, config: MezoConfig) -> None:
+    """theta -= lr * (mean_k g_k z_k + wd * theta), regenerating each z_k; float32 throughout, so replay is bit-exact."""
+    n = len(record.seeds)
+    lr = np.float32(record.lr)
+    for index, (name, t) in enumerate(theta.items()):
+        if config.weight_decay:
+            t -= lr * np.float32(config.weight_decay) * t
+        for seed, g in zip(record.seeds, record.projected_grads):
+            t -= (lr * np.float32(g / n)) * direction(seed, index, t.shape)

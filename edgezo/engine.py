@@ -15,6 +15,7 @@ What the trainer needs from llama.cpp, and how this module gets it fast:
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import os
 import tempfile
@@ -27,14 +28,26 @@ import numpy as np
 
 from .adapter import LoraAdapter, write_lora_gguf
 from .files import EdgezoError
+from .formats import QUANT_FTYPES
 
+
+
+_recent_errors: collections.deque[str] = collections.deque(maxlen=4)
 
 
 @llama_cpp.llama_log_callback
 def _log_errors_only(level, text, user_data):
-    # llama.cpp logs every load and every adapter tensor at INFO/WARN; keep only GGML_LOG_LEVEL_ERROR (3).
-    if level == 3:
-        os.write(2, text)
+    # llama.cpp logs every load and every adapter tensor at INFO/WARN; keep only GGML_LOG_LEVEL_ERROR (4)
+    # lines, to quote them in our own error messages instead of spraying stderr.
+    if level == 4:
+        _recent_errors.append(text.decode("utf-8", errors="replace").strip())
+
+
+def _llama_error(message: str) -> EdgezoError:
+    """An EdgezoError quoting what llama.cpp logged as errors since the last one."""
+    detail = "; ".join(_recent_errors)
+    _recent_errors.clear()
+    return EdgezoError(f"{message} (llama.cpp: {detail})" if detail else message)
 
 
 llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
@@ -72,9 +85,6 @@ _libggml_base.ggml_backend_tensor_set.restype = None
 _libggml_base.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _libggml_base.ggml_nbytes.restype = ctypes.c_size_t
 
-# Quantization types `edgezo --quant` offers, by llama.cpp's file-type enum (llama.h LLAMA_FTYPE_*).
-QUANT_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
-                "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,7 @@ class Engine:
         params.use_mmap = True
         self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), params)
         if not self.model:
-            raise EdgezoError(f"{self.model_path}: llama.cpp could not load this model")
+            raise _llama_error(f"{self.model_path}: llama.cpp could not load this model")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_threads = config.n_threads or os.cpu_count() or 1
@@ -127,7 +137,7 @@ class Engine:
             p.cb_eval = cb_eval
         ctx = llama_cpp.llama_init_from_model(self.model, p)
         if not ctx:
-            raise EdgezoError(f"llama.cpp could not create a context (n_ctx={config.n_ctx}, n_seq_max={config.n_seq_max})")
+            raise _llama_error(f"llama.cpp could not create a context (n_ctx={config.n_ctx}, n_seq_max={config.n_seq_max})")
         return ctx
 
     def close(self) -> None:
@@ -229,7 +239,7 @@ class Engine:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
-            raise EdgezoError(f"llama_decode failed with code {rc} ({n_seq} sequences, {n_tokens} tokens)")
+            raise _llama_error(f"llama_decode failed with code {rc} ({n_seq} sequences, {n_tokens} tokens)")
         n_out = int(flags.sum())
         out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
         return out[:, list(columns)].copy() if columns is not None else out.copy()
@@ -280,7 +290,7 @@ class Engine:
             ptr = llama_cpp.llama_adapter_lora_init(self.model, str(path).encode())
             if not ptr:
                 path.unlink(missing_ok=True)
-                raise EdgezoError(f"llama.cpp rejected the adapter for {self.model_path.name}")
+                raise _llama_error(f"llama.cpp rejected the adapter for {self.model_path.name}")
             self._activate(self.ctx, ptr)
             self._adapter_ptr, self._adapter_file = ptr, path
             self._adapter_tensors = self._find_adapter_tensors(adapter) if in_place else {}
@@ -360,6 +370,6 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, quant: str, n_
     params.nthread = n_threads or os.cpu_count() or 1
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
-        raise EdgezoError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
+        raise _llama_error(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
 
 

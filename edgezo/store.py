@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import DataFiles
+from .formats import QUANT_FTYPES
 from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
 Log = Callable[[str], None]
@@ -122,6 +123,9 @@ def _fetch_model(model: BuiltinModel, log: Log) -> Path:
     return target
 
 
+_QUANT_NAME_OF_FTYPE = {ftype: name for name, ftype in QUANT_FTYPES.items()}
+
+
 def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: None) -> Path:
     """A built-in model name or a GGUF path; with `quant`, a cached copy requantized by llama.cpp."""
     if spec in MODELS:
@@ -130,7 +134,7 @@ def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: No
         path = Path(spec)
         if not path.is_file():
             raise EdgezoError(f"{spec}: not a built-in model ({', '.join(MODELS)}) and no such GGUF file")
-    if not quant or quant.lower() == _file_type_name(path):
+    if not quant or quant.lower() in ("none", _file_type_name(path)):
         return path
     quant = quant.lower()
     key = spec if spec in MODELS else sha256_file(path)[:16]
@@ -150,11 +154,12 @@ def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: No
 
 
 def _file_type_name(path: Path) -> str | None:
-    from gguf import GGUFReader, LlamaFileType
+    """The file's general.file_type as an --quant name (q4_0, f32, ...), None if unknown."""
+    from gguf import GGUFReader
 
     try:
         field = GGUFReader(path).fields.get("general.file_type")
-        return None if field is None else LlamaFileType(int(field.parts[field.data[0]][0])).name.removeprefix("MOSTLY_").lower()
+        return None if field is None else _QUANT_NAME_OF_FTYPE.get(int(field.parts[field.data[0]][0]))
     except Exception as exc:
         raise EdgezoError(f"{path} is not a readable GGUF file: {exc}") from exc
 

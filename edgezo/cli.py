@@ -1,0 +1,395 @@
+"""edgezo's command line: a thin layer that builds configs, calls the library and shows progress.
+
+Every subcommand is `main_<name>(args) -> int`. With --json, human-readable output goes to stderr and the
+last line of stdout is one JSON object (scripts and benchmarks read it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from . import store
+from .adapter import DEFAULT_TARGETS, LoraAdapter, LoraConfig, config_dict, read_base_model_info
+from .data import Task, build_examples, build_task, read_jsonl
+from .files import EdgezoError, peak_rss_bytes, write_json_atomic
+from .mezo import MezoConfig, Schedule
+from .trainer import RunDir, TrainConfig
+
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_QUANT = "q4_0"
+DEFAULT_DATA = "movie-reviews"
+DEFAULT_MAX_SEQ_LEN = 256  # llama.cpp gives every sequence at least 256 KV cells anyway
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def emit_json(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+# ---- shared setup ------------------------------------------------------------------------------------------------
+def add_model_args(p: argparse.ArgumentParser, quant_default: str | None = DEFAULT_QUANT) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name ({', '.join(store.MODELS)}) or GGUF path [%(default)s]")
+    p.add_argument("--quant", default=quant_default,
+                   help="requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached) [%(default)s]")
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads [all cores]")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+
+
+def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
+    p.add_argument("--data", default=DEFAULT_DATA if with_defaults else None,
+                   help=f"built-in dataset ({', '.join(store.DATASETS)}), a JSONL file or a directory of train/valid/test.jsonl [%(default)s]")
+    p.add_argument("--valid", help="validation JSONL (with a --data file)")
+    p.add_argument("--test", help="test JSONL (with a --data file)")
+    p.add_argument("--template", help="classification prompt with {text}; default: the dataset's, else '{text}\\nLabel:'")
+    p.add_argument("--label-words", help="label=word pairs, comma-separated (default word of label L: ' L')")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="longest example in tokens [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step / per evaluation [%(default)s]")
+
+
+def parse_label_words(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = {}
+    for item in text.split(","):
+        label, sep, word = item.partition("=")
+        if not sep or not label:
+            raise EdgezoError(f"--label-words: expected label=word pairs, got {item!r}")
+        pairs[label] = word if word.startswith(" ") else " " + word
+    return pairs
+
+
+def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int):
+    from .engine import Engine, EngineConfig  # imported late: `edgezo fetch --help` should not load llama.cpp
+
+    return Engine(model_path, EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads))
+
+
+def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved: dict | None = None):
+    """The task (format, labels, template) is fixed by the training split; then tokenize the requested splits."""
+    files, builtin_template = store.resolve_data(data_spec, args.valid, args.test, log=say)
+    template = args.template or (saved or {}).get("template") or builtin_template
+    label_words = parse_label_words(args.label_words) or (saved or {}).get("label_words")
+    train_path = files.train or files.split(splits[0])
+    task = build_task(read_jsonl(train_path), train_path, engine, template, label_words)
+    examples = {}
+    for split in splits:
+        path = files.split(split)
+        examples[split] = build_examples(read_jsonl(path), path, task, engine, args.max_seq_len)
+    return task, examples, label_words
+
+
+def task_dict(task: Task) -> dict:
+    return {"format": task.format.value, "labels": list(task.labels), "label_token_ids": list(task.label_token_ids),
+            "template": task.template}
+
+
+# ---- fetch -------------------------------------------------------------------------------------------------------
+def main_fetch(args) -> int:
+    paths = {name: str(store.fetch(name, log=say)) for name in args.names}
+    for name, path in paths.items():
+        if not args.json:
+            print(f"{name}: {path}")
+    if args.json:
+        emit_json({"paths": paths})
+    return 0
+
+
+# ---- finetune ----------------------------------------------------------------------------------------------------
+RESUME_IGNORED = {"train.steps", "train.eval_every", "train.save_every", "threads"}
+
+
+def main_finetune(args) -> int:
+    from .trainer import train
+
+    t0 = time.perf_counter()
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    mezo = MezoConfig(learning_rate=args.learning_rate, eps=args.eps, n_directions=args.n_directions,
+                      weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps)
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
+                            save_every=args.save_every, n_valid=args.n_valid)
+    run = RunDir(args.out)
+    model_path = store.resolve_model(args.model, args.quant, log=say)
+    engine = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
+    has_valid = True
+    try:
+        task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"])
+    except EdgezoError as exc:
+        if "no valid split" not in str(exc):
+            raise
+        has_valid = False
+        task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train"])
+        examples["valid"] = []
+        say("no validation split: training without periodic evaluation")
+    base = read_base_model_info(model_path)
+    config = {
+        "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
+        "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
+        "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value},
+        "train": asdict(train_cfg), "threads": args.threads,
+    }
+    start_step = 0
+    if args.resume:
+        if not run.state.exists():
+            raise EdgezoError(f"--resume: {run.path} holds no checkpoint (state.json)")
+        _check_resume_config(run, config)
+        adapter, start_step = run.load_checkpoint(base)
+        run.truncate_metrics(start_step)
+        say(f"resuming {run.path} at step {start_step}")
+    else:
+        if run.state.exists():
+            raise EdgezoError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
+        adapter = LoraAdapter.init(base, lora, seed=args.seed)
+        run.path.mkdir(parents=True, exist_ok=True)
+        run.metrics.unlink(missing_ok=True)
+    write_json_atomic(run.config, config)
+    engine.set_adapter(adapter)
+    say(f"MeZO on {model_path.name}: {adapter.n_params:,} LoRA parameters, {len(examples['train'])} training examples, "
+        f"{train_cfg.steps} steps of batch {train_cfg.batch_size}")
+    progress = ConsoleProgress(train_cfg.steps, start_step)
+    try:
+        result = train(engine, adapter, task, examples["train"], examples["valid"] if has_valid else [], mezo,
+                       train_cfg, run, start_step=start_step, callback=progress)
+    finally:
+        progress.close()
+    summary = {"adapter": str(result.adapter_path), "steps": result.steps, "final_loss": result.final_loss,
+               "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+               "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path)}
+    if result.valid is not None:
+        summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
+    if args.json:
+        emit_json(summary)
+    else:
+        print(f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
+              + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
+              + f"  ({summary['seconds']:.0f} s)")
+    return 0
+
+
+def _check_resume_config(run: RunDir, config: dict) -> None:
+    try:
+        saved = json.loads(run.config.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgezoError(f"{run.config}: cannot read the saved configuration ({exc})") from None
+    flat_new, flat_old = _flatten(config), _flatten(saved)
+    differ = sorted(k for k in set(flat_new) | set(flat_old)
+                    if k not in RESUME_IGNORED and flat_new.get(k) != flat_old.get(k))
+    if "train.steps" in set(flat_new) and config["mezo"]["schedule"] != "constant" and flat_new["train.steps"] != flat_old.get("train.steps"):
+        differ.append("train.steps (the learning-rate schedule depends on it)")
+    if differ:
+        details = ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" if "(" not in k else k for k in differ)
+        raise EdgezoError(f"--resume: the configuration differs from {run.config}: {details}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("label_words",):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+class ConsoleProgress:
+    """tqdm bar over training steps (loss, valid accuracy, s/step, RSS); evaluation shown on its own bar."""
+
+    def __init__(self, total_steps: int, start_step: int):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="finetune", unit="step", file=sys.stderr,
+                        dynamic_ncols=True)
+        self.eval_bar = None
+        self.postfix = {}
+
+    def __call__(self, event: dict) -> None:
+        kind = event["kind"]
+        if kind == "step":
+            self.postfix.update(loss=f"{event['loss']:.4f}", s_step=f"{event['seconds']:.2f}",
+                                rss=f"{event['rss_bytes'] / 2**20:.0f}MiB")
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(1)
+        elif kind == "eval_start":
+            self.eval_bar = self._tqdm(total=event["n"], desc=f"  validate @{event['step']}", unit="ex",
+                                       file=sys.stderr, leave=False, dynamic_ncols=True)
+        elif kind == "eval_batch" and self.eval_bar is not None:
+            self.eval_bar.update(event["n"])
+        elif kind == "eval":
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+            self.postfix["val_acc"] = f"{event['valid_accuracy']:.3f}"
+            self.bar.set_postfix(self.postfix)
+            self.bar.write(f"step {event['step']}: valid loss {event['valid_loss']:.4f}, "
+                           f"accuracy {event['valid_accuracy']:.4f} ({event['n_valid']} examples)", file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# ---- eval --------------------------------------------------------------------------------------------------------
+def resolve_adapter(spec: str | None) -> tuple[Path | None, dict | None]:
+    """An adapter GGUF, or a run directory (its adapter.gguf, and its config.json for prompt defaults)."""
+    if not spec:
+        return None, None
+    path = Path(spec)
+    if path.is_dir():
+        run = RunDir(path)
+        saved = json.loads(run.config.read_text()) if run.config.exists() else None
+        adapter = run.adapter if run.adapter.exists() else run.checkpoint
+        if not adapter.exists():
+            raise EdgezoError(f"{path}: run directory holds no adapter.gguf or checkpoint.gguf")
+        return adapter, saved
+    if not path.is_file():
+        raise EdgezoError(f"{spec}: no such adapter file or run directory")
+    return path, None
+
+
+def main_eval(args) -> int:
+    from .objective import evaluate
+
+    t0 = time.perf_counter()
+    adapter_path, saved = resolve_adapter(args.adapter)
+    data_spec = args.data or (saved or {}).get("data") or DEFAULT_DATA
+    model_path = store.resolve_model(args.model, args.quant, log=say)
+    engine = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
+    if adapter_path:
+        engine.set_adapter(LoraAdapter.load(adapter_path, read_base_model_info(model_path)), in_place=False)
+    task, examples, _ = load_task_and_splits(engine, data_spec, args, [args.split], saved)
+    subset = examples[args.split][: args.limit] if args.limit else examples[args.split]
+    from tqdm import tqdm
+
+    with tqdm(total=len(subset), desc=f"eval {args.split}", unit="ex", file=sys.stderr, dynamic_ncols=True) as bar:
+        totals = evaluate(engine, subset, task, args.batch_size, on_batch=bar.update)
+    result = {"accuracy": totals.accuracy, "loss": totals.loss, "n_examples": totals.n_examples, "split": args.split,
+              "model": str(model_path), "adapter": str(adapter_path) if adapter_path else None,
+              "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
+    if args.json:
+        emit_json(result)
+    else:
+        what = "accuracy" if task.is_classification else "token accuracy"
+        print(f"{args.split}: {what} {totals.accuracy:.4f}  loss {totals.loss:.4f}  ({totals.n_examples} examples)")
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------------------------
+def main_generate(args) -> int:
+    adapter_path, _ = resolve_adapter(args.adapter)
+    model_path = store.resolve_model(args.model, args.quant, log=say)
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
+    engine = open_engine(model_path, 1, max(DEFAULT_MAX_SEQ_LEN, args.max_tokens + 256), args.threads)
+    if adapter_path:
+        engine.set_adapter(LoraAdapter.load(adapter_path, read_base_model_info(model_path)), in_place=False)
+    tokens = []
+    for token in engine.generate(engine.tokenize(prompt, add_special=True), args.max_tokens, args.temperature, args.seed):
+        tokens.append(token)
+        if not args.json:
+            print(engine.detokenize([token]), end="", flush=True)
+    text = engine.detokenize(tokens)
+    if args.json:
+        emit_json({"prompt": prompt, "text": text, "n_tokens": len(tokens)})
+    else:
+        print()
+    return 0
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+def main_export(args) -> int:
+    adapter_path, _ = resolve_adapter(args.adapter)
+    if adapter_path is None:
+        raise EdgezoError("export needs --adapter")
+    model_path = store.resolve_model(args.model, None, log=say)
+    adapter = LoraAdapter.load(adapter_path, read_base_model_info(model_path))  # validates against the base
+    out = Path(args.output)
+    if args.to == "gguf-lora":
+        adapter.save(out)
+    result = {"output": str(out), "format": args.to, "n_params": adapter.n_params, "rank": adapter.config.rank,
+              "alpha": adapter.config.alpha, "targets": list(adapter.config.targets)}
+    if args.json:
+        emit_json(result)
+    else:
+        print(f"wrote {out} ({args.to}, {adapter.n_params:,} parameters)")
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgezo", description="Fine-tune LLM adapters with forward passes only (MeZO on llama.cpp).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("fetch", help="put built-in models / datasets in the cache ($EDGEZO_HOME)")
+    p.add_argument("names", nargs="+", help=f"{', '.join(list(store.MODELS) + list(store.DATASETS))}")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=main_fetch)
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
+    add_model_args(p)
+    add_data_args(p)
+    m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
+    p.add_argument("--steps", type=int, default=t.steps, help="[%(default)s]")
+    p.add_argument("--learning-rate", type=float, default=m.learning_rate, help="[%(default)s]")
+    p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
+    p.add_argument("--n-directions", type=int, default=m.n_directions, help="random directions per step (n-SPSA) [%(default)s]")
+    p.add_argument("--weight-decay", type=float, default=m.weight_decay, help="[%(default)s]")
+    p.add_argument("--schedule", choices=[s.value for s in Schedule], default=m.schedule.value, help="[%(default)s]")
+    p.add_argument("--warmup-steps", type=int, default=m.warmup_steps, help="[%(default)s]")
+    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
+    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
+    p.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
+    p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps, 0: only at the end [%(default)s]")
+    p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
+    p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
+    p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=main_finetune)
+
+    p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
+    add_model_args(p)
+    add_data_args(p, with_defaults=False)
+    p.add_argument("--adapter", help="adapter GGUF or run directory (none: zero-shot)")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="[%(default)s]")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+    p.set_defaults(func=main_eval)
+
+    p = sub.add_parser("generate", help="generate text with the base model and an optional adapter")
+    add_model_args(p)
+    p.add_argument("--adapter", help="adapter GGUF or run directory")
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--no-escape", dest="escape", action="store_false", help="take \\n in the prompt literally")
+    p.add_argument("--max-tokens", type=int, default=64, help="[%(default)s]")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy [%(default)s]")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=main_generate)
+
+    p = sub.add_parser("export", help="write the adapter in another format")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on [%(default)s]")
+    p.add_argument("--adapter", required=True, help="adapter GGUF or run directory")
+    p.add_argument("--to", choices=["gguf-lora"], default="gguf-lora", help="[%(default)s]")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=main_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except EdgezoError as exc:
+        say(f"edgezo {args.command}: error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        say(f"edgezo {args.command}: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The MeZO training loop: steps, periodic validation, a JSONL metrics log, atomic checkpoints and exact resume.
+
+A run directory holds
+    config.json        the resolved configuration (written once; --resume refuses if it would change)
+    metrics.jsonl      one line per step {step, seeds, projected_grads, losses, lr, seconds, rss_bytes}
+                       and per evaluation {step, valid_loss, valid_accuracy}: the step lines replay the run
+    checkpoint.gguf    the adapter after `state.json`'s step (written first, then state.json, both atomically)
+    state.json         {step, checkpoint sha256}: the last consistent checkpoint
+    adapter.gguf       the final adapter (GGUF LoRA, loadable by llama.cpp --lora)
+Direction seeds and batch order are pure functions of (seed, step), so the checkpoint needs no RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .adapter import LoraAdapter
+from .data import Example, Task, batch_indices
+from .files import EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file, write_json_atomic
+from .mezo import MezoConfig, NonFiniteLoss, mezo_step
+from .objective import Totals, evaluate, loss_function
+
+Event = dict
+Callback = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 400
+    batch_size: int = 16
+    seed: int = 0
+    eval_every: int = 100  # validate every this many steps (and at the start and the end); 0: only at the end
+    save_every: int = 50  # checkpoint every this many steps (and at the end)
+    n_valid: int = 500  # validation examples used per evaluation (the first n of the split); 0: all
+
+    def __post_init__(self):
+        if self.steps < 0 or self.batch_size < 1:
+            raise EdgezoError("steps must be >= 0 and batch size >= 1")
+
+
+@dataclass
+class TrainResult:
+    adapter_path: Path
+    steps: int
+    final_loss: float  # mean training loss (L+ and L-) over the last min(50, steps) steps
+    valid: Totals | None
+    seconds: float
+    peak_rss_bytes: int
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.checkpoint = self.path / "checkpoint.gguf"
+        self.state = self.path / "state.json"
+        self.adapter = self.path / "adapter.gguf"
+
+    def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
+        adapter.save(self.checkpoint)
+        write_json_atomic(self.state, {"step": step, "sha256": sha256_file(self.checkpoint)})
+
+    def load_checkpoint(self, base_info) -> tuple[LoraAdapter, int]:
+        try:
+            state = json.loads(self.state.read_text())
+            step, digest = int(state["step"]), str(state["sha256"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EdgezoError(f"{self.state}: corrupted or missing checkpoint state ({exc})") from None
+        if not self.checkpoint.exists() or sha256_file(self.checkpoint) != digest:
+            raise EdgezoError(f"{self.checkpoint}: checkpoint missing or does not match {self.state.name} (corrupted)")
+        return LoraAdapter.load(self.checkpoint, base_info), step
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop log lines of steps after the checkpoint (they will be recomputed identically)."""
+        if not self.metrics.exists():
+            return
+        keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+        from .files import write_text_atomic
+
+        write_text_atomic(self.metrics, "".join(line + "\n" for line in keep))
+
+
+def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example], valid_set: Sequence[Example],
+          mezo: MezoConfig, config: TrainConfig, run: RunDir, start_step: int = 0,
+          callback: Callback = lambda event: None) -> TrainResult:
+    """Train `adapter` in place from `start_step` to `config.steps`; the engine must hold it with set_adapter()."""
+    if not train_set:
+        raise EdgezoError("the training split is empty")
+    valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set
+    theta = adapter.tensors
+    t_start = time.perf_counter()
+    recent_losses: list[float] = []
+    valid = None
+    log = open(run.metrics, "a")
+    try:
+
+        def validate(step: int) -> Totals:
+            engine.update_adapter(theta)
+            callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
+            totals = evaluate(engine, valid_set, task, config.batch_size,
+                              on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
+            event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy, "n_valid": totals.n_examples}
+            log.write(json.dumps(event) + "\n")
+            log.flush()
+            callback({"kind": "eval", **event})
+            return totals
+
+        if valid_set and start_step == 0 and config.eval_every:
+            valid = validate(0)
+        for step in range(start_step, config.steps):
+            t0 = time.perf_counter()
+            batch = [train_set[i] for i in batch_indices(len(train_set), config.batch_size, config.seed, step)]
+            try:
+                record = mezo_step(theta, loss_function(engine, batch, task), mezo, config.seed, step, config.steps)
+            except NonFiniteLoss as exc:
+                raise EdgezoError(f"{exc}; training stopped, the last good checkpoint ({run.checkpoint}) is kept") from None
+            seconds = time.perf_counter() - t0
+            recent_losses = (recent_losses + [record.loss])[-50:]
+            event = {"step": step + 1, "loss": record.loss, "lr": record.lr, "seeds": record.seeds,
+                     "projected_grads": record.projected_grads, "losses_plus": record.losses_plus,
+                     "losses_minus": record.losses_minus, "seconds": seconds, "rss_bytes": current_rss_bytes()}
+            log.write(json.dumps(event) + "\n")
+            log.flush()
+            callback({"kind": "step", **event})
+            done = step + 1
+            if config.save_every and done % config.save_every == 0 and done < config.steps:
+                run.save_checkpoint(adapter, done)
+            if valid_set and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                valid = validate(done)
+        if valid_set:
+            valid = validate(config.steps)
+    finally:
+        log.close()
+    run.save_checkpoint(adapter, config.steps)
+    adapter.save(run.adapter)
+    return TrainResult(adapter_path=run.adapter, steps=config.steps,
+                       final_loss=float(sum(recent_losses) / len(recent_losses)) if recent_losses else math.nan,
+                       valid=valid, seconds=time.perf_counter() - t_start, peak_rss_bytes=peak_rss_bytes())

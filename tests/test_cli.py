@@ -1,0 +1,97 @@
+"""The command line end to end on the tiny model: finetune, resume, eval, generate, export."""
+
+import json
+
+import numpy as np
+import pytest
+
+from edgezo.adapter import LoraAdapter
+from edgezo.cli import main
+
+
+def run_json(capsys, argv) -> dict:
+    code = main(argv)
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0, out
+    return json.loads(out[-1])  # the last stdout line is one JSON object
+
+
+def finetune_args(model, data, out, steps, *extra):
+    return ["finetune", "--model", str(model), "--quant", "f32", "--data", str(data), "--out", str(out),
+            "--steps", str(steps), "--batch-size", "4", "--threads", "1", "--eval-every", "3", "--save-every", "2",
+            "--template", "{text}\nLabel:", "--learning-rate", "0.01", "--json", *extra]
+
+
+def test_finetune_writes_run_and_reports_json(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    result = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 6))
+    assert result["steps"] == 6 and result["adapter"] == str(out / "adapter.gguf")
+    assert np.isfinite(result["final_loss"]) and result["seconds"] > 0 and 0 <= result["valid_accuracy"] <= 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in lines if "valid_loss" in r] == [0, 3, 6]
+    assert all(len(r["seeds"]) == 1 and len(r["projected_grads"]) == 1 for r in lines if "loss" in r)
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora"]["targets"] == ["attn_q", "attn_v"] and config["task"]["labels"] == ["bad", "good"]
+    adapter = LoraAdapter.load(out / "adapter.gguf")
+    assert any(np.abs(v).max() > 0 for k, v in adapter.tensors.items() if k.endswith("lora_b"))  # B moved off zero
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "full", 7))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 4))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 7, "--resume"))
+    full = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").tensors
+    split = LoraAdapter.load(tmp_path / "split" / "adapter.gguf").tensors
+    for k in full:
+        np.testing.assert_array_equal(full[k], split[k])
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, 8))  # the log has every step exactly once
+
+
+def test_resume_refuses_a_changed_config_naming_the_fields(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2))
+    code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 4, "--resume", "--eps", "0.05", "--rank", "2"))
+    err = capsys.readouterr().err
+    assert code == 1 and "mezo.eps: 0.01 -> 0.05" in err and "lora.rank: 8 -> 2" in err
+
+
+def test_existing_run_is_not_overwritten_without_resume(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2))
+    before = (tmp_path / "run" / "adapter.gguf").read_bytes()
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2)) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert (tmp_path / "run" / "adapter.gguf").read_bytes() == before
+
+
+def test_eval_generate_export(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, run, 2))
+    common = ["--model", str(tiny_gguf), "--quant", "f32", "--threads", "1", "--json"]
+    zero = run_json(capsys, ["eval", *common, "--data", str(sentiment_dir), "--template", "{text}\nLabel:", "--batch-size", "4"])
+    tuned = run_json(capsys, ["eval", *common, "--adapter", str(run), "--batch-size", "4"])  # data/template from the run
+    assert zero["n_examples"] == tuned["n_examples"] == 16 and zero["split"] == "test"
+    assert zero["loss"] != tuned["loss"] and {"accuracy", "loss", "n_examples"} <= set(tuned)
+
+    gen = run_json(capsys, ["generate", *common, "--adapter", str(run), "-p", "a good movie\\nLabel:", "--max-tokens", "5"])
+    assert gen["prompt"] == "a good movie\nLabel:" and gen["n_tokens"] <= 5
+
+    exported = run_json(capsys, ["export", "--model", str(tiny_gguf), "--adapter", str(run), "--to", "gguf-lora",
+                                 "-o", str(tmp_path / "out.gguf"), "--json"])
+    assert exported["rank"] == 8
+    a, b = LoraAdapter.load(run / "adapter.gguf"), LoraAdapter.load(tmp_path / "out.gguf")
+    assert all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "/nonexistent.gguf"], "no such GGUF file"),
+    (["fetch", "no-such-model"], "unknown built-in name"),
+    (["finetune", "--model", "{tiny}", "--quant", "f32", "--data", "{tmp}/missing.jsonl"], "no such dataset"),
+    (["finetune", "--model", "{tiny}", "--quant", "f32", "--targets", "attn_x"], "unknown LoRA target"),
+])
+def test_errors_are_one_clear_line_and_exit_1(argv, message, tiny_gguf, tmp_path, capsys):
+    argv = [a.format(tiny=tiny_gguf, tmp=tmp_path) for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

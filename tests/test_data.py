@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+
+from edgezo.data import Format, batch_indices, build_examples, build_task, detect_format, read_jsonl, resolve_files
+from edgezo.files import EdgezoError
+
+from conftest import write_jsonl
+
+
+class CharTokenizer:
+    """One token per character (ord), ' good'/' bad' as single words: enough to test the data logic exactly."""
+
+    words = {" good": [1000], " bad": [1001], " so so": [1002, 1003]}
+
+    def tokenize(self, text, add_special):
+        if text in self.words:
+            return list(self.words[text])
+        return ([1] if add_special else []) + [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt):
+        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+TOK = CharTokenizer()
+
+
+@pytest.mark.parametrize("record, fmt", [
+    ({"text": "x"}, Format.TEXT),
+    ({"prompt": "p", "completion": "c"}, Format.COMPLETIONS),
+    ({"messages": []}, Format.CHAT),
+    ({"text": "x", "label": "good"}, Format.CLASSIFICATION),  # text + label wins over plain text
+])
+def test_detect_format(record, fmt, tmp_path):
+    assert detect_format(record, tmp_path / "f.jsonl") is fmt
+
+
+def test_classification_examples(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "hi", "label": "good"}, {"text": "yo", "label": "bad"}])
+    records = read_jsonl(path)
+    task = build_task(records, path, TOK, "T: {text}\nA:", None)
+    assert task.labels == ("bad", "good") and task.label_token_ids == (1001, 1000)
+    examples = build_examples(records, path, task, TOK, max_tokens=64)
+    assert examples[0].tokens == tuple([1] + [ord(c) for c in "T: hi\nA:"])
+    assert examples[0].label == 1 and examples[1].label == 0
+    assert examples[0].target_start == len(examples[0].tokens)
+
+
+def test_completion_loss_covers_only_the_completion(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "ab", "completion": "cd"}])
+    records = read_jsonl(path)
+    task = build_task(records, path, TOK, None, None)
+    (ex,) = build_examples(records, path, task, TOK, max_tokens=64)
+    assert ex.tokens == (1, ord("a"), ord("b"), ord("c"), ord("d"))
+    assert ex.target_start == 3  # loss on c, d
+
+
+def test_chat_loss_covers_the_last_message(tmp_path):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": msgs}])
+    records = read_jsonl(path)
+    task = build_task(records, path, TOK, None, None)
+    (ex,) = build_examples(records, path, task, TOK, max_tokens=64)
+    prompt = TOK.apply_chat_template(msgs[:1], True)
+    assert ex.target_start == 1 + len(prompt)
+    assert "".join(map(chr, ex.tokens[ex.target_start:])) == "yo</>"
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "a", "label": "good"}', '{"text": "b", "label": '], r"train.jsonl:2: not valid JSON"),
+    (['{"text": "a", "label": "good"}', '[1, 2]'], r"train.jsonl:2: expected a JSON object"),
+    (['{"text": "a", "label": "good"}', '{"label": "bad"}'], r"train.jsonl:2: missing field 'text'"),
+    (['{"text": "a", "label": "good"}', '{"text": 5, "label": "bad"}'], r"train.jsonl:2: field 'text' must be a string"),
+    (['{"prompt": "a"}'], r"train.jsonl:1: unknown record format"),
+    ([], r"train.jsonl: the dataset is empty"),
+])
+def test_malformed_files_name_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(EdgezoError, match=message):
+        records = read_jsonl(path)
+        task = build_task(records, path, TOK, None, {"good": " good", "bad": " bad"} if len(records) > 1 else None)
+        build_examples(records, path, task, TOK, max_tokens=64)
+
+
+def test_unknown_label_in_another_split(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "good"}, {"text": "b", "label": "bad"}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "a", "label": "good"}, {"text": "c", "label": "meh"}])
+    task = build_task(read_jsonl(train), train, TOK, None, None)
+    with pytest.raises(EdgezoError, match=r"test.jsonl:2: unknown label 'meh'"):
+        build_examples(read_jsonl(test), test, task, TOK, max_tokens=64)
+
+
+def test_label_word_must_be_one_token(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "good"}, {"text": "b", "label": "so so"}])
+    with pytest.raises(EdgezoError, match=r"label word ' so so' of label 'so so' is 2 tokens"):
+        build_task(read_jsonl(train), train, TOK, None, None)
+    task = build_task(read_jsonl(train), train, TOK, None, {"so so": " bad"})  # mapped to a single token
+    assert task.label_token_ids == (1000, 1001)
+
+
+def test_sequence_longer_than_context(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": "x" * 100, "label": "good"}, {"text": "b", "label": "bad"}])
+    task = build_task(read_jsonl(train), train, TOK, None, None)
+    with pytest.raises(EdgezoError, match=r"train.jsonl:1: \d+ tokens, longer than the context of 64"):
+        build_examples(read_jsonl(train), train, task, TOK, max_tokens=64)
+
+
+def test_resolve_directory_and_files(sentiment_dir, tmp_path):
+    files = resolve_files(sentiment_dir)
+    assert files.train.name == "train.jsonl" and files.valid.name == "valid.jsonl" and files.test.name == "test.jsonl"
+    files = resolve_files(sentiment_dir / "train.jsonl", valid=str(sentiment_dir / "test.jsonl"))
+    assert files.valid.name == "test.jsonl" and files.test is None
+    with pytest.raises(EdgezoError, match="no such dataset"):
+        resolve_files(tmp_path / "missing")
+
+
+def test_batch_indices_cover_each_epoch_once_and_are_reproducible():
+    n, b = 10, 4
+    stream = np.concatenate([batch_indices(n, b, seed=1, step=s) for s in range(5)])  # 20 = two epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    np.testing.assert_array_equal(batch_indices(n, b, 1, 3), batch_indices(n, b, 1, 3))
+    assert not np.array_equal(batch_indices(n, b, 1, 0), batch_indices(n, b, 2, 0))

@@ -1,0 +1,119 @@
+"""MeZO on plain numpy objectives: no llama.cpp involved."""
+
+import math
+
+import numpy as np
+import pytest
+
+from edgezo.mezo import (MezoConfig, NonFiniteLoss, PerturbedParams, StepRecord, apply_update, direction,
+                         direction_seed, learning_rate_at, mezo_step)
+
+
+def quadratic(params):
+    """L(theta) = 0.5 * sum_i c_i |theta_i - 1|^2 with a different curvature per tensor."""
+    return sum(0.5 * c * float(np.sum((params[k].astype(np.float64) - 1.0) ** 2))
+               for c, k in zip((1.0, 3.0), ("a", "b")))
+
+
+def make_theta(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"a": rng.standard_normal((4, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+
+
+def test_projected_gradient_is_the_directional_derivative_on_average():
+    # For a quadratic the central difference is exact: g = grad . z, and E[g z] = grad.
+    theta = make_theta()
+    grad = {"a": 1.0 * (theta["a"] - 1.0), "b": 3.0 * (theta["b"] - 1.0)}
+    n = 4000
+    estimate = {k: np.zeros_like(v, dtype=np.float64) for k, v in theta.items()}
+    eps = 1e-3
+    for step in range(n):
+        seed = direction_seed(7, step, 0)
+        g = (quadratic(PerturbedParams(theta, seed, eps)) - quadratic(PerturbedParams(theta, seed, -eps))) / (2 * eps)
+        z = {k: direction(seed, i, v.shape) for i, (k, v) in enumerate(theta.items())}
+        exact = sum(float(np.sum(grad[k] * z[k])) for k in theta)
+        assert g == pytest.approx(exact, rel=1e-3, abs=1e-3)  # one direction: g is the directional derivative
+        for k in theta:
+            estimate[k] += g * z[k] / n
+    for k in theta:  # average over directions: unbiased for the gradient (tolerance ~ 4 standard errors)
+        err = np.abs(estimate[k] - grad[k]).max()
+        scale = math.sqrt(sum(float(np.sum(g_ ** 2)) for g_ in grad.values()) / n)
+        assert err < 5 * scale
+
+
+def test_perturbation_never_modifies_theta():
+    theta = make_theta()
+    before = {k: v.copy() for k, v in theta.items()}
+    view = PerturbedParams(theta, seed=123, scale=0.5)
+    assert all(not np.array_equal(view[k], before[k]) for k in theta)
+    for k in theta:
+        np.testing.assert_array_equal(theta[k], before[k])  # bit-exact: "restore" is a no-op
+
+
+def test_direction_depends_only_on_seed_and_tensor_index():
+    a = PerturbedParams(make_theta(), seed=5, scale=1.0)
+    b = PerturbedParams(make_theta(), seed=5, scale=1.0)
+    np.testing.assert_array_equal(a["b"], b["b"])  # any access order
+    np.testing.assert_array_equal(a["a"], b["a"])
+    assert not np.array_equal(PerturbedParams(make_theta(), seed=6, scale=1.0)["a"], a["a"])
+
+
+def test_mezo_descends_a_quadratic():
+    theta = make_theta()
+    config = MezoConfig(learning_rate=0.02, eps=1e-3, n_directions=4)
+    start = quadratic(theta)
+    for step in range(300):
+        mezo_step(theta, quadratic, config, run_seed=0, step=step, total_steps=300)
+    assert quadratic(theta) < 0.05 * start
+
+
+def test_replay_from_log_is_bit_exact():
+    theta = make_theta()
+    config = MezoConfig(learning_rate=0.01, eps=1e-3, n_directions=2, weight_decay=0.1)
+    records = [mezo_step(theta, quadratic, config, run_seed=3, step=s, total_steps=20) for s in range(20)]
+    replayed = make_theta()
+    for r in records:  # only (seeds, projected grads, lr) from the log
+        apply_update(replayed, StepRecord(step=r.step, lr=r.lr, seeds=r.seeds, projected_grads=r.projected_grads), config)
+    for k in theta:
+        np.testing.assert_array_equal(theta[k], replayed[k])
+
+
+def test_weight_decay_shrinks_parameters_when_loss_is_flat():
+    theta = make_theta()
+    config = MezoConfig(learning_rate=0.1, eps=1e-2, weight_decay=0.5)
+    before = sum(float(np.sum(v ** 2)) for v in theta.values())
+    mezo_step(theta, lambda p: 1.0, config, run_seed=0, step=0, total_steps=1)  # g = 0: only decay acts
+    after = sum(float(np.sum(v ** 2)) for v in theta.values())
+    assert after == pytest.approx(before * (1 - 0.1 * 0.5) ** 2, rel=1e-5)
+
+
+def test_non_finite_loss_raises_and_leaves_theta_untouched():
+    theta = make_theta()
+    before = {k: v.copy() for k, v in theta.items()}
+    with pytest.raises(NonFiniteLoss, match="not finite"):
+        mezo_step(theta, lambda p: float("nan"), MezoConfig(), run_seed=0, step=0, total_steps=1)
+    for k in theta:
+        np.testing.assert_array_equal(theta[k], before[k])
+
+
+@pytest.mark.parametrize("schedule, step, expected", [
+    ("constant", 50, 1.0),   # flat after warmup
+    ("linear", 55, 0.5),     # halfway through the 90 post-warmup steps
+    ("cosine", 55, 0.5),     # cos(pi/2) = 0 -> half
+    ("linear", 4, 0.5),      # warmup: (4 + 1) / 10
+    ("cosine", 100, 0.0),    # ends at zero
+])
+def test_schedules(schedule, step, expected):
+    config = MezoConfig(learning_rate=1.0, schedule=schedule, warmup_steps=10)
+    assert learning_rate_at(config, step, total_steps=100) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"learning_rate": 0}, "learning rate"),
+    ({"eps": -1}, "eps"),
+    ({"n_directions": 0}, "n_directions"),
+    ({"schedule": "exponential"}, "exponential"),
+])
+def test_config_validation(kwargs, message):
+    with pytest.raises(Exception, match=message):
+        MezoConfig(**kwargs)

@@ -1,6 +1,6 @@
 """edgezo's command line: a thin layer that builds configs, calls the library and shows progress.
 
-Every subcommand is `main_<name>(args) -> int`. With --json, human-readable output goes to stderr and the
+Every subcommand is `cmd_<name>(args) -> (result dict, human-readable text)`; `main` prints one or the other. With --json, human-readable output goes to stderr and the
 last line of stdout is one JSON object (scripts and benchmarks read it).
 """
 
@@ -92,21 +92,16 @@ def task_dict(task: Task) -> dict:
 
 
 # ---- fetch -------------------------------------------------------------------------------------------------------
-def main_fetch(args) -> int:
+def cmd_fetch(args) -> tuple[dict, str]:
     paths = {name: str(store.fetch(name, log=say)) for name in args.names}
-    for name, path in paths.items():
-        if not args.json:
-            print(f"{name}: {path}")
-    if args.json:
-        emit_json({"paths": paths})
-    return 0
+    return {"paths": paths}, "\n".join(f"{name}: {path}" for name, path in paths.items())
 
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
 RESUME_IGNORED = {"train.steps", "train.eval_every", "train.save_every", "threads"}
 
 
-def main_finetune(args) -> int:
+def cmd_finetune(args) -> tuple[dict, str]:
     from .trainer import train
 
     t0 = time.perf_counter()
@@ -164,13 +159,9 @@ def main_finetune(args) -> int:
                "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path)}
     if result.valid is not None:
         summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
-    if args.json:
-        emit_json(summary)
-    else:
-        print(f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
-              + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
-              + f"  ({summary['seconds']:.0f} s)")
-    return 0
+    return summary, (f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
+                     + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
+                     + f"  ({summary['seconds']:.0f} s)")
 
 
 def _check_resume_config(run: RunDir, config: dict) -> None:
@@ -252,7 +243,7 @@ def resolve_adapter(spec: str | None) -> tuple[Path | None, dict | None]:
     return path, None
 
 
-def main_eval(args) -> int:
+def cmd_eval(args) -> tuple[dict, str]:
     from .objective import evaluate
 
     t0 = time.perf_counter()
@@ -271,16 +262,12 @@ def main_eval(args) -> int:
     result = {"accuracy": totals.accuracy, "loss": totals.loss, "n_examples": totals.n_examples, "split": args.split,
               "model": str(model_path), "adapter": str(adapter_path) if adapter_path else None,
               "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
-    if args.json:
-        emit_json(result)
-    else:
-        what = "accuracy" if task.is_classification else "token accuracy"
-        print(f"{args.split}: {what} {totals.accuracy:.4f}  loss {totals.loss:.4f}  ({totals.n_examples} examples)")
-    return 0
+    what = "accuracy" if task.is_classification else "token accuracy"
+    return result, f"{args.split}: {what} {totals.accuracy:.4f}  loss {totals.loss:.4f}  ({totals.n_examples} examples)"
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
-def main_generate(args) -> int:
+def cmd_generate(args) -> tuple[dict, str]:
     adapter_path, _ = resolve_adapter(args.adapter)
     model_path = store.resolve_model(args.model, args.quant, log=say)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
@@ -292,16 +279,13 @@ def main_generate(args) -> int:
         tokens.append(token)
         if not args.json:
             print(engine.detokenize([token]), end="", flush=True)
-    text = engine.detokenize(tokens)
-    if args.json:
-        emit_json({"prompt": prompt, "text": text, "n_tokens": len(tokens)})
-    else:
-        print()
-    return 0
+    if not args.json:
+        print(flush=True)
+    return {"prompt": prompt, "text": engine.detokenize(tokens), "n_tokens": len(tokens)}, ""
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
-def main_export(args) -> int:
+def cmd_export(args) -> tuple[dict, str]:
     adapter_path, _ = resolve_adapter(args.adapter)
     if adapter_path is None:
         raise EdgezoError("export needs --adapter")
@@ -312,11 +296,37 @@ def main_export(args) -> int:
         adapter.save(out)
     result = {"output": str(out), "format": args.to, "n_params": adapter.n_params, "rank": adapter.config.rank,
               "alpha": adapter.config.alpha, "targets": list(adapter.config.targets)}
-    if args.json:
-        emit_json(result)
-    else:
-        print(f"wrote {out} ({args.to}, {adapter.n_params:,} parameters)")
-    return 0
+    return result, f"wrote {out} ({args.to}, {adapter.n_params:,} parameters)"
+
+
+# ---- demo --------------------------------------------------------------------------------------------------------
+def cmd_demo(args) -> tuple[dict, str]:
+    """The main job on the defaults: zero-shot test accuracy, a MeZO fine-tune, then the tuned test accuracy.
+
+    Runs exactly the documented commands; an earlier demo run in --out is resumed (a finished one is reused).
+    """
+    parser = build_parser()
+    common = ["--model", args.model, "--quant", args.quant, "--threads", str(args.threads)]
+    say("== 1/3 zero-shot accuracy on the test split")
+    zero, text = cmd_eval(parser.parse_args(["eval", *common, "--data", DEFAULT_DATA, "--split", "test"]))
+    say(text)
+    say(f"== 2/3 MeZO fine-tune, {args.steps} steps (defaults otherwise)")
+    finetune = ["finetune", *common, "--data", DEFAULT_DATA, "--steps", str(args.steps), "--out", args.out]
+    run, text = cmd_finetune(parser.parse_args(finetune + (["--resume"] if RunDir(args.out).state.exists() else [])))
+    say(text)
+    say("== 3/3 fine-tuned accuracy on the test split")
+    tuned, text = cmd_eval(parser.parse_args(["eval", *common, "--adapter", args.out, "--split", "test"]))
+    say(text)
+    result = {"zero_shot_accuracy": zero["accuracy"], "finetuned_accuracy": tuned["accuracy"],
+              "gain_points": 100 * (tuned["accuracy"] - zero["accuracy"]), "zero_shot_loss": zero["loss"],
+              "finetuned_loss": tuned["loss"], "n_test": tuned["n_examples"], "steps": run["steps"],
+              "adapter": run["adapter"], "finetune_seconds": run["seconds"], "model": args.model, "quant": args.quant}
+    table = (f"{'':24}{'accuracy':>10}{'loss':>9}\n"
+             f"{'zero-shot':24}{zero['accuracy']:>10.4f}{zero['loss']:>9.4f}\n"
+             f"{'MeZO, ' + str(run['steps']) + ' steps':24}{tuned['accuracy']:>10.4f}{tuned['loss']:>9.4f}\n"
+             f"gain {result['gain_points']:+.1f} points on {tuned['n_examples']} test reviews; "
+             f"fine-tune took {run['seconds']:.0f} s; adapter {run['adapter']}")
+    return result, table
 
 
 # ---- parser ------------------------------------------------------------------------------------------------------
@@ -327,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="put built-in models / datasets in the cache ($EDGEZO_HOME)")
     p.add_argument("names", nargs="+", help=f"{', '.join(list(store.MODELS) + list(store.DATASETS))}")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=main_fetch)
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
     add_model_args(p)
@@ -349,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
     p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.set_defaults(func=main_finetune)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)
@@ -357,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="adapter GGUF or run directory (none: zero-shot)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="[%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
-    p.set_defaults(func=main_eval)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with the base model and an optional adapter")
     add_model_args(p)
@@ -367,7 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="[%(default)s]")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy [%(default)s]")
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=main_generate)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="zero-shot eval, MeZO fine-tune and tuned eval on the defaults (the README's main job)")
+    add_model_args(p)
+    p.add_argument("--steps", type=int, default=t.steps, help="[%(default)s]")
+    p.add_argument("--out", default="runs/demo", help="run directory [%(default)s]")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="write the adapter in another format")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on [%(default)s]")
@@ -375,20 +391,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["gguf-lora"], default="gguf-lora", help="[%(default)s]")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=main_export)
+    p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        result, text = args.func(args)
     except EdgezoError as exc:
         say(f"edgezo {args.command}: error: {exc}")
         return 1
     except KeyboardInterrupt:
         say(f"edgezo {args.command}: interrupted")
         return 130
+    if args.json:
+        emit_json(result)
+    elif text:
+        print(text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def child(args) -> dict:
 
     model_path = store.resolve_model(args.model, args.quant)
     files, template = store.resolve_data("movie-reviews")
+    base = read_base_model_info(model_path)  # before the engine, as the CLI does (see edgezo.cli.open_engine)
     engine = Engine(model_path, EngineConfig(n_seq_max=args.batch_size, n_ctx_per_seq=256, n_threads=args.threads))
     records = read_jsonl(files.train)
     task = build_task(records, files.train, engine, template, None)
@@ -52,7 +53,7 @@ def child(args) -> dict:
                 times.append(time.perf_counter() - t0)
         out.update(forward_s=statistics.median(times), forward_min_s=min(times), forward_max_s=max(times))
     else:
-        adapter = LoraAdapter.init(read_base_model_info(model_path), LoraConfig(), seed=args.seed)
+        adapter = LoraAdapter.init(base, LoraConfig(), seed=args.seed)
         engine.set_adapter(adapter)
         config = MezoConfig()
         loss_fn = loss_function(engine, batch, task)

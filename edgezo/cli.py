@@ -67,13 +67,18 @@ def parse_label_words(text: str | None) -> dict[str, str] | None:
 
 
 def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int):
+    """(engine, base model info). The info is read first: gguf's reader holds ~160 MB of Python objects for
+    SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later."""
     from .engine import Engine, EngineConfig  # imported late: `edgezo fetch --help` should not load llama.cpp
 
-    return Engine(model_path, EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads))
+    base = read_base_model_info(model_path)
+    return Engine(model_path, EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads)), base
 
 
-def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved: dict | None = None):
-    """The task (format, labels, template) is fixed by the training split; then tokenize the requested splits."""
+def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved: dict | None = None,
+                         optional: set[str] = frozenset()):
+    """The task (format, labels, template) is fixed by the training split; then tokenize the requested splits
+    (those in `optional` only if the dataset has them)."""
     files, builtin_template = store.resolve_data(data_spec, args.valid, args.test, log=say)
     template = args.template or (saved or {}).get("template") or builtin_template
     label_words = parse_label_words(args.label_words) or (saved or {}).get("label_words")
@@ -81,6 +86,8 @@ def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved:
     task = build_task(read_jsonl(train_path), train_path, engine, template, label_words)
     examples = {}
     for split in splits:
+        if split in optional and getattr(files, split) is None:
+            continue
         path = files.split(split)
         examples[split] = build_examples(read_jsonl(path), path, task, engine, args.max_seq_len)
     return task, examples, label_words
@@ -112,18 +119,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
                             save_every=args.save_every, n_valid=args.n_valid)
     run = RunDir(args.out)
     model_path = store.resolve_model(args.model, args.quant, log=say)
-    engine = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
-    has_valid = True
-    try:
-        task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"])
-    except EdgezoError as exc:
-        if "no valid split" not in str(exc):
-            raise
-        has_valid = False
-        task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train"])
-        examples["valid"] = []
+    engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
+    task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"], optional={"valid"})
+    if "valid" not in examples:
         say("no validation split: training without periodic evaluation")
-    base = read_base_model_info(model_path)
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
         "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
@@ -150,7 +149,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         f"{train_cfg.steps} steps of batch {train_cfg.batch_size}")
     progress = ConsoleProgress(train_cfg.steps, start_step)
     try:
-        result = train(engine, adapter, task, examples["train"], examples["valid"] if has_valid else [], mezo,
+        result = train(engine, adapter, task, examples["train"], examples.get("valid", []), mezo,
                        train_cfg, run, start_step=start_step, callback=progress)
     finally:
         progress.close()
@@ -250,9 +249,9 @@ def cmd_eval(args) -> tuple[dict, str]:
     adapter_path, saved = resolve_adapter(args.adapter)
     data_spec = args.data or (saved or {}).get("data") or DEFAULT_DATA
     model_path = store.resolve_model(args.model, args.quant, log=say)
-    engine = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
+    engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
     if adapter_path:
-        engine.set_adapter(LoraAdapter.load(adapter_path, read_base_model_info(model_path)), in_place=False)
+        engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
     task, examples, _ = load_task_and_splits(engine, data_spec, args, [args.split], saved)
     subset = examples[args.split][: args.limit] if args.limit else examples[args.split]
     from tqdm import tqdm
@@ -271,9 +270,9 @@ def cmd_generate(args) -> tuple[dict, str]:
     adapter_path, _ = resolve_adapter(args.adapter)
     model_path = store.resolve_model(args.model, args.quant, log=say)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
-    engine = open_engine(model_path, 1, max(DEFAULT_MAX_SEQ_LEN, args.max_tokens + 256), args.threads)
+    engine, base = open_engine(model_path, 1, max(DEFAULT_MAX_SEQ_LEN, args.max_tokens + 256), args.threads)
     if adapter_path:
-        engine.set_adapter(LoraAdapter.load(adapter_path, read_base_model_info(model_path)), in_place=False)
+        engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
     tokens = []
     for token in engine.generate(engine.tokenize(prompt, add_special=True), args.max_tokens, args.temperature, args.seed):
         tokens.append(token)

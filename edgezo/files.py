@@ -35,6 +35,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise EdgezoError(f"cannot write {target}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
     try:
         yield tmp
         with open(tmp, "rb+") as f:

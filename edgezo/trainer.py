@@ -21,7 +21,8 @@ from pathlib import Path
 
 from .adapter import LoraAdapter
 from .data import Example, Task, batch_indices
-from .files import EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file, write_json_atomic
+from .files import (EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file, write_json_atomic,
+                    write_text_atomic)
 from .mezo import MezoConfig, NonFiniteLoss, mezo_step
 from .objective import Totals, evaluate, loss_function
 
@@ -81,8 +82,6 @@ class RunDir:
         if not self.metrics.exists():
             return
         keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-        from .files import write_text_atomic
-
         write_text_atomic(self.metrics, "".join(line + "\n" for line in keep))
 
 

@@ -95,3 +95,11 @@ def test_errors_are_one_clear_line_and_exit_1(argv, message, tiny_gguf, tmp_path
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_finetune_with_a_single_train_file_skips_validation(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    assert main(finetune_args(tiny_gguf, sentiment_dir / "train.jsonl", tmp_path / "run", 2)) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert "valid_accuracy" not in result and result["steps"] == 2
+    assert "no validation split" in captured.err

@@ -18,7 +18,7 @@ from .adapter import DEFAULT_TARGETS, LoraAdapter, LoraConfig, config_dict, read
 from .data import Task, build_examples, build_task, read_jsonl
 from .files import EdgezoError, peak_rss_bytes, write_json_atomic
 from .mezo import MezoConfig, Schedule
-from .trainer import RunDir, TrainConfig
+from .trainer import RunDir, TrainConfig, TrainingInterrupted
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_QUANT = "q4_0"
@@ -105,7 +105,7 @@ def cmd_fetch(args) -> tuple[dict, str]:
 
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
-RESUME_IGNORED = {"train.steps", "train.eval_every", "train.save_every", "threads"}
+RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "threads"}
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
@@ -398,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result, text = args.func(args)
+    except TrainingInterrupted as exc:
+        say(f"edgezo {args.command}: {exc}")
+        return 130
     except EdgezoError as exc:
         say(f"edgezo {args.command}: error: {exc}")
         return 1

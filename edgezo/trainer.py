@@ -12,8 +12,11 @@ Direction seeds and batch order are pure functions of (seed, step), so the check
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -85,6 +88,32 @@ class RunDir:
         write_text_atomic(self.metrics, "".join(line + "\n" for line in keep))
 
 
+class TrainingInterrupted(EdgezoError):
+    pass
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """SIGINT / SIGTERM set a flag that the loop checks between steps, so a stop always lands on a consistent
+    (adapter, step) pair; a second SIGINT interrupts at once. A no-op outside the main thread."""
+    flag = {"requested": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["requested"] = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example], valid_set: Sequence[Example],
           mezo: MezoConfig, config: TrainConfig, run: RunDir, start_step: int = 0,
           callback: Callback = lambda event: None) -> TrainResult:
@@ -96,8 +125,7 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     t_start = time.perf_counter()
     recent_losses: list[float] = []
     valid = None
-    log = open(run.metrics, "a")
-    try:
+    with open(run.metrics, "a") as log, stop_requests() as stop:
 
         def validate(step: int) -> Totals:
             engine.update_adapter(theta)
@@ -128,14 +156,16 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             log.flush()
             callback({"kind": "step", **event})
             done = step + 1
+            if stop["requested"] and done < config.steps:
+                run.save_checkpoint(adapter, done)
+                raise TrainingInterrupted(f"stopped at step {done} of {config.steps}; checkpoint saved in {run.path}, "
+                                          f"continue with --resume")
             if config.save_every and done % config.save_every == 0 and done < config.steps:
                 run.save_checkpoint(adapter, done)
             if valid_set and config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 valid = validate(done)
         if valid_set:
             valid = validate(config.steps)
-    finally:
-        log.close()
     run.save_checkpoint(adapter, config.steps)
     adapter.save(run.adapter)
     return TrainResult(adapter_path=run.adapter, steps=config.steps,

@@ -103,3 +103,32 @@ def test_finetune_with_a_single_train_file_skips_validation(tiny_gguf, sentiment
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert "valid_accuracy" not in result and result["steps"] == 2
     assert "no validation split" in captured.err
+
+
+def test_sigint_stops_between_steps_with_a_checkpoint_and_resume_completes_exactly(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    import os
+    import signal
+
+    from edgezo import trainer
+
+    calls = {"n": 0}
+    original = trainer.mezo_step
+
+    def interrupted_mezo_step(*args, **kwargs):  # SIGINT arrives in the middle of step 3
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    trainer.mezo_step = interrupted_mezo_step
+    try:
+        code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "cut", 6, "--save-every", "100"))
+    finally:
+        trainer.mezo_step = original
+    assert code == 130 and "stopped at step 3 of 6" in capsys.readouterr().err
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["step"] == 3
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "cut", 6, "--resume"))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "full", 6))
+    a = LoraAdapter.load(tmp_path / "cut" / "adapter.gguf").tensors
+    b = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").tensors
+    assert all(np.array_equal(a[k], b[k]) for k in a)

@@ -32,7 +32,7 @@ def test_finetune_writes_run_and_reports_json(tiny_gguf, sentiment_dir, tmp_path
     assert [r["step"] for r in lines if "valid_loss" in r] == [0, 3, 6]
     assert all(len(r["seeds"]) == 1 and len(r["projected_grads"]) == 1 for r in lines if "loss" in r)
     config = json.loads((out / "config.json").read_text())
-    assert config["lora"]["targets"] == ["attn_q", "attn_v"] and config["task"]["labels"] == ["bad", "good"]
+    assert config["lora"]["targets"] == ["attn_k", "attn_v"] and config["task"]["labels"] == ["bad", "good"]
     adapter = LoraAdapter.load(out / "adapter.gguf")
     assert any(np.abs(v).max() > 0 for k, v in adapter.tensors.items() if k.endswith("lora_b"))  # B moved off zero
 
@@ -54,7 +54,7 @@ def test_resume_refuses_a_changed_config_naming_the_fields(tiny_gguf, sentiment_
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2))
     code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 4, "--resume", "--eps", "0.05", "--rank", "2"))
     err = capsys.readouterr().err
-    assert code == 1 and "mezo.eps: 0.01 -> 0.05" in err and "lora.rank: 8 -> 2" in err
+    assert code == 1 and "mezo.eps: 0.01 -> 0.05" in err and "lora.rank: 16 -> 2" in err
 
 
 def test_existing_run_is_not_overwritten_without_resume(tiny_gguf, sentiment_dir, tmp_path, capsys):
@@ -79,7 +79,7 @@ def test_eval_generate_export(tiny_gguf, sentiment_dir, tmp_path, capsys):
 
     exported = run_json(capsys, ["export", "--model", str(tiny_gguf), "--adapter", str(run), "--to", "gguf-lora",
                                  "-o", str(tmp_path / "out.gguf"), "--json"])
-    assert exported["rank"] == 8
+    assert exported["rank"] == 16
     a, b = LoraAdapter.load(run / "adapter.gguf"), LoraAdapter.load(tmp_path / "out.gguf")
     assert all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
 

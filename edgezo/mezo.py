@@ -85,7 +85,10 @@ class PerturbedParams(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         t = self._theta[name]
-        return t + self._scale * direction(self._seed, self._index[name], t.shape)
+        z = direction(self._seed, self._index[name], t.shape)
+        z *= self._scale  # in place: one tensor-sized allocation per access, not three
+        z += t
+        return z
 
     def __iter__(self):
         return iter(self._theta)
@@ -140,4 +143,6 @@ def apply_update(theta: Params, record: StepRecord, config: MezoConfig) -> None:
         if config.weight_decay:
             t -= lr * np.float32(config.weight_decay) * t
         for seed, g in zip(record.seeds, record.projected_grads):
-            t -= (lr * np.float32(g / n)) * direction(seed, index, t.shape)
+            z = direction(seed, index, t.shape)
+            z *= lr * np.float32(g / n)
+            t -= z

@@ -93,6 +93,12 @@ def run_child(args, role: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def lora_config() -> dict:
+    from edgezo.adapter import LoraConfig, config_dict
+
+    return config_dict(LoraConfig())  # the mezo child trains the default adapter
+
+
 def machine() -> dict:
     import llama_cpp
 
@@ -128,7 +134,7 @@ def main() -> int:
         "rss_mezo_over_inference": mezo["peak_rss_bytes"] / inference["peak_rss_bytes"],
         "inference": inference, "mezo": mezo,
         "model": args.model, "quant": args.quant, "model_sha256": sha256_file(inference["model_path"]),
-        "batch_size": args.batch_size, "repeats": args.repeats, "seed": args.seed,
+        "batch_size": args.batch_size, "repeats": args.repeats, "seed": args.seed, "lora": lora_config(),
         "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -141,7 +141,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         if run.state.exists():
             raise EdgezoError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
         adapter = LoraAdapter.init(base, lora, seed=args.seed)
-        run.path.mkdir(parents=True, exist_ok=True)
+        run.create()
         run.metrics.unlink(missing_ok=True)
     write_json_atomic(run.config, config)
     engine.set_adapter(adapter)

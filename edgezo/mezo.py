@@ -126,7 +126,7 @@ def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
         loss_plus = float(loss_fn(PerturbedParams(theta, seed, +config.eps)))
         loss_minus = float(loss_fn(PerturbedParams(theta, seed, -config.eps)))
         if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            raise NonFiniteLoss(f"step {step}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
+            raise NonFiniteLoss(f"step {step + 1}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
         record.seeds.append(seed)
         record.projected_grads.append((loss_plus - loss_minus) / (2.0 * config.eps))
         record.losses_plus.append(loss_plus)

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .adapter import LoraAdapter
 from .data import Example, Task, batch_indices
 from .files import (EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file, write_json_atomic,
@@ -65,6 +67,12 @@ class RunDir:
         self.checkpoint = self.path / "checkpoint.gguf"
         self.state = self.path / "state.json"
         self.adapter = self.path / "adapter.gguf"
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EdgezoError(f"cannot create the run directory {self.path}: {exc.strerror or exc}") from None
 
     def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
         adapter.save(self.checkpoint)
@@ -147,6 +155,9 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
                 record = mezo_step(theta, loss_function(engine, batch, task), mezo, config.seed, step, config.steps)
             except NonFiniteLoss as exc:
                 raise EdgezoError(f"{exc}; training stopped, the last good checkpoint ({run.checkpoint}) is kept") from None
+            if not all(np.isfinite(t).all() for t in theta.values()):
+                raise EdgezoError(f"step {step + 1}: the update made the adapter non-finite (learning rate too high?); "
+                                  f"training stopped, the last good checkpoint ({run.checkpoint}) is kept")
             seconds = time.perf_counter() - t0
             recent_losses = (recent_losses + [record.loss])[-50:]
             event = {"step": step + 1, "loss": record.loss, "lr": record.lr, "seeds": record.seeds,

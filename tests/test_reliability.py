@@ -1,0 +1,156 @@
+"""Nothing lost, clear errors: SIGKILL + resume, corrupted state, non-finite training, failed writes, bad files."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from edgezo import store
+from edgezo.adapter import LoraAdapter
+from edgezo.cli import main
+from edgezo.files import EdgezoError, write_text_atomic
+
+from test_cli import finetune_args, run_json
+
+
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    steps = 40
+    argv = finetune_args(tiny_gguf, sentiment_dir, tmp_path / "killed", steps, "--save-every", "1")
+    kill_after = int(np.random.default_rng().integers(3, 30))  # a random step, different on every run
+    proc = subprocess.Popen([sys.executable, "-m", "edgezo.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= kill_after:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed")  # machine too fast for the polling loop
+    assert proc.returncode == -signal.SIGKILL
+    state = json.loads((tmp_path / "killed" / "state.json").read_text())
+    assert 0 < state["step"] < steps
+    run_json(capsys, [*argv, "--resume"])
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "whole", steps, "--save-every", "1"))
+    killed = LoraAdapter.load(tmp_path / "killed" / "adapter.gguf").tensors
+    whole = LoraAdapter.load(tmp_path / "whole" / "adapter.gguf").tensors
+    assert all(np.array_equal(killed[k], whole[k]) for k in whole)
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    assert logged == list(range(1, steps + 1))
+
+
+def test_corrupted_checkpoint_is_refused_on_resume(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 4))
+    checkpoint = tmp_path / "run" / "checkpoint.gguf"
+    data = bytearray(checkpoint.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the tensor data
+    checkpoint.write_bytes(bytes(data))
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 8, "--resume")) == 1
+    assert "checkpoint.gguf: checkpoint missing or does not match state.json" in capsys.readouterr().err
+    (tmp_path / "run" / "state.json").write_text("{not json")
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 8, "--resume")) == 1
+    assert "state.json: corrupted or missing checkpoint state" in capsys.readouterr().err
+
+
+def test_non_finite_training_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    argv = finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 10, "--save-every", "1")
+    argv[argv.index("--learning-rate") + 1] = "1e38"  # the first update overflows float32
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "last good checkpoint" in err
+    state = json.loads((tmp_path / "run" / "state.json").read_text()) if (tmp_path / "run" / "state.json").exists() else None
+    assert state is None  # nothing bad was ever saved (the run failed at step 1)
+    assert not (tmp_path / "run" / "adapter.gguf").exists()
+
+
+def test_unwritable_output_directory(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    assert main(finetune_args(tiny_gguf, sentiment_dir, blocker / "run", 2)) == 1
+    err = capsys.readouterr().err
+    assert "cannot create the run directory" in err and "a-file/run" in err
+    assert blocker.read_text() == "not a directory"
+
+
+def test_a_disk_that_fills_during_a_save_leaves_the_old_file_untouched(tmp_path, monkeypatch):
+    target = tmp_path / "adapter.gguf"
+    target.write_bytes(b"previous good adapter")
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("edgezo.files.os.fsync", full_disk)
+    with pytest.raises(EdgezoError, match=r"cannot write .*adapter.gguf: No space left on device"):
+        write_text_atomic(target, "new content")
+    assert target.read_bytes() == b"previous good adapter"
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter.gguf"]  # no temporary file left behind
+
+
+def test_cached_file_with_a_wrong_sha256_is_reported(tmp_path):
+    model = store.MODELS["smollm2-135m"]
+    cached = store.home() / "models" / model.name / model.filename
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"GGUF but corrupted")
+    with pytest.raises(EdgezoError, match=r"SmolLM2-135M-Instruct.Q4_1.gguf: sha256 .* does not match .* fetch"):
+        store.resolve_model("smollm2-135m")
+    assert cached.read_bytes() == b"GGUF but corrupted"  # reported, not silently replaced
+
+
+@pytest.mark.parametrize("cut", [0.5, 0.02])  # truncated tensor data; truncated key-value header
+def test_truncated_model_gguf_gives_a_clear_error(tiny_gguf, tmp_path, capsys, cut):
+    data = tiny_gguf.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: int(len(data) * cut)])
+    assert main(["eval", "--model", str(truncated), "--quant", "none", "--data", "x.jsonl"]) == 1
+    err = capsys.readouterr().err
+    assert "truncated.gguf" in err and "not a readable GGUF" in err
+
+
+def test_unsupported_architecture(tmp_path):
+    from gguf import GGUFWriter
+
+    path = tmp_path / "alien.gguf"
+    w = GGUFWriter(path, "alien-arch")
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    from edgezo.engine import Engine
+
+    with pytest.raises(EdgezoError, match=r"alien.gguf: llama.cpp could not load this model .*unknown model architecture: 'alien-arch'"):
+        Engine(path)
+
+
+def test_same_config_twice_and_across_thread_counts_is_bit_identical(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    results = {}
+    for name, threads in (("a", "1"), ("b", "1"), ("c", "2")):
+        argv = finetune_args(tiny_gguf, sentiment_dir, tmp_path / name, 5)
+        argv[argv.index("--threads") + 1] = threads
+        run_json(capsys, argv)
+        results[name] = LoraAdapter.load(tmp_path / name / "adapter.gguf").tensors
+    for other in ("b", "c"):
+        assert all(np.array_equal(results["a"][k], results[other][k]) for k in results["a"]), other
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys, monkeypatch):
+    from edgezo import trainer
+
+    real = trainer.loss_function
+    calls = {"n": 0}
+
+    def nan_at_step_3(engine, batch, task):
+        calls["n"] += 1
+        return (lambda params: float("nan")) if calls["n"] == 3 else real(engine, batch, task)
+
+    monkeypatch.setattr(trainer, "loss_function", nan_at_step_3)
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 10, "--save-every", "1")) == 1
+    err = capsys.readouterr().err
+    assert "step 3: loss is not finite" in err and "the last good checkpoint" in err
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
+    good = LoraAdapter.load(tmp_path / "run" / "checkpoint.gguf").tensors
+    assert all(np.isfinite(v).all() for v in good.values())

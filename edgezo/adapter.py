@@ -147,10 +147,24 @@ def write_lora_gguf(path: str | os.PathLike, architecture: str, alpha: float, te
 
 
 def read_lora_gguf(path: str | os.PathLike, base: BaseModelInfo | None = None) -> LoraAdapter:
-    """Read and validate a GGUF LoRA adapter; with `base`, check every tensor against it and report all problems at once."""
+    """Read and validate a GGUF LoRA adapter; with `base`, check every tensor against it and report all problems at once.
+
+    Any failure is an EdgezoError naming the file: a corrupt file can make gguf's reader fail anywhere (tests/test_fuzz.py).
+    """
+    path = Path(path)
+    try:
+        return _read_lora_gguf(path, base)
+    except EdgezoError as exc:
+        if str(path) in str(exc):
+            raise
+        raise EdgezoError(f"{path}: {exc}") from None
+    except Exception as exc:
+        raise EdgezoError(f"{path} is not a readable GGUF LoRA adapter ({type(exc).__name__}: {exc})") from None
+
+
+def _read_lora_gguf(path: Path, base: BaseModelInfo | None) -> LoraAdapter:
     from gguf import GGUFReader
 
-    path = Path(path)
     try:
         reader = GGUFReader(path)
     except Exception as exc:

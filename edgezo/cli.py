@@ -105,7 +105,23 @@ def cmd_fetch(args) -> tuple[dict, str]:
 
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
-RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "threads"}
+RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads"}
+
+
+def parse_bytes(text: str | None) -> int:
+    """'512M', '2G', '1.5GiB', '1000000' -> bytes (binary units); None or '' -> 0 (no limit)."""
+    if not text:
+        return 0
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    number = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = number[-1] if number and number[-1] in units else ""
+    try:
+        value = float(number[: len(number) - len(unit)])
+    except ValueError:
+        raise EdgezoError(f"--max-memory: expected a size like 512M or 2G, got {text!r}") from None
+    if value <= 0:
+        raise EdgezoError(f"--max-memory must be positive, got {text!r}")
+    return int(value * units[unit])
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
@@ -116,7 +132,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
     mezo = MezoConfig(learning_rate=args.learning_rate, eps=args.eps, n_directions=args.n_directions,
                       weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
-                            save_every=args.save_every, n_valid=args.n_valid)
+                            save_every=args.save_every, n_valid=args.n_valid,
+                            max_memory_bytes=parse_bytes(args.max_memory))
     run = RunDir(args.out)
     model_path = store.resolve_model(args.model, args.quant, log=say)
     engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
@@ -358,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
     p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--max-memory", help="stop with a checkpoint if the process RSS exceeds this (e.g. 600M, 2G)")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")

@@ -43,6 +43,7 @@ class TrainConfig:
     eval_every: int = 100  # validate every this many steps (and at the start and the end); 0: only at the end
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     n_valid: int = 500  # validation examples used per evaluation (the first n of the split); 0: all
+    max_memory_bytes: int = 0  # stop with a checkpoint when the process RSS exceeds this; 0: no limit
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
@@ -167,6 +168,11 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             log.flush()
             callback({"kind": "step", **event})
             done = step + 1
+            if config.max_memory_bytes and event["rss_bytes"] > config.max_memory_bytes:
+                run.save_checkpoint(adapter, done)
+                raise TrainingInterrupted(
+                    f"memory budget exceeded at step {done}: RSS {event['rss_bytes'] / 2**20:.0f} MiB > "
+                    f"{config.max_memory_bytes / 2**20:.0f} MiB; checkpoint saved in {run.path}, continue with --resume")
             if stop["requested"] and done < config.steps:
                 run.save_checkpoint(adapter, done)
                 raise TrainingInterrupted(f"stopped at step {done} of {config.steps}; checkpoint saved in {run.path}, "

@@ -154,3 +154,21 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
     good = LoraAdapter.load(tmp_path / "run" / "checkpoint.gguf").tensors
     assert all(np.isfinite(v).all() for v in good.values())
+
+
+def test_memory_budget_stops_cleanly_with_a_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 10, "--max-memory", "1M"))  # below any RSS
+    err = capsys.readouterr().err
+    assert code == 130 and "memory budget exceeded at step 1" in err and "continue with --resume" in err
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 1
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run2", 2, "--max-memory", "lots")) == 1
+    assert "expected a size like 512M" in capsys.readouterr().err
+
+
+def test_rss_does_not_grow_over_2000_steps(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    """No leak from adapter updates: RSS after warm-up (step 200) vs step 2000 grows by less than 1 %."""
+    argv = finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2000, "--eval-every", "0", "--save-every", "500")
+    run_json(capsys, argv)
+    rss = {r["step"]: r["rss_bytes"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+           if "rss_bytes" in r}
+    assert rss[2000] < 1.01 * rss[200], (rss[200], rss[2000])

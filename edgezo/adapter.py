@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import EdgezoError, atomic_path
+from .formats import open_gguf
 
 # Tuned on the movie-review validation split (SmolLM2-135M Q4_0, 400 steps, lr 1e-3, seed 0): k,v at rank 16 reached
 # 84.8 % vs 83.0 % for q,v at rank 16 and 83.8 % for q,v at rank 8, and costs least in llama.cpp's graph
@@ -57,13 +58,8 @@ class BaseModelInfo:
 
 
 def read_base_model_info(path: str | os.PathLike) -> BaseModelInfo:
-    from gguf import GGUFReader
-
     path = Path(path)
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:  # gguf raises ValueError, struct.error, IndexError... on a bad file
-        raise EdgezoError(f"{path} is not a readable GGUF file: {exc}") from exc
+    reader = open_gguf(path)
     arch = _read_str(reader, "general.architecture")
     if arch is None:
         raise EdgezoError(f"{path} has no general.architecture; is it a GGUF model?")
@@ -163,12 +159,7 @@ def read_lora_gguf(path: str | os.PathLike, base: BaseModelInfo | None = None) -
 
 
 def _read_lora_gguf(path: Path, base: BaseModelInfo | None) -> LoraAdapter:
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except Exception as exc:
-        raise EdgezoError(f"{path} is not a readable GGUF file: {exc}") from exc
+    reader = open_gguf(path)
     problems = []
     if _read_str(reader, "general.type") != "adapter" or _read_str(reader, "adapter.type") != "lora":
         problems.append("not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')")

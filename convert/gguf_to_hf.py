@@ -40,7 +40,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         raise EdgezoError(f"{gguf_path} is a LoRA adapter, not a model")
     prefix = arch.gguf_arch + "."
     arch_meta = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
-    arch_meta["n_vocab"] = _n_vocab(reader, meta)
+    arch_meta["n_vocab"] = _n_vocab(reader)
     names = {t.name for t in reader.tensors}
     config = _hf_config(arch, arch_meta, names, meta)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,7 @@ def _metadata(reader) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
-        if not field.types or key.startswith("tokenizer.ggml.") and field.types[0] == GGUFValueType.ARRAY:
+        if not field.types or (key.startswith("tokenizer.ggml.") and field.types[0] == GGUFValueType.ARRAY):
             continue
         if field.types[0] == GGUFValueType.ARRAY:
             if key.endswith("sliding_window_pattern"):
@@ -70,7 +70,7 @@ def _metadata(reader) -> dict[str, Any]:
     return out
 
 
-def _n_vocab(reader, meta: dict[str, Any]) -> int:
+def _n_vocab(reader) -> int:
     for t in reader.tensors:
         if t.name == "token_embd.weight":
             return int(t.shape[1])  # ggml ne = (n_embd, n_vocab)

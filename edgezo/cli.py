@@ -306,13 +306,69 @@ def cmd_export(args) -> tuple[dict, str]:
     if adapter_path is None:
         raise EdgezoError("export needs --adapter")
     model_path = store.resolve_model(args.model, None, log=say)
-    adapter = LoraAdapter.load(adapter_path, read_base_model_info(model_path))  # validates against the base
+    base = read_base_model_info(model_path)
+    adapter = LoraAdapter.load(adapter_path, base)  # validates every tensor against the base
     out = Path(args.output)
     if args.to == "gguf-lora":
         adapter.save(out)
+    elif args.to == "peft":
+        from convert.peft import adapter_to_peft
+
+        adapter_to_peft(adapter, out, base)
+    else:  # merged-gguf
+        from convert.merge import merge_adapter
+
+        with TensorProgress("merge") as progress:
+            merge_adapter(model_path, adapter, out, outtype=args.outtype, progress=progress)
     result = {"output": str(out), "format": args.to, "n_params": adapter.n_params, "rank": adapter.config.rank,
               "alpha": adapter.config.alpha, "targets": list(adapter.config.targets)}
-    return result, f"wrote {out} ({args.to}, {adapter.n_params:,} parameters)"
+    if args.to == "merged-gguf":
+        result["outtype"] = args.outtype
+    return result, f"wrote {out} ({args.to}, {adapter.n_params:,} adapter parameters)"
+
+
+class TensorProgress:
+    """A tqdm bar for the converters' progress(done, total, ...) callbacks."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int, *rest) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- convert -----------------------------------------------------------------------------------------------------
+def cmd_convert(args) -> tuple[dict, str]:
+    out = Path(args.output)
+    if args.direction == "hf-to-gguf":
+        from convert.hf_to_gguf import convert_hf_to_gguf
+
+        with TensorProgress("hf-to-gguf") as progress:
+            convert_hf_to_gguf(args.input, out, outtype=args.outtype, progress=progress)
+    elif args.direction == "gguf-to-hf":
+        from convert.gguf_to_hf import convert_gguf_to_hf
+
+        with TensorProgress("gguf-to-hf") as progress:
+            convert_gguf_to_hf(args.input, out, progress=progress)
+    else:
+        if not args.base:
+            raise EdgezoError(f"convert {args.direction} needs --base BASE.gguf (the model the adapter belongs to)")
+        base = store.resolve_model(args.base, None, log=say)
+        from convert.peft import gguf_to_peft, peft_to_gguf
+
+        (peft_to_gguf if args.direction == "peft-to-gguf" else gguf_to_peft)(args.input, base, out)
+    return {"input": args.input, "output": str(out), "direction": args.direction}, f"wrote {out}"
 
 
 # ---- demo --------------------------------------------------------------------------------------------------------
@@ -405,10 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the adapter in another format")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on [%(default)s]")
     p.add_argument("--adapter", required=True, help="adapter GGUF or run directory")
-    p.add_argument("--to", choices=["gguf-lora"], default="gguf-lora", help="[%(default)s]")
+    p.add_argument("--to", choices=["gguf-lora", "peft", "merged-gguf"], default="gguf-lora",
+                   help="GGUF LoRA (llama.cpp --lora), PEFT directory, or the base with the adapter folded in [%(default)s]")
+    p.add_argument("--outtype", default="q8_0", help="merged-gguf tensor type (f32, f16, q8_0, q4_0, ...) [%(default)s]")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert", help="format bridges: Hugging Face <-> GGUF, PEFT <-> GGUF LoRA (torch extra)")
+    p.add_argument("direction", choices=["hf-to-gguf", "gguf-to-hf", "peft-to-gguf", "gguf-to-peft"])
+    p.add_argument("input", help="HF model directory, GGUF file, PEFT adapter directory or GGUF LoRA")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--outtype", default="f32", help="hf-to-gguf tensor type: f32 f16 bf16 q8_0 q4_0 q4_1 q5_0 q5_1 [%(default)s]")
+    p.add_argument("--base", help="base model (built-in name or GGUF) for the adapter conversions")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -20,6 +20,7 @@ import ctypes
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,7 @@ class EngineConfig:
     n_ubatch: int = 1024  # tokens per llama.cpp micro-batch; compute buffers are reserved for this many
     n_threads: int = 0  # 0: all cores
     flash_attn: bool = True  # faster on CPU here (FIELD-NOTES); results depend slightly on batch composition
+    kv_f32: bool = False  # F32 KV cache instead of llama.cpp's F16 (which rounds K, V to 11 bits): for parity tests
 
     @property
     def n_ctx(self) -> int:
@@ -133,6 +135,8 @@ class Engine:
         p.flash_attn_type = 1 if config.flash_attn else 0
         p.n_threads = p.n_threads_batch = self.n_threads
         p.no_perf = True
+        if config.kv_f32:
+            p.type_k = p.type_v = GGML_TYPE_F32
         if cb_eval is not None:
             p.cb_eval = cb_eval
         ctx = llama_cpp.llama_init_from_model(self.model, p)
@@ -322,8 +326,7 @@ class Engine:
                     found[name] = ctypes.addressof(src.contents)
             return False  # never ask for data: the graph runs in one piece
 
-        probe = EngineConfig(n_seq_max=1, n_ctx_per_seq=256, n_ubatch=8, n_threads=self.n_threads,
-                             flash_attn=self.config.flash_attn)
+        probe = dataclasses.replace(self.config, n_seq_max=1, n_ctx_per_seq=256, n_ubatch=8, n_threads=self.n_threads)
         ctx = self._new_context(probe, cb_eval=callback)
         try:
             self._activate(ctx, self._adapter_ptr)

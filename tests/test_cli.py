@@ -132,3 +132,27 @@ def test_sigint_stops_between_steps_with_a_checkpoint_and_resume_completes_exact
     a = LoraAdapter.load(tmp_path / "cut" / "adapter.gguf").tensors
     b = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").tensors
     assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_export_peft_and_merged_gguf_and_convert_back(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    from edgezo.engine import Engine, EngineConfig
+
+    run = tmp_path / "run"
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, run, 3, "--learning-rate", "0.5"))
+    export = ["export", "--model", str(tiny_gguf), "--adapter", str(run), "--json"]
+    run_json(capsys, [*export, "--to", "peft", "-o", str(tmp_path / "peft")])
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    run_json(capsys, ["convert", "peft-to-gguf", str(tmp_path / "peft"), "--base", str(tiny_gguf),
+                      "-o", str(tmp_path / "back.gguf"), "--json"])
+    a, b = LoraAdapter.load(run / "adapter.gguf"), LoraAdapter.load(tmp_path / "back.gguf")
+    assert all(np.array_equal(a.tensors[k], b.tensors[k]) for k in a.tensors)  # GGUF -> PEFT -> GGUF is exact
+
+    merged = run_json(capsys, [*export, "--to", "merged-gguf", "--outtype", "f32", "-o", str(tmp_path / "merged.gguf")])
+    assert merged["outtype"] == "f32"
+    config = EngineConfig(n_seq_max=1, n_ctx_per_seq=256, n_threads=1, flash_attn=False, kv_f32=True)
+    with Engine(tiny_gguf, config) as with_adapter, Engine(tmp_path / "merged.gguf", config) as folded:
+        with_adapter.set_adapter(a)
+        tokens = with_adapter.tokenize("a fine movie\nLabel:", add_special=True)
+        positions = [list(range(len(tokens)))]
+        delta = np.abs(with_adapter.logits([tokens], positions) - folded.logits([tokens], positions)).max()
+    assert delta < 1e-4

@@ -27,7 +27,8 @@ from edgezo.engine import Engine, EngineConfig  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ENGINE = EngineConfig(n_seq_max=1, n_ctx_per_seq=64, n_ubatch=64, n_threads=1, flash_attn=False)
+ENGINE = EngineConfig(n_seq_max=1, n_ctx_per_seq=64, n_ubatch=64, n_threads=1, flash_attn=False,
+                      kv_f32=True)  # an F16 KV cache alone moves these logits by 2e-3..7e-3
 ALL_MODULES = tuple(HF_TO_GGUF)  # q_proj ... down_proj
 # The shapes of tests/tiny_model.py's TinyLlama (the tiny_gguf fixture): 4 heads of 16, 2 KV heads, n_ff 128.
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -174,29 +175,13 @@ def test_adapter_to_peft_loads_in_peft_with_the_same_delta(round_trip_cases, tmp
 
 
 # ---- parity: llama.cpp with the converted adapter == transformers + PEFT ----------------------------------------
-@pytest.fixture
-def f32_kv_cache(monkeypatch):
-    """Engines created in the test get an F32 KV cache. llama.cpp's default F16 cache rounds K and V to 11 bits,
-    which alone moves these tiny models' logits by 2e-3..7e-3 (measured) and would hide a conversion error."""
-    import llama_cpp
-
-    default = llama_cpp.llama_context_default_params
-
-    def f32_params():
-        p = default()
-        p.type_k = p.type_v = 0  # GGML_TYPE_F32
-        return p
-
-    monkeypatch.setattr(llama_cpp, "llama_context_default_params", f32_params)
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     return tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.mark.parametrize("arch, modules", [("llama", ("q_proj", "k_proj", "v_proj", "o_proj")), ("qwen2", ALL_MODULES)])
-def test_llama_cpp_with_converted_adapter_matches_transformers_peft(arch, modules, tokenizer_dir, tmp_path, f32_kv_cache):
+def test_llama_cpp_with_converted_adapter_matches_transformers_peft(arch, modules, tokenizer_dir, tmp_path):
     from convert.hf_to_gguf import convert_hf_to_gguf
 
     n_vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))

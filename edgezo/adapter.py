@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import EdgezoError, atomic_path
-from .formats import open_gguf
+from .formats import open_gguf, read_header
 
 # Tuned on the movie-review validation split (SmolLM2-135M Q4_0, 400 steps, lr 1e-3, seed 0): k,v at rank 16 reached
 # 84.8 % vs 83.0 % for q,v at rank 16 and 83.8 % for q,v at rank 8, and costs least in llama.cpp's graph
@@ -59,13 +59,13 @@ class BaseModelInfo:
 
 def read_base_model_info(path: str | os.PathLike) -> BaseModelInfo:
     path = Path(path)
-    reader = open_gguf(path)
-    arch = _read_str(reader, "general.architecture")
-    if arch is None:
+    header = read_header(path)
+    arch = header.metadata.get("general.architecture")
+    if not isinstance(arch, str):
         raise EdgezoError(f"{path} has no general.architecture; is it a GGUF model?")
-    n_layers = _read_scalar(reader, f"{arch}.block_count")
-    shapes = {t.name: (int(t.shape[1]), int(t.shape[0])) for t in reader.tensors if len(t.shape) == 2}
-    return BaseModelInfo(path=path, architecture=arch, n_layers=int(n_layers or 0), linear_shapes=shapes)
+    n_layers = header.metadata.get(f"{arch}.block_count", 0)
+    shapes = {name: (int(dims[1]), int(dims[0])) for name, dims in header.tensor_dims.items() if len(dims) == 2}
+    return BaseModelInfo(path=path, architecture=arch, n_layers=int(n_layers), linear_shapes=shapes)
 
 
 def _read_str(reader, key: str) -> str | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import DataFiles
-from .formats import QUANT_FTYPES, open_gguf
+from .formats import QUANT_FTYPES, read_header
 from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
 Log = Callable[[str], None]
@@ -155,11 +155,8 @@ def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: No
 
 def _file_type_name(path: Path) -> str | None:
     """The file's general.file_type as an --quant name (q4_0, f32, ...), None if unknown."""
-    field = open_gguf(path).fields.get("general.file_type")
-    try:
-        return None if field is None else _QUANT_NAME_OF_FTYPE.get(int(field.parts[field.data[0]][0]))
-    except (IndexError, TypeError, ValueError) as exc:
-        raise EdgezoError(f"{path}: general.file_type is not an integer ({exc})") from None
+    file_type = read_header(path).metadata.get("general.file_type")
+    return _QUANT_NAME_OF_FTYPE.get(file_type) if isinstance(file_type, int) else None
 
 
 # ---- datasets ------------------------------------------------------------------------------------------------

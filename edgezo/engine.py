@@ -27,7 +27,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from .adapter import LoraAdapter, write_lora_gguf
+from .adapter import LoraAdapter
 from .files import EdgezoError
 from .formats import QUANT_FTYPES
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataFiles
 from .formats import QUANT_FTYPES, read_header
 from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 

@@ -31,6 +31,7 @@ import numpy as np
 from edgezo.adapter import (KNOWN_TARGETS, BaseModelInfo, LoraAdapter, LoraConfig, read_base_model_info,
                             read_lora_gguf)
 from edgezo.files import EdgezoError, atomic_path
+from edgezo.formats import read_header
 
 # The HF converter's architecture table decides which architectures permute q/k, with the same permutation.
 from .architectures import for_gguf
@@ -87,19 +88,16 @@ class HeadCounts:
 
 
 def read_head_counts(base: BaseModelInfo) -> HeadCounts:
-    from gguf import GGUFReader
-
-    reader = GGUFReader(base.path)
+    metadata = read_header(base.path).metadata  # a bounded header walk: no vocabulary objects
     arch = base.architecture
 
     def per_layer(key: str, default=None) -> tuple[int, ...]:
-        field = reader.fields.get(key)
-        if field is None:
+        value = metadata.get(key)
+        if value is None:
             if default is None:
                 raise EdgezoError(f"{base.path}: missing {key}, needed to permute q/k rows")
             return default
-        value = field.contents()
-        values = [int(v) for v in value] if isinstance(value, list) else [int(value)] * base.n_layers
+        values = [int(v) for v in value] if isinstance(value, tuple) else [int(value)] * base.n_layers
         if len(values) != base.n_layers:
             raise EdgezoError(f"{base.path}: {key} has {len(values)} entries for {base.n_layers} layers")
         return tuple(values)

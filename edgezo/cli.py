@@ -252,7 +252,7 @@ def resolve_adapter(spec: str | None) -> tuple[Path | None, dict | None]:
         saved = json.loads(run.config.read_text()) if run.config.exists() else None
         adapter = run.adapter if run.adapter.exists() else run.checkpoint
         if not adapter.exists():
-            raise EdgezoError(f"{path}: run directory holds no adapter.gguf or checkpoint.gguf")
+            raise EdgezoError(f"{path}: run directory holds no adapter.gguf or checkpoint")
         return adapter, saved
     if not path.is_file():
         raise EdgezoError(f"{spec}: no such adapter file or run directory")

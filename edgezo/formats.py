@@ -118,12 +118,23 @@ def _check_tensor_data(extents, header_end: int, alignment: int, size: int) -> N
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
+SMALL_ARRAY = 4096  # numeric arrays up to this length (per-layer head counts, ...) are read; longer ones skipped
+
+
 def _read_value(c: _Cursor, value_type: int):
-    """A scalar or string value; arrays are skipped (returned as None) after checking their size."""
+    """A scalar, a string or a small numeric array (as a tuple); other arrays are skipped (None) after a size check."""
     if value_type in _SCALAR_FORMATS:
         return struct.unpack(_SCALAR_FORMATS[value_type], c.take(_SCALAR_SIZES[value_type]))[0]
     if value_type == _STRING:
         return c.string()
+    if value_type == _ARRAY:
+        start = c.pos
+        item_type, count = c.u32(), c.u64()
+        if item_type in _SCALAR_FORMATS and count <= SMALL_ARRAY:
+            fmt = _SCALAR_FORMATS[item_type]
+            return struct.unpack(f"{fmt[0]}{count}{fmt[1]}", c.take(count * _SCALAR_SIZES[item_type]))
+        c.pos = start
+        c.f.seek(start)
     _skip_value(c, value_type)
     return None
 

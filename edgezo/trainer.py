@@ -4,8 +4,9 @@ A run directory holds
     config.json        the resolved configuration (written once; --resume refuses if it would change)
     metrics.jsonl      one line per step {step, seeds, projected_grads, losses, lr, seconds, rss_bytes}
                        and per evaluation {step, valid_loss, valid_accuracy}: the step lines replay the run
-    checkpoint.gguf    the adapter after `state.json`'s step (written first, then state.json, both atomically)
-    state.json         {step, checkpoint sha256}: the last consistent checkpoint
+    checkpoint-NNNNNN.gguf  the adapter after step NNNNNN: written first, then state.json points at it, then
+                       the previous checkpoint is removed, so a kill at any instant leaves a consistent pair
+    state.json         {step, checkpoint, sha256}: the last consistent checkpoint
     adapter.gguf       the final adapter (GGUF LoRA, loadable by llama.cpp --lora)
 Direction seeds and batch order are pure functions of (seed, step), so the checkpoint needs no RNG state.
 """
@@ -65,7 +66,6 @@ class RunDir:
         self.path = Path(path)
         self.config = self.path / "config.json"
         self.metrics = self.path / "metrics.jsonl"
-        self.checkpoint = self.path / "checkpoint.gguf"
         self.state = self.path / "state.json"
         self.adapter = self.path / "adapter.gguf"
 
@@ -76,18 +76,35 @@ class RunDir:
             raise EdgezoError(f"cannot create the run directory {self.path}: {exc.strerror or exc}") from None
 
     def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
-        adapter.save(self.checkpoint)
-        write_json_atomic(self.state, {"step": step, "sha256": sha256_file(self.checkpoint)})
+        path = self.path / f"checkpoint-{step:06d}.gguf"
+        adapter.save(path)
+        write_json_atomic(self.state, {"step": step, "checkpoint": path.name, "sha256": sha256_file(path)})
+        # Only now is the previous checkpoint no longer needed; also drop temp files of a write a kill cut short.
+        for old in [*self.path.glob("checkpoint-*.gguf"), *self.path.glob(".checkpoint-*.tmp")]:
+            if old != path:
+                old.unlink(missing_ok=True)
 
-    def load_checkpoint(self, base_info) -> tuple[LoraAdapter, int]:
+    def _state(self) -> dict:
         try:
             state = json.loads(self.state.read_text())
-            step, digest = int(state["step"]), str(state["sha256"])
+            return {"step": int(state["step"]), "checkpoint": str(state["checkpoint"]), "sha256": str(state["sha256"])}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EdgezoError(f"{self.state}: corrupted or missing checkpoint state ({exc})") from None
-        if not self.checkpoint.exists() or sha256_file(self.checkpoint) != digest:
-            raise EdgezoError(f"{self.checkpoint}: checkpoint missing or does not match {self.state.name} (corrupted)")
-        return LoraAdapter.load(self.checkpoint, base_info), step
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint state.json points at (state.json itself if there is none yet, for messages)."""
+        try:
+            return self.path / self._state()["checkpoint"]
+        except EdgezoError:
+            return self.state
+
+    def load_checkpoint(self, base_info) -> tuple[LoraAdapter, int]:
+        state = self._state()
+        path = self.path / state["checkpoint"]
+        if not path.exists() or sha256_file(path) != state["sha256"]:
+            raise EdgezoError(f"{path}: checkpoint missing or does not match {self.state.name} (corrupted)")
+        return LoraAdapter.load(path, base_info), state["step"]
 
     def truncate_metrics(self, after_step: int) -> None:
         """Drop log lines of steps after the checkpoint (they will be recomputed identically)."""

@@ -11,8 +11,9 @@ from edgezo.cli import main
 
 def run_json(capsys, argv) -> dict:
     code = main(argv)
-    out = capsys.readouterr().out.strip().splitlines()
-    assert code == 0, out
+    captured = capsys.readouterr()
+    out = captured.out.strip().splitlines()
+    assert code == 0, captured.err[-2000:]
     return json.loads(out[-1])  # the last stdout line is one JSON object
 
 

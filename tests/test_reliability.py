@@ -48,12 +48,12 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_gguf, sentim
 
 def test_corrupted_checkpoint_is_refused_on_resume(tiny_gguf, sentiment_dir, tmp_path, capsys):
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 4))
-    checkpoint = tmp_path / "run" / "checkpoint.gguf"
+    checkpoint = tmp_path / "run" / "checkpoint-000004.gguf"
     data = bytearray(checkpoint.read_bytes())
     data[-5] ^= 0xFF  # one flipped byte in the tensor data
     checkpoint.write_bytes(bytes(data))
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 8, "--resume")) == 1
-    assert "checkpoint.gguf: checkpoint missing or does not match state.json" in capsys.readouterr().err
+    assert "checkpoint-000004.gguf: checkpoint missing or does not match state.json" in capsys.readouterr().err
     (tmp_path / "run" / "state.json").write_text("{not json")
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 8, "--resume")) == 1
     assert "state.json: corrupted or missing checkpoint state" in capsys.readouterr().err
@@ -152,7 +152,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_
     err = capsys.readouterr().err
     assert "step 3: loss is not finite" in err and "the last good checkpoint" in err
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
-    good = LoraAdapter.load(tmp_path / "run" / "checkpoint.gguf").tensors
+    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*.gguf")] == ["checkpoint-000002.gguf"]
+    good = LoraAdapter.load(tmp_path / "run" / "checkpoint-000002.gguf").tensors
     assert all(np.isfinite(v).all() for v in good.values())
 
 

@@ -1,0 +1,1 @@
+"""Format bridges: Hugging Face <-> GGUF, PEFT <-> GGUF LoRA, merged GGUF. Never imports training code."""

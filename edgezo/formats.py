@@ -56,6 +56,7 @@ class GgufHeader:
 
     metadata: dict[str, object] = field(default_factory=dict)
     tensor_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ggml ne order: (n_in, n_out) for a matrix
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type number (gguf.GGMLQuantizationType)
 
 
 def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
@@ -90,6 +91,7 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
             dims = struct.unpack(f"<{n_dims}Q", c.take(8 * n_dims))
             ggml_type, offset = c.u32(), c.u64()
             header.tensor_dims[name] = dims
+            header.tensor_types[name] = ggml_type
             extents.append((name, dims, ggml_type, offset))
         _check_tensor_data(extents, c.pos, header.metadata.get("general.alignment", 32), size)
     return header

@@ -108,6 +108,30 @@ def cmd_fetch(args) -> tuple[dict, str]:
 RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads"}
 
 
+def memory_budget(args) -> int:
+    """--max-memory if given, else the --device profile's usable RAM, else 0 (no budget)."""
+    if args.max_memory:
+        return parse_bytes(args.max_memory)
+    if args.device:
+        from .memory import load_device_profile
+
+        return load_device_profile(args.device).usable_ram_bytes
+    return 0
+
+
+def refuse_over_budget(model_path: Path, method: str, args, lora: LoraConfig, budget_bytes: int) -> None:
+    """Refuse to start a run whose predicted peak RSS (edgezo.memory, worst case per sequence) exceeds the budget."""
+    from .memory import predict_llama_cpp
+
+    prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora)
+    if prediction.total_bytes > budget_bytes:
+        top = sorted(prediction.breakdown.items(), key=lambda kv: -kv[1])[:3]
+        raise EdgezoError(
+            f"predicted peak RSS {prediction.total_bytes / 2**20:.0f} MiB exceeds the memory budget of "
+            f"{budget_bytes / 2**20:.0f} MiB (largest terms: {', '.join(f'{k} {v / 2**20:.0f} MiB' for k, v in top)}); "
+            f"lower --batch-size or --max-seq-len, or use a smaller model or --quant")
+
+
 def parse_bytes(text: str | None) -> int:
     """'512M', '2G', '1.5GiB', '1000000' -> bytes (binary units); None or '' -> 0 (no limit)."""
     if not text:
@@ -131,11 +155,13 @@ def cmd_finetune(args) -> tuple[dict, str]:
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     mezo = MezoConfig(learning_rate=args.learning_rate, eps=args.eps, n_directions=args.n_directions,
                       weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps)
+    budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
-                            save_every=args.save_every, n_valid=args.n_valid,
-                            max_memory_bytes=parse_bytes(args.max_memory))
+                            save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes)
     run = RunDir(args.out)
     model_path = store.resolve_model(args.model, args.quant, log=say)
+    if budget_bytes:
+        refuse_over_budget(model_path, "mezo", args, lora, budget_bytes)
     engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
     task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"], optional={"valid"})
     if "valid" not in examples:
@@ -371,6 +397,29 @@ def cmd_convert(args) -> tuple[dict, str]:
     return {"input": args.input, "output": str(out), "direction": args.direction}, f"wrote {out}"
 
 
+# ---- memory ------------------------------------------------------------------------------------------------------
+def cmd_memory(args) -> tuple[dict, str]:
+    from .memory import load_device_profile, predict_llama_cpp
+
+    if args.method in ("bp", "bp-ckpt"):
+        raise EdgezoError("the PyTorch BP reference and its memory terms are not built yet (issue 4); "
+                          "methods available: inference, mezo")
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    model_path = store.resolve_model(args.model, args.quant, log=say)
+    prediction = predict_llama_cpp(model_path, args.method, args.batch_size, args.max_seq_len, lora=lora,
+                                   n_tokens_per_seq=args.tokens_per_seq)
+    result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": args.method,
+              "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len}
+    lines = [f"{k:28}{v / 2**20:10.1f} MiB" for k, v in prediction.breakdown.items()]
+    lines.append(f"{'predicted peak RSS':28}{prediction.total_bytes / 2**20:10.1f} MiB ({args.method})")
+    if args.device:
+        profile = load_device_profile(args.device)
+        fits = prediction.total_bytes <= profile.usable_ram_bytes
+        result.update(device=profile.key, usable_ram_bytes=profile.usable_ram_bytes, fits=fits)
+        lines.append(f"{profile.name}: {profile.usable_ram_bytes / 2**20:.0f} MiB usable -> {'fits' if fits else 'does NOT fit'}")
+    return result, "\n".join(lines)
+
+
 # ---- demo --------------------------------------------------------------------------------------------------------
 def cmd_demo(args) -> tuple[dict, str]:
     """The main job on the defaults: zero-shot test accuracy, a MeZO fine-tune, then the tuned test accuracy.
@@ -431,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
     p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--max-memory", help="stop with a checkpoint if the process RSS exceeds this (e.g. 600M, 2G)")
+    p.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
+                   "exceeds it, stop with a checkpoint if the measured RSS does")
+    p.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
@@ -451,6 +502,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy [%(default)s]")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("memory", help="predict the peak RSS of a run (edgezo.memory), optionally against a device")
+    add_model_args(p)
+    p.add_argument("--method", choices=["inference", "mezo", "bp", "bp-ckpt"], default="mezo", help="[%(default)s]")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="[%(default)s]")
+    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="[%(default)s]")
+    p.add_argument("--tokens-per-seq", type=int, help="mean tokens per sequence [worst case: --max-seq-len]")
+    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
+    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="[%(default)s]")
+    p.add_argument("--device", help="device profile to compare against (device_profiles/NAME.toml)")
+    p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("demo", help="zero-shot eval, MeZO fine-tune and tuned eval on the defaults (the README's main job)")
     add_model_args(p)

@@ -243,3 +243,34 @@ def adapter_terms(shape: ModelShape, lora: LoraConfig, compute_bytes: int) -> di
 def max_lora_tensor_params(shape: ModelShape, lora: LoraConfig) -> int:
     sizes = [shape.linear_shapes[f"blk.0.{t}.weight"] for t in lora.targets if f"blk.0.{t}.weight" in shape.linear_shapes]
     return max((lora.rank * max(n_out, n_in) for n_out, n_in in sizes), default=0)
+
+
+# ---- device profiles -------------------------------------------------------------------------------------------
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    key: str
+    name: str
+    total_ram_bytes: int
+    usable_ram_bytes: int
+    usable_ram_source: str
+    cores: int
+
+
+def load_device_profile(name: str, directory: Path = PROFILE_DIR) -> DeviceProfile:
+    """device_profiles/NAME.toml (or a path to a .toml file)."""
+    import tomllib
+
+    path = Path(name) if name.endswith(".toml") else directory / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.toml"))
+        raise EdgezoError(f"unknown device profile {name!r}; known: {', '.join(known)}")
+    try:
+        d = tomllib.loads(path.read_text())
+        return DeviceProfile(key=path.stem, name=d["name"], total_ram_bytes=int(d["total_ram_bytes"]),
+                             usable_ram_bytes=int(d["usable_ram_bytes"]), usable_ram_source=d["usable_ram_source"],
+                             cores=int(d["cores"]))
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise EdgezoError(f"{path}: invalid device profile ({exc})") from None

@@ -157,13 +157,31 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_
     assert all(np.isfinite(v).all() for v in good.values())
 
 
-def test_memory_budget_stops_cleanly_with_a_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys):
-    code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 10, "--max-memory", "1M"))  # below any RSS
+def test_memory_budget_refuses_to_start_then_stops_cleanly_with_a_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    from edgezo.adapter import LoraConfig
+    from edgezo.memory import predict_llama_cpp
+
+    predicted = predict_llama_cpp(tiny_gguf, "mezo", 4, 256, lora=LoraConfig()).total_bytes  # finetune_args' shape
+    below = f"{(predicted - 2**20) // 2**20}M"
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "refused", 10, "--max-memory", below)) == 1
+    assert "predicted peak RSS" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+    # Above the prediction but below this pytest process's RSS (torch and friends are loaded): measured RSS trips it.
+    above = f"{(predicted + 2**20) // 2**20}M"
+    code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 10, "--max-memory", above))
     err = capsys.readouterr().err
     assert code == 130 and "memory budget exceeded at step 1" in err and "continue with --resume" in err
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 1
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run2", 2, "--max-memory", "lots")) == 1
     assert "expected a size like 512M" in capsys.readouterr().err
+
+
+def test_device_profile_sets_the_budget(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2, "--device", "no-such-phone")) == 1
+    assert "unknown device profile 'no-such-phone'; known: android-4gb" in capsys.readouterr().err
+    result = run_json(capsys, ["memory", "--model", str(tiny_gguf), "--quant", "f32", "--device", "raspberry-pi-zero-2w",
+                               "--json"])
+    assert result["fits"] is True and result["predicted_bytes"] == sum(result["breakdown"].values())
 
 
 def test_rss_does_not_grow_over_2000_steps(tiny_gguf, sentiment_dir, tmp_path, capsys):

@@ -20,8 +20,7 @@ import ctypes
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import llama_cpp
@@ -326,7 +325,7 @@ class Engine:
                     found[name] = ctypes.addressof(src.contents)
             return False  # never ask for data: the graph runs in one piece
 
-        probe = dataclasses.replace(self.config, n_seq_max=1, n_ctx_per_seq=256, n_ubatch=8, n_threads=self.n_threads)
+        probe = replace(self.config, n_seq_max=1, n_ctx_per_seq=256, n_ubatch=8, n_threads=self.n_threads)
         ctx = self._new_context(probe, cb_eval=callback)
         try:
             self._activate(ctx, self._adapter_ptr)

@@ -97,22 +97,31 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
     return header
 
 
-def _check_tensor_data(extents, header_end: int, alignment: int, size: int) -> None:
-    """Every tensor's data must lie inside the file (a truncated download fails here, not in llama.cpp)."""
+def tensor_nbytes(dims: tuple[int, ...], ggml_type: int) -> int:
+    """Bytes of a tensor's data: (elements / block size) x bytes per block, from gguf's GGML_QUANT_SIZES table.
+    ValueError for an unknown type or a row that is not a whole number of blocks."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    try:
+        block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    except (ValueError, KeyError):
+        raise ValueError(f"unknown tensor type {ggml_type}") from None
+    if dims and dims[0] % block:
+        raise ValueError(f"row of {dims[0]} is not a multiple of the block size {block}")
+    return math.prod(dims) // block * type_bytes
+
+
+def _check_tensor_data(extents, header_end: int, alignment: int, size: int) -> None:
+    """Every tensor's data must lie inside the file (a truncated download fails here, not in llama.cpp)."""
     if not isinstance(alignment, int) or alignment <= 0:
         raise ValueError(f"bad general.alignment {alignment!r}")
     data_start = -(-header_end // alignment) * alignment
     for name, dims, ggml_type, offset in extents:
         try:
-            block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        except (ValueError, KeyError):
-            raise ValueError(f"tensor {name!r} has unknown type {ggml_type}") from None
-        n_elements = math.prod(dims)
-        if dims and dims[0] % block:
-            raise ValueError(f"tensor {name!r}: row of {dims[0]} is not a multiple of the block size {block}")
-        end = data_start + offset + n_elements // block * type_bytes
+            nbytes = tensor_nbytes(dims, ggml_type)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name!r}: {exc}") from None
+        end = data_start + offset + nbytes
         if end > size:
             raise ValueError(f"tensor {name!r} ends at byte {end}, the file has {size} (truncated?)")
 

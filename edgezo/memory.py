@@ -13,14 +13,13 @@ Importing this module loads neither llama_cpp nor torch: a device check must run
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .adapter import BaseModelInfo, LoraConfig, target_tensor_names
 from .files import EdgezoError
-from .formats import GgufHeader, read_header
+from .formats import GgufHeader, read_header, tensor_nbytes
 
 MIB = 2**20
 
@@ -83,14 +82,6 @@ class ModelShape:
 class Prediction:
     total_bytes: int
     breakdown: dict[str, int]  # term name (ending in _bytes) -> bytes; sums to total_bytes
-
-
-def tensor_nbytes(dims: tuple[int, ...], ggml_type: int) -> int:
-    """Bytes of a tensor's data: (elements / block size) x bytes per block, from gguf's GGML_QUANT_SIZES table."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-    return math.prod(dims) // block * type_bytes
 
 
 def read_model_shape(path: str | os.PathLike) -> ModelShape:

@@ -2,8 +2,9 @@
 
 A run directory holds
     config.json        the resolved configuration (written once; --resume refuses if it would change)
-    metrics.jsonl      one line per step {step, seeds, projected_grads, losses, lr, seconds, rss_bytes}
-                       and per evaluation {step, valid_loss, valid_accuracy}: the step lines replay the run
+    metrics.jsonl      one line per step {step, seeds, projected_grads, losses, lr, seconds, train_seconds, rss_bytes}
+                       and per evaluation {step, valid_loss, valid_accuracy, train_seconds}: the step lines replay
+                       the run; train_seconds is cumulative wall-clock of training steps (evaluations excluded)
     checkpoint-NNNNNN.gguf  the adapter after step NNNNNN: written first, then state.json points at it, then
                        the previous checkpoint is removed, so a kill at any instant leaves a consistent pair
     state.json         {step, checkpoint, sha256}: the last consistent checkpoint
@@ -106,6 +107,13 @@ class RunDir:
             raise EdgezoError(f"{path}: checkpoint missing or does not match {self.state.name} (corrupted)")
         return LoraAdapter.load(path, base_info), state["step"]
 
+    def train_seconds_at(self, step: int) -> float:
+        """Cumulative training seconds logged up to `step` (0.0 for a new run), so a resumed run's clock continues."""
+        if not self.metrics.exists():
+            return 0.0
+        lines = [json.loads(line) for line in self.metrics.read_text().splitlines() if line]
+        return max((e.get("train_seconds", 0.0) for e in lines if e["step"] <= step), default=0.0)
+
     def truncate_metrics(self, after_step: int) -> None:
         """Drop log lines of steps after the checkpoint (they will be recomputed identically)."""
         if not self.metrics.exists():
@@ -151,6 +159,7 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     t_start = time.perf_counter()
     recent_losses: list[float] = []
     valid = None
+    train_seconds = run.train_seconds_at(start_step)
     with open(run.metrics, "a") as log, stop_requests() as stop:
 
         def validate(step: int) -> Totals:
@@ -158,7 +167,8 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
             totals = evaluate(engine, valid_set, task, config.batch_size,
                               on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
-            event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy, "n_valid": totals.n_examples}
+            event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
+                     "n_valid": totals.n_examples, "train_seconds": train_seconds}
             log.write(json.dumps(event) + "\n")
             log.flush()
             callback({"kind": "eval", **event})
@@ -177,10 +187,12 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
                 raise EdgezoError(f"step {step + 1}: the update made the adapter non-finite (learning rate too high?); "
                                   f"training stopped, the last good checkpoint ({run.checkpoint}) is kept")
             seconds = time.perf_counter() - t0
+            train_seconds += seconds
             recent_losses = (recent_losses + [record.loss])[-50:]
             event = {"step": step + 1, "loss": record.loss, "lr": record.lr, "seeds": record.seeds,
                      "projected_grads": record.projected_grads, "losses_plus": record.losses_plus,
-                     "losses_minus": record.losses_minus, "seconds": seconds, "rss_bytes": current_rss_bytes()}
+                     "losses_minus": record.losses_minus, "seconds": seconds, "train_seconds": train_seconds,
+                     "rss_bytes": current_rss_bytes()}
             log.write(json.dumps(event) + "\n")
             log.flush()
             callback({"kind": "step", **event})

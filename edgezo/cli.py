@@ -451,6 +451,28 @@ def cmd_demo(args) -> tuple[dict, str]:
 
 
 # ---- parser ------------------------------------------------------------------------------------------------------
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """Arguments every training command shares (finetune and the torch references): model, data, LoRA, steps,
+    schedule, seed, validation, run directory and memory budget."""
+    add_model_args(p)
+    add_data_args(p)
+    m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
+    p.add_argument("--steps", type=int, default=t.steps, help="[%(default)s]")
+    p.add_argument("--weight-decay", type=float, default=m.weight_decay, help="[%(default)s]")
+    p.add_argument("--schedule", choices=[s.value for s in Schedule], default=m.schedule.value, help="[%(default)s]")
+    p.add_argument("--warmup-steps", type=int, default=m.warmup_steps, help="[%(default)s]")
+    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
+    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
+    p.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
+    p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps, 0: only at the end [%(default)s]")
+    p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
+    p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
+    p.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
+                   "exceeds it, stop with a checkpoint if the measured RSS does")
+    p.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgezo", description="Fine-tune LLM adapters with forward passes only (MeZO on llama.cpp).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -461,28 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
-    add_model_args(p)
-    add_data_args(p)
+    add_run_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
-    p.add_argument("--steps", type=int, default=t.steps, help="[%(default)s]")
     p.add_argument("--learning-rate", type=float, default=m.learning_rate, help="[%(default)s]")
     p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
     p.add_argument("--n-directions", type=int, default=m.n_directions, help="random directions per step (n-SPSA) [%(default)s]")
-    p.add_argument("--weight-decay", type=float, default=m.weight_decay, help="[%(default)s]")
-    p.add_argument("--schedule", choices=[s.value for s in Schedule], default=m.schedule.value, help="[%(default)s]")
-    p.add_argument("--warmup-steps", type=int, default=m.warmup_steps, help="[%(default)s]")
-    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
-    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
-    p.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
-    p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps, 0: only at the end [%(default)s]")
     p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
-    p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
-    p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
-                   "exceeds it, stop with a checkpoint if the measured RSS does")
-    p.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")

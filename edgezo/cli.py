@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
+
 from . import store
 from .adapter import DEFAULT_TARGETS, LoraAdapter, LoraConfig, config_dict, read_base_model_info
 from .data import Task, build_examples, build_task, read_jsonl
@@ -231,14 +233,76 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+# ---- reference-bp / reference-mezo -------------------------------------------------------------------------------
+def cmd_reference(args) -> tuple[dict, str]:
+    """The torch reference (edgezo.reference): the finetune run's LoRA, data and loss, trained by BP or torch MeZO."""
+    try:
+        from . import reference
+    except ImportError as exc:
+        raise EdgezoError(f"the torch reference needs the torch extra ({exc}): "
+                          f"pip install torch==2.13.0 && pip install -e '.[torch]'") from None
+    from .engine import Vocabulary
+
+    t0 = time.perf_counter()
+    if args.threads:
+        reference.torch.set_num_threads(args.threads)
+    config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
+                                       gradient_checkpointing=args.gradient_checkpointing)
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    schedule = MezoConfig(learning_rate=args.learning_rate, eps=args.eps, weight_decay=args.weight_decay,
+                          schedule=args.schedule, warmup_steps=args.warmup_steps)
+    budget_bytes = memory_budget(args)
+    train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
+                            n_valid=args.n_valid, max_memory_bytes=budget_bytes)
+    run = RunDir(args.out)
+    if run.state.exists() or run.adapter.exists():
+        raise EdgezoError(f"{run.path} already holds a run; choose another --out")
+    model_path = store.resolve_model(args.model, args.quant, log=say)
+    method = "bp-ckpt" if config.gradient_checkpointing else args.method
+    if budget_bytes:
+        refuse_over_budget(model_path, method, args, lora, budget_bytes)
+    base = read_base_model_info(model_path)
+    with Vocabulary(model_path) as vocab:  # llama.cpp's tokenizer: the token ids finetune sees
+        task, examples, label_words = load_task_and_splits(vocab, args.data, args, ["train", "valid"], optional={"valid"})
+    run.create()
+    write_json_atomic(run.config, {
+        "method": args.method, "model": args.model, "model_path": str(model_path), "quant": args.quant,
+        "data": args.data, "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len,
+        "task": task_dict(task), "lora": config_dict(lora), "reference": asdict(config),
+        "schedule": {**asdict(schedule), "schedule": schedule.schedule.value}, "train": asdict(train_cfg),
+        "threads": args.threads,
+    })
+    spec = reference.ReferenceRun(model_path, base, LoraAdapter.init(base, lora, seed=args.seed), task,
+                                  examples["train"], examples.get("valid", []), schedule)
+    say(f"torch {args.method} ({args.dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}) on "
+        f"{model_path.name}: {spec.adapter.n_params:,} LoRA parameters, {len(spec.train_set)} training examples, "
+        f"{args.steps} steps of batch {args.batch_size}")
+    progress = ConsoleProgress(args.steps, 0, desc=f"reference-{args.method}")
+    try:
+        result = reference.train_reference(spec, config, train_cfg, run, callback=progress, log=say)
+    finally:
+        progress.close()
+    step_seconds = [json.loads(line)["seconds"] for line in run.metrics.read_text().splitlines()
+                    if "seconds" in json.loads(line)]
+    summary = {"adapter": str(result.adapter_path), "steps": result.steps, "final_loss": result.final_loss,
+               "seconds": time.perf_counter() - t0, "train_seconds": sum(step_seconds),
+               "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
+               "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path)}
+    if result.valid is not None:
+        summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
+    return summary, (f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
+                     + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
+                     + f"  ({summary['seconds']:.0f} s, peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB)")
+
+
 class ConsoleProgress:
     """tqdm bar over training steps (loss, valid accuracy, s/step, RSS); evaluation shown on its own bar."""
 
-    def __init__(self, total_steps: int, start_step: int):
+    def __init__(self, total_steps: int, start_step: int, desc: str = "finetune"):
         from tqdm import tqdm
 
         self._tqdm = tqdm
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="finetune", unit="step", file=sys.stderr,
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", file=sys.stderr,
                         dynamic_ncols=True)
         self.eval_bar = None
         self.postfix = {}
@@ -491,6 +555,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.set_defaults(func=cmd_finetune)
+
+    for method, help_text in (("bp", "the PyTorch BP reference: AdamW on the same LoRA, data and loss (torch extra)"),
+                              ("mezo", "the torch MeZO baseline: MeZO on the same LoRA's torch tensors (torch extra)")):
+        p = sub.add_parser(f"reference-{method}", help=help_text)
+        add_run_args(p)
+        p.add_argument("--learning-rate", type=float, default=1e-3 if method == "bp" else m.learning_rate,
+                       help="[%(default)s]")
+        if method == "bp":
+            p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                           help="base weights; the LoRA stays float32 [%(default)s]")
+            p.add_argument("--gradient-checkpointing", action="store_true",
+                           help="recompute activations in backward instead of storing them")
+        else:
+            p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
+        p.set_defaults(func=cmd_reference, method=method, dtype="float32", gradient_checkpointing=False, eps=m.eps)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)

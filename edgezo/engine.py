@@ -101,61 +101,27 @@ class EngineConfig:
         return self.n_seq_max * self.n_ctx_per_seq
 
 
-class Engine:
-    """A base GGUF (memory-mapped) plus one context sized for `config`, with an optional trainable LoRA adapter."""
+class Vocabulary:
+    """A GGUF's tokenizer and metadata through llama.cpp. Alone (vocab_only) it loads no weights: the torch reference
+    tokenizes with it, so both trainers see identical token ids."""
 
-    def __init__(self, model_path: str | os.PathLike, config: EngineConfig = EngineConfig()):
+    def __init__(self, model_path: str | os.PathLike, vocab_only: bool = True):
         self.model_path = Path(model_path)
-        self.config = config
-        self._adapter_ptr = None
-        self._adapter_tensors: dict[str, int] = {}  # adapter tensor name -> struct ggml_tensor address
-        self._adapter_file: Path | None = None
         if not self.model_path.is_file():
             raise EdgezoError(f"{self.model_path}: no such model file")
         params = llama_cpp.llama_model_default_params()
         params.use_mmap = True
+        params.vocab_only = vocab_only
         self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), params)
         if not self.model:
             raise _llama_error(f"{self.model_path}: llama.cpp could not load this model")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_threads = config.n_threads or os.cpu_count() or 1
-        self.ctx = self._new_context(config)
-        self._batch = llama_cpp.llama_batch_init(config.n_ctx, 0, 1)
-
-    # ---- context -------------------------------------------------------------------------------------------
-    def _new_context(self, config: EngineConfig, cb_eval=None):
-        p = llama_cpp.llama_context_default_params()
-        p.n_ctx = config.n_ctx
-        p.n_batch = config.n_ctx
-        p.n_ubatch = min(config.n_ubatch, config.n_ctx)
-        p.n_seq_max = config.n_seq_max
-        p.kv_unified = False
-        p.flash_attn_type = 1 if config.flash_attn else 0
-        p.n_threads = p.n_threads_batch = self.n_threads
-        p.no_perf = True
-        if config.kv_f32:
-            p.type_k = p.type_v = GGML_TYPE_F32
-        if cb_eval is not None:
-            p.cb_eval = cb_eval
-        ctx = llama_cpp.llama_init_from_model(self.model, p)
-        if not ctx:
-            raise _llama_error(f"llama.cpp could not create a context (n_ctx={config.n_ctx}, n_seq_max={config.n_seq_max})")
-        return ctx
 
     def close(self) -> None:
-        if getattr(self, "ctx", None):
-            llama_cpp.llama_batch_free(self._batch)
-            llama_cpp.llama_free(self.ctx)
-            self.ctx = None
-        if self._adapter_ptr:
-            llama_cpp.llama_adapter_lora_free(self._adapter_ptr)
-            self._adapter_ptr = None
         if getattr(self, "model", None):
             llama_cpp.llama_model_free(self.model)
             self.model = None
-        if self._adapter_file:
-            self._adapter_file.unlink(missing_ok=True)
 
     def __del__(self):
         self.close()
@@ -207,6 +173,52 @@ class Engine:
             buf = ctypes.create_string_buffer(n)
             n = llama_cpp.llama_chat_apply_template(template, chat, len(keep), add_generation_prompt, buf, n)
         return buf.raw[:n].decode("utf-8", errors="replace")
+
+
+class Engine(Vocabulary):
+    """A base GGUF (memory-mapped) plus one context sized for `config`, with an optional trainable LoRA adapter."""
+
+    def __init__(self, model_path: str | os.PathLike, config: EngineConfig = EngineConfig()):
+        self._adapter_ptr = None
+        self._adapter_tensors: dict[str, int] = {}  # adapter tensor name -> struct ggml_tensor address
+        self._adapter_file: Path | None = None
+        super().__init__(model_path, vocab_only=False)
+        self.config = config
+        self.n_threads = config.n_threads or os.cpu_count() or 1
+        self.ctx = self._new_context(config)
+        self._batch = llama_cpp.llama_batch_init(config.n_ctx, 0, 1)
+
+    # ---- context -------------------------------------------------------------------------------------------
+    def _new_context(self, config: EngineConfig, cb_eval=None):
+        p = llama_cpp.llama_context_default_params()
+        p.n_ctx = config.n_ctx
+        p.n_batch = config.n_ctx
+        p.n_ubatch = min(config.n_ubatch, config.n_ctx)
+        p.n_seq_max = config.n_seq_max
+        p.kv_unified = False
+        p.flash_attn_type = 1 if config.flash_attn else 0
+        p.n_threads = p.n_threads_batch = self.n_threads
+        p.no_perf = True
+        if config.kv_f32:
+            p.type_k = p.type_v = GGML_TYPE_F32
+        if cb_eval is not None:
+            p.cb_eval = cb_eval
+        ctx = llama_cpp.llama_init_from_model(self.model, p)
+        if not ctx:
+            raise _llama_error(f"llama.cpp could not create a context (n_ctx={config.n_ctx}, n_seq_max={config.n_seq_max})")
+        return ctx
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self._adapter_ptr:
+            llama_cpp.llama_adapter_lora_free(self._adapter_ptr)
+            self._adapter_ptr = None
+        super().close()
+        if self._adapter_file:
+            self._adapter_file.unlink(missing_ok=True)
 
     # ---- scoring -------------------------------------------------------------------------------------------
     def logits(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],

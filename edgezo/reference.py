@@ -1,0 +1,281 @@
+"""The PyTorch reference: the same LoRA, data, prompts, loss and initial adapter as `edgezo finetune`, trained in torch.
+
+Two methods, both on the weights llama.cpp runs (the run's GGUF dequantized to float and converted GGUF -> HF by
+convert/gguf_to_hf.py), both starting from edgezo's own initial adapter (LoraAdapter.init, same seed) loaded into PEFT:
+    bp    backpropagation with AdamW (optionally gradient checkpointing, float32 or bfloat16 base weights)
+    mezo  the MeZO baseline as Malladi et al. wrote it for torch: perturb the LoRA parameters in place with
+          z ~ N(0, I) from a seeded generator, +eps, -2 eps, +eps, then step along z; float32
+Token ids come from llama.cpp's tokenizer (edgezo.engine.Vocabulary) and the loss mirrors edgezo.objective.score,
+so a reference run and a MeZO run differ only in the optimizer and the runtime. The run directory has the MeZO
+trainer's layout (config.json, metrics.jsonl, adapter.gguf) plus peft/, the adapter as PEFT wrote it.
+
+torch, transformers and peft come from the `torch` extra and are imported here only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import store
+from .adapter import BaseModelInfo, LoraAdapter
+from .data import Example, Task, batch_indices
+from .files import EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file
+from .mezo import MezoConfig, direction_seed, learning_rate_at
+from .objective import Totals, evaluate
+from .trainer import RunDir, TrainingInterrupted, TrainResult, stop_requests
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+METHODS = ("bp", "mezo")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    method: str = "bp"  # "bp": AdamW on the LoRA tensors; "mezo": MeZO on the same tensors, in place
+    dtype: str = "float32"  # base weights (the LoRA tensors stay float32, as PEFT keeps them)
+    gradient_checkpointing: bool = False  # bp: recompute each layer's activations in backward instead of storing them
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise EdgezoError(f"unknown reference method {self.method!r} (choose from {', '.join(METHODS)})")
+        if self.dtype not in DTYPES:
+            raise EdgezoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.method == "mezo" and (self.dtype != "float32" or self.gradient_checkpointing):
+            raise EdgezoError("the torch MeZO baseline runs in float32 without gradient checkpointing")
+
+
+# ---- model ---------------------------------------------------------------------------------------------------
+def hf_model_dir(gguf_path: Path, log: Callable[[str], None] = lambda msg: None) -> Path:
+    """The GGUF as a transformers directory, converted once and cached by content hash in $EDGEZO_HOME/hf/."""
+    from convert.gguf_to_hf import convert_gguf_to_hf
+
+    target = store.home() / "hf" / sha256_file(gguf_path)[:16]
+    if (target / "config.json").exists():
+        return target
+    log(f"converting {gguf_path.name} to a transformers model (once; cached in {target}) ...")
+    scratch = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    convert_gguf_to_hf(gguf_path, scratch)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(scratch, target)  # a directory appears whole or not at all
+    return target
+
+
+def load_model(gguf_path: Path, adapter: LoraAdapter, base: BaseModelInfo, config: ReferenceConfig,
+               log: Callable[[str], None] = lambda msg: None):
+    """transformers model of the GGUF's weights with `adapter` attached through PEFT (its tensors trainable for bp)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from convert.peft import adapter_to_peft
+
+    model = AutoModelForCausalLM.from_pretrained(hf_model_dir(gguf_path, log), dtype=DTYPES[config.dtype],
+                                                 attn_implementation="sdpa")
+    model.config.use_cache = False  # training: no KV cache
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_to_peft(adapter, tmp, base)
+        model = PeftModel.from_pretrained(model, tmp, is_trainable=config.method == "bp")
+    model.train()  # checkpointing acts only in training mode; LoRA dropout is 0 and attention dropout 0, so no noise
+    return model
+
+
+class TorchScorer:
+    """edgezo.objective's Scorer protocol on a transformers model, so evaluation is objective.evaluate itself."""
+
+    def __init__(self, model):
+        self.causal_lm = model.get_base_model()
+        self.softcap = getattr(self.causal_lm.config, "final_logit_softcapping", None)
+
+    def logits_tensor(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
+                      columns: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits at `positions[i]` of sequence i, stacked: [sum(len(p)), n_vocab or len(columns)], differentiable.
+
+        Sequences are right-padded to the longest, without an attention mask: attention is causal, so a real token
+        never sees the padding after it (and the pad positions' outputs are never read). Only the rows asked for
+        go through lm_head, and only the `columns` of it, as llama.cpp computes only flagged outputs.
+        """
+        longest = max(len(s) for s in sequences)
+        ids = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for i, s in enumerate(sequences):
+            ids[i, : len(s)] = torch.tensor(s)
+        hidden = self.causal_lm.model(input_ids=ids).last_hidden_state
+        rows = torch.tensor([i for i, p in enumerate(positions) for _ in p])
+        cols = torch.tensor([q for p in positions for q in p])
+        weight = self.causal_lm.lm_head.weight
+        if columns is not None:
+            weight = weight[list(columns)]
+        logits = F.linear(hidden[rows, cols], weight).float()
+        if self.softcap:  # Gemma's final logit soft-capping, as its forward() does
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def logits(self, sequences, positions, columns=None) -> np.ndarray:
+        with torch.no_grad():
+            return self.logits_tensor(sequences, positions, columns).numpy()
+
+
+def batch_loss(scorer: TorchScorer, batch: Sequence[Example], task: Task) -> torch.Tensor:
+    """Mean cross-entropy of the batch, exactly the quantity edgezo.objective.score reports as loss."""
+    sequences = [ex.tokens for ex in batch]
+    if task.is_classification:
+        logits = scorer.logits_tensor(sequences, [[len(ex.tokens) - 1] for ex in batch], task.label_token_ids)
+        return F.cross_entropy(logits, torch.tensor([ex.label for ex in batch]))
+    positions = [range(ex.target_start - 1, len(ex.tokens) - 1) for ex in batch]
+    targets = torch.tensor([t for ex in batch for t in ex.tokens[ex.target_start:]])
+    return F.cross_entropy(scorer.logits_tensor(sequences, positions), targets)
+
+
+def lora_parameters(model) -> list[torch.Tensor]:
+    """The LoRA tensors in a fixed order (the names sort the same in every process)."""
+    return [p for name, p in sorted(model.named_parameters()) if "lora_" in name]
+
+
+# ---- optimizers ------------------------------------------------------------------------------------------------
+class BackpropStep:
+    """One AdamW step on the LoRA tensors (the gradient of the batch loss by autograd)."""
+
+    def __init__(self, model, scorer: TorchScorer, weight_decay: float):
+        self.model, self.scorer = model, scorer
+        self.optimizer = torch.optim.AdamW(lora_parameters(model), lr=1.0, weight_decay=weight_decay)
+
+    def __call__(self, batch, task, lr: float, step: int) -> dict:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = batch_loss(self.scorer, batch, task)
+        if not torch.isfinite(loss):
+            raise EdgezoError(f"step {step + 1}: loss is not finite ({loss.item()})")
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.item()}
+
+
+class TorchMezoStep:
+    """MeZO as in Malladi et al.'s reference code: z from a generator seeded per step, applied in place."""
+
+    def __init__(self, model, scorer: TorchScorer, eps: float, weight_decay: float, run_seed: int):
+        self.params, self.scorer = lora_parameters(model), scorer
+        self.eps, self.weight_decay, self.run_seed = eps, weight_decay, run_seed
+
+    def _add_z(self, seed: int, scale: float) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        for p in self.params:
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype), alpha=scale)
+
+    @torch.no_grad()
+    def __call__(self, batch, task, lr: float, step: int) -> dict:
+        seed = direction_seed(self.run_seed, step, 0)
+        self._add_z(seed, self.eps)
+        loss_plus = batch_loss(self.scorer, batch, task).item()
+        self._add_z(seed, -2 * self.eps)
+        loss_minus = batch_loss(self.scorer, batch, task).item()
+        self._add_z(seed, self.eps)  # restore (to rounding, as in the reference code)
+        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
+            raise EdgezoError(f"step {step + 1}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
+        grad = (loss_plus - loss_minus) / (2 * self.eps)
+        if self.weight_decay:
+            for p in self.params:
+                p.mul_(1 - lr * self.weight_decay)
+        self._add_z(seed, -lr * grad)
+        return {"loss": (loss_plus + loss_minus) / 2, "seeds": [seed], "projected_grads": [grad]}
+
+
+# ---- training loop ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReferenceRun:
+    """What a reference run trains on: the model, its adapter and data, and the schedule shared with MeZO."""
+
+    gguf_path: Path
+    base: BaseModelInfo
+    adapter: LoraAdapter  # the initial adapter
+    task: Task
+    train_set: Sequence[Example]
+    valid_set: Sequence[Example]
+    schedule: MezoConfig  # learning rate, schedule, warmup, weight decay (and eps for mezo)
+
+
+def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, run: RunDir,
+                    callback: Callable[[dict], None] = lambda event: None,
+                    log: Callable[[str], None] = lambda msg: None) -> TrainResult:
+    """Train as edgezo.trainer.train does (same batches, validation points, metrics lines), but in torch."""
+    if not run_spec.train_set:
+        raise EdgezoError("the training split is empty")
+    model = load_model(run_spec.gguf_path, run_spec.adapter, run_spec.base, config, log)
+    scorer = TorchScorer(model)
+    sched = run_spec.schedule
+    if config.method == "bp":
+        step_fn = BackpropStep(model, scorer, sched.weight_decay)
+    else:
+        step_fn = TorchMezoStep(model, scorer, sched.eps, sched.weight_decay, train_cfg.seed)
+    valid_set = run_spec.valid_set[: train_cfg.n_valid] if train_cfg.n_valid else run_spec.valid_set
+    t_start, train_seconds, recent, valid = time.perf_counter(), 0.0, [], None
+
+    with open(run.metrics, "w") as metrics, stop_requests() as stop:
+
+        def write(event: dict) -> None:
+            metrics.write(json.dumps(event) + "\n")
+            metrics.flush()
+
+        def validate(step: int) -> Totals:
+            callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
+            totals = evaluate(scorer, valid_set, run_spec.task, train_cfg.batch_size,
+                              on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
+            event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
+                     "n_valid": totals.n_examples, "train_seconds": train_seconds}
+            write(event)
+            callback({"kind": "eval", **event})
+            return totals
+
+        if valid_set and train_cfg.eval_every:
+            valid = validate(0)
+        for step in range(train_cfg.steps):
+            t0 = time.perf_counter()
+            batch = [run_spec.train_set[i] for i in
+                     batch_indices(len(run_spec.train_set), train_cfg.batch_size, train_cfg.seed, step)]
+            lr = learning_rate_at(sched, step, train_cfg.steps)
+            record = step_fn(batch, run_spec.task, lr, step)
+            seconds = time.perf_counter() - t0
+            train_seconds += seconds
+            recent = (recent + [record["loss"]])[-50:]
+            event = {"step": step + 1, **record, "lr": lr, "seconds": seconds, "train_seconds": train_seconds,
+                     "rss_bytes": current_rss_bytes()}
+            write(event)
+            callback({"kind": "step", **event})
+            done = step + 1
+            over_budget = train_cfg.max_memory_bytes and event["rss_bytes"] > train_cfg.max_memory_bytes
+            if (over_budget or stop["requested"]) and done < train_cfg.steps:
+                save_adapter(model, run_spec.base, run)
+                why = (f"memory budget exceeded at step {done}: RSS {event['rss_bytes'] / 2**20:.0f} MiB > "
+                       f"{train_cfg.max_memory_bytes / 2**20:.0f} MiB" if over_budget else f"stopped at step {done}")
+                raise TrainingInterrupted(f"{why}; the adapter so far is in {run.adapter} "
+                                          f"(reference runs do not resume)")
+            if valid_set and train_cfg.eval_every and done % train_cfg.eval_every == 0 and done < train_cfg.steps:
+                valid = validate(done)
+        if valid_set:
+            valid = validate(train_cfg.steps)
+    save_adapter(model, run_spec.base, run)
+    return TrainResult(adapter_path=run.adapter, steps=train_cfg.steps,
+                       final_loss=float(np.mean(recent)) if recent else math.nan, valid=valid,
+                       seconds=time.perf_counter() - t_start, peak_rss_bytes=peak_rss_bytes())
+
+
+def save_adapter(model, base: BaseModelInfo, run: RunDir) -> None:
+    """The adapter as PEFT writes it (run/peft/) and as GGUF LoRA (run/adapter.gguf) for llama.cpp and edgezo eval."""
+    from convert.peft import peft_to_adapter
+
+    peft_dir = run.path / "peft"
+    model.save_pretrained(peft_dir)
+    peft_to_adapter(peft_dir, base).save(run.adapter)

@@ -1,0 +1,159 @@
+"""The torch reference trains the same thing as edgezo finetune: same logits, loss, initial adapter and outputs."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info  # noqa: E402
+from edgezo.cli import main  # noqa: E402
+from edgezo.data import Example, Format, Task  # noqa: E402
+from edgezo.engine import Engine, EngineConfig, Vocabulary  # noqa: E402
+from edgezo.files import EdgezoError  # noqa: E402
+from edgezo.objective import score  # noqa: E402
+from edgezo.reference import (BackpropStep, ReferenceConfig, TorchMezoStep, TorchScorer, batch_loss,  # noqa: E402
+                              load_model, lora_parameters)
+
+LORA = LoraConfig(rank=4, alpha=8, targets=("attn_q", "attn_k", "attn_v", "ffn_down"))
+
+
+def trained_adapter(tiny_gguf, seed=0) -> LoraAdapter:
+    """An adapter with non-zero B, so the LoRA path changes the logits (a fresh adapter has B = 0)."""
+    adapter = LoraAdapter.init(read_base_model_info(tiny_gguf), LORA, seed=seed)
+    rng = np.random.default_rng(seed)
+    for name, t in adapter.tensors.items():
+        if name.endswith("lora_b"):
+            t[...] = rng.normal(0, 0.1, t.shape)
+    return adapter
+
+
+def classification_batch(vocab) -> tuple[list[Example], Task]:
+    good, bad = (vocab.tokenize(w, add_special=False)[0] for w in (" good", " bad"))
+    task = Task(format=Format.CLASSIFICATION, labels=("bad", "good"), label_token_ids=(bad, good))
+    texts = ["a fine movie\nLabel:", "an awful, dull and boring movie of some length\nLabel:", "weak\nLabel:"]
+    batch = [Example(tuple(vocab.tokenize(t, add_special=True)), 0, label=i % 2) for i, t in enumerate(texts)]
+    return [Example(ex.tokens, len(ex.tokens), ex.label) for ex in batch], task
+
+
+@pytest.fixture
+def model_and_adapter(tiny_gguf):
+    adapter = trained_adapter(tiny_gguf)
+    model = load_model(tiny_gguf, adapter, read_base_model_info(tiny_gguf), ReferenceConfig())
+    return model, adapter
+
+
+def test_torch_logits_match_llama_cpp_with_the_same_adapter(tiny_gguf, model_and_adapter):
+    model, adapter = model_and_adapter
+    vocab = Vocabulary(tiny_gguf)
+    batch, task = classification_batch(vocab)
+    sequences = [ex.tokens for ex in batch]
+    positions = [range(len(s)) for s in sequences]  # every position, padding included in the torch batch
+    with Engine(tiny_gguf, EngineConfig(n_seq_max=len(batch), n_ctx_per_seq=64, flash_attn=False, kv_f32=True)) as engine:
+        engine.set_adapter(adapter)
+        expected = engine.logits(sequences, positions)
+        expected_loss = score(engine, batch, task).loss
+    got = TorchScorer(model).logits(sequences, positions)
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert batch_loss(TorchScorer(model), batch, task).item() == pytest.approx(expected_loss, abs=1e-5)
+
+
+def test_padding_does_not_change_a_sequence_loss(tiny_gguf, model_and_adapter):
+    model, _ = model_and_adapter
+    batch, task = classification_batch(Vocabulary(tiny_gguf))
+    scorer = TorchScorer(model)
+    together = batch_loss(scorer, batch, task).item()
+    alone = np.mean([batch_loss(scorer, [ex], task).item() for ex in batch])
+    assert together == pytest.approx(alone, abs=1e-6)
+
+
+def test_torch_mezo_projected_gradient_matches_autograd(tiny_gguf, model_and_adapter):
+    """(L(theta + eps z) - L(theta - eps z)) / 2 eps ~ <grad L, z>: checks the MeZO baseline and BP's gradient."""
+    model, _ = model_and_adapter
+    batch, task = classification_batch(Vocabulary(tiny_gguf))
+    scorer = TorchScorer(model)
+    params = lora_parameters(model)
+    loss = batch_loss(scorer, batch, task)
+    grads = torch.autograd.grad(loss, params)
+    before = [p.detach().clone() for p in params]
+    mezo = TorchMezoStep(model, scorer, eps=1e-3, weight_decay=0.0, run_seed=0)
+    record = mezo(batch, task, lr=1e-2, step=0)
+    generator = torch.Generator().manual_seed(record["seeds"][0])
+    zs = [torch.randn(p.shape, generator=generator) for p in params]
+    directional = sum((g * z).sum() for g, z in zip(grads, zs)).item()
+    assert record["projected_grads"][0] == pytest.approx(directional, rel=2e-2, abs=1e-3)
+    # and the update is theta - lr * g * z (to float32 rounding of the in-place perturb/restore)
+    for p, p0, z in zip(params, before, zs):
+        torch.testing.assert_close(p.detach(), p0 - 1e-2 * record["projected_grads"][0] * z, atol=1e-5, rtol=0)
+
+
+def test_backprop_step_lowers_the_batch_loss(tiny_gguf, model_and_adapter):
+    model, _ = model_and_adapter
+    batch, task = classification_batch(Vocabulary(tiny_gguf))
+    scorer = TorchScorer(model)
+    step = BackpropStep(model, scorer, weight_decay=0.0)
+    first = step(batch, task, lr=1e-2, step=0)["loss"]
+    for i in range(1, 5):
+        last = step(batch, task, lr=1e-2, step=i)["loss"]
+    assert last < first - 1e-3
+
+
+def test_only_lora_tensors_are_trainable(model_and_adapter):
+    model, adapter = model_and_adapter
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == adapter.n_params
+
+
+def reference_args(tiny_gguf, sentiment_dir, out, *extra):
+    return ["--model", str(tiny_gguf), "--quant", "none", "--data", str(sentiment_dir), "--steps", "4",
+            "--batch-size", "4", "--eval-every", "2", "--targets", "attn_q,attn_v", "--rank", "4",
+            "--out", str(out), "--json", *extra]
+
+
+@pytest.mark.parametrize("method,extra", [("bp", ["--gradient-checkpointing"]), ("mezo", [])])
+def test_reference_run_writes_a_run_dir_llama_cpp_evaluates_identically(method, extra, tiny_gguf, sentiment_dir,
+                                                                          tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([f"reference-{method}", *reference_args(tiny_gguf, sentiment_dir, out, *extra)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [e for e in lines if "loss" in e]
+    evals = [e for e in lines if "valid_accuracy" in e]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert [e["step"] for e in evals] == [0, 2, 4]
+    assert all({"lr", "seconds", "train_seconds", "rss_bytes"} <= set(e) for e in steps)
+    assert summary["steps"] == 4 and summary["peak_rss_bytes"] > 0 and (out / "peft" / "adapter_config.json").exists()
+    # the exported adapter, evaluated by llama.cpp, gives the torch run's final validation loss
+    assert main(["eval", "--model", str(tiny_gguf), "--quant", "none", "--adapter", str(out / "adapter.gguf"),
+                 "--data", str(sentiment_dir), "--split", "valid", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["loss"] == pytest.approx(summary["valid_loss"], abs=5e-3)
+    assert evaluated["accuracy"] == summary["valid_accuracy"]
+
+
+def test_reference_starts_from_finetunes_initial_adapter(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    """Step-0 validation loss of the torch run equals the MeZO trainer's: same data, prompts, loss and adapter."""
+    args = reference_args(tiny_gguf, sentiment_dir, tmp_path / "ref")
+    assert main(["reference-bp", *args]) == 0
+    assert main(["finetune", *reference_args(tiny_gguf, sentiment_dir, tmp_path / "mezo")]) == 0
+    capsys.readouterr()
+
+    def step0(run):
+        return next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                    if "valid_loss" in json.loads(line))["valid_loss"]
+
+    assert step0(tmp_path / "ref") == pytest.approx(step0(tmp_path / "mezo"), abs=5e-3)
+
+
+def test_reference_refuses_bad_configs_and_existing_runs(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    with pytest.raises(EdgezoError, match="float32"):
+        ReferenceConfig(method="mezo", dtype="bfloat16")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "adapter.gguf").write_bytes(b"x")
+    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, out)]) == 1
+    assert "already holds a run" in capsys.readouterr().err

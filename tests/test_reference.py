@@ -157,3 +157,15 @@ def test_reference_refuses_bad_configs_and_existing_runs(tiny_gguf, sentiment_di
     (out / "adapter.gguf").write_bytes(b"x")
     assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, out)]) == 1
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_bfloat16_base_keeps_float32_lora_and_close_loss(tiny_gguf, model_and_adapter):
+    model, adapter = model_and_adapter
+    batch, task = classification_batch(Vocabulary(tiny_gguf))
+    bf16 = load_model(tiny_gguf, adapter, read_base_model_info(tiny_gguf), ReferenceConfig(dtype="bfloat16"))
+    dtypes = {n: p.dtype for n, p in bf16.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)
+    f32_loss = batch_loss(TorchScorer(model), batch, task).item()
+    bf16_loss = batch_loss(TorchScorer(bf16), batch, task).item()
+    assert bf16_loss != f32_loss and bf16_loss == pytest.approx(f32_loss, abs=0.05)

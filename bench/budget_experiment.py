@@ -1,0 +1,189 @@
+"""The seed paper's experiment on this machine: under one memory budget, MeZO on a bigger model vs BP on the biggest
+model BP can fit.
+
+1. Predict (edgezo memory) the peak RSS of BP (float32, with and without gradient checkpointing) and MeZO (Q4_0)
+   on SmolLM2-135M and Gemma-3-270M at the runs' settings, and pick a budget at which BP fits SmolLM2-135M but
+   not Gemma-3-270M while MeZO fits Gemma-3-270M (or check the one given with --budget).
+2. Show the budget is enforced: BP on Gemma with --max-memory BUDGET refuses to start, in both BP variants.
+3. Train, each in a fresh process with --max-memory BUDGET (refused if predicted over, stopped if measured RSS
+   crosses it): BP (AdamW) on SmolLM2, MeZO on Gemma, and for reference MeZO on SmolLM2. All on movie-reviews,
+   batch 16, seed 0, LoRA rank 16 on attn_k/attn_v, validation on 500 held-out reviews at fixed step intervals.
+4. Plot validation accuracy against training wall-clock (evaluation time excluded) and evaluate every final
+   adapter on the 1000-review test split with llama.cpp. Results: bench/results/budget_experiment.{jsonl,md,png}.
+
+    python bench/budget_experiment.py            # ~35 min on the 2-core CI machine
+    python bench/budget_experiment.py --quick    # a few steps each: checks the pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from common import RESULTS, ROOT, append_result, machine_info, mib, run_fresh, run_json, table, utc_now
+
+EDGEZO = [sys.executable, "-m", "edgezo.cli"]
+COMMON = ["--data", "movie-reviews", "--batch-size", "16", "--seed", "0", "--n-valid", "500", "--json"]
+BP_VARIANTS = {"bp": [], "bp-ckpt": ["--gradient-checkpointing"]}
+
+
+def predict(model: str, method: str, threads: int) -> int:
+    result = run_json([*EDGEZO, "memory", "--model", model, "--method", method, "--data", "movie-reviews",
+                       "--batch-size", "16", "--json"], f"edgezo memory {model} {method}")
+    return int(result["predicted_bytes"])
+
+
+def choose_budget(predictions: dict) -> int:
+    """Midway between the cheapest BP on SmolLM2 and the cheapest BP on Gemma, if MeZO on Gemma fits there."""
+    bp_small = min(predictions["smollm2-135m"][m] for m in BP_VARIANTS)
+    bp_large = min(predictions["gemma3-270m"][m] for m in BP_VARIANTS)
+    mezo_large = predictions["gemma3-270m"]["mezo"]
+    if not bp_small < bp_large:
+        sys.exit(f"no budget separates BP on the two models (predicted {mib(bp_small)} vs {mib(bp_large)})")
+    budget = (bp_small + bp_large) // 2 // 2**20 * 2**20
+    if mezo_large > budget:
+        sys.exit(f"MeZO on Gemma ({mib(mezo_large)}) does not fit the budget {mib(budget)}")
+    return budget
+
+
+def check_budget(predictions: dict, budget: int) -> dict:
+    fits = {model: {method: p <= budget for method, p in per_model.items()} for model, per_model in predictions.items()}
+    ok = (any(fits["smollm2-135m"][m] for m in BP_VARIANTS) and not any(fits["gemma3-270m"][m] for m in BP_VARIANTS)
+          and fits["gemma3-270m"]["mezo"])
+    if not ok:
+        sys.exit(f"budget {mib(budget)} does not separate the methods: {fits}")
+    return fits
+
+
+def train(name: str, command: str, model: str, steps: int, eval_every: int, budget: int, work: Path,
+          threads: int, extra: list[str]) -> dict:
+    out = work / name
+    cmd = [*EDGEZO, command, "--model", model, *COMMON, "--steps", str(steps), "--eval-every", str(eval_every),
+           "--max-memory", str(budget), "--threads", str(threads), "--out", str(out), *extra]
+    print(f"== {name}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+    result = run_json(cmd, name)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    curve = [(e["train_seconds"], e["valid_accuracy"], e["step"]) for e in lines if "valid_accuracy" in e]
+    test = run_json([*EDGEZO, "eval", "--model", model, "--adapter", str(out), "--split", "test",
+                     "--threads", str(threads), "--json"], f"{name} test eval")
+    return {"name": name, "command": command, "model": model, "steps": steps, "run_dir": str(out),
+            "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "train_seconds": result["train_seconds"],
+            "median_step_seconds": step_median(lines), "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
+            "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+
+
+def step_median(lines: list[dict]) -> float:
+    seconds = sorted(e["seconds"] for e in lines if "seconds" in e)
+    return seconds[len(seconds) // 2]
+
+
+def refused(model: str, variant: str, budget: int, work: Path) -> str:
+    """BP on the larger model under the budget: must exit 1 before training, naming the prediction."""
+    cmd = [*EDGEZO, "reference-bp", "--model", model, *COMMON, "--steps", "1", "--max-memory", str(budget),
+           "--out", str(work / f"refused-{variant}"), *BP_VARIANTS[variant]]
+    done = run_fresh(cmd)
+    message = done["stderr"].strip().splitlines()[-1] if done["stderr"].strip() else ""
+    if done["returncode"] != 1 or "exceeds the memory budget" not in message:
+        sys.exit(f"BP {variant} on {model} was not refused under {mib(budget)}: exit {done['returncode']}\n{done['stderr'][-2000:]}")
+    return message
+
+
+def overtakes(challenger: dict, incumbent: dict) -> float | None:
+    """Training seconds after which the challenger's validation accuracy stays at or above the incumbent's final."""
+    target = incumbent["final_valid_accuracy"]
+    for i, (seconds, accuracy, _) in enumerate(challenger["valid_curve"]):
+        if all(a >= target for _, a, _ in challenger["valid_curve"][i:]):
+            return seconds
+    return None
+
+
+def plot(runs: list[dict], budget: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for run in runs:
+        seconds, accuracy, _ = zip(*run["valid_curve"])
+        ax.plot([s / 60 for s in seconds], accuracy, marker="o", label=f"{run['name']} (peak {mib(run['peak_rss_bytes'])})")
+    ax.set_xlabel("training wall-clock (min), evaluation excluded")
+    ax.set_ylabel("validation accuracy (500 reviews)")
+    ax.set_title(f"movie-reviews under a {mib(budget)} budget (2-core CPU)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def markdown(result: dict) -> str:
+    runs = {r["name"]: r for r in result["runs"]}
+    p = result["predictions"]
+    text = [f"# Budget experiment ({result['date']})\n",
+            f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; {result['threads']} threads. "
+            f"Budget: **{mib(result['budget_bytes'])}**. Movie-reviews, batch 16, seed 0, LoRA r16 on attn_k/attn_v.\n",
+            "## Predicted peak RSS (edgezo memory)\n",
+            table(["model", *p["smollm2-135m"]],
+                  [[m, *[f"{mib(v)}{' fits' if v <= result['budget_bytes'] else ''}" for v in per.values()]]
+                   for m, per in p.items()]),
+            "\nBP on Gemma-3-270M under the budget, as `edgezo reference-bp --max-memory`:\n",
+            *[f"- {variant}: `{message}`\n" for variant, message in result["refusals"].items()],
+            "\n## Runs\n",
+            table(["run", "steps", "median s/step", "train time", "peak RSS (measured)", "valid acc start -> end",
+                   "test acc (1000)"],
+                  [[r["name"], r["steps"], f"{r['median_step_seconds']:.2f}", f"{r['train_seconds'] / 60:.1f} min",
+                    mib(r["peak_rss_bytes"]), f"{r['valid_curve'][0][1]:.3f} -> {r['final_valid_accuracy']:.3f}",
+                    f"{r['test_accuracy']:.3f}"] for r in result["runs"]]),
+            "\n![validation accuracy against wall-clock](budget_experiment.png)\n"]
+    if "mezo-gemma" in runs and "bp-smollm2" in runs:
+        t = overtakes(runs["mezo-gemma"], runs["bp-smollm2"])
+        text.append("\n" + (f"MeZO on Gemma-3-270M stays at or above BP-on-SmolLM2's final validation accuracy from "
+                            f"{t / 60:.1f} min of training on." if t is not None else
+                            "MeZO on Gemma-3-270M did not reach BP-on-SmolLM2's final validation accuracy within "
+                            "this run.") + "\n")
+    return "".join(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=int, help="bytes (default: chosen from the predictions)")
+    parser.add_argument("--bp-steps", type=int, default=250)
+    parser.add_argument("--mezo-steps", type=int, default=800)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "budget", help="run directories [%(default)s]")
+    parser.add_argument("--quick", action="store_true", help="a few steps per run (pipeline check)")
+    args = parser.parse_args()
+    if args.quick:
+        args.bp_steps, args.mezo_steps = 4, 8
+    bp_every, mezo_every = max(1, args.bp_steps // 5), max(1, args.mezo_steps // 8)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    models = ("smollm2-135m", "gemma3-270m")
+    predictions = {m: {method: predict(m, method, args.threads) for method in ("mezo", *BP_VARIANTS)} for m in models}
+    budget = args.budget or choose_budget(predictions)
+    check_budget(predictions, budget)
+    print(f"budget {mib(budget)}: {json.dumps(predictions)}", file=sys.stderr)
+    refusals = {variant: refused("gemma3-270m", variant, budget, args.work) for variant in BP_VARIANTS}
+    bp_variant = min((v for v in BP_VARIANTS if predictions["smollm2-135m"][v] <= budget),
+                     key=lambda v: v != "bp")  # without checkpointing if it fits: it is faster
+    runs = [
+        train("bp-smollm2", "reference-bp", "smollm2-135m", args.bp_steps, bp_every, budget, args.work, args.threads,
+              BP_VARIANTS[bp_variant]),
+        train("mezo-gemma", "finetune", "gemma3-270m", args.mezo_steps, mezo_every, budget, args.work, args.threads, []),
+        train("mezo-smollm2", "finetune", "smollm2-135m", args.mezo_steps, mezo_every, budget, args.work, args.threads, []),
+    ]
+    result = {"date": utc_now(), "machine": machine_info(), "threads": args.threads, "budget_bytes": budget,
+              "predictions": predictions, "refusals": refusals, "bp_variant": bp_variant, "runs": runs,
+              "quick": args.quick}
+    name = "budget_experiment_quick" if args.quick else "budget_experiment"
+    append_result(name, result)
+    plot(runs, budget, RESULTS / f"{name}.png")
+    (RESULTS / f"{name}.md").write_text(markdown(result))
+    print(json.dumps({k: result[k] for k in ("budget_bytes", "bp_variant")} |
+                     {r["name"]: {"test_accuracy": r["test_accuracy"], "train_seconds": r["train_seconds"]} for r in runs}))
+
+
+if __name__ == "__main__":
+    main()

@@ -17,5 +17,10 @@ demo: install
 test: install-torch
 	$(PYTHON) -m pytest -q
 
-bench: install
+bench: install-torch  # the measurements the README quotes (~1 h on 2 idle cores), then the README tables
+	$(PIP) install -e ".[dev,torch,bench]"
+	$(PYTHON) bench/throughput.py
 	$(PYTHON) bench/mezo_step.py
+	$(PYTHON) bench/compare.py
+	$(PYTHON) bench/time_to_accuracy.py --launch --out-dir runs/bench-time-to-accuracy-$$(date +%s)
+	$(PYTHON) bench/report.py

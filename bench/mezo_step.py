@@ -1,114 +1,208 @@
 """MeZO step cost against bare inference through llama.cpp, each measured in a fresh process.
 
-    python bench/mezo_step.py [--model smollm2-135m] [--quant q4_0] [--batch-size 16] [--repeats 20] [--json]
+    python bench/mezo_step.py [--model smollm2-135m] [--quant q4_0] [--batch-size 16] [--repeats 20] [--quick] [--json]
 
 Two child processes run the same fixed batch of movie-review prompts (logits at the answer position only):
-  inference: the base model, no adapter: median time of one forward pass, peak RSS (VmHWM)
-  mezo:      the same engine with the default LoRA adapter, full MeZO steps (two forwards, z generation,
-             adapter uploads, host loss and update): median step time, peak RSS, and the split of the step
+  inference: the base model, no adapter: median time of one forward pass (Engine.logits: fill the batch,
+             llama_decode, copy the label-word logits), peak RSS
+  mezo:      the same engine with the default LoRA adapter (rank 16, alpha 32, attn_k/attn_v): full MeZO steps
+             (edgezo.mezo.mezo_step: two forwards, z generation, adapter uploads, host loss, update), timed
+             plainly first; then as many steps again with each part timed (wrappers around the real functions),
+             which gives the split of what a step costs beyond two bare forwards:
+               lora_in_graph   the two decodes with the adapter minus two decodes without it
+               z_generation    building theta +- eps*z, tensor by tensor (PerturbedParams)
+               adapter_upload  ggml_backend_tensor_set of those tensors (Engine.update_adapter minus z generation)
+               host_loss       log-softmax and cross-entropy on the host (objective.score minus Engine.logits)
+               update          theta -= lr * g * z, regenerating z (mezo.apply_update)
+               other           the rest (Python glue; the instrumented steps' sum may differ from the plain median)
 Reported: step_over_two_forwards = median MeZO step / (2 x median bare forward)   (target <= 1.10)
-          rss_mezo_over_inference = peak RSS of the MeZO process / of the inference process (target <= 1.15)
-Results are appended to bench/results/mezo_step.jsonl with the machine, versions, model hash and seed.
+          rss_mezo_over_inference = peak RSS of the MeZO process / of the inference process
+Writes bench/results/mezo_step.jsonl (appended) and bench/results/mezo_step.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "mezo_step.jsonl"
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+NAME = "mezo_step"
+TARGET = 1.10
+PARTS = ("lora_in_graph", "z_generation", "adapter_upload", "host_loss", "update", "other")
 
 
-def child(args) -> dict:
-    """Runs in a fresh process: one role, prints one JSON line."""
+class Stopwatch:
+    """Seconds spent inside wrapped functions, accumulated per name (nested wrappers each count their own)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - t0
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = dict(self.seconds), defaultdict(float)
+        return out
+
+
+def setup(args):
+    """Engine, task and the fixed batch; the base model info is read before the engine, as the CLI does."""
     from edgezo import store
-    from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
+    from edgezo.adapter import read_base_model_info
     from edgezo.data import build_examples, build_task, read_jsonl
     from edgezo.engine import Engine, EngineConfig
-    from edgezo.files import peak_rss_bytes
-    from edgezo.mezo import MezoConfig, PerturbedParams, StepRecord, apply_update, direction_seed, mezo_step
-    from edgezo.objective import loss_function, score
 
     model_path = store.resolve_model(args.model, args.quant)
     files, template = store.resolve_data("movie-reviews")
-    base = read_base_model_info(model_path)  # before the engine, as the CLI does (see edgezo.cli.open_engine)
+    base = read_base_model_info(model_path)
     engine = Engine(model_path, EngineConfig(n_seq_max=args.batch_size, n_ctx_per_seq=256, n_threads=args.threads))
     records = read_jsonl(files.train)
     task = build_task(records, files.train, engine, template, None)
     batch = build_examples(records[: args.batch_size], files.train, task, engine, 256)
-    out = {"role": args.role, "n_tokens": sum(len(ex.tokens) for ex in batch)}
-    if args.role == "inference":
-        times = []
-        for i in range(args.warmup + args.repeats):
+    return model_path, base, engine, task, batch
+
+
+def child_inference(args, engine, task, batch) -> dict:
+    from edgezo.objective import score
+
+    clock = Stopwatch()
+    engine.logits = clock.wrap("decode", engine.logits)  # instance attribute: score() calls this one
+    forward = common.timed(lambda: engine.logits([ex.tokens for ex in batch], [[len(ex.tokens) - 1] for ex in batch],
+                                                 columns=task.label_token_ids), args.warmup, args.repeats)
+    clock.take()
+    score_times = common.timed(lambda: score(engine, batch, task), 0, args.repeats)
+    return {"forward_seconds": forward, "score_seconds": score_times}
+
+
+def child_mezo(args, base, engine, task, batch) -> dict:
+    from edgezo import mezo
+    from edgezo.adapter import LoraAdapter, LoraConfig
+    from edgezo.objective import loss_function
+
+    adapter = LoraAdapter.init(base, LoraConfig(), seed=args.seed)
+    engine.set_adapter(adapter)
+    config = mezo.MezoConfig()
+    loss_fn = loss_function(engine, batch, task)
+    total = args.warmup + 2 * args.repeats
+    step = iter(range(total))
+    plain = common.timed(lambda: mezo.mezo_step(adapter.tensors, loss_fn, config, args.seed, next(step), total),
+                         args.warmup, args.repeats)
+    # The same steps again with every part wrapped. Wrappers cost ~1 us per call (~300 calls per step).
+    clock = Stopwatch()
+    engine.logits = clock.wrap("decode", engine.logits)
+    engine.update_adapter = clock.wrap("upload_and_z", engine.update_adapter)
+    original_getitem, original_update = mezo.PerturbedParams.__getitem__, mezo.apply_update
+    mezo.PerturbedParams.__getitem__ = clock.wrap("z_generation", original_getitem)
+    mezo.apply_update = clock.wrap("update", original_update)
+    loss_fn = clock.wrap("loss", loss_function(engine, batch, task))
+    parts = []
+    try:
+        for _ in range(args.repeats):
             t0 = time.perf_counter()
-            score(engine, batch, task)
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        out.update(forward_s=statistics.median(times), forward_min_s=min(times), forward_max_s=max(times))
-    else:
-        adapter = LoraAdapter.init(base, LoraConfig(), seed=args.seed)
-        engine.set_adapter(adapter)
-        config = MezoConfig()
-        loss_fn = loss_function(engine, batch, task)
-        times = []
-        for step in range(args.warmup + args.repeats):
-            t0 = time.perf_counter()
-            mezo_step(adapter.tensors, loss_fn, config, args.seed, step, args.warmup + args.repeats)
-            if step >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        # The split of a step's host-side work, timed separately on the same tensors.
-        theta, seed = adapter.tensors, direction_seed(args.seed, 0, 0)
-        t0 = time.perf_counter()
-        view = PerturbedParams(theta, seed, config.eps)
-        perturbed = {k: view[k] for k in theta}
-        generate_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        engine.update_adapter(perturbed)
-        upload_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        apply_update({k: v.copy() for k, v in theta.items()}, StepRecord(0, 1e-9, [seed], [0.0]), config)
-        update_s = time.perf_counter() - t0
-        out.update(step_s=statistics.median(times), step_min_s=min(times), step_max_s=max(times),
-                   perturbation_generation_s=2 * generate_s, adapter_upload_s=2 * upload_s, update_s=update_s,
-                   n_adapter_params=adapter.n_params)
-    out["peak_rss_bytes"] = peak_rss_bytes()
-    out["model_path"] = str(model_path)
+            mezo.mezo_step(adapter.tensors, loss_fn, config, args.seed, next(step), total)
+            s = clock.take()
+            parts.append({"step": time.perf_counter() - t0, "decode": s["decode"], "z_generation": s["z_generation"],
+                          "adapter_upload": s["upload_and_z"] - s["z_generation"],
+                          "host_loss": s["loss"] - s["upload_and_z"] - s["decode"], "update": s["update"]})
+    finally:
+        mezo.PerturbedParams.__getitem__, mezo.apply_update = original_getitem, original_update
+    return {"step_seconds": plain, "instrumented": parts, "n_adapter_params": adapter.n_params}
+
+
+def child(args) -> dict:
+    from edgezo.files import peak_rss_bytes
+
+    model_path, base, engine, task, batch = setup(args)
+    out = (child_inference(args, engine, task, batch) if args.child == "inference"
+           else child_mezo(args, base, engine, task, batch))
+    out.update(role=args.child, n_tokens=sum(len(ex.tokens) for ex in batch), peak_rss_bytes=peak_rss_bytes(),
+               model_path=str(model_path))
     return out
 
 
-def run_child(args, role: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", role, "--model", args.model, "--quant", args.quant,
-           "--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{role} process failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# ---- parent ---------------------------------------------------------------------------------------------------
+def split(inference: dict, mezo: dict) -> dict:
+    """Seconds per step of each part beyond two bare forwards (medians over the instrumented steps)."""
+    def med(key):
+        return common.summary([p[key] for p in mezo["instrumented"]])["median"]
+
+    parts = {"lora_in_graph": med("decode") - 2 * inference["forward"]["median"],
+             **{k: med(k) for k in ("z_generation", "adapter_upload", "host_loss", "update")}}
+    remainder = mezo["step"]["median"] - 2 * inference["forward"]["median"]
+    parts["other"] = remainder - sum(parts.values())
+    return {"remainder_seconds": remainder, "parts_seconds": parts}
 
 
-def lora_config() -> dict:
+def measure(args, role: str) -> dict:
+    cmd = common.python_cmd(__file__, "--child", role, "--model", args.model, "--quant", args.quant, "--batch-size",
+                            args.batch_size, "--repeats", args.repeats, "--warmup", args.warmup, "--threads",
+                            args.threads, "--seed", args.seed)
+    raw = common.run_json(cmd, f"{role} process")
+    raw["peak_rss_bytes_wait4"] = raw.pop("_process")["peak_rss_bytes"]
+    return raw
+
+
+def run(args) -> dict:
+    from edgezo import store
     from edgezo.adapter import LoraConfig, config_dict
 
-    return config_dict(LoraConfig())  # the mezo child trains the default adapter
+    machine = common.machine_info()
+    model_path = store.resolve_model(args.model, args.quant)  # requantize (cached) before any timing
+    inference, mezo = measure(args, "inference"), measure(args, "mezo")
+    inference["forward"] = common.summary(inference.pop("forward_seconds"))
+    inference["score"] = common.summary(inference.pop("score_seconds"))
+    mezo["step"] = common.summary(mezo.pop("step_seconds"))
+    return {
+        "benchmark": NAME,
+        "step_over_two_forwards": mezo["step"]["median"] / (2 * inference["forward"]["median"]),
+        "target_step_over_two_forwards": TARGET,
+        "rss_mezo_over_inference": mezo["peak_rss_bytes"] / inference["peak_rss_bytes"],
+        **split(inference, mezo),
+        "inference": inference, "mezo": mezo,
+        "model": args.model, "quant": args.quant, "model_sha256": common.sha256(model_path),
+        "batch_size": args.batch_size, "n_tokens": inference["n_tokens"], "warmup": args.warmup,
+        "repeats": args.repeats, "threads": args.threads, "seed": args.seed, "lora": config_dict(LoraConfig()),
+        "quick": args.quick, "note": args.note, "machine": machine, "load_average_end": common.load_average(),
+        "time": common.utc_now(),
+    }
 
 
-def machine() -> dict:
-    import llama_cpp
+def render(result: dict) -> str:
+    inf, mz = result["inference"], result["mezo"]
+    rows = [["bare forward (Engine.logits, no adapter)", common.spread(inf["forward"]), ""],
+            ["MeZO step (mezo_step: 2 forwards with adapter + the parts below)", common.spread(mz["step"]), ""],
+            ["**step / two forwards**", common.fmt(result["step_over_two_forwards"]),
+             f"<= {result['target_step_over_two_forwards']:.2f}"],
+            ["peak RSS inference / MeZO", f"{common.mib(inf['peak_rss_bytes'])} / {common.mib(mz['peak_rss_bytes'])}", ""],
+            ["rss MeZO / inference", common.fmt(result["rss_mezo_over_inference"]), ""]]
+    step_ms = 1e3 * result["remainder_seconds"]
+    parts = [[f"  {name}", f"{1e3 * result['parts_seconds'][name]:.1f} ms", ""] for name in PARTS]
+    lora = result["lora"]
+    return (common.table(["", "seconds: median (min-max)", "target"], rows)
+            + f"\nWhere the remainder (step - 2 x forward = {step_ms:.1f} ms per step) goes, medians of "
+              f"{result['repeats']} instrumented steps:\n\n"
+            + common.table(["part", "per step", ""], parts)
+            + f"\n{result['model']} {result['quant']}, batch {result['batch_size']} movie-review prompts "
+              f"({result['n_tokens']} tokens, logits at the answer position only), LoRA rank {lora['rank']} alpha "
+              f"{lora['alpha']:g} on {','.join(lora['targets'])}, seed {result['seed']}, threads "
+              f"{result['threads'] or 'all'}; {result['warmup']} warm-up and {result['repeats']} timed repetitions per "
+              f"fresh process.\n\n{common.provenance(result)}\n")
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
-    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": mem, "python": platform.python_version(),
-            "llama_cpp_python": llama_cpp.__version__}
 
-
-def main() -> int:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--quant", default="q4_0")
@@ -117,35 +211,26 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="1 warm-up, 5 repetitions")
+    p.add_argument("--note", default="", help="free text stored with the result (e.g. 'measured under load')")
     p.add_argument("--json", action="store_true")
     p.add_argument("--child", choices=["inference", "mezo"], help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if args.quick:
+        args.warmup, args.repeats = 1, 5
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.child:
-        args.role = args.child
         print(json.dumps(child(args)))
         return 0
-    from edgezo.files import sha256_file
-
-    inference = run_child(args, "inference")
-    mezo = run_child(args, "mezo")
-    result = {
-        "benchmark": "mezo_step",
-        "step_over_two_forwards": mezo["step_s"] / (2 * inference["forward_s"]),
-        "rss_mezo_over_inference": mezo["peak_rss_bytes"] / inference["peak_rss_bytes"],
-        "inference": inference, "mezo": mezo,
-        "model": args.model, "quant": args.quant, "model_sha256": sha256_file(inference["model_path"]),
-        "batch_size": args.batch_size, "repeats": args.repeats, "seed": args.seed, "lora": lora_config(),
-        "machine": machine(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a") as f:
-        f.write(json.dumps(result) + "\n")
-    if not args.json:
-        print(f"forward {inference['forward_s']:.3f} s, MeZO step {mezo['step_s']:.3f} s "
-              f"-> step / two forwards = {result['step_over_two_forwards']:.3f} (target <= 1.10)")
-        print(f"peak RSS inference {inference['peak_rss_bytes'] / 2**20:.0f} MiB, MeZO {mezo['peak_rss_bytes'] / 2**20:.0f} MiB "
-              f"-> ratio {result['rss_mezo_over_inference']:.3f} (target <= 1.15)")
-    print(json.dumps(result))
+    result = run(args)
+    common.append_result(NAME, result)
+    text = render(result)
+    common.write_markdown(NAME, "# MeZO step cost vs two bare forward passes\n\n" + text)
+    print(json.dumps(result) if args.json else text)
     return 0
 
 

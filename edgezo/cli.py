@@ -151,9 +151,17 @@ def parse_bytes(text: str | None) -> int:
 
 
 def cmd_finetune(args) -> tuple[dict, str]:
+    from . import distributed
     from .trainer import train
 
+    if args.workers > 1 and not distributed.launched():
+        return distributed.launch_local(args, say)  # N local ranks of this same command; rank 0's result
     t0 = time.perf_counter()
+    # A rank of a distributed run (torchrun, or launched above): only rank 0 writes the run directory and talks.
+    group = (distributed.Group.from_env(distributed.DistConfig(args.parallel, args.peer_timeout), args.workers)
+             if distributed.launched() else None)
+    root = group is None or group.is_root
+    log = say if root else (lambda msg: None)
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     mezo = MezoConfig(learning_rate=args.learning_rate, eps=args.eps, n_directions=args.n_directions,
                       weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps)
@@ -161,21 +169,28 @@ def cmd_finetune(args) -> tuple[dict, str]:
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes)
     run = RunDir(args.out)
-    model_path = store.resolve_model(args.model, args.quant, log=say)
+    model_path = store.resolve_model(args.model, args.quant, log=log)
     if budget_bytes:
         refuse_over_budget(model_path, "mezo", args, lora, budget_bytes)
-    engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
+    engine_batch = group.engine_batch_size(args.batch_size) if group else args.batch_size
+    engine, base = open_engine(model_path, engine_batch, args.max_seq_len, args.threads)
     task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"], optional={"valid"})
     if "valid" not in examples:
-        say("no validation split: training without periodic evaluation")
+        log("no validation split: training without periodic evaluation")
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
         "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
         "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value},
         "train": asdict(train_cfg), "threads": args.threads,
     }
+    if group:  # only then: single-process runs resume as before, and a change of world size or mode is refused
+        config["distributed"] = group.config_dict()
     start_step = 0
-    if args.resume:
+    fresh = lambda: LoraAdapter.init(base, lora, seed=args.seed)  # noqa: E731
+    if not root:  # a replica: the checkpoint in its --out if that holds this run, else the seed init
+        adapter, start_step = distributed.local_state(run, config, base, fresh)
+        run = distributed.ReplicaRun()
+    elif args.resume:
         if not run.state.exists():
             raise EdgezoError(f"--resume: {run.path} holds no checkpoint (state.json)")
         _check_resume_config(run, config)
@@ -185,24 +200,39 @@ def cmd_finetune(args) -> tuple[dict, str]:
     else:
         if run.state.exists():
             raise EdgezoError(f"{run.path} already holds a run; pass --resume to continue it or choose another --out")
-        adapter = LoraAdapter.init(base, lora, seed=args.seed)
+        adapter = fresh()
         run.create()
         run.metrics.unlink(missing_ok=True)
-    write_json_atomic(run.config, config)
+    hooks = {}
+    if group:  # same config, data and adapter on every rank (a rank behind replays rank 0's step log); no weights sent
+        adapter, start_step = group.synchronize(adapter, start_step, distributed.run_digest(config, examples["train"]),
+                                                run, mezo, fresh)
+        if root:
+            group.on_lost = lambda step: (run.save_checkpoint(adapter, step), f"checkpoint of step {step} saved in {run.path}")[1]
+        hooks = {"step_fn": group.step_fn(engine, task, mezo, args.seed, train_cfg.steps), "evaluate_fn": group.evaluate_fn}
+    if root:
+        write_json_atomic(run.config, config)
     engine.set_adapter(adapter)
-    say(f"MeZO on {model_path.name}: {adapter.n_params:,} LoRA parameters, {len(examples['train'])} training examples, "
-        f"{train_cfg.steps} steps of batch {train_cfg.batch_size}")
-    progress = ConsoleProgress(train_cfg.steps, start_step)
+    log(f"MeZO on {model_path.name}: {adapter.n_params:,} LoRA parameters, {len(examples['train'])} training examples, "
+        f"{train_cfg.steps} steps of batch {train_cfg.batch_size}"
+        + (f", {group.world} workers ({args.parallel}-parallel)" if group else ""))
+    progress = ConsoleProgress(train_cfg.steps, start_step) if root else (lambda event: None)
     try:
         result = train(engine, adapter, task, examples["train"], examples.get("valid", []), mezo,
-                       train_cfg, run, start_step=start_step, callback=progress)
+                       train_cfg, run, start_step=start_step, callback=progress, **hooks)
+        report = group.finish(adapter) if group else {}
     finally:
-        progress.close()
-    summary = {"adapter": str(result.adapter_path), "steps": result.steps, "final_loss": result.final_loss,
-               "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
-               "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path)}
+        if root:
+            progress.close()
+        else:
+            run.remove()
+    summary = {"adapter": str(result.adapter_path) if root else None, "steps": result.steps,
+               "final_loss": result.final_loss, "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+               "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path) if root else None, **report}
     if result.valid is not None:
         summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
+    if report and not report["replicas_identical"]:
+        log(f"warning: the replicas' adapters differ: {report['replica_sha256']}")
     return summary, (f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
                      + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
                      + f"  ({summary['seconds']:.0f} s)")
@@ -554,6 +584,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-directions", type=int, default=m.n_directions, help="random directions per step (n-SPSA) [%(default)s]")
     p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--workers", type=int, default=1,
+                   help="local processes training one adapter together (torch.distributed, gloo); under torchrun "
+                   "leave it out [%(default)s]")
+    p.add_argument("--parallel", choices=["data", "direction"], default="data",
+                   help="data: shard each step's batch; direction: each worker its own direction(s) [%(default)s]")
+    p.add_argument("--peer-timeout", type=float, default=30.0,
+                   help="seconds a worker waits for the others at an exchange before it stops with a checkpoint "
+                   "(a dead worker is noticed at once) [%(default)s]")
     p.set_defaults(func=cmd_finetune)
 
     for method, help_text in (("bp", "the PyTorch BP reference: AdamW on the same LoRA, data and loss (torch extra)"),

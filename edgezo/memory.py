@@ -13,6 +13,7 @@ Importing this module loads neither llama_cpp nor torch: a device check must run
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,16 @@ class ModelShape:
     tensor_bytes: dict[str, int] = field(repr=False)  # tensor name -> bytes of its data in the file
     tensor_types: dict[str, int] = field(repr=False)  # tensor name -> ggml type number
     linear_shapes: dict[str, tuple[int, int]] = field(repr=False)  # 2-D tensor name -> (n_out, n_in)
+    tensor_numel: dict[str, int] = field(default_factory=dict, repr=False)  # tensor name -> number of elements
+
+    @property
+    def n_params(self) -> int:
+        return sum(self.tensor_numel.values())
+
+    @property
+    def tied_embeddings(self) -> bool:
+        """No output.weight: the LM head reuses token_embd (SmolLM2, Gemma 3, small Qwen2.5 / Llama 3.2)."""
+        return "output.weight" not in self.tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,87 @@ def model_shape(header: GgufHeader, path: Path) -> ModelShape:
         tensor_bytes={n: tensor_nbytes(d, header.tensor_types[n]) for n, d in header.tensor_dims.items()},
         tensor_types=dict(header.tensor_types),
         linear_shapes={n: (int(d[1]), int(d[0])) for n, d in header.tensor_dims.items() if len(d) == 2},
+        tensor_numel={n: math.prod(int(x) for x in d) for n, d in header.tensor_dims.items()},
+    )
+
+
+# ---- shapes from an architecture, without a GGUF file (the capacity analysis) ----------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's architecture as its Hugging Face config.json gives it (edgezo/model_families.toml)."""
+
+    name: str
+    architecture: str  # GGUF architecture name: llama, qwen2, gemma3
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    family: str = ""
+    hf_repo: str = ""
+    params: int = 0  # the published total, checked against the architecture in tests
+
+
+SPEC_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+# --quant name -> the ggml type llama.cpp's quantizer gives 2-D weights (gguf.GGMLQuantizationType numbers).
+# K-quant mixes (q4_k_m, ...) choose types per layer by rules not modelled here.
+GGML_TYPE_OF_QUANT = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}
+GGML_F32, GGML_Q8_0, GGML_Q6_K, QK_K = 0, 8, 14, 256
+
+
+def gguf_tensor_dims(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The tensors llama.cpp's converter writes for `spec`, in ggml order ((n_in, n_out) for a matrix)."""
+    if spec.architecture not in SPEC_ARCHITECTURES:
+        raise EdgezoError(f"{spec.name}: architecture {spec.architecture!r} is not one of {', '.join(SPEC_ARCHITECTURES)}")
+    h, ff, q, kv = spec.hidden, spec.intermediate, spec.n_heads * spec.head_dim, spec.n_kv_heads * spec.head_dim
+    dims: dict[str, tuple[int, ...]] = {"token_embd.weight": (h, spec.vocab), "output_norm.weight": (h,)}
+    if not spec.tied:
+        dims["output.weight"] = (h, spec.vocab)
+    for i in range(spec.n_layers):
+        b = f"blk.{i}."
+        dims.update({b + "attn_norm.weight": (h,), b + "attn_q.weight": (h, q), b + "attn_k.weight": (h, kv),
+                     b + "attn_v.weight": (h, kv), b + "attn_output.weight": (q, h), b + "ffn_norm.weight": (h,),
+                     b + "ffn_gate.weight": (h, ff), b + "ffn_up.weight": (h, ff), b + "ffn_down.weight": (ff, h)})
+        if spec.architecture == "qwen2":  # Qwen2 has biases on q, k and v
+            dims.update({b + "attn_q.bias": (q,), b + "attn_k.bias": (kv,), b + "attn_v.bias": (kv,)})
+        if spec.architecture == "gemma3":  # q/k norms and the norms after attention and after the FFN
+            dims.update({b + "attn_q_norm.weight": (spec.head_dim,), b + "attn_k_norm.weight": (spec.head_dim,),
+                         b + "post_attention_norm.weight": (h,), b + "post_ffw_norm.weight": (h,)})
+    return dims
+
+
+def quantized_tensor_type(name: str, dims: tuple[int, ...], quant: str, tied: bool) -> int:
+    """The type llama.cpp's quantizer (llama_tensor_get_type, vendored commit) gives a tensor for `--quant`.
+
+    1-D tensors stay F32. For a quantized file type the output matrix (output.weight, or token_embd when the
+    embeddings are tied) becomes Q8_0 if its rows do not split into 256-wide K-quant blocks, else Q6_K (Q8_0 stays
+    Q8_0); checked against the Q4_0 / Q8_0 files of SmolLM2-135M and Gemma-3-270M."""
+    if quant not in GGML_TYPE_OF_QUANT:
+        raise EdgezoError(f"--quant {quant!r} cannot be sized from an architecture alone; "
+                          f"choose from {', '.join(GGML_TYPE_OF_QUANT)}")
+    ggml_type = GGML_TYPE_OF_QUANT[quant]
+    if len(dims) < 2:
+        return GGML_F32
+    quantized = quant.startswith("q")
+    is_output = name == "output.weight" or (tied and name == "token_embd.weight")
+    if quantized and is_output:
+        return GGML_Q8_0 if dims[0] % QK_K or ggml_type == GGML_Q8_0 else GGML_Q6_K
+    return ggml_type
+
+
+def shape_from_spec(spec: ModelSpec, quant: str = "q4_0") -> ModelShape:
+    """The ModelShape read_model_shape would give for `spec` converted by llama.cpp and quantized to `quant`."""
+    dims = gguf_tensor_dims(spec)
+    types = {n: quantized_tensor_type(n, d, quant.lower(), spec.tied) for n, d in dims.items()}
+    return ModelShape(
+        architecture=spec.architecture, n_layers=spec.n_layers, n_embd=spec.hidden, n_ff=spec.intermediate,
+        n_head=spec.n_heads, n_head_kv=spec.n_kv_heads, key_length=spec.head_dim, value_length=spec.head_dim,
+        n_vocab=spec.vocab, tensor_bytes={n: tensor_nbytes(d, types[n]) for n, d in dims.items()}, tensor_types=types,
+        linear_shapes={n: (d[1], d[0]) for n, d in dims.items() if len(d) == 2},
+        tensor_numel={n: math.prod(d) for n, d in dims.items()},
     )
 
 

@@ -30,11 +30,12 @@ from .adapter import LoraAdapter
 from .data import Example, Task, batch_indices
 from .files import (EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file, write_json_atomic,
                     write_text_atomic)
-from .mezo import MezoConfig, NonFiniteLoss, mezo_step
+from .mezo import MezoConfig, NonFiniteLoss, StepRecord, mezo_step
 from .objective import Totals, evaluate, loss_function
 
 Event = dict
 Callback = Callable[[Event], None]
+StepFn = Callable[[dict, Sequence[Example], int], StepRecord]
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,12 @@ def stop_requests():
 
 def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example], valid_set: Sequence[Example],
           mezo: MezoConfig, config: TrainConfig, run: RunDir, start_step: int = 0,
-          callback: Callback = lambda event: None) -> TrainResult:
-    """Train `adapter` in place from `start_step` to `config.steps`; the engine must hold it with set_adapter()."""
+          callback: Callback = lambda event: None, step_fn: StepFn | None = None,
+          evaluate_fn: Callable = evaluate) -> TrainResult:
+    """Train `adapter` in place from `start_step` to `config.steps`; the engine must hold it with set_adapter().
+
+    `step_fn(theta, batch, step) -> StepRecord` replaces the MeZO step on the whole batch and `evaluate_fn` (same
+    signature as objective.evaluate) the validation: edgezo.distributed plugs its exchanges in here."""
     if not train_set:
         raise EdgezoError("the training split is empty")
     valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set
@@ -165,8 +170,8 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
         def validate(step: int) -> Totals:
             engine.update_adapter(theta)
             callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
-            totals = evaluate(engine, valid_set, task, config.batch_size,
-                              on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
+            totals = evaluate_fn(engine, valid_set, task, config.batch_size,
+                                 on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
             event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
                      "n_valid": totals.n_examples, "train_seconds": train_seconds}
             log.write(json.dumps(event) + "\n")
@@ -180,7 +185,10 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             t0 = time.perf_counter()
             batch = [train_set[i] for i in batch_indices(len(train_set), config.batch_size, config.seed, step)]
             try:
-                record = mezo_step(theta, loss_function(engine, batch, task), mezo, config.seed, step, config.steps)
+                if step_fn is None:
+                    record = mezo_step(theta, loss_function(engine, batch, task), mezo, config.seed, step, config.steps)
+                else:
+                    record = step_fn(theta, batch, step)
             except NonFiniteLoss as exc:
                 raise EdgezoError(f"{exc}; training stopped, the last good checkpoint ({run.checkpoint}) is kept") from None
             if not all(np.isfinite(t).all() for t in theta.values()):

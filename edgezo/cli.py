@@ -154,6 +154,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
     from . import distributed
     from .trainer import train
 
+    if args.workers < 1:
+        raise EdgezoError(f"--workers must be >= 1, got {args.workers}")
     if args.workers > 1 and not distributed.launched():
         return distributed.launch_local(args, say)  # N local ranks of this same command; rank 0's result
     t0 = time.perf_counter()
@@ -186,10 +188,12 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if group:  # only then: single-process runs resume as before, and a change of world size or mode is refused
         config["distributed"] = group.config_dict()
     start_step = 0
-    fresh = lambda: LoraAdapter.init(base, lora, seed=args.seed)  # noqa: E731
+
+    def fresh() -> LoraAdapter:  # every rank builds the same initial adapter from the seed: nothing to send
+        return LoraAdapter.init(base, lora, seed=args.seed)
+
     if not root:  # a replica: the checkpoint in its --out if that holds this run, else the seed init
         adapter, start_step = distributed.local_state(run, config, base, fresh)
-        run = distributed.ReplicaRun()
     elif args.resume:
         if not run.state.exists():
             raise EdgezoError(f"--resume: {run.path} holds no checkpoint (state.json)")
@@ -208,9 +212,15 @@ def cmd_finetune(args) -> tuple[dict, str]:
         adapter, start_step = group.synchronize(adapter, start_step, distributed.run_digest(config, examples["train"]),
                                                 run, mezo, fresh)
         if root:
-            group.on_lost = lambda step: (run.save_checkpoint(adapter, step), f"checkpoint of step {step} saved in {run.path}")[1]
+            def on_lost(step: int) -> str:  # the update of the step in flight was not applied: theta is `step`'s
+                run.save_checkpoint(adapter, step)
+                return f"checkpoint of step {step} saved in {run.path}"
+
+            group.on_lost = on_lost
         hooks = {"step_fn": group.step_fn(engine, task, mezo, args.seed, train_cfg.steps), "evaluate_fn": group.evaluate_fn}
-    if root:
+    if not root:
+        run = distributed.ReplicaRun()  # rank 0 owns the run directory
+    else:
         write_json_atomic(run.config, config)
     engine.set_adapter(adapter)
     log(f"MeZO on {model_path.name}: {adapter.n_params:,} LoRA parameters, {len(examples['train'])} training examples, "
@@ -492,20 +502,62 @@ def cmd_convert(args) -> tuple[dict, str]:
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
-def cmd_memory(args) -> tuple[dict, str]:
-    from .memory import load_device_profile, predict_llama_cpp
+def run_lengths(model_path: Path, args) -> tuple[dict, object]:
+    """Token counts of the run's data, tokenized by llama.cpp's vocabulary (no weights loaded): (lengths by split, task)."""
+    from .engine import Vocabulary
 
-    if args.method in ("bp", "bp-ckpt"):
-        raise EdgezoError("the PyTorch BP reference and its memory terms are not built yet (issue 4); "
-                          "methods available: inference, mezo")
+    splits = ["valid"] if args.method == "inference" else ["train", "valid"]
+    if args.method == "inference" and args.split != "valid":
+        splits = [args.split]
+    with Vocabulary(model_path) as vocab:
+        task, examples, _ = load_task_and_splits(vocab, args.data, args, splits, optional={"valid"})
+    return {split: [len(ex.tokens) for ex in exs] for split, exs in examples.items()}, task
+
+
+def cmd_memory(args) -> tuple[dict, str]:
+    """Predicted peak RSS of exactly the run these arguments describe (the finetune / reference-bp / eval flags).
+
+    Without --data the worst case: every sequence --max-seq-len tokens long. With --data the run's own batches: the
+    training batches of --steps steps from --seed, the validation batches of --n-valid examples (for --method
+    inference: the first --limit examples of --split), tokenized as the run would."""
+    from .memory import (load_device_profile, predict_llama_cpp, predict_torch, read_model_shape, run_batches)
+
+    method = "bp-ckpt" if args.method == "bp" and args.gradient_checkpointing else args.method
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     model_path = store.resolve_model(args.model, args.quant, log=say)
-    prediction = predict_llama_cpp(model_path, args.method, args.batch_size, args.max_seq_len, lora=lora,
-                                   n_tokens_per_seq=args.tokens_per_seq)
-    result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": args.method,
-              "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len}
+    seq_len = args.tokens_per_seq or args.max_seq_len
+    logit_rows, logit_cols = None, 2
+    if args.data:
+        lengths, task = run_lengths(model_path, args)
+        if method == "inference":
+            split = lengths.get(args.split, [])
+            batches = run_batches([], args.batch_size, args.seed, 0, split[: args.limit] if args.limit else split)
+        else:
+            valid = lengths.get("valid", [])
+            valid = valid[: args.n_valid] if args.n_valid else valid
+            batches = run_batches(lengths["train"], args.batch_size, args.seed, args.steps, valid)
+        if method in ("bp", "bp-ckpt"):
+            seq_len = batches.padded_len
+            if not task.is_classification:  # every target token's logits over the vocabulary
+                logit_rows, logit_cols = batches.max_batch_tokens, read_model_shape(model_path).n_vocab
+            else:
+                logit_cols = len(task.labels)
+        else:
+            seq_len = -(-batches.max_batch_tokens // args.batch_size)  # mean tokens per sequence of the fullest batch
+    if method in ("bp", "bp-ckpt"):
+        prediction = predict_torch(read_model_shape(model_path), method, args.batch_size, seq_len, lora=lora,
+                                   dtype=args.dtype, logit_rows=logit_rows, logit_cols=logit_cols)
+    else:
+        prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora,
+                                       n_tokens_per_seq=min(seq_len, args.max_seq_len))
+    result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": method,
+              "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
+              "seq_len": seq_len, "data": args.data}
+    if method in ("bp", "bp-ckpt"):
+        result["dtype"] = args.dtype
     lines = [f"{k:28}{v / 2**20:10.1f} MiB" for k, v in prediction.breakdown.items()]
-    lines.append(f"{'predicted peak RSS':28}{prediction.total_bytes / 2**20:10.1f} MiB ({args.method})")
+    what = f"{method}, batch {args.batch_size} x {seq_len} tokens" + ("" if args.data else " (worst case)")
+    lines.append(f"{'predicted peak RSS':28}{prediction.total_bytes / 2**20:10.1f} MiB ({what})")
     if args.device:
         profile = load_device_profile(args.device)
         fits = prediction.total_bytes <= profile.usable_ram_bytes
@@ -628,15 +680,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("memory", help="predict the peak RSS of a run (edgezo.memory), optionally against a device")
-    add_model_args(p)
+    add_run_args(p)  # the finetune / reference-bp arguments: the prediction is for exactly that run
+    p.set_defaults(data=None)  # no --data: the worst case, every sequence --max-seq-len tokens
     p.add_argument("--method", choices=["inference", "mezo", "bp", "bp-ckpt"], default="mezo", help="[%(default)s]")
-    p.add_argument("--batch-size", type=int, default=t.batch_size, help="[%(default)s]")
-    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="[%(default)s]")
-    p.add_argument("--tokens-per-seq", type=int, help="mean tokens per sequence [worst case: --max-seq-len]")
-    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
-    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="[%(default)s]")
-    p.add_argument("--device", help="device profile to compare against (device_profiles/NAME.toml)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bp: base weights [%(default)s]")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="with --method bp: same as bp-ckpt")
+    p.add_argument("--tokens-per-seq", type=int, help="tokens per sequence without --data [worst case: --max-seq-len]")
+    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
+    p.add_argument("--limit", type=int, default=0, help="inference: eval's --limit [%(default)s]")
+    for flag in ("--learning-rate", "--eps"):  # accepted so a finetune / reference command line can be reused
+        p.add_argument(flag, type=float, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("demo", help="zero-shot eval, MeZO fine-tune and tuned eval on the defaults (the README's main job)")

@@ -1,0 +1,530 @@
+"""MeZO across processes and machines on torch.distributed (gloo: TCP, CPU), exchanging seeds and scalars only.
+
+A MeZO update is (seeds, projected gradients, lr): every rank regenerates z from the seed and applies the same
+float32 update in the same order, so the replicas stay bit-identical without ever sending weights. Two modes:
+
+  data       every rank uses the step's seeds and scores its contiguous shard of the step's batch; the ranks
+             all-gather their loss sums (L+, L- per direction: 16 bytes) and each adds them in rank order, an
+             all-reduce whose summation order is fixed, so every rank computes the same projected gradient of the
+             whole batch. It equals one worker's up to float64 summation order and llama.cpp's batch-composition
+             effects (each rank decodes a batch of batch_size / W).
+  direction  every rank scores the whole step's batch along its own direction(s) k = rank * n + j; the ranks
+             all-gather (seed, L+, L-) (24 bytes per direction) and every rank applies all W * n updates in the
+             order of k: bit-identical to one worker with --n-directions W * n (same batch, same seeds).
+
+Start: a new run builds the adapter from the seed on every rank; on --resume every rank loads the checkpoint if
+its --out holds one of this run. A handshake compares digests of the configuration, the training data and the
+adapter; a rank that is behind (another machine, an older copy, or none: the seed init is step 0) catches up by
+replaying the step log that rank 0 sends (lr, seeds, projected gradients per step), again without weights.
+A dead rank: gloo raises at the next exchange (a closed connection at once, a hung peer after --peer-timeout);
+rank 0 saves a checkpoint at the last completed step and every survivor exits with code 130, like an interrupt.
+Only rank 0 writes the run directory. Payload bytes are counted per phase as the nbytes of the tensors a rank
+hands to gloo (its own contribution; with gloo's ring all-gather each rank also forwards W - 2 peers' payloads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+
+from .adapter import LoraAdapter
+from .data import Example, Task
+from .files import EdgezoError
+from .mezo import (MezoConfig, NonFiniteLoss, PerturbedParams, StepRecord, apply_update, direction_seed,
+                   learning_rate_at)
+from .objective import Totals, evaluate, score
+from .trainer import RunDir, TrainingInterrupted
+
+MODES = ("data", "direction")
+ARGS_ENV = "EDGEZO_WORKER_ARGS"  # the finetune arguments of a rank started by launch_local (JSON)
+STARTUP_TIMEOUT_S = 600  # rendezvous and handshake: a rank may still be fetching or tokenizing
+PHASES = ("setup", "join", "step", "eval", "end")
+
+
+class PeerLost(TrainingInterrupted):
+    """Another rank died or stopped answering; exit code 130 like any interrupt (the run can be resumed)."""
+
+
+def launched() -> bool:
+    """True in a rank process: started by torchrun or by launch_local (both set RANK and WORLD_SIZE)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def adapter_sha256(adapter: LoraAdapter) -> str:
+    """sha256 over the adapter's tensors (names, shapes, float32 bytes, in order): the replica identity."""
+    h = hashlib.sha256()
+    for name, t in adapter.tensors.items():
+        h.update(f"{name}{t.shape}".encode())
+        h.update(np.ascontiguousarray(t, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+RANK_LOCAL = {"model", "model_path", "data", "threads"}  # may differ between machines (paths, cores)
+
+
+def run_digest(config: dict, train_set: Sequence[Example]) -> str:
+    """What every rank must share: the configuration (less local paths and threads) and the training tokens."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in RANK_LOCAL}, sort_keys=True).encode())
+    for ex in train_set:
+        h.update(np.asarray(ex.tokens, dtype=np.int64).tobytes())
+        h.update(f"|{ex.label}|{getattr(ex, 'target_start', '')};".encode())
+    return h.hexdigest()
+
+
+# ---- the exchanges -------------------------------------------------------------------------------------------
+class Collective:
+    """The only code that talks to gloo: all-gather and broadcast of small numpy arrays, counting payload bytes."""
+
+    def __init__(self, rank: int, world: int, group=None):
+        self.rank, self.world, self.group = rank, world, group
+        self.sent = dict.fromkeys(PHASES, 0)  # nbytes of the tensors this rank handed to gloo, per phase
+        self.largest = 0  # the largest single tensor: shows that no adapter ever crossed the network
+        self.phase = "setup"
+
+    def _count(self, nbytes: int) -> None:
+        self.sent[self.phase] += nbytes
+        self.largest = max(self.largest, nbytes)
+
+    def all_gather(self, values: np.ndarray) -> np.ndarray:
+        """[world, *values.shape]: every rank's `values`, in rank order, identical on every rank."""
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(np.array(values, order="C"))  # a copy: gloo wants a writable buffer
+        out = [torch.empty_like(tensor) for _ in range(self.world)]
+        self._count(tensor.numel() * tensor.element_size())
+        with _gloo_errors():
+            dist.all_gather(out, tensor, group=self.group)
+        return np.stack([o.numpy() for o in out])
+
+    def broadcast(self, values: np.ndarray) -> np.ndarray:
+        """Rank 0's `values` on every rank (the others pass an array of the same shape and dtype to fill)."""
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.from_numpy(np.ascontiguousarray(values).copy())
+        if self.rank == 0:  # the receivers' buffers carry nothing of theirs
+            self._count(tensor.numel() * tensor.element_size())
+        with _gloo_errors():
+            dist.broadcast(tensor, src=0, group=self.group)
+        return tensor.numpy()
+
+
+@contextlib.contextmanager
+def _gloo_errors():
+    try:
+        yield
+    except RuntimeError as exc:  # gloo: "Connection closed by peer", "Timed out waiting ...", DistBackendError
+        text = re.sub(r"^\[[^\]]*\] ", "", str(exc).strip())  # drop gloo's [source:line] prefix
+        raise PeerLost(text.split(". This is", 1)[0].splitlines()[0][:160]) from None
+
+
+# ---- one rank's view of the group ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DistConfig:
+    mode: str = "data"
+    peer_timeout_s: float = 30.0  # a hung rank is given up after this; a dead one is noticed at once
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise EdgezoError(f"--parallel must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not self.peer_timeout_s > 0:
+            raise EdgezoError(f"--peer-timeout must be > 0 seconds, got {self.peer_timeout_s}")
+
+
+class Group:
+    """This rank, the world, the exchanges, and what rank 0 does when a peer is lost (save a checkpoint)."""
+
+    def __init__(self, config: DistConfig, rank: int, world: int):
+        self.config, self.rank, self.world = config, rank, world
+        self.collective = Collective(rank, world)
+        self.completed = 0  # steps whose update is applied: the checkpoint to save if a peer is lost
+        self.steps_run = 0
+        self.on_lost: Callable[[int], str] = lambda step: "rank 0 keeps the last checkpoint"
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, config: DistConfig, workers: int = 1) -> Group:
+        """Join the process group described by torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
+        try:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except ValueError:
+            raise EdgezoError(f"RANK={os.environ['RANK']!r} / WORLD_SIZE={os.environ['WORLD_SIZE']!r}: "
+                              f"expected integers") from None
+        if workers > 1 and workers != world:
+            raise EdgezoError(f"--workers {workers} launches local ranks itself; under torchrun (WORLD_SIZE={world}) "
+                              f"leave it out and size the job with torchrun's --nproc-per-node / --nnodes")
+        if not 0 <= rank < world:
+            raise EdgezoError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        import torch.distributed as dist
+
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        try:  # a long timeout for the rendezvous and the handshake; _connect() then sets the short one
+            dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+        except (RuntimeError, ValueError) as exc:
+            raise EdgezoError(f"rank {rank} of {world} could not join the process group at {where} "
+                              f"(MASTER_ADDR:MASTER_PORT): {str(exc).splitlines()[0][:200]}") from None
+        # Left to interpreter shutdown, gloo's threads can meet destroyed objects and abort (SIGABRT) on the
+        # error paths; tear the group down while Python still runs.
+        atexit.register(_destroy_process_group)
+        return cls(config, rank, world)
+
+    def engine_batch_size(self, batch_size: int) -> int:
+        """Sequences one rank decodes at once: a shard of the batch (data) or the whole batch (direction)."""
+        if self.config.mode == "direction":
+            return batch_size
+        if batch_size % self.world:
+            raise EdgezoError(f"--batch-size {batch_size} is not divisible by {self.world} workers "
+                              f"(data-parallel gives every rank an equal shard of each step's batch)")
+        return batch_size // self.world
+
+    def config_dict(self) -> dict:
+        return {"mode": self.config.mode, "world_size": self.world}
+
+    def directions_per_step(self, mezo: MezoConfig) -> int:
+        return mezo.n_directions * (self.world if self.config.mode == "direction" else 1)
+
+    def exchange(self, values: np.ndarray) -> np.ndarray:
+        """all_gather; if a peer is lost, rank 0 saves the checkpoint of the last completed step first."""
+        try:
+            return self.collective.all_gather(values)
+        except PeerLost as exc:
+            raise PeerLost(f"lost contact with another rank after step {self.completed} "
+                           f"({exc}); {self.on_lost(self.completed)}, continue with --resume") from None
+
+    # ---- start: same configuration and data everywhere, the same adapter without sending it ----
+    def synchronize(self, adapter: LoraAdapter, step: int, digest: str, run: RunDir, mezo: MezoConfig,
+                    fresh: Callable[[], LoraAdapter]) -> tuple[LoraAdapter, int]:
+        """(adapter, step) equal on every rank: rank 0's. A rank that is behind, or holds something else,
+        replays rank 0's step log from its own state (or from `fresh()`, the seed init at step 0)."""
+        try:
+            return self._synchronize(adapter, step, digest, run, mezo, fresh)
+        except PeerLost as exc:
+            raise PeerLost(f"lost contact with another rank before training started ({exc}); start again") from None
+
+    def _synchronize(self, adapter, step, digest, run, mezo, fresh) -> tuple[LoraAdapter, int]:
+        self.collective.phase = "setup"
+        mine = np.frombuffer(bytes.fromhex(digest) + bytes.fromhex(adapter_sha256(adapter))
+                             + int(step).to_bytes(8, "little"), dtype=np.uint8)
+        got = self.collective.all_gather(mine)
+        others = [r for r in range(self.world) if bytes(got[r, :32]) != bytes(got[0, :32])]
+        if others:
+            raise EdgezoError(f"rank(s) {others} run a different configuration or training data than rank 0 "
+                              f"(everything but the model and data paths and --threads must match)")
+        steps = [int.from_bytes(bytes(got[r, 64:]), "little") for r in range(self.world)]
+        target = steps[0]
+        behind = {r: (steps[r] if steps[r] < target else 0) for r in range(1, self.world)
+                  if (steps[r], bytes(got[r, 32:64])) != (target, bytes(got[0, 32:64]))}
+        if behind:
+            self.collective.phase = "join"
+            first = min(behind.values())
+            log = self._broadcast_log(run, first, target, mezo)
+            if self.rank in behind:
+                if steps[self.rank] >= target:
+                    adapter, step = fresh(), 0  # ahead of rank 0 or not on its trajectory: start from the seed init
+                replay(adapter, log[step - first:], first=step, mezo=mezo)
+            self.collective.phase = "setup"
+            check = self.collective.all_gather(np.frombuffer(bytes.fromhex(adapter_sha256(adapter)), dtype=np.uint8))
+            wrong = [r for r in range(self.world) if bytes(check[r]) != bytes(check[0])]
+            if wrong:
+                raise EdgezoError(f"rank(s) {wrong} could not rebuild rank 0's adapter at step {target} from the "
+                                  f"step log (a local checkpoint of another run in --out?)")
+        self.completed = target
+        self._connect()
+        return adapter, target
+
+    def _broadcast_log(self, run: RunDir, first: int, target: int, mezo: MezoConfig) -> np.ndarray:
+        """Rows (lr, seeds..., projected_grads...) of steps first+1..target from rank 0's metrics.jsonl."""
+        n_dir = self.directions_per_step(mezo)
+        rows = np.zeros((target - first, 1 + 2 * n_dir), dtype=np.float64)
+        ok, problem = np.array([1], dtype=np.int64), ""
+        if self.is_root:
+            try:
+                rows[:] = read_step_log(run, first, target, n_dir)
+            except EdgezoError as exc:
+                ok[0], problem = 0, str(exc)
+        ok = self.collective.broadcast(ok)
+        if not ok[0]:
+            raise EdgezoError(problem if self.is_root else "rank 0 cannot send the step log (its error is above)")
+        return self.collective.broadcast(rows)
+
+    # ---- training ----
+    def _connect(self) -> None:
+        """Switch to a group with the short --peer-timeout for training: a hung peer is given up within it."""
+        import torch.distributed as dist
+
+        with _gloo_errors():
+            self.collective.group = dist.new_group(list(range(self.world)), backend="gloo",
+                                                   timeout=timedelta(seconds=self.config.peer_timeout_s))
+
+    def step_fn(self, engine, task: Task, mezo: MezoConfig, run_seed: int, total_steps: int):
+        """The distributed replacement of mezo_step for trainer.train(step_fn=...)."""
+        mode_step = self._data_step if self.config.mode == "data" else self._direction_step
+
+        def step_fn(theta, batch: Sequence[Example], step: int) -> StepRecord:
+            self.collective.phase = "step"
+            record = StepRecord(step=step, lr=learning_rate_at(mezo, step, total_steps))
+            mode_step(record, theta, engine, task, batch, mezo, run_seed)
+            # The losses are the same on every rank, so every rank stops here or none does.
+            for loss_plus, loss_minus in zip(record.losses_plus, record.losses_minus, strict=True):
+                if not (np.isfinite(loss_plus) and np.isfinite(loss_minus)):
+                    raise NonFiniteLoss(f"step {step + 1}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
+            apply_update(theta, record, mezo)
+            self.completed, self.steps_run = step + 1, self.steps_run + 1
+            return record
+
+        return step_fn
+
+    def _data_step(self, record, theta, engine, task, batch, mezo, run_seed) -> None:
+        size = len(batch) // self.world
+        shards = [batch[r * size:(r + 1) * size] for r in range(self.world)]
+        n_targets = sum(_n_targets(shard, task) for shard in shards)
+        seeds = [direction_seed(run_seed, record.step, k) for k in range(mezo.n_directions)]
+        local = []
+        for seed in seeds:
+            for sign in (+1, -1):
+                engine.update_adapter(PerturbedParams(theta, seed, sign * mezo.eps))
+                local.append(score(engine, shards[self.rank], task).loss_sum)
+        sums = self.exchange(np.array(local, dtype=np.float64))  # [world, 2n]
+        for j, seed in enumerate(seeds):
+            # Python's sum adds in rank order: the same float64 result on every rank.
+            loss_plus = sum(float(x) for x in sums[:, 2 * j]) / n_targets
+            loss_minus = sum(float(x) for x in sums[:, 2 * j + 1]) / n_targets
+            _record(record, seed, loss_plus, loss_minus, mezo)
+
+    def _direction_step(self, record, theta, engine, task, batch, mezo, run_seed) -> None:
+        n = mezo.n_directions
+        local = []
+        for k in range(self.rank * n, (self.rank + 1) * n):
+            seed = direction_seed(run_seed, record.step, k)
+            losses = []
+            for sign in (+1, -1):
+                engine.update_adapter(PerturbedParams(theta, seed, sign * mezo.eps))
+                losses.append(score(engine, batch, task).loss)
+            local += [seed, *losses]
+        got = self.exchange(np.array(local, dtype=np.float64)).reshape(self.world * n, 3)  # k order
+        for seed, loss_plus, loss_minus in got:
+            _record(record, int(seed), float(loss_plus), float(loss_minus), mezo)
+
+    def evaluate_fn(self, engine, examples: Sequence[Example], task: Task, batch_size: int, on_batch=None) -> Totals:
+        """Each rank evaluates a contiguous slice; the totals (4 numbers) are gathered and added in rank order."""
+        self.collective.phase = "eval"
+        bounds = np.linspace(0, len(examples), self.world + 1).astype(int)
+        mine = evaluate(engine, examples[bounds[self.rank]:bounds[self.rank + 1]], task, engine.config.n_seq_max,
+                        on_batch=(lambda n: on_batch(n * self.world)) if on_batch else None)
+        got = self.exchange(np.array([mine.loss_sum, mine.n_targets, mine.n_correct, mine.n_examples], dtype=np.float64))
+        totals = Totals()
+        for loss_sum, n_targets, n_correct, n_examples in got:
+            totals.add(Totals(float(loss_sum), int(n_targets), int(n_correct), int(n_examples)))
+        return totals
+
+    # ---- end ----
+    def finish(self, adapter: LoraAdapter) -> dict:
+        """Gather every rank's adapter hash and byte counts (end of run, not per-step payload)."""
+        self.collective.phase = "end"
+        hashes = self.exchange(np.frombuffer(bytes.fromhex(adapter_sha256(adapter)), dtype=np.uint8))
+        sent = self.collective.sent
+        counts = self.exchange(np.array([sent["step"], self.steps_run, sent["setup"], sent["join"], sent["eval"],
+                                         self.collective.largest], dtype=np.float64))
+        per_step = [c[0] / c[1] if c[1] else 0.0 for c in counts]
+        replicas = [bytes(h).hex() for h in hashes]
+        return {"workers": self.world, "parallel": self.config.mode, "rank": self.rank,
+                "replica_sha256": replicas, "replicas_identical": len(set(replicas)) == 1,
+                "bytes_per_step_per_worker": max(per_step), "bytes_per_step_by_rank": per_step,
+                "setup_bytes_per_worker": max(c[2] for c in counts), "join_bytes": max(c[3] for c in counts),
+                "eval_bytes_per_worker": max(c[4] for c in counts),
+                "largest_payload_bytes": int(max(c[5] for c in counts)), "adapter_bytes": adapter.n_params * 4}
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _n_targets(batch: Sequence[Example], task: Task) -> int:
+    """The loss's denominator for `batch`, as objective.score counts it (known to every rank for every shard)."""
+    if task.is_classification:
+        return len(batch)
+    return sum(len(ex.tokens) - ex.target_start for ex in batch)
+
+
+def _record(record: StepRecord, seed: int, loss_plus: float, loss_minus: float, mezo: MezoConfig) -> None:
+    record.seeds.append(seed)
+    record.projected_grads.append((loss_plus - loss_minus) / (2.0 * mezo.eps))  # mezo_step's expression
+    record.losses_plus.append(loss_plus)
+    record.losses_minus.append(loss_minus)
+
+
+# ---- the step log: what a late rank replays --------------------------------------------------------------------
+def read_step_log(run: RunDir, first: int, target: int, n_dir: int) -> np.ndarray:
+    """Rows (lr, seeds..., projected_grads...) of steps first+1..target from the run's metrics.jsonl."""
+    found = {}
+    if run.metrics.exists():
+        for line in run.metrics.read_text().splitlines():
+            event = json.loads(line) if line else {}
+            if "loss" in event and first < event["step"] <= target and len(event["seeds"]) == n_dir:
+                found[event["step"]] = [event["lr"], *event["seeds"], *event["projected_grads"]]
+    missing = [s for s in range(first + 1, target + 1) if s not in found]
+    if missing:
+        raise EdgezoError(f"{run.metrics}: the step log lacks steps {missing[0]}..{missing[-1]} "
+                          f"({len(missing)} of {target - first}), so a rank cannot catch up to step {target}")
+    return np.array([found[s] for s in range(first + 1, target + 1)], dtype=np.float64)
+
+
+def replay(adapter: LoraAdapter, rows: np.ndarray, first: int, mezo: MezoConfig) -> None:
+    """Apply the logged updates of steps first+1.. in order: bit-identical to training (float32, same order)."""
+    for i, row in enumerate(rows):
+        n_dir = (len(row) - 1) // 2
+        apply_update(adapter.tensors, StepRecord(step=first + i, lr=float(row[0]),
+                                                 seeds=[int(s) for s in row[1:1 + n_dir]],
+                                                 projected_grads=[float(g) for g in row[1 + n_dir:]]), mezo)
+
+
+# ---- ranks > 0 -------------------------------------------------------------------------------------------------
+def local_state(run: RunDir, config: dict, base, fresh: Callable[[], LoraAdapter]) -> tuple[LoraAdapter, int]:
+    """A replica's starting point: the checkpoint in its --out if that holds this run (on one machine: rank 0's),
+    else the seed init at step 0; synchronize() brings it to rank 0's step."""
+    def essentials(c: dict) -> str:  # what --resume may not change (steps, eval and save intervals may)
+        train = {k: c.get("train", {}).get(k) for k in ("seed", "batch_size", "n_valid")}
+        return run_digest({**c, "train": train}, [])
+
+    try:
+        if essentials(json.loads(run.config.read_text())) == essentials(config):
+            return run.load_checkpoint(base)
+    except (OSError, ValueError, EdgezoError):
+        pass
+    return fresh(), 0
+
+
+class ReplicaRun(RunDir):
+    """What train() needs of a run directory, on ranks > 0: rank 0 owns the real one. Metrics go to /dev/null,
+    checkpoints are skipped, and the final adapter goes to a scratch directory (removed by the caller)."""
+
+    def __init__(self):
+        super().__init__(tempfile.mkdtemp(prefix="edgezo-replica-"))
+        self.metrics = Path(os.devnull)
+
+    def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
+        pass
+
+    def train_seconds_at(self, step: int) -> float:
+        return 0.0
+
+    def remove(self) -> None:
+        self.adapter.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
+# ---- edgezo finetune --workers N: N local ranks of the same command ----------------------------------------------
+def launch_local(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict, str]:
+    """Start args.workers rank processes on 127.0.0.1 (each with --threads // N threads, at least 1), wait for
+    them, and return rank 0's result. SIGINT / SIGTERM are forwarded as SIGTERM: every rank stops cleanly."""
+    from . import store
+
+    n = args.workers
+    Group(DistConfig(args.parallel, args.peer_timeout), 0, n).engine_batch_size(args.batch_size)  # once, not N times
+    threads = max(1, (args.threads or os.cpu_count() or 1) // n)
+    store.resolve_model(args.model, args.quant, log=log)  # fetch / requantize once, before the ranks look for it
+    port = _free_port()
+    spec = {k: v for k, v in vars(args).items() if k != "func"} | {"threads": threads}
+    log(f"{n} local ranks ({args.parallel}-parallel, {threads} thread(s) each), process group on 127.0.0.1:{port}")
+    with tempfile.TemporaryFile("w+") as out:
+        procs = []
+        for rank in range(n):
+            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), ARGS_ENV: json.dumps(spec)}
+            procs.append(subprocess.Popen([sys.executable, "-m", "edgezo.distributed"], env=env,
+                                          stdout=out if rank == 0 else subprocess.DEVNULL, start_new_session=True))
+        with _forward_stop_signals(procs):
+            codes = [p.wait() for p in procs]
+        out.seek(0)
+        lines = [line for line in out.read().splitlines() if line.strip()]
+    if all(code == 0 for code in codes) and lines:
+        result = json.loads(lines[-1])
+        result["threads_per_worker"] = threads
+        return result, (f"adapter: {result['adapter']}  final loss {result['final_loss']:.4f}  "
+                        f"{n} workers, {result['bytes_per_step_per_worker']:.0f} bytes per step per worker, "
+                        f"replicas {'identical' if result['replicas_identical'] else 'DIFFER'}")
+    causes = [f"rank {r} " + (f"was killed by signal {-c}" if c < 0 else "stopped" if c == 130 else f"failed (exit {c})")
+              for r, c in enumerate(codes) if c != 0]
+    if any(c not in (0, 130) and c > 0 for c in codes):
+        raise EdgezoError("; ".join(causes) + " (the ranks' errors are above)")
+    state = RunDir(args.out).state
+    where = (f"{args.out} holds the checkpoint of step {json.loads(state.read_text())['step']}" if state.exists()
+             else f"{args.out} holds no checkpoint yet")
+    raise TrainingInterrupted("; ".join(causes) + f"; {where}, continue with --resume")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _forward_stop_signals(procs: list[subprocess.Popen]):
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    try:
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: no handlers, the ranks are still stopped by their own signals
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def worker_main() -> int:
+    """A rank started by launch_local: run `edgezo finetune` with the launcher's arguments (main()'s exit codes)."""
+    from . import cli
+
+    args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
+    prefix = f"edgezo finetune: rank {os.environ['RANK']}:"
+    try:
+        result, _ = cli.cmd_finetune(args)
+    except TrainingInterrupted as exc:
+        cli.say(f"{prefix} {exc}")
+        return 130
+    except EdgezoError as exc:
+        cli.say(f"{prefix} error: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        cli.say(f"{prefix} interrupted")
+        return 130
+    cli.emit_json(result)
+    return 0
+
+
+if __name__ == "__main__":
+    from edgezo.distributed import worker_main as _main  # the package's module, not this __main__ copy
+
+    sys.exit(_main())

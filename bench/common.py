@@ -1,0 +1,220 @@
+"""What every benchmark in bench/ shares: machine and version info, a fresh-process runner, statistics, results files.
+
+Method (bench/README.md): each configuration runs in its own fresh process (no warm caches, allocator state or
+thread pools carried over from another configuration), does a warm-up, then several timed repetitions; we report
+the median and min/max. Comparisons are ratios of figures measured in the same run, because absolute times on a
+shared machine drift. Every result line carries the machine, library versions, model sha256 and seed, and the
+load average before and after, so a figure measured under load can be told apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+if str(ROOT) not in sys.path:  # run from a checkout: import this tree's edgezo even without an install
+    sys.path.insert(0, str(ROOT))
+LIBRARIES = ("llama_cpp_python", "numpy", "gguf", "torch", "transformers", "peft", "accelerate")
+
+
+# ---- statistics -----------------------------------------------------------------------------------------------
+def summary(values: Sequence[float]) -> dict:
+    """{median, min, max, n} of repeated measurements (the median resists the outliers of a shared machine)."""
+    if not values:
+        raise ValueError("no measurements to summarise")
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
+    """Wall-clock seconds of `repeats` calls of fn after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
+
+
+# ---- machine and versions -------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def versions(names: Sequence[str] = LIBRARIES) -> dict:
+    """Installed versions, read from package metadata (importing torch just to ask would cost seconds and RSS)."""
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine_info() -> dict:
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_bytes": ram_bytes(), "os": platform.platform(),
+            "versions": versions(), "load_average": load_average()}
+
+
+def sha256(path: str | os.PathLike) -> str:
+    from edgezo.files import sha256_file
+
+    return sha256_file(path)
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---- fresh processes ------------------------------------------------------------------------------------------
+class ChildFailed(RuntimeError):
+    pass
+
+
+def run_fresh(cmd: Sequence[str], env: dict | None = None, timeout: float | None = None) -> dict:
+    """Run `cmd` in a fresh process; return {stdout, stderr, seconds, peak_rss_bytes, returncode}.
+
+    peak_rss_bytes is the child's own ru_maxrss from wait4 (the kernel's high-water mark of its resident set,
+    the same figure as VmHWM), so it is measured the same way whatever the child is and whatever it reports.
+    Output goes through files, not pipes: wait4 must reap the child itself, and a full pipe would block it.
+    """
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
+        deadline = None if timeout is None else t0 + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise ChildFailed(f"{' '.join(cmd[:4])} ...: timed out after {timeout:.0f} s")
+            time.sleep(0.2)
+        seconds = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        return {"stdout": out.read(), "stderr": err.read(), "seconds": seconds,
+                "peak_rss_bytes": usage.ru_maxrss * 1024, "returncode": proc.returncode}
+
+
+def last_json(stdout: str) -> dict:
+    """The JSON object on the last non-empty line of stdout (the convention of every edgezo command and child)."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    if not lines:
+        raise ChildFailed("the child printed nothing on stdout")
+    return json.loads(lines[-1])
+
+
+def run_json(cmd: Sequence[str], what: str, env: dict | None = None, timeout: float | None = None) -> dict:
+    """run_fresh + parse the last stdout line; the measured peak RSS and wall time are added under `_process`."""
+    done = run_fresh(cmd, env=env, timeout=timeout)
+    if done["returncode"] != 0:
+        raise ChildFailed(f"{what} failed (exit {done['returncode']}):\n{done['stderr'][-3000:]}")
+    result = last_json(done["stdout"])
+    result["_process"] = {"peak_rss_bytes": done["peak_rss_bytes"], "seconds": done["seconds"]}
+    return result
+
+
+def python_cmd(script: str | os.PathLike, *args: object) -> list[str]:
+    return [sys.executable, str(script), *map(str, args)]
+
+
+# ---- results --------------------------------------------------------------------------------------------------
+def append_result(name: str, result: dict, directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.jsonl"
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return path
+
+
+def write_markdown(name: str, text: str, directory: Path = RESULTS) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.md"
+    path.write_text(text)
+    return path
+
+
+def latest_result(name: str, directory: Path = RESULTS) -> dict | None:
+    """The last line of results/<name>.jsonl (the run a table quotes), None if there is none."""
+    path = directory / f"{name}.jsonl"
+    if not path.exists():
+        return None
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(lines[-1]) if lines else None
+
+
+# ---- markdown -------------------------------------------------------------------------------------------------
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join("" if cell is None else str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def mib(n_bytes: float | None) -> str:
+    return "n/a" if n_bytes is None else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def spread(stats: dict, digits: int = 3, scale: float = 1.0) -> str:
+    """'median (min-max)' of a summary() dict."""
+    return (f"{stats['median'] * scale:.{digits}f} ({stats['min'] * scale:.{digits}f}-"
+            f"{stats['max'] * scale:.{digits}f})")
+
+
+def provenance(result: dict) -> str:
+    """One line under each table: when, on what, and whether the machine was busy."""
+    m = result.get("machine", {})
+    v = m.get("versions", {})
+    libs = ", ".join(f"{k} {v[k]}" for k in ("llama_cpp_python", "torch", "transformers", "peft") if k in v)
+    load = m.get("load_average") or []
+    note = f"**{result['note']}.** " if result.get("note") else ""
+    return (f"{note}Measured {result.get('time', '?')} on {m.get('cpu', '?')}, {m.get('cores', '?')} cores, "
+            f"{m.get('ram_bytes', 0) / 2**30:.0f} GiB RAM; {libs}; load average at start {load[0] if load else '?'}.")

@@ -1,0 +1,209 @@
+"""The untimed parts of bench/: statistics, the fresh-process runner, ratios, table rendering and the README block.
+
+Nothing here measures speed; the benchmarks themselves are run by hand (bench/README.md).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+import common  # noqa: E402
+import compare  # noqa: E402
+import mezo_step  # noqa: E402
+import report  # noqa: E402
+import throughput  # noqa: E402
+import time_to_accuracy  # noqa: E402
+
+MACHINE = {"cpu": "Test CPU", "cores": 2, "ram_bytes": 8 * 2**30, "versions": {"llama_cpp_python": "0.3.36"},
+           "load_average": [3.5, 1.0, 0.5]}
+
+
+# ---- common ---------------------------------------------------------------------------------------------------
+def test_summary_median_min_max():
+    assert common.summary([3.0, 1.0, 2.0, 10.0]) == {"median": 2.5, "min": 1.0, "max": 10.0, "n": 4}
+    assert common.summary([5.0])["median"] == 5.0
+    with pytest.raises(ValueError):
+        common.summary([])
+
+
+def test_timed_skips_warmup_calls():
+    calls = []
+    times = common.timed(lambda: calls.append(1), warmup=2, repeats=3)
+    assert len(calls) == 5 and len(times) == 3 and all(t >= 0 for t in times)
+
+
+def test_last_json_takes_the_last_non_empty_line():
+    assert common.last_json('progress\n{"a": 1}\n{"b": 2}\n\n') == {"b": 2}
+    with pytest.raises(common.ChildFailed):
+        common.last_json("\n \n")
+
+
+def test_run_fresh_reports_the_child_peak_rss_and_output():
+    # The child touches 200 MiB; ru_maxrss from wait4 must see it (and not the parent's own RSS).
+    code = "b = bytearray(200 * 2**20); print('noise'); print('{\"ok\": true}')"
+    done = common.run_fresh([sys.executable, "-c", code])
+    assert done["returncode"] == 0
+    assert common.last_json(done["stdout"]) == {"ok": True}
+    assert 200 * 2**20 < done["peak_rss_bytes"] < 600 * 2**20
+    small = common.run_fresh([sys.executable, "-c", "pass"])
+    assert small["peak_rss_bytes"] < done["peak_rss_bytes"] - 150 * 2**20
+
+
+def test_run_json_names_the_failing_child():
+    with pytest.raises(common.ChildFailed, match="(?s)the child.*exit 3.*boom"):
+        common.run_json([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "the child")
+
+
+def test_results_files_round_trip(tmp_path):
+    assert common.latest_result("x", tmp_path) is None
+    common.append_result("x", {"n": 1}, tmp_path)
+    common.append_result("x", {"n": 2}, tmp_path)
+    assert common.latest_result("x", tmp_path) == {"n": 2}
+    assert len((tmp_path / "x.jsonl").read_text().splitlines()) == 2
+
+
+def test_table_and_spread():
+    assert common.table(["a", "b"], [[1, None]]) == "| a | b |\n|---|---|\n| 1 |  |\n"
+    assert common.spread({"median": 0.5, "min": 0.25, "max": 1.0}, 2) == "0.50 (0.25-1.00)"
+
+
+# ---- ratios and splits ----------------------------------------------------------------------------------------
+def compare_result() -> dict:
+    def row(label, rss, step):
+        return {"label": label, "peak_rss_bytes": rss, "step_seconds": {"median": step, "min": step, "max": step, "n": 3},
+                "steps_per_s": 1 / step, "tokens_per_s": 500 / step}
+
+    rows = {"mezo_q4_0": row("edgezo MeZO, llama.cpp Q4_0", 300 * 2**20, 0.5),
+            "torch_mezo": row("torch MeZO, f32", 1500 * 2**20, 1.0),
+            "torch_bp": row("torch BP + AdamW, f32", 3000 * 2**20, 3.0)}
+    return {"benchmark": "compare", **compare.ratios(rows), "targets": compare.TARGETS, "rows": rows,
+            "model": "smollm2-135m", "batch_size": 16, "mean_tokens_per_step": 500.0, "mean_longest_per_step": 50.0,
+            "lora": {"rank": 16, "alpha": 32.0, "targets": ["attn_k", "attn_v"]}, "seed": 0, "threads": 2, "steps": 8,
+            "warmup_steps": 2, "machine": MACHINE, "time": "2026-01-01T00:00:00Z", "note": "measured under load"}
+
+
+def test_compare_ratios_use_the_runs_of_the_same_result():
+    result = compare_result()
+    assert result["rss_torch_bp_over_mezo_q4_0"] == pytest.approx(10.0)
+    assert result["step_torch_mezo_over_mezo_q4_0"] == pytest.approx(2.0)
+    assert result["rss_torch_bp_ckpt_over_mezo_q4_0"] is None  # not run: no ratio, not an error
+    text = compare.render(result)
+    assert "| `rss_torch_bp_over_mezo_q4_0` | 10.00 | >= 5 |" in text
+    assert "3000 MiB" in text and "measured under load" in text
+
+
+def test_compare_rejects_unknown_configs():
+    with pytest.raises(SystemExit):
+        compare.parse_args(["--configs", "mezo_q4_0,nope"])
+    assert compare.parse_args(["--quick"]).steps == 8
+
+
+def test_mezo_step_split_adds_up_to_the_remainder():
+    inference = {"forward": {"median": 0.30}}
+    parts = [{"step": 0.70, "decode": 0.64, "z_generation": 0.015, "adapter_upload": 0.001, "host_loss": 0.0002,
+              "update": 0.008}] * 3
+    mezo = {"step": {"median": 0.68}, "instrumented": parts}
+    split = mezo_step.split(inference, mezo)
+    assert split["remainder_seconds"] == pytest.approx(0.08)
+    assert split["parts_seconds"]["lora_in_graph"] == pytest.approx(0.04)
+    assert sum(split["parts_seconds"].values()) == pytest.approx(split["remainder_seconds"])
+
+
+def test_throughput_sides_compare_like_for_like():
+    bare = {"pp_tokens_per_s": {"median": 1000.0}, "gen_tokens_per_s": {"median": 50.0}, "gen_tokens": 31,
+            "token_hash": "abc"}
+    edgezo = {"pp_tokens_per_s": {"median": 980.0}, "gen_tokens_per_s": {"median": 49.0}, "gen_tokens": 31,
+              "token_hash": "abc"}
+    r = throughput.compare_sides(bare, edgezo)
+    assert r["pp_edgezo_over_bare"] == pytest.approx(0.98) and r["gen_edgezo_over_bare"] == pytest.approx(0.98)
+    assert r["same_tokens"] and r["same_gen_length"]
+    no_gen = throughput.compare_sides({**bare, "token_hash": "x"}, {"pp_tokens_per_s": {"median": 1.0}, "token_hash": "y"})
+    assert no_gen["gen_edgezo_over_bare"] is None and not no_gen["same_tokens"]
+    assert throughput.rates([2.0, 4.0, 1.0], 100)["median"] == pytest.approx(50.0)
+
+
+# ---- time to accuracy -----------------------------------------------------------------------------------------
+def write_run(directory: Path, evals: list[tuple[int, float, float]]) -> Path:
+    directory.mkdir(parents=True)
+    lines = []
+    for step, seconds, accuracy in evals:
+        lines.append({"step": step, "loss": 0.5, "seconds": 1.0, "train_seconds": seconds})
+        lines.append({"step": step, "valid_loss": 1 - accuracy, "valid_accuracy": accuracy, "n_valid": 500,
+                      "train_seconds": seconds})
+    (directory / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    return directory
+
+
+def test_time_to_accuracy_reads_eval_lines_and_finds_first_crossing(tmp_path):
+    run = write_run(tmp_path / "mezo", [(0, 0.0, 0.79), (100, 80.0, 0.81), (200, 160.0, 0.80), (300, 240.0, 0.83)])
+    curve = time_to_accuracy.read_curve(run)
+    assert [e["step"] for e in curve] == [0, 100, 200, 300]
+    assert time_to_accuracy.time_to(curve, 0.80) == 80.0  # the first evaluation at or above, not the last
+    assert time_to_accuracy.time_to(curve, 0.90) is None
+    s = time_to_accuracy.summarise({"mezo": curve}, [0.8, 0.9])["mezo"]
+    assert s["final_accuracy"] == 0.83 and s["best_accuracy"] == 0.83 and s["train_seconds"] == 240.0
+
+
+def test_time_to_accuracy_refuses_logs_without_train_seconds(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "valid_accuracy": 0.8}) + "\n")
+    with pytest.raises(SystemExit, match="train_seconds"):
+        time_to_accuracy.read_curve(tmp_path)
+    with pytest.raises(SystemExit, match="no such metrics log"):
+        time_to_accuracy.read_curve(tmp_path / "missing")
+
+
+def test_time_to_accuracy_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    curve = time_to_accuracy.read_curve(write_run(tmp_path / "r", [(0, 0.0, 0.7), (10, 5.0, 0.8)]))
+    time_to_accuracy.plot({"mezo": curve, "bp": curve}, tmp_path / "p.png", "title")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+README_TEXT = f"# project\n\nintro\n\n## Benchmarks\n\nhand-written text\n\n{report.BEGIN}\nold table\n{report.END}\n\n## Status\nkept\n"
+
+
+def test_replace_block_changes_only_the_text_between_the_markers():
+    new = report.replace_block(README_TEXT, "| new | table |\n")
+    assert new.startswith("# project\n\nintro\n\n## Benchmarks\n\nhand-written text\n\n" + report.BEGIN)
+    assert new.endswith(report.END + "\n\n## Status\nkept\n")
+    assert "old table" not in new and "| new | table |" in new
+    assert report.replace_block(new, "| new | table |\n") == new  # idempotent
+
+
+@pytest.mark.parametrize("text", ["no markers", f"{report.END}\n{report.BEGIN}",
+                                  f"{report.BEGIN}{report.BEGIN}{report.END}", f"{report.BEGIN} only"])
+def test_replace_block_refuses_missing_duplicated_or_reversed_markers(text):
+    with pytest.raises(report.ReportError):
+        report.replace_block(text, "x")
+
+
+def test_report_renders_the_latest_result_and_marks_missing_ones(tmp_path):
+    old = {**compare_result(), "rss_torch_bp_over_mezo_q4_0": 1.0}
+    common.append_result("compare", old, tmp_path)
+    common.append_result("compare", compare_result(), tmp_path)
+    block = report.build_block(tmp_path)
+    assert "| `rss_torch_bp_over_mezo_q4_0` | 10.00 | >= 5 |" in block  # the latest line, not the first
+    assert "Not measured yet: `python bench/throughput.py`" in block
+    assert block.count("### ") == len(report.SECTIONS)
+
+
+def test_report_names_an_outdated_result_line(tmp_path):
+    common.append_result("mezo_step", {"benchmark": "mezo_step", "step_over_two_forwards": 1.0}, tmp_path)
+    with pytest.raises(report.ReportError, match="mezo_step.jsonl.*rerun"):
+        report.build_block(tmp_path)
+
+
+def test_report_command_rewrites_the_readme_and_check_detects_drift(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEXT)
+    common.append_result("compare", compare_result(), tmp_path)
+    assert report.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 1
+    assert readme.read_text() == README_TEXT  # --check writes nothing
+    assert report.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
+    assert "10.00" in readme.read_text() and readme.read_text().endswith("## Status\nkept\n")
+    assert report.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 0

@@ -1,120 +1,246 @@
-"""Predicted (edgezo.memory) against measured peak RSS of llama.cpp runs, each measured in a fresh process.
+"""Predicted (edgezo.memory) against measured peak RSS, each run a fresh `python -m edgezo.cli` process.
 
-    python bench/memory_validation.py [--threads 2] [--steps 3]
+    python bench/memory_validation.py [--work-dir DIR] [--threads 2] [--steps 2] [--models ...] [--methods ...]
 
-For each model x quant x shape x method a child process does what bench/mezo_step.py's children do (engine,
-classification scoring of a movie-review batch; for MeZO the default LoRA adapter and full MeZO steps) and
-reports its VmHWM. The parent predicts the same run from the GGUF header and the run's shape (batch, context per
-sequence, tokens actually decoded) and writes bench/results/memory_validation.jsonl (appended) and
-bench/results/memory_validation.md (the latest table). Target: every prediction within 10 % of the measurement.
+Runs, for each model x setting x method, the real command and reads the `peak_rss_bytes` (VmHWM) it reports:
+    inference  edgezo eval --split valid --limit N          (llama.cpp)
+    mezo       edgezo finetune --steps S                     (llama.cpp, LoRA k,v rank 16)
+    bp         edgezo reference-bp --steps S                 (torch float32, same LoRA, AdamW)
+    bp-ckpt    edgezo reference-bp --steps S --gradient-checkpointing
+and predicts the same run with `edgezo memory --json` (the same arguments plus --method), so the table checks the
+command users call. Settings: movie-reviews at batch 8 (padded ~55 tokens), and "long reviews" (eight reviews
+joined per example, ~270 tokens) at batch 2 with --max-seq-len 512.
+
+Models: the built-in SmolLM2-135M and Gemma-3-270M (Q4_0), and two randomly initialised llama models built here
+(transformers, seed 0) with SmolLM2's tokenizer and 49,152-token vocabulary: random-360m (SmolLM2-360M's shape) and
+random-1b (Llama-3.2-1B's shape with SmolLM2's vocabulary), saved as safetensors, converted with convert/hf_to_gguf.py
+(F16) and quantized to Q4_0 by llama.cpp as `--quant q4_0` does. Everything is cached under --work-dir (its own
+EDGEZO_HOME; built-in models are copied there from $EDGEZO_HOME or fetched), nothing is committed. The GGUF -> HF
+conversion a model's first reference run does (cached in EDGEZO_HOME/hf) is done beforehand, outside the measured runs.
+Writes bench/results/memory_validation.jsonl (appended) and bench/results/memory_validation.md (latest table).
+Target: every prediction within 10 % of the measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
-MODELS = [("smollm2-135m", "q4_0"), ("smollm2-135m", "q8_0"), ("gemma3-270m", "q4_0")]
-SHAPES = [(16, 256), (4, 512)]  # (batch size = n_seq_max, KV cells per sequence)
-METHODS = ["inference", "mezo"]
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+METHODS = ["inference", "mezo", "bp", "bp-ckpt"]
+MODELS = ["smollm2-135m", "gemma3-270m", "random-360m", "random-1b"]
+# (name, data, batch size, --max-seq-len)
+SETTINGS = [("reviews-b8", "movie-reviews", 8, 256), ("long-b2", "long-reviews", 2, 512)]
+# Random llama models: (layers, hidden, intermediate, heads, kv heads) of SmolLM2-360M and Llama-3.2-1B.
+RANDOM_SHAPES = {"random-360m": (32, 960, 2560, 15, 5), "random-1b": (16, 2048, 8192, 32, 8)}
 TARGET_ERROR = 0.10
 
 
-def child(args) -> dict:
-    """Runs in a fresh process: one configuration, prints one JSON line."""
-    from edgezo import store
-    from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
-    from edgezo.data import build_examples, build_task, read_jsonl
-    from edgezo.engine import Engine, EngineConfig
-    from edgezo.files import peak_rss_bytes
-    from edgezo.mezo import MezoConfig, mezo_step
-    from edgezo.objective import loss_function, score
-
-    model_path = store.resolve_model(args.model, args.quant)
-    files, template = store.resolve_data("movie-reviews")
-    base = read_base_model_info(model_path)
-    engine = Engine(model_path, EngineConfig(n_seq_max=args.batch_size, n_ctx_per_seq=args.ctx, n_threads=args.threads))
-    records = read_jsonl(files.train)
-    task = build_task(records, files.train, engine, template, None)
-    batch = build_examples(records[: args.batch_size], files.train, task, engine, args.ctx)
-    if args.method == "inference":
-        for _ in range(args.steps):
-            score(engine, batch, task)
-    else:
-        adapter = LoraAdapter.init(base, LoraConfig(), seed=0)
-        engine.set_adapter(adapter)
-        loss_fn = loss_function(engine, batch, task)
-        for step in range(args.steps):
-            mezo_step(adapter.tensors, loss_fn, MezoConfig(), 0, step, args.steps)
-    return {"peak_rss_bytes": peak_rss_bytes(), "n_tokens": sum(len(ex.tokens) for ex in batch),
-            "model_path": str(model_path)}
+# ---- inputs ------------------------------------------------------------------------------------------------------
+def prepare(work: Path) -> None:
+    """Built-in model and dataset in the work dir's EDGEZO_HOME (copied from the user's cache when there)."""
+    home = work / "home"
+    user_home = Path(os.environ.get("EDGEZO_HOME") or Path.home() / ".cache" / "edgezo")
+    for sub in ("models/smollm2-135m", "models/gemma3-270m", "datasets/movie-reviews"):
+        if not (home / sub).exists() and (user_home / sub).exists():
+            shutil.copytree(user_home / sub, home / sub)
+    run([sys.executable, "-m", "edgezo.cli", "fetch", "smollm2-135m", "gemma3-270m", "movie-reviews", "--json"], home)
 
 
-def measure(args, model: str, quant: str, batch_size: int, ctx: int, method: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, "--model", model, "--quant", quant, "--batch-size",
-           str(batch_size), "--ctx", str(ctx), "--threads", str(args.threads), "--steps", str(args.steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def long_reviews(work: Path) -> Path:
+    """Eight consecutive movie-review snippets per example (label of the last one): ~270 tokens per sequence."""
+    out = work / "long-reviews"
+    if (out / "valid.jsonl").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    src = work / "home" / "datasets" / "movie-reviews"
+    for split in ("train", "valid"):
+        records = [json.loads(line) for line in (src / f"{split}.jsonl").read_text().splitlines()]
+        rows = [{"text": " ".join(r["text"] for r in records[i : i + 8]), "label": records[i + 7]["label"]}
+                for i in range(0, len(records) - 7, 8)]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+def random_model(work: Path, name: str) -> Path:
+    """A randomly initialised llama GGUF (Q4_0) of RANDOM_SHAPES[name] with SmolLM2's tokenizer; built once."""
+    gguf_q4 = work / f"{name}.q4_0.gguf"
+    if gguf_q4.exists():
+        return gguf_q4
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from convert.gguf_to_hf import convert_gguf_to_hf
+    from convert.hf_to_gguf import convert_hf_to_gguf
+    from edgezo.engine import quantize_gguf
+
+    tokenizer_dir = work / "smollm2-hf"
+    if not (tokenizer_dir / "config.json").exists():
+        env_home = os.environ.get("EDGEZO_HOME")
+        os.environ["EDGEZO_HOME"] = str(work / "home")
+        try:
+            from edgezo import store
+
+            convert_gguf_to_hf(store.resolve_model("smollm2-135m", "q4_0"), tokenizer_dir)
+        finally:
+            if env_home is None:
+                os.environ.pop("EDGEZO_HOME", None)
+            else:
+                os.environ["EDGEZO_HOME"] = env_home
+    layers, hidden, ff, heads, kv = RANDOM_SHAPES[name]
+    base = json.loads((tokenizer_dir / "config.json").read_text())
+    config = LlamaConfig(vocab_size=base["vocab_size"], hidden_size=hidden, intermediate_size=ff, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=hidden // heads,
+                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         bos_token_id=base.get("bos_token_id"), eos_token_id=base.get("eos_token_id"),
+                         pad_token_id=base.get("pad_token_id"))
+    torch.manual_seed(0)
+    hf_dir = work / f"{name}-hf"
+    LlamaForCausalLM(config).save_pretrained(hf_dir)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, hf_dir / f.name)
+    f16 = work / f"{name}.f16.gguf"
+    convert_hf_to_gguf(hf_dir, f16, "f16")
+    quantize_gguf(f16, gguf_q4, "q4_0")
+    f16.unlink()
+    shutil.rmtree(hf_dir)
+    return gguf_q4
+
+
+# ---- one configuration --------------------------------------------------------------------------------------------
+def run(cmd: list[str], home: Path) -> dict:
+    env = dict(os.environ, EDGEZO_HOME=str(home))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if proc.returncode != 0:
-        sys.exit(f"{model} {quant} {method} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    lines = proc.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
 
 
-def validate(args, model: str, quant: str, batch_size: int, ctx: int, method: str) -> dict:
-    from edgezo.adapter import LoraConfig, config_dict
-    from edgezo.memory import predict_llama_cpp
+def commands(args, model: str, data: str, batch_size: int, max_seq_len: int, method: str, out: Path) -> tuple[list, list]:
+    """(measured command, edgezo memory command) for one configuration."""
+    cli = [sys.executable, "-m", "edgezo.cli"]
+    common = ["--model", model, "--quant", "q4_0", "--data", data, "--batch-size", str(batch_size),
+              "--max-seq-len", str(max_seq_len), "--json"]
+    # A run validates on --n-valid examples at the start and the end; one batch's worth keeps runs short.
+    train = ["--steps", str(args.steps), "--eval-every", "0", "--n-valid", str(batch_size), "--seed", "0"]
+    threads = ["--threads", str(args.threads)]
+    if method == "inference":
+        measured = cli + ["eval", *common, *threads, "--split", "valid", "--limit", str(4 * batch_size)]
+        predicted = cli + ["memory", *common, "--method", "inference", "--split", "valid", "--limit", str(4 * batch_size)]
+    elif method == "mezo":
+        measured = cli + ["finetune", *common, *train, *threads, "--out", str(out)]
+        predicted = cli + ["memory", *common, *train, "--method", "mezo"]
+    else:
+        ckpt = ["--gradient-checkpointing"] if method == "bp-ckpt" else []
+        measured = cli + ["reference-bp", *common, *train, *threads, *ckpt, "--out", str(out)]
+        predicted = cli + ["memory", *common, *train, "--method", method]
+    return measured, predicted
 
-    measured = measure(args, model, quant, batch_size, ctx, method)
-    tokens_per_seq = -(-measured["n_tokens"] // batch_size)
-    prediction = predict_llama_cpp(measured["model_path"], method, batch_size, ctx, LoraConfig(), n_tokens_per_seq=tokens_per_seq)
-    error = prediction.total_bytes / measured["peak_rss_bytes"] - 1
-    return {"benchmark": "memory_validation", "model": model, "quant": quant, "method": method, "batch_size": batch_size,
-            "n_ctx_per_seq": ctx, "n_tokens": measured["n_tokens"], "measured_bytes": measured["peak_rss_bytes"],
-            "predicted_bytes": prediction.total_bytes, "error": error, "breakdown": prediction.breakdown,
-            "lora": config_dict(LoraConfig()) if method == "mezo" else None, "threads": args.threads, "steps": args.steps,
+
+def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
+    name, data, batch_size, max_seq_len = setting
+    home = work / "home"
+    model_arg = model if not model.startswith("random-") else str(random_model(work, model))
+    data_arg = data if data == "movie-reviews" else str(long_reviews(work))
+    out = work / "runs" / f"{model}-{name}-{method}-{time.time_ns()}"
+    if method.startswith("bp"):  # the first reference run of a model converts it to HF once; keep that out of the runs
+        warm = "import sys; from edgezo import store, reference; reference.hf_model_dir(store.resolve_model(sys.argv[1], 'q4_0'))"
+        subprocess.run([sys.executable, "-c", warm, model_arg], check=True, env=dict(os.environ, EDGEZO_HOME=str(home)), cwd=ROOT)
+    measured_cmd, predicted_cmd = commands(args, model_arg, data_arg, batch_size, max_seq_len, method, out)
+    measured = run(measured_cmd, home)
+    predicted = run(predicted_cmd, home)
+    shutil.rmtree(out, ignore_errors=True)
+    error = predicted["predicted_bytes"] / measured["peak_rss_bytes"] - 1
+    return {"benchmark": "memory_validation", "model": model, "quant": "q4_0", "setting": name, "data": data,
+            "batch_size": batch_size, "max_seq_len": max_seq_len, "method": method,
+            "seq_len": predicted.get("seq_len"), "measured_bytes": measured["peak_rss_bytes"],
+            "predicted_bytes": predicted["predicted_bytes"], "error": error, "breakdown": predicted["breakdown"],
+            "threads": args.threads, "steps": args.steps, "seed": 0, "lora": "rank 16, alpha 32, attn_k,attn_v",
+            "measured_cmd": measured_cmd[3:], "predicted_cmd": predicted_cmd[3:],  # after python -m edgezo.cli
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| model | quant | method | batch x ctx/seq | tokens | predicted MiB | measured MiB | error |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown(rows: list[dict], steps: int) -> str:
+    lines = ["| model (Q4_0) | setting | method | tokens/seq | predicted MiB | measured MiB | error |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['quant']} | {r['method']} | {r['batch_size']} x {r['n_ctx_per_seq']} | {r['n_tokens']} "
+        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r.get('seq_len') or ''} "
                      f"| {r['predicted_bytes'] / 2**20:.1f} | {r['measured_bytes'] / 2**20:.1f} | {100 * r['error']:+.1f} % |")
     worst = max(abs(r["error"]) for r in rows)
-    lines.append(f"\nWorst error {100 * worst:.1f} % (target {100 * TARGET_ERROR:.0f} %); peak RSS = VmHWM of a fresh "
-                 f"process; {rows[0]['steps']} scoring passes / MeZO steps per run, {rows[0]['threads']} threads.")
+    lines.append(f"\nWorst error {100 * worst:.1f} % (target {100 * TARGET_ERROR:.0f} %). Peak RSS = VmHWM of a fresh "
+                 f"process running the command; {steps} training steps, seed 0, LoRA rank 16 on attn_k,attn_v, "
+                 f"torch float32. reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
+                 f"per example, batch 2, --max-seq-len 512. tokens/seq: BP, the longest padded training batch; "
+                 f"llama.cpp, the mean length in the fullest batch. Predictions: `edgezo memory` with the same "
+                 f"arguments; the GGUF -> HF conversion of a model's first reference run was done beforehand.")
     return "\n".join(lines) + "\n"
+
+
+def repredict(args, work: Path) -> int:
+    """Re-run only `edgezo memory` for the latest measurement of each configuration (after changing a constant)."""
+    latest = {}
+    for line in (RESULTS / "memory_validation.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "predicted_cmd" in row:
+            latest[(row["model"], row["setting"], row["method"])] = row
+    rows = []
+    for row in latest.values():
+        argv = row["predicted_cmd"][1:] if row["predicted_cmd"][0] == "edgezo.cli" else row["predicted_cmd"]
+        predicted = run([sys.executable, "-m", "edgezo.cli", *argv], work / "home")
+        row.update(predicted_bytes=predicted["predicted_bytes"], breakdown=predicted["breakdown"],
+                   error=predicted["predicted_bytes"] / row["measured_bytes"] - 1, seq_len=predicted.get("seq_len"))
+        rows.append(row)
+    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS)} | {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (order.get(r["model"], 99), order.get(r["setting"], 99), order.get(r["method"], 99)))
+    table = markdown(rows, rows[0]["steps"])
+    if not args.no_write:
+        (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
+    print(table)
+    return 0 if all(abs(r["error"]) <= TARGET_ERROR for r in rows) else 1
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work-dir", default="/tmp/edgezo-memory-validation", help="models, data and runs [%(default)s]")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--model"), p.add_argument("--quant"), p.add_argument("--batch-size", type=int), p.add_argument("--ctx", type=int)
-    p.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--settings", default=",".join(s[0] for s in SETTINGS))
+    p.add_argument("--no-write", action="store_true", help="print the table only (trial runs)")
+    p.add_argument("--repredict", action="store_true",
+                   help="keep the measurements of the latest rows in memory_validation.jsonl, predict them again")
     args = p.parse_args()
-    if args.child:
-        args.method = args.child
-        print(json.dumps(child(args)))
-        return 0
+    work = Path(args.work_dir)
+    if args.repredict:
+        return repredict(args, work)
+    (work / "home").mkdir(parents=True, exist_ok=True)
+    prepare(work)
     rows = []
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    for model, quant in MODELS:
-        for batch_size, ctx in SHAPES:
-            for method in METHODS:
-                row = validate(args, model, quant, batch_size, ctx, method)
+    settings = [s for s in SETTINGS if s[0] in args.settings.split(",")]
+    for model in args.models.split(","):
+        for setting in settings:
+            for method in args.methods.split(","):
+                row = validate(args, work, model, setting, method)
                 rows.append(row)
-                with open(RESULTS / "memory_validation.jsonl", "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{model} {quant} {method} {batch_size}x{ctx}: predicted {row['predicted_bytes'] / 2**20:.1f} MiB, "
+                if not args.no_write:
+                    RESULTS.mkdir(parents=True, exist_ok=True)
+                    with open(RESULTS / "memory_validation.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                print(f"{model} {setting[0]} {method}: predicted {row['predicted_bytes'] / 2**20:.1f} MiB, "
                       f"measured {row['measured_bytes'] / 2**20:.1f} MiB ({100 * row['error']:+.1f} %)", flush=True)
-    table = markdown(rows)
-    (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
+    table = markdown(rows, args.steps)
+    if not args.no_write:
+        (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
     print(table)
     return 0 if all(abs(r["error"]) <= TARGET_ERROR for r in rows) else 1
 

@@ -502,16 +502,14 @@ def cmd_convert(args) -> tuple[dict, str]:
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
-def run_lengths(model_path: Path, args) -> tuple[dict, object]:
-    """Token counts of the run's data, tokenized by llama.cpp's vocabulary (no weights loaded): (lengths by split, task)."""
+def run_sequences(model_path: Path, args) -> tuple[dict, object]:
+    """The run's data tokenized by llama.cpp's vocabulary (no weights loaded): (token sequences by split, task)."""
     from .engine import Vocabulary
 
-    splits = ["valid"] if args.method == "inference" else ["train", "valid"]
-    if args.method == "inference" and args.split != "valid":
-        splits = [args.split]
+    splits = [args.split] if args.method == "inference" else ["train", "valid"]
     with Vocabulary(model_path) as vocab:
         task, examples, _ = load_task_and_splits(vocab, args.data, args, splits, optional={"valid"})
-    return {split: [len(ex.tokens) for ex in exs] for split, exs in examples.items()}, task
+    return {split: [ex.tokens for ex in exs] for split, exs in examples.items()}, task
 
 
 def cmd_memory(args) -> tuple[dict, str]:
@@ -526,18 +524,19 @@ def cmd_memory(args) -> tuple[dict, str]:
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
     model_path = store.resolve_model(args.model, args.quant, log=say)
     seq_len = args.tokens_per_seq or args.max_seq_len
-    logit_rows, logit_cols = None, 2
+    logit_rows, logit_cols, token_ids = None, 2, None
     if args.data:
-        lengths, task = run_lengths(model_path, args)
+        seqs, task = run_sequences(model_path, args)
         if method == "inference":
-            split = lengths.get(args.split, [])
+            split = seqs.get(args.split, [])
             batches = run_batches([], args.batch_size, args.seed, 0, split[: args.limit] if args.limit else split)
         else:
-            valid = lengths.get("valid", [])
+            valid = seqs.get("valid", [])
             valid = valid[: args.n_valid] if args.n_valid else valid
-            batches = run_batches(lengths["train"], args.batch_size, args.seed, args.steps, valid)
+            batches = run_batches(seqs["train"], args.batch_size, args.seed, args.steps, valid)
         if method in ("bp", "bp-ckpt"):
             seq_len = batches.padded_len
+            token_ids = batches.token_ids | set(task.label_token_ids)
             if not task.is_classification:  # every target token's logits over the vocabulary
                 logit_rows, logit_cols = batches.max_batch_tokens, read_model_shape(model_path).n_vocab
             else:
@@ -546,7 +545,7 @@ def cmd_memory(args) -> tuple[dict, str]:
             seq_len = -(-batches.max_batch_tokens // args.batch_size)  # mean tokens per sequence of the fullest batch
     if method in ("bp", "bp-ckpt"):
         prediction = predict_torch(read_model_shape(model_path), method, args.batch_size, seq_len, lora=lora,
-                                   dtype=args.dtype, logit_rows=logit_rows, logit_cols=logit_cols)
+                                   dtype=args.dtype, logit_rows=logit_rows, logit_cols=logit_cols, token_ids=token_ids)
     else:
         prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora,
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len))
@@ -564,6 +563,22 @@ def cmd_memory(args) -> tuple[dict, str]:
         result.update(device=profile.key, usable_ram_bytes=profile.usable_ram_bytes, fits=fits)
         lines.append(f"{profile.name}: {profile.usable_ram_bytes / 2**20:.0f} MiB usable -> {'fits' if fits else 'does NOT fit'}")
     return result, "\n".join(lines)
+
+
+# ---- capacity ----------------------------------------------------------------------------------------------------
+def cmd_capacity(args) -> tuple[dict, str]:
+    """The largest model of the known families each method fits on a device (edgezo.capacity)."""
+    from .capacity import capacity, format_capacity, load_specs
+    from .memory import load_device_profile
+
+    profile = load_device_profile(args.device)
+    families = [f for f in args.family.split(",") if f] if args.family else None
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    result = capacity(profile.usable_ram_bytes, load_specs(families), args.batch_size, args.seq_len, lora)
+    result.update(device=profile.key, device_name=profile.name, usable_ram_bytes=profile.usable_ram_bytes)
+    header = (f"{profile.name}: {profile.usable_ram_bytes / 2**20:.0f} MiB usable; batch {args.batch_size} x "
+              f"{args.seq_len} tokens, LoRA rank {lora.rank} on {','.join(lora.targets)}")
+    return result, header + "\n" + format_capacity(result)
 
 
 # ---- demo --------------------------------------------------------------------------------------------------------
@@ -686,11 +701,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bp: base weights [%(default)s]")
     p.add_argument("--gradient-checkpointing", action="store_true", help="with --method bp: same as bp-ckpt")
     p.add_argument("--tokens-per-seq", type=int, help="tokens per sequence without --data [worst case: --max-seq-len]")
-    p.add_argument("--split", default="valid", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="inference: eval's --limit [%(default)s]")
     for flag in ("--learning-rate", "--eps"):  # accepted so a finetune / reference command line can be reused
         p.add_argument(flag, type=float, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("capacity", help="the largest model of known families each method fine-tunes on a device")
+    p.add_argument("--device", required=True, help="device profile (device_profiles/NAME.toml)")
+    p.add_argument("--family", help="comma-separated families (smollm2, qwen2.5, llama3.2, gemma3) [all]")
+    p.add_argument("--batch-size", type=int, default=16, help="[%(default)s]")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence [%(default)s]")
+    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
+    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA targets [%(default)s]")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_capacity)
 
     p = sub.add_parser("demo", help="zero-shot eval, MeZO fine-tune and tuned eval on the defaults (the README's main job)")
     add_model_args(p)

@@ -1,12 +1,20 @@
-"""Memory accountant: the peak resident set (VmHWM) of a llama.cpp run, predicted from the GGUF header and the run's shape.
+"""Memory accountant: the peak resident set (VmHWM) of an edgezo run, predicted from the model's shape and the run's.
 
+llama.cpp (inference, MeZO; `predict_llama_cpp`):
     peak RSS = runtime baseline + vocabulary/runtime structures + mapped weights + repacked weights
                + KV cache + output (logits) buffer + touched compute buffer [+ LoRA adapter, for MeZO]
+the PyTorch BP reference (`edgezo reference-bp`; `predict_torch`):
+    peak RSS = torch runtime + weights + trainable state (LoRA or full: value, gradient, AdamW moments)
+               + stored activations (with or without checkpointing) + backward working set + logits
+               + glibc heap retention [+ the bfloat16 load transient's excess]
 
 Every term is a named quantity below. Sizes that llama.cpp reports itself (KV, output, repack buffers) follow its
-own formulas; the rest are constants calibrated on fresh processes (2-core CI machine, llama-cpp-python 0.3.36,
-SmolLM2-135M Q4_0 / Q8_0 and Gemma-3-270M Q4_0, see bench/memory_validation.py for the check against whole runs).
-Dataset records held by the caller (about 4.5 MiB for the 8.6k movie-review training records) are not counted.
+own formulas; stored activations are counted from the forward torch runs (checked against autograd's saved tensors
+in tests); the rest are constants calibrated on fresh processes (2-core CI machine, llama-cpp-python 0.3.36, torch
+2.13 CPU; SmolLM2-135M Q4_0 / Q8_0 and Gemma-3-270M Q4_0 for llama.cpp, SmolLM2-135M for torch), checked against
+whole runs by bench/memory_validation.py (docs/capacity.md). A model known only by its architecture (the capacity
+analysis) gets its shape from `shape_from_spec`. Dataset records held by the caller (about 4.5 MiB for the 8.6k
+movie-review training records) are not counted for llama.cpp; the torch baseline includes them.
 
 Importing this module loads neither llama_cpp nor torch: a device check must run before anything big is loaded.
 """
@@ -267,10 +275,12 @@ def lora_params(shape: ModelShape, lora: LoraConfig) -> int:
 
 
 # ---- the prediction ----------------------------------------------------------------------------------------------
-def predict_llama_cpp(model_path: str | os.PathLike, method: str, batch_size: int, n_ctx_per_seq: int,
+def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, batch_size: int, n_ctx_per_seq: int,
                       lora: LoraConfig | None = None, n_tokens_per_seq: int | None = None,
                       n_outputs_per_seq: int = 1, n_ubatch: int = DEFAULT_N_UBATCH, kv_f32: bool = False) -> Prediction:
     """Peak RSS of an edgezo process running `method` ("inference" or "mezo") through llama.cpp.
+
+    model_path: a GGUF, or a ModelShape (shape_from_spec: a model known only by its architecture).
 
     batch_size, n_ctx_per_seq: the engine's n_seq_max and per-sequence context (edgezo.engine.EngineConfig).
     n_tokens_per_seq: mean tokens actually decoded per sequence (default n_ctx_per_seq, the worst case).
@@ -281,7 +291,7 @@ def predict_llama_cpp(model_path: str | os.PathLike, method: str, batch_size: in
         raise EdgezoError(f"unknown method {method!r}; choose inference or mezo")
     if batch_size < 1 or n_ctx_per_seq < 1:
         raise EdgezoError(f"batch size and context must be >= 1, got {batch_size} and {n_ctx_per_seq}")
-    shape = read_model_shape(model_path)
+    shape = model_path if isinstance(model_path, ModelShape) else read_model_shape(model_path)
     adapter = (lora or LoraConfig()) if method == "mezo" else None
     n_tokens = batch_size * min(n_tokens_per_seq or n_ctx_per_seq, n_ctx_per_seq)
     # llama.cpp splits a decode into micro-batches of min(n_ubatch, n_ctx) tokens; the largest one sets the peak.
@@ -326,6 +336,198 @@ def adapter_terms(shape: ModelShape, lora: LoraConfig, compute_bytes: int) -> di
 def max_lora_tensor_params(shape: ModelShape, lora: LoraConfig) -> int:
     sizes = [shape.linear_shapes[f"blk.0.{t}.weight"] for t in lora.targets if f"blk.0.{t}.weight" in shape.linear_shapes]
     return max((lora.rank * max(n_out, n_in) for n_out, n_in in sizes), default=0)
+
+
+# ---- the PyTorch BP reference (edgezo.reference) -------------------------------------------------------------------
+# What `edgezo reference-bp` holds, read from edgezo/reference.py and transformers 5 / peft 0.21 / torch 2.13 (CPU):
+# * the base model is the run's GGUF dequantized to a float32 safetensors file and loaded by from_pretrained with
+#   sdpa attention. In float32 the parameters *are* the memory-mapped file (zero copy: the pages count in RSS once the
+#   first forward has read them); in bfloat16 they are converted copies.
+# * PEFT LoRA tensors stay float32 (autocast_adapter_dtype); AdamW keeps two float32 moments per trained value.
+# * batches are right-padded to their longest sequence without an attention mask, so sdpa runs causal flash
+#   attention with GQA (no T x T matrix, K/V not repeated) -- true for llama/qwen2 and for Gemma 3 up to its sliding
+#   window (512 tokens for the small ones); longer Gemma 3 sequences need a mask and are not modelled.
+# * the loss needs logits only at the answer positions and only the label words' columns (TorchScorer): for a
+#   classification run the logits are negligible; for a language-modelling run every target row x the vocabulary.
+TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# Resident bytes per distinct embedding row read from the mapped float32 file, an effective window: the kernel maps
+# 64 KiB around a fault (fault_around_bytes) and reads up to read_ahead_kb (8 MiB on this VM) around a miss; 1 MiB
+# was the best single value on the SmolLM2-135M and Gemma-3-270M reference-bp runs (grid 64 KiB..2 MiB, with
+# HEAP_RETENTION). Machine-dependent; capped by the table's size.
+EMBEDDING_READ_WINDOW_BYTES = 1 << 20
+TORCH_METHODS = ("bp", "bp-ckpt")
+NORMS_PER_LAYER = {"llama": 2, "qwen2": 2, "gemma3": 4}  # RMSNorms on the residual width in one block
+# Which input each LoRA target reads: targets in one group share one input tensor.
+LORA_INPUT_GROUP = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_output": "attn_out",
+                    "ffn_gate": "ffn_in", "ffn_up": "ffn_in", "ffn_down": "ffn_mid"}
+
+# ---- calibrated constants (measured on reference-bp runs, see bench/memory_validation.py) ------------------------
+# python + torch + transformers + peft + llama_cpp + edgezo imported, the training and validation splits tokenized
+# (llama.cpp vocabulary loaded and freed again) and the transformers model object built with its weights mapped but
+# not yet read: 450 MiB for SmolLM2-135M and movie-reviews.
+TORCH_RUNTIME_BASELINE_BYTES = int(450 * MIB)
+# Backward frees each saved tensor as soon as its node has run, but it first allocates the gradients of one block
+# (about as large as that block's saved activations) next to them.
+BACKWARD_BLOCKS = 1.1
+# glibc's heap keeps freed activations resident. Its mmap threshold starts at 128 KiB but rises to the size of any
+# mmapped block freed (up to 32 MiB), which the model load does, so a step's tensors come from the heap; the tensors
+# freed during the forward (and, with checkpointing, the whole first forward) leave holes that stay resident, and
+# a later step of another padded length cannot reuse all of them. Measured: with the threshold pinned
+# (MALLOC_MMAP_THRESHOLD_=65536) the anonymous RSS after a forward was exactly the saved tensors (402 MiB for 398.5
+# predicted, SmolLM2 batch 8 x 55) and fell back after backward; unpinned it carried more, modelled as this fraction
+# of one full forward's saved activations (what a step allocates, with or without checkpointing). Chosen with
+# EMBEDDING_READ_WINDOW_BYTES on the SmolLM2-135M and Gemma-3-270M runs of bench/memory_validation.py (2 steps); it would be 0
+# in a process that pins the threshold.
+HEAP_RETENTION = 0.35
+
+
+def torch_saved_bytes_per_token_layer(shape: ModelShape, lora: LoraConfig | None, dtype: str) -> int:
+    """Bytes autograd keeps per token and decoder block for backward (float32 RMSNorm internals, activations in
+    `dtype`, LoRA inputs in float32). Counted with torch.autograd.graph.saved_tensors_hooks on the reference's own
+    forward for SmolLM2 and Gemma 3, float32 and bfloat16, LoRA on k,v and on all seven targets (tests/test_memory.py
+    checks this function against such a count on the tiny model)."""
+    a = TORCH_DTYPE_BYTES[dtype]
+    h, ff = shape.n_embd, shape.n_ff
+    q, k, v = shape.n_head * shape.key_length, shape.n_head_kv * shape.key_length, shape.n_head_kv * shape.value_length
+    out = shape.n_head * shape.value_length
+    # RMSNorm upcasts to float32 and keeps x and 1/rms(x) (the weight is frozen, so x * weight keeps nothing).
+    total = NORMS_PER_LAYER.get(shape.architecture, 2) * (h + 1) * F32_BYTES
+    if shape.architecture == "gemma3":  # q_norm / k_norm over each head, also in float32
+        total += (q + shape.n_head + k + shape.n_head_kv) * F32_BYTES
+    # sdpa keeps q, k, v (after RoPE) and its output, plus a float32 logsumexp per head and token.
+    total += (q + k + v + out) * a + shape.n_head * F32_BYTES
+    # SwiGLU / GeGLU: act(gate) keeps gate, act * up keeps both factors.
+    total += 3 * ff * a
+    widths = {"attn_in": h, "attn_out": out, "ffn_in": h, "ffn_mid": ff}
+    if lora is None:  # full fine-tuning: every linear keeps its input for its weight gradient, every norm x / rms(x)
+        total += sum(widths.values()) * a + NORMS_PER_LAYER.get(shape.architecture, 2) * h * a
+        return total
+    # LoRA: lora_A keeps its input (float32). With a float32 base, targets reading the same tensor share it, and
+    # attn_output's input is sdpa's output already kept (the head transpose is a view of it); with a bfloat16 base
+    # PEFT casts the input to float32 once per target. lora_B keeps A x (rank floats) per target.
+    groups = [LORA_INPUT_GROUP[t] for t in lora.targets]
+    inputs = set(groups) - {"attn_out"} if a == F32_BYTES else groups
+    total += sum(widths[g] for g in inputs) * F32_BYTES + len(lora.targets) * lora.rank * F32_BYTES
+    return total
+
+
+def torch_checkpoint_bytes_per_token(shape: ModelShape, dtype: str) -> int:
+    """Gradient checkpointing keeps only each block's input (and the final norm's input and 1/rms)."""
+    return (shape.n_layers * TORCH_DTYPE_BYTES[dtype] + 1) * shape.n_embd + F32_BYTES * (shape.n_embd + 1)
+
+
+def unread_embedding_bytes(shape: ModelShape, dtype_bytes: int, lora: LoraConfig | None, logit_cols: int, token_ids) -> int:
+    """float32 LoRA classification runs read only some rows of the mapped embedding table (their tokens) and of the
+    LM head (the label words: a separate output.weight stays almost entirely unread). Gemma 3's 640 MiB table made
+    this visible: counting it whole over-predicted its 2-step runs by 25-43 %."""
+    if dtype_bytes != F32_BYTES or lora is None or logit_cols >= shape.n_vocab:
+        return 0
+    table = shape.n_vocab * shape.n_embd * F32_BYTES
+    unread = table - (table if token_ids is None else embedding_bytes_read(shape, token_ids))
+    if "output.weight" in shape.tensor_numel:
+        unread += table
+    return unread
+
+
+def trainable_params(shape: ModelShape, lora: LoraConfig | None) -> int:
+    return shape.n_params if lora is None else lora_params(shape, lora)
+
+
+def embedding_bytes_read(shape: ModelShape, token_ids) -> int:
+    """Resident bytes of the float32 embedding table after a run read the rows of `token_ids` from the mapped file:
+    a row costs the aligned EMBEDDING_READ_WINDOW_BYTES window around it, and rows sharing a window share it."""
+    row = shape.n_embd * F32_BYTES
+    windows = {b // EMBEDDING_READ_WINDOW_BYTES for t in token_ids for b in (t * row, t * row + row - 1)}
+    return min(len(windows) * EMBEDDING_READ_WINDOW_BYTES, shape.n_vocab * row)
+
+
+def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int, lora: LoraConfig | None = None,
+                  dtype: str = "float32", logit_rows: int | None = None, logit_cols: int = 2,
+                  full: bool = False, token_ids=None) -> Prediction:
+    """Peak RSS of `edgezo reference-bp` (method "bp", or "bp-ckpt" with --gradient-checkpointing).
+
+    seq_len: the padded length of the largest batch (the reference pads each batch to its longest sequence).
+    logit_rows x logit_cols: logits the loss computes (classification: one row per sequence, a column per label).
+    full: fine-tune every weight instead of LoRA (not a reference-bp mode; for the capacity analysis): gradients and
+    two AdamW moments for every parameter, in the weights' dtype as torch keeps them.
+    token_ids: the distinct token ids the run reads (its batches and the label words); None: every row (worst case).
+    """
+    if method not in TORCH_METHODS:
+        raise EdgezoError(f"unknown method {method!r} for the torch reference; choose bp or bp-ckpt")
+    if dtype not in TORCH_DTYPE_BYTES:
+        raise EdgezoError(f"unknown dtype {dtype!r}; choose {' or '.join(TORCH_DTYPE_BYTES)}")
+    if batch_size < 1 or seq_len < 1:
+        raise EdgezoError(f"batch size and sequence length must be >= 1, got {batch_size} and {seq_len}")
+    adapter = None if full else (lora or LoraConfig())
+    a = TORCH_DTYPE_BYTES[dtype]
+    tokens = batch_size * seq_len
+    per_block = tokens * torch_saved_bytes_per_token_layer(shape, adapter, dtype)
+    if method == "bp":
+        stored = shape.n_layers * per_block
+    else:  # block inputs, plus one block recomputed with its activations during its backward
+        stored = tokens * torch_checkpoint_bytes_per_token(shape, dtype) + per_block
+    backward = int(BACKWARD_BLOCKS * per_block)
+    rows = batch_size if logit_rows is None else logit_rows
+    n_trained = trainable_params(shape, adapter)
+    breakdown = {
+        "torch_runtime_bytes": TORCH_RUNTIME_BASELINE_BYTES,
+        # float32: the mapped safetensors file itself, resident as far as it is read; bfloat16: converted copies
+        "weights_bytes": shape.n_params * a - unread_embedding_bytes(shape, a, adapter, logit_cols, token_ids),
+        # LoRA: float32 value + gradient + AdamW exp_avg + exp_avg_sq; full: gradient + 2 moments in the weights' dtype
+        "trainable_state_bytes": n_trained * 4 * F32_BYTES if adapter is not None else n_trained * 3 * a,
+        "activations_bytes": stored,
+        "backward_bytes": backward,
+        # the lm_head rows and columns the loss reads: float32 logits, their log-softmax and its gradient
+        "logits_bytes": 3 * rows * logit_cols * F32_BYTES,
+        "heap_retention_bytes": int(HEAP_RETENTION * shape.n_layers * per_block),
+    }
+    # bfloat16 load: from_pretrained reads every float32 page of the mapped file while it converts, and the file
+    # stays mapped until loading ends: baseline + 4 + 2 bytes per parameter at once (measured 1202 MiB for SmolLM2
+    # against 1220 predicted). The peak is whichever is larger, so only the excess over the training peak is added.
+    if a != F32_BYTES:
+        load_peak = TORCH_RUNTIME_BASELINE_BYTES + shape.n_params * (F32_BYTES + a)
+        breakdown["weights_load_excess_bytes"] = max(0, load_peak - sum(breakdown.values()))
+    return Prediction(total_bytes=sum(breakdown.values()), breakdown=breakdown)
+
+
+def predict(model_path: str | os.PathLike, method: str, batch_size: int, max_seq_len: int,
+            lora: LoraConfig | None = None, dtype: str = "float32") -> Prediction:
+    """The worst case of any run edgezo starts (every sequence max_seq_len tokens): llama.cpp for inference / mezo,
+    the torch reference for bp / bp-ckpt. What a memory budget check before a run needs."""
+    if method in TORCH_METHODS:
+        return predict_torch(read_model_shape(model_path), method, batch_size, max_seq_len, lora, dtype)
+    return predict_llama_cpp(model_path, method, batch_size, max_seq_len, lora=lora)
+
+
+# ---- the sequence lengths of a run ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunBatches:
+    """What a run's data decides: the torch reference pads each training batch to its longest sequence (the largest
+    such batch sets the BP peak), llama.cpp decodes the tokens of a batch without padding (the fullest batch sets its
+    compute buffer), and the token ids read decide how much of a mapped embedding table becomes resident.
+    Validation batches run without gradients, so only llama.cpp's compute buffer counts them."""
+
+    padded_len: int  # longest sequence of any training batch
+    max_batch_tokens: int  # most tokens in one batch, training or validation
+    token_ids: frozenset[int]  # every token id the run reads
+
+
+def run_batches(train: list[tuple[int, ...]], batch_size: int, seed: int, steps: int,
+                evaluated: list[tuple[int, ...]] = ()) -> RunBatches:
+    """The batches `steps` training steps draw from the token sequences `train` (edgezo.data.batch_indices, the
+    order both trainers use) and the validation batches of `evaluated` (consecutive chunks of batch_size)."""
+    from .data import batch_indices
+
+    padded, most, ids = 0, 0, set()
+    for step in range(steps if train else 0):
+        batch = [train[i] for i in batch_indices(len(train), batch_size, seed, step)]
+        padded, most = max(padded, max(map(len, batch))), max(most, sum(map(len, batch)))
+        ids.update(t for seq in batch for t in seq)
+    for i in range(0, len(evaluated), batch_size):
+        most = max(most, sum(map(len, evaluated[i : i + batch_size])))
+        ids.update(t for seq in evaluated[i : i + batch_size] for t in seq)
+    return RunBatches(padded_len=padded or max(map(len, evaluated), default=1), max_batch_tokens=max(most, 1),
+                      token_ids=frozenset(ids))
 
 
 # ---- device profiles -------------------------------------------------------------------------------------------

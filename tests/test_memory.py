@@ -135,3 +135,158 @@ def test_prediction_is_within_10_percent_of_a_fresh_process(tiny_gguf):
         pytest.skip("no /proc/self/status VmHWM on this platform")
     predicted = predict_llama_cpp(tiny_gguf, "inference", 4, 64, n_tokens_per_seq=24).total_bytes
     assert abs(predicted / measured - 1) <= 0.10, (predicted / 2**20, measured / 2**20)
+
+
+
+# ---- shapes from an architecture (capacity analysis) -----------------------------------------------------------------
+def _spec_of(shape, name="m"):
+    from edgezo.memory import ModelSpec
+
+    return ModelSpec(name=name, architecture=shape.architecture, n_layers=shape.n_layers, hidden=shape.n_embd,
+                     intermediate=shape.n_ff, n_heads=shape.n_head, n_kv_heads=shape.n_head_kv, head_dim=shape.key_length,
+                     vocab=shape.n_vocab, tied=shape.tied_embeddings)
+
+
+def test_shape_from_spec_reproduces_the_gguf_header(tiny_gguf):
+    from edgezo.memory import shape_from_spec
+
+    read = read_model_shape(tiny_gguf)
+    assert shape_from_spec(_spec_of(read), "f32") == read  # every tensor's name, dims, type and bytes
+    assert predict_llama_cpp(shape_from_spec(_spec_of(read), "f32"), "mezo", 4, 64) == predict_llama_cpp(tiny_gguf, "mezo", 4, 64)
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("quant", ["q4_0", "q8_0"])
+def test_shape_from_spec_matches_llama_cpp_quantizer_on_smollm2(quant):
+    from edgezo import store
+    from edgezo.capacity import load_specs
+    from edgezo.memory import shape_from_spec
+
+    spec = next(s for s in load_specs(["smollm2"]) if s.name == "SmolLM2-135M")
+    assert shape_from_spec(spec, quant) == read_model_shape(store.resolve_model("smollm2-135m", quant))
+
+
+# ---- the torch BP terms ----------------------------------------------------------------------------------------------
+def test_bp_terms_behave(tiny_gguf):
+    from edgezo.memory import predict_torch
+
+    shape = read_model_shape(tiny_gguf)
+    bp = predict_torch(shape, "bp", 4, 64)
+    assert sum(bp.breakdown.values()) == bp.total_bytes
+    assert predict_torch(shape, "bp-ckpt", 4, 64).breakdown["activations_bytes"] < bp.breakdown["activations_bytes"]
+    for bigger in (dict(batch_size=8, seq_len=64), dict(batch_size=4, seq_len=128)):
+        assert predict_torch(shape, "bp", **bigger).total_bytes > bp.total_bytes
+    assert bp.breakdown["activations_bytes"] * 2 == predict_torch(shape, "bp", 8, 64).breakdown["activations_bytes"]
+    all_targets = LoraConfig(targets=("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"))
+    assert predict_torch(shape, "bp", 4, 64, all_targets).total_bytes > bp.total_bytes
+    full = predict_torch(shape, "bp", 4, 64, full=True)
+    assert full.breakdown["trainable_state_bytes"] == 3 * 4 * shape.n_params  # gradient + two AdamW moments
+    bf16 = predict_torch(shape, "bp", 4, 64, dtype="bfloat16")
+    assert bf16.breakdown["activations_bytes"] < bp.breakdown["activations_bytes"]
+    from edgezo.memory import predict  # the dispatcher a budget check calls: worst case of either runtime
+
+    assert predict(tiny_gguf, "bp", 4, 64) == bp
+    assert predict(tiny_gguf, "mezo", 4, 64) == predict_llama_cpp(tiny_gguf, "mezo", 4, 64)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="mezo"), dict(dtype="float16"), dict(batch_size=0)])
+def test_bp_bad_arguments_are_user_errors(tiny_gguf, kwargs):
+    from edgezo.memory import predict_torch
+
+    with pytest.raises(EdgezoError):
+        predict_torch(read_model_shape(tiny_gguf), **(dict(method="bp", batch_size=2, seq_len=16) | kwargs))
+
+
+def test_run_batches_follow_the_training_order():
+    from edgezo.data import batch_indices
+    from edgezo.memory import run_batches
+
+    train = [tuple(range(i, i + 5 + (7 * i) % 23)) for i in range(40)]
+    evaluated = [(1000,) * 50] * 4 + [(7,)]
+    batches = run_batches(train, 4, seed=3, steps=6, evaluated=evaluated)
+    expected = max(max(len(train[i]) for i in batch_indices(40, 4, 3, s)) for s in range(6))
+    assert batches.padded_len == expected
+    assert batches.max_batch_tokens == 200  # the first validation batch is the fullest
+    assert run_batches(train, 4, 3, 1).padded_len <= batches.padded_len
+    assert 1000 in batches.token_ids and 7 in batches.token_ids
+    used = {t for s in range(6) for i in batch_indices(40, 4, 3, s) for t in train[i]}
+    assert batches.token_ids == used | {1000, 7}
+
+
+def test_embedding_pages_read_follow_the_tokens(tiny_gguf):
+    from edgezo.memory import EMBEDDING_READ_WINDOW_BYTES, embedding_bytes_read, predict_torch
+
+    shape = read_model_shape(tiny_gguf)
+    table = shape.n_vocab * shape.n_embd * F32_BYTES
+    assert embedding_bytes_read(shape, []) == 0
+    assert embedding_bytes_read(shape, [0]) == EMBEDDING_READ_WINDOW_BYTES or table < EMBEDDING_READ_WINDOW_BYTES
+    assert embedding_bytes_read(shape, range(shape.n_vocab)) == table
+    worst = predict_torch(shape, "bp", 2, 16).breakdown["weights_bytes"]
+    assert worst == 4 * shape.n_params
+    assert predict_torch(shape, "bp", 2, 16, token_ids=[]).breakdown["weights_bytes"] == worst - table
+
+
+SAVED = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from edgezo import reference
+    from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
+    from edgezo.data import Example, Format, Task
+    gguf, dtype, targets = sys.argv[1], sys.argv[2], tuple(sys.argv[3].split(","))
+    base = read_base_model_info(gguf)
+    adapter = LoraAdapter.init(base, LoraConfig(rank=4, alpha=8, targets=targets), seed=0)
+    model = reference.load_model(Path(gguf), adapter, base, reference.ReferenceConfig(dtype=dtype))
+    params = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved = {}
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    task = Task(format=Format.CLASSIFICATION, labels=("a", "b"), label_token_ids=(10, 11))
+    batch = [Example(tuple(range(20, 52)), target_start=32, label=i % 2) for i in range(3)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        reference.batch_loss(reference.TorchScorer(model), batch, task)
+    print(json.dumps({"saved_bytes": sum(saved.values())}))
+""")
+
+
+@pytest.mark.parametrize("dtype, targets", [("float32", "attn_k,attn_v"), ("bfloat16", "attn_k,attn_v"),
+                                            ("float32", "attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,ffn_down"),
+                                            ("bfloat16", "attn_q,attn_output,ffn_up,ffn_down")])
+def test_stored_activations_are_what_autograd_saves(tiny_gguf, dtype, targets):
+    """The analytic per-token count against torch's own saved-tensor hooks on the reference's forward (3 x 32 tokens)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from edgezo.memory import torch_saved_bytes_per_token_layer
+
+    out = subprocess.run([sys.executable, "-c", SAVED, str(tiny_gguf), dtype, targets], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    measured = json.loads(out.stdout.strip().splitlines()[-1])["saved_bytes"]
+    shape = read_model_shape(tiny_gguf)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=tuple(targets.split(",")))
+    predicted = 3 * 32 * shape.n_layers * torch_saved_bytes_per_token_layer(shape, lora, dtype)
+    # not counted: RoPE tables, the first block's input norm (nothing before it needs a gradient), the head's rows
+    assert abs(predicted / measured - 1) < 0.05, (predicted, measured)
+
+
+def test_memory_cli_predicts_the_runs_own_batches(tiny_gguf, sentiment_dir):
+    from edgezo.cli import main
+
+    def run(*extra):
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["memory", "--model", str(tiny_gguf), "--quant", "none", "--batch-size", "4", "--json", *extra]) == 0
+        return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+    worst = run("--method", "bp", "--max-seq-len", "64")
+    assert worst["seq_len"] == 64 and worst["method"] == "bp" and worst["dtype"] == "float32"
+    assert {"predicted_bytes", "breakdown", "method", "seq_len"} <= set(worst)
+    data = run("--method", "bp", "--max-seq-len", "64", "--data", str(sentiment_dir), "--steps", "3")
+    assert data["seq_len"] < 64  # the tiny reviews are a few tokens long
+    assert data["predicted_bytes"] < worst["predicted_bytes"]
+    assert run("--method", "bp", "--gradient-checkpointing", "--max-seq-len", "64")["method"] == "bp-ckpt"
+    assert run("--method", "mezo", "--max-seq-len", "64")["predicted_bytes"] < worst["predicted_bytes"]

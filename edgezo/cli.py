@@ -121,11 +121,9 @@ def memory_budget(args) -> int:
     return 0
 
 
-def refuse_over_budget(model_path: Path, method: str, args, lora: LoraConfig, budget_bytes: int) -> None:
-    """Refuse to start a run whose predicted peak RSS (edgezo.memory, worst case per sequence) exceeds the budget."""
-    from .memory import predict_llama_cpp
-
-    prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora)
+def refuse_over_budget(model_path: Path, method: str, args, budget_bytes: int) -> None:
+    """Refuse to start a run whose predicted peak RSS (edgezo.memory, on the run's own batches) exceeds the budget."""
+    prediction, _ = predict_run(model_path, method, args)
     if prediction.total_bytes > budget_bytes:
         top = sorted(prediction.breakdown.items(), key=lambda kv: -kv[1])[:3]
         raise EdgezoError(
@@ -173,7 +171,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     run = RunDir(args.out)
     model_path = store.resolve_model(args.model, args.quant, log=log)
     if budget_bytes:
-        refuse_over_budget(model_path, "mezo", args, lora, budget_bytes)
+        refuse_over_budget(model_path, "mezo", args, budget_bytes)
     engine_batch = group.engine_batch_size(args.batch_size) if group else args.batch_size
     engine, base = open_engine(model_path, engine_batch, args.max_seq_len, args.threads)
     task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"], optional={"valid"})
@@ -300,7 +298,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     model_path = store.resolve_model(args.model, args.quant, log=say)
     method = "bp-ckpt" if config.gradient_checkpointing else args.method
     if budget_bytes:
-        refuse_over_budget(model_path, method, args, lora, budget_bytes)
+        refuse_over_budget(model_path, method, args, budget_bytes)
     base = read_base_model_info(model_path)
     with Vocabulary(model_path) as vocab:  # llama.cpp's tokenizer: the token ids finetune sees
         task, examples, label_words = load_task_and_splits(vocab, args.data, args, ["train", "valid"], optional={"valid"})
@@ -502,31 +500,26 @@ def cmd_convert(args) -> tuple[dict, str]:
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
-def run_sequences(model_path: Path, args) -> tuple[dict, object]:
+def run_sequences(model_path: Path, method: str, args) -> tuple[dict, object]:
     """The run's data tokenized by llama.cpp's vocabulary (no weights loaded): (token sequences by split, task)."""
     from .engine import Vocabulary
 
-    splits = [args.split] if args.method == "inference" else ["train", "valid"]
+    splits = [args.split] if method == "inference" else ["train", "valid"]
     with Vocabulary(model_path) as vocab:
         task, examples, _ = load_task_and_splits(vocab, args.data, args, splits, optional={"valid"})
     return {split: [ex.tokens for ex in exs] for split, exs in examples.items()}, task
 
 
-def cmd_memory(args) -> tuple[dict, str]:
-    """Predicted peak RSS of exactly the run these arguments describe (the finetune / reference-bp / eval flags).
+def predict_run(model_path: Path, method: str, args) -> tuple:
+    """(Prediction, sequence length used) for the run `args` describes (finetune, reference-*, memory or eval flags):
+    with --data its own batches, else the worst case of --max-seq-len tokens per sequence."""
+    from .memory import predict_llama_cpp, predict_torch, read_model_shape, run_batches
 
-    Without --data the worst case: every sequence --max-seq-len tokens long. With --data the run's own batches: the
-    training batches of --steps steps from --seed, the validation batches of --n-valid examples (for --method
-    inference: the first --limit examples of --split), tokenized as the run would."""
-    from .memory import (load_device_profile, predict_llama_cpp, predict_torch, read_model_shape, run_batches)
-
-    method = "bp-ckpt" if args.method == "bp" and args.gradient_checkpointing else args.method
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
-    model_path = store.resolve_model(args.model, args.quant, log=say)
-    seq_len = args.tokens_per_seq or args.max_seq_len
+    seq_len = getattr(args, "tokens_per_seq", None) or args.max_seq_len
     logit_rows, logit_cols, token_ids = None, 2, None
     if args.data:
-        seqs, task = run_sequences(model_path, args)
+        seqs, task = run_sequences(model_path, method, args)
         if method == "inference":
             split = seqs.get(args.split, [])
             batches = run_batches([], args.batch_size, args.seed, 0, split[: args.limit] if args.limit else split)
@@ -545,10 +538,25 @@ def cmd_memory(args) -> tuple[dict, str]:
             seq_len = -(-batches.max_batch_tokens // args.batch_size)  # mean tokens per sequence of the fullest batch
     if method in ("bp", "bp-ckpt"):
         prediction = predict_torch(read_model_shape(model_path), method, args.batch_size, seq_len, lora=lora,
-                                   dtype=args.dtype, logit_rows=logit_rows, logit_cols=logit_cols, token_ids=token_ids)
+                                   dtype=getattr(args, "dtype", "float32"), logit_rows=logit_rows,
+                                   logit_cols=logit_cols, token_ids=token_ids)
     else:
         prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora,
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len))
+    return prediction, seq_len
+
+
+def cmd_memory(args) -> tuple[dict, str]:
+    """Predicted peak RSS of exactly the run these arguments describe (the finetune / reference-bp / eval flags).
+
+    Without --data the worst case: every sequence --max-seq-len tokens long. With --data the run's own batches: the
+    training batches of --steps steps from --seed, the validation batches of --n-valid examples (for --method
+    inference: the first --limit examples of --split), tokenized as the run would."""
+    from .memory import load_device_profile
+
+    method = "bp-ckpt" if args.method == "bp" and args.gradient_checkpointing else args.method
+    model_path = store.resolve_model(args.model, args.quant, log=say)
+    prediction, seq_len = predict_run(model_path, method, args)
     result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": method,
               "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
               "seq_len": seq_len, "data": args.data}

@@ -490,15 +490,6 @@ def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int,
     return Prediction(total_bytes=sum(breakdown.values()), breakdown=breakdown)
 
 
-def predict(model_path: str | os.PathLike, method: str, batch_size: int, max_seq_len: int,
-            lora: LoraConfig | None = None, dtype: str = "float32") -> Prediction:
-    """The worst case of any run edgezo starts (every sequence max_seq_len tokens): llama.cpp for inference / mezo,
-    the torch reference for bp / bp-ckpt. What a memory budget check before a run needs."""
-    if method in TORCH_METHODS:
-        return predict_torch(read_model_shape(model_path), method, batch_size, max_seq_len, lora, dtype)
-    return predict_llama_cpp(model_path, method, batch_size, max_seq_len, lora=lora)
-
-
 # ---- the sequence lengths of a run ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RunBatches:

@@ -179,6 +179,13 @@ def write_markdown(name: str, text: str, directory: Path = RESULTS) -> Path:
     return path
 
 
+def publish(name: str, title: str, result: dict, text: str, as_json: bool) -> None:
+    """Append the result line, rewrite results/<name>.md with the table, and print the result (JSON) or the table."""
+    append_result(name, result)
+    write_markdown(name, f"# {title}\n\n{text}")
+    print(json.dumps(result) if as_json else text)
+
+
 def latest_result(name: str, directory: Path = RESULTS) -> dict | None:
     """The last line of results/<name>.jsonl (the run a table quotes), None if there is none."""
     path = directory / f"{name}.jsonl"

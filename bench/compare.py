@@ -225,10 +225,7 @@ def main(argv=None) -> int:
         result = run(args)
     except common.ChildFailed as exc:
         sys.exit(f"compare: {exc}")
-    common.append_result(NAME, result)
-    text = render(result)
-    common.write_markdown(NAME, f"# {TITLE}\n\n{text}")
-    print(json.dumps(result) if args.json else text)
+    common.publish(NAME, TITLE, result, render(result), args.json)
     return 0
 
 

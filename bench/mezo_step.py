@@ -231,10 +231,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(args)))
         return 0
     result = run(args)
-    common.append_result(NAME, result)
-    text = render(result)
-    common.write_markdown(NAME, f"# {TITLE}\n\n{text}")
-    print(json.dumps(result) if args.json else text)
+    common.publish(NAME, TITLE, result, render(result), args.json)
     return 0
 
 

@@ -174,12 +174,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    common.append_result(NAME, result)
     plot(result["curves"], common.RESULTS / f"{NAME}.png",
          f"{result['runs']['mezo']['config'].get('model', '')}, movie-reviews: validation accuracy vs training time")
-    text = render(result)
-    common.write_markdown(NAME, f"# {TITLE}\n\n{text}")
-    print(json.dumps(result) if args.json else text)
+    common.publish(NAME, TITLE, result, render(result), args.json)
     return 0
 
 

@@ -113,32 +113,56 @@ class ChildFailed(RuntimeError):
     pass
 
 
+# Linux keeps ru_maxrss across fork and exec: a child starts with the high-water mark of the process that forked it
+# (a pytest process holding torch made `python -c pass` report 427 MiB). So every measured command is started by
+# this launcher, a fresh interpreter of ~10 MiB, and its figure is the command's own ru_maxrss from wait4, written
+# to the file named by argv[1]. SIGTERM is passed on (the timeout's kill); SIGINT reaches the command directly
+# from the terminal's process group, so the launcher ignores it.
+_LAUNCHER = """
+import os, signal, subprocess, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+child = subprocess.Popen(sys.argv[2:])
+signal.signal(signal.SIGTERM, lambda sig, frame: child.send_signal(sig))
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+if code < 0:  # die of the same signal, so the caller sees the same status
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), -code)
+sys.exit(code)
+"""
+
+
 def run_fresh(cmd: Sequence[str], env: dict | None = None, timeout: float | None = None) -> dict:
     """Run `cmd` in a fresh process; return {stdout, stderr, seconds, peak_rss_bytes, returncode}.
 
-    peak_rss_bytes is the child's own ru_maxrss from wait4 (the kernel's high-water mark of its resident set,
-    the same figure as VmHWM), so it is measured the same way whatever the child is and whatever it reports.
-    Output goes through files, not pipes: wait4 must reap the child itself, and a full pipe would block it.
+    peak_rss_bytes is the command's own ru_maxrss from wait4 (the kernel's high-water mark of its resident set,
+    the same figure as VmHWM), taken by _LAUNCHER, so it is measured the same way whatever the command is and
+    whatever it reports, and does not carry this process's high-water mark. Output goes through files, not pipes.
     """
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".maxrss") as maxrss:
         t0 = time.perf_counter()
         pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
-        deadline = None if timeout is None else t0 + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG if deadline else 0)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, maxrss.name, *cmd], stdout=out, stderr=err,
+                                env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})})
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # the launcher passes it on to the command
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
                 proc.kill()
-                os.wait4(proc.pid, 0)
-                raise ChildFailed(f"{' '.join(cmd[:4])} ...: timed out after {timeout:.0f} s")
-            time.sleep(0.2)
+                proc.wait()
+            raise ChildFailed(f"{' '.join(cmd[:4])} ...: timed out after {timeout:.0f} s") from None
         seconds = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0), err.seek(0)
+        kib = maxrss.read().strip()
         return {"stdout": out.read(), "stderr": err.read(), "seconds": seconds,
-                "peak_rss_bytes": usage.ru_maxrss * 1024, "returncode": proc.returncode}
+                "peak_rss_bytes": int(kib) * 1024 if kib else None, "returncode": proc.returncode}
 
 
 def last_json(stdout: str) -> dict:

@@ -711,8 +711,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-seq", type=int, help="tokens per sequence without --data [worst case: --max-seq-len]")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="inference: eval's --limit [%(default)s]")
-    for flag in ("--learning-rate", "--eps"):  # accepted so a finetune / reference command line can be reused
-        p.add_argument(flag, type=float, help=argparse.SUPPRESS)
+    # accepted so a finetune / reference command line can be reused; none of them changes the peak RSS
+    for flag, kind in (("--learning-rate", float), ("--eps", float), ("--n-directions", int), ("--save-every", int)):
+        p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
+    p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("capacity", help="the largest model of known families each method fine-tunes on a device")

@@ -53,6 +53,20 @@ def test_run_fresh_reports_the_child_peak_rss_and_output():
     assert small["peak_rss_bytes"] < done["peak_rss_bytes"] - 150 * 2**20
 
 
+def test_run_fresh_does_not_inherit_the_parents_high_water_mark():
+    # Regression: ru_maxrss survives fork and exec, so with torch loaded in pytest `python -c pass` reported 427 MiB.
+    held = bytearray(300 * 2**20)
+    held[::4096] = b"\x01" * len(held[::4096])  # touch every page: this process's high-water mark is now >= 300 MiB
+    small = common.run_fresh([sys.executable, "-c", "pass"])
+    assert small["returncode"] == 0
+    assert small["peak_rss_bytes"] < 100 * 2**20
+
+
+def test_run_fresh_keeps_the_exit_status_of_a_killed_child():
+    done = common.run_fresh([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    assert done["returncode"] == -9
+
+
 def test_run_json_names_the_failing_child():
     with pytest.raises(common.ChildFailed, match="(?s)the child.*exit 3.*boom"):
         common.run_json([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "the child")

@@ -158,10 +158,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_
 
 
 def test_memory_budget_refuses_to_start_then_stops_cleanly_with_a_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys):
-    from edgezo.adapter import LoraConfig
-    from edgezo.memory import predict_llama_cpp
-
-    predicted = predict_llama_cpp(tiny_gguf, "mezo", 4, 256, lora=LoraConfig()).total_bytes  # finetune_args' shape
+    # The budget check predicts this run's own batches: `edgezo memory` with the same arguments gives that figure.
+    predicted = run_json(capsys, ["memory", "--method", "mezo",
+                                  *finetune_args(tiny_gguf, sentiment_dir, tmp_path / "x", 10)[1:]])["predicted_bytes"]
     below = f"{(predicted - 2**20) // 2**20}M"
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "refused", 10, "--max-memory", below)) == 1
     assert "predicted peak RSS" in capsys.readouterr().err and not (tmp_path / "refused").exists()

@@ -1,9 +1,13 @@
 """Inference throughput: edgezo's engine against bare llama-cpp-python on the same GGUF, same settings, same work.
 
     python bench/throughput.py [--quants f32,f16,q8_0,q4_0,none] [--n-seqs 1,16] [--prompt-tokens 128]
-                               [--gen-tokens 64] [--repeats 5] [--warmup 1] [--threads 0] [--quick] [--json]
+                               [--gen-tokens 64] [--repeats 5] [--warmup 1] [--rounds 2] [--threads 0] [--quick]
 
-For every quant (none = the original Q4_1 file) and number of sequences B, two fresh processes do the same work:
+For every quant (none = the original Q4_1 file) and number of sequences B, `--rounds` fresh processes each hold
+both sides on the same memory-mapped file and run them in turn, repetition by repetition (which side goes first
+alternates). Two fresh processes doing identical work differed by up to 20 % on this machine while each was
+steady, and the machine's speed drifts by tens of percent within minutes, so only adjacent repetitions in one
+process can resolve the 3 % target: the ratio is the median over those pairs. The two sides do the same work:
   edgezo: edgezo.engine.Engine: prompt processing = Engine.logits over B sequences of T tokens (one llama_decode,
           logits at each sequence's last token, copied out); generation (B = 1) = Engine.generate, greedy.
   bare:   llama_cpp's low-level API and nothing else: a context with the engine's parameters (n_ctx = B x
@@ -15,7 +19,8 @@ For every quant (none = the original Q4_1 file) and number of sequences B, two f
 The high-level llama_cpp.Llama class is not used: it has one sequence and a unified KV cache, so it could not
 run the 16-sequence batch the way the engine does. Prompts are the first movie-review training texts joined and
 cut into T-token pieces, tokenized by each side with llama_tokenize; both sides report a hash of their tokens.
-Reported: tokens/s (median, min/max over repetitions) and edgezo / bare (target >= 0.97: within 3 %).
+Reported: tokens/s (median, min/max over all repetitions) and edgezo / bare: median (min/max) over the pairs of
+adjacent repetitions (target >= 0.97: within 3 %).
 Writes bench/results/throughput.jsonl (appended) and bench/results/throughput.md.
 """
 
@@ -67,101 +72,136 @@ def time_generation(run) -> tuple[float, int]:
     return time.perf_counter() - t0, n
 
 
-def child_edgezo(args, model_path: Path, text: str) -> dict:
-    from edgezo.engine import Engine, EngineConfig
+class EdgezoSide:
+    """edgezo.engine.Engine: prompt processing = Engine.logits; generation (one sequence) = Engine.generate."""
 
-    engine = Engine(model_path, EngineConfig(n_seq_max=args.n_seq, n_ctx_per_seq=args.ctx_per_seq, n_threads=args.threads))
-    seqs = prompts(engine.tokenize(text, add_special=False), args.n_seq, args.prompt_tokens)
-    last = [[len(s) - 1] for s in seqs]
-    pp = common.timed(lambda: engine.logits(seqs, last), args.warmup, args.repeats)
-    out = {"pp_seconds": pp, "token_hash": token_hash(seqs)}
-    if args.n_seq == 1:
-        gen = [time_generation(lambda: engine.generate(seqs[0], args.gen_tokens)) for _ in range(args.warmup + args.repeats)]
-        out.update(gen_seconds=[s for s, _ in gen[args.warmup:]], gen_tokens=gen[-1][1])
-    engine.close()
-    return out
+    def __init__(self, args, model_path: Path, text: str):
+        from edgezo.engine import Engine, EngineConfig
+
+        self.engine = Engine(model_path, EngineConfig(n_seq_max=args.n_seq, n_ctx_per_seq=args.ctx_per_seq,
+                                                      n_threads=args.threads))
+        self.seqs = prompts(self.engine.tokenize(text, add_special=False), args.n_seq, args.prompt_tokens)
+        self.gen_tokens = args.gen_tokens if args.n_seq == 1 else 0
+        self._last = [[len(s) - 1] for s in self.seqs]
+
+    def prompt_processing(self) -> None:
+        self.engine.logits(self.seqs, self._last)
+
+    def generate(self):
+        return self.engine.generate(self.seqs[0], self.gen_tokens)
+
+    def close(self) -> None:
+        self.engine.close()
 
 
-def child_bare(args, model_path: Path, text: str) -> dict:
-    import ctypes
+class BareSide:
+    """llama_cpp's low-level API and nothing else, with the engine's context parameters."""
 
-    import llama_cpp
-    import numpy as np
+    def __init__(self, args, model_path: Path, text: str):
+        import llama_cpp
 
-    global _quiet
-    _quiet = llama_cpp.llama_log_callback(lambda level, msg, data: None)  # kept referenced: llama.cpp calls it later
-    llama_cpp.llama_log_set(_quiet, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), llama_cpp.llama_model_default_params())
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-    n_ctx = args.n_seq * args.ctx_per_seq
-    p = llama_cpp.llama_context_default_params()  # the fields edgezo.engine.Engine sets, to the same values
-    p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_ctx, min(1024, n_ctx), args.n_seq
-    p.kv_unified, p.flash_attn_type, p.no_perf = False, 1, True
-    p.n_threads = p.n_threads_batch = args.threads or os.cpu_count()
-    ctx = llama_cpp.llama_init_from_model(model, p)
-    memory = llama_cpp.llama_get_memory(ctx)
-    data = text.encode()
-    buf = (llama_cpp.llama_token * (len(data) + 8))()
-    n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, len(buf), False, True)
-    seqs = prompts(list(buf[:n]), args.n_seq, args.prompt_tokens)
-    batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.ll, self.n_seq, self.gen_tokens = llama_cpp, args.n_seq, args.gen_tokens
+        self.model = llama_cpp.llama_model_load_from_file(str(model_path).encode(),
+                                                          llama_cpp.llama_model_default_params())
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        n_ctx = args.n_seq * args.ctx_per_seq
+        p = llama_cpp.llama_context_default_params()  # the fields edgezo.engine.Engine sets, to the same values
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx, n_ctx, min(1024, n_ctx), args.n_seq
+        p.kv_unified, p.flash_attn_type, p.no_perf = False, 1, True
+        p.n_threads = p.n_threads_batch = args.threads or os.cpu_count()
+        self.ctx = llama_cpp.llama_init_from_model(self.model, p)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        data = text.encode()
+        buf = (llama_cpp.llama_token * (len(data) + 8))()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, len(buf), False, True)
+        self.seqs = prompts(list(buf[:n]), args.n_seq, args.prompt_tokens)
+        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self._fill_prompts()  # once, outside the timer: the bare side's figure is llama.cpp's floor
+        self._filled = True
 
-    def fill(items):  # items: (token, pos, seq, wants_logits)
+    def _fill(self, items) -> None:  # items: (token, pos, seq, wants_logits)
+        b = self.batch
         for j, (tok, pos, seq, want) in enumerate(items):
-            batch.token[j], batch.pos[j], batch.n_seq_id[j], batch.logits[j] = tok, pos, 1, want
-            batch.seq_id[j][0] = seq
-        batch.n_tokens = len(items)
+            b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = tok, pos, 1, want
+            b.seq_id[j][0] = seq
+        b.n_tokens = len(items)
 
-    def decode():
-        if llama_cpp.llama_decode(ctx, batch) != 0:
+    def _fill_prompts(self) -> None:
+        self._fill([(t, i, s, int(i == len(seq) - 1)) for s, seq in enumerate(self.seqs) for i, t in enumerate(seq)])
+
+    def _decode(self) -> None:
+        if self.ll.llama_decode(self.ctx, self.batch) != 0:
             raise SystemExit("llama_decode failed")
 
-    def fill_prompts(chosen):
-        fill([(t, i, s, int(i == len(seq) - 1)) for s, seq in enumerate(chosen) for i, t in enumerate(seq)])
+    def prompt_processing(self) -> None:
+        if not self._filled:  # only after generate() reused the batch
+            self._fill_prompts()
+            self._filled = True
+        self.ll.llama_memory_clear(self.memory, True)
+        self._decode()
 
-    fill_prompts(seqs)
-
-    def prompt_processing():
-        llama_cpp.llama_memory_clear(memory, True)
-        decode()
-
-    pp = common.timed(prompt_processing, args.warmup, args.repeats)
-    out = {"pp_seconds": pp, "token_hash": token_hash(seqs)}
-
-    def generate():
+    def generate(self):
         """Greedy, as Engine.generate: decode, argmax over each sequence's logits row, one token per sequence."""
-        llama_cpp.llama_memory_clear(memory, True)
-        fill_prompts(seqs)
-        pos = [len(s) for s in seqs]
-        for _ in range(args.gen_tokens):
-            decode()
-            rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(args.n_seq, n_vocab))
+        import numpy as np
+
+        self.ll.llama_memory_clear(self.memory, True)
+        self._fill_prompts()
+        self._filled = False
+        pos = [len(s) for s in self.seqs]
+        for _ in range(self.gen_tokens):
+            self._decode()
+            rows = np.ctypeslib.as_array(self.ll.llama_get_logits(self.ctx), shape=(self.n_seq, self.n_vocab))
             nxt = [int(t) for t in rows.argmax(axis=1)]
-            if args.n_seq == 1 and llama_cpp.llama_vocab_is_eog(vocab, nxt[0]):
+            if self.n_seq == 1 and self.ll.llama_vocab_is_eog(self.vocab, nxt[0]):
                 return  # Engine.generate stops there too
             yield nxt
-            fill([(t, pos[s], s, 1) for s, t in enumerate(nxt)])
+            self._fill([(t, pos[s], s, 1) for s, t in enumerate(nxt)])
             pos = [q + 1 for q in pos]
 
-    gen = [time_generation(generate) for _ in range(args.warmup + args.repeats)]
-    out.update(gen_seconds=[s for s, _ in gen[args.warmup:]], gen_tokens=gen[-1][1] * args.n_seq)
-    llama_cpp.llama_batch_free(batch)
-    llama_cpp.llama_free(ctx)
-    llama_cpp.llama_model_free(model)
+    def close(self) -> None:
+        self.ll.llama_batch_free(self.batch)
+        self.ll.llama_free(self.ctx)
+        self.ll.llama_model_free(self.model)
+
+
+def alternate(sides: dict, fn, warmup: int, repeats: int) -> dict[str, list]:
+    """fn(side) for each side in turn, `warmup + repeats` times, which side goes first alternating; the timed
+    results per side. Adjacent calls see the same machine, so their ratio resists drift."""
+    out = {name: [] for name in sides}
+    for i in range(warmup + repeats):
+        for name in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+            value = fn(sides[name])
+            if i >= warmup:
+                out[name].append(value)
     return out
 
 
 def child(args) -> dict:
+    import edgezo.engine  # noqa: F401  (llama.cpp's backend initialised and its log quietened, for both sides)
     from edgezo import store
     from edgezo.files import peak_rss_bytes
 
     model_path = store.resolve_model(args.model, args.quant)
     text = prompt_text()
-    out = (child_edgezo if args.child == "edgezo" else child_bare)(args, model_path, text)
-    out.update(side=args.child, model_path=str(model_path), peak_rss_bytes=peak_rss_bytes())
+    sides = {"bare": BareSide(args, model_path, text), "edgezo": EdgezoSide(args, model_path, text)}
+    pp = alternate(sides, lambda side: timed_call(side.prompt_processing), args.warmup, args.repeats)
+    gen = alternate({k: v for k, v in sides.items() if v.gen_tokens}, lambda side: time_generation(side.generate),
+                    args.warmup, args.repeats)
+    out = {"model_path": str(model_path), "peak_rss_bytes": peak_rss_bytes()}
+    for name, side in sides.items():
+        out[name] = {"pp_seconds": pp[name], "token_hash": token_hash(side.seqs)}
+        if name in gen:
+            out[name].update(gen_seconds=[s for s, _ in gen[name]], gen_tokens=gen[name][-1][1] * side.n_seq
+                             if name == "bare" else gen[name][-1][1])
+        side.close()
     return out
+
+
+def timed_call(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 # ---- parent ---------------------------------------------------------------------------------------------------
@@ -170,27 +210,43 @@ def rates(seconds: list[float], n_tokens: int) -> dict:
     return common.summary([n_tokens / s for s in seconds])
 
 
-def measure(args, quant: str, n_seq: int, side: str) -> dict:
-    cmd = common.python_cmd(__file__, "--child", side, "--model", args.model, "--quant", quant, "--n-seq", n_seq,
+def paired(bare_seconds: list[float], edgezo_seconds: list[float]) -> list[float]:
+    """edgezo tokens/s over bare tokens/s of each pair of adjacent repetitions (same work: bare s / edgezo s)."""
+    return [b / e for b, e in zip(bare_seconds, edgezo_seconds)]
+
+
+def measure(args, quant: str, n_seq: int) -> dict:
+    """`--rounds` fresh processes, each running both sides; the repetitions of all rounds pooled (peak RSS is of
+    the process holding both sides)."""
+    cmd = common.python_cmd(__file__, "--child", "pair", "--model", args.model, "--quant", quant, "--n-seq", n_seq,
                             "--prompt-tokens", args.prompt_tokens, "--gen-tokens", args.gen_tokens,
                             "--ctx-per-seq", args.ctx_per_seq, "--threads", args.threads, "--warmup", args.warmup,
                             "--repeats", args.repeats)
-    raw = common.run_json(cmd, f"{side} {quant} B={n_seq}")
-    row = {"pp_tokens_per_s": rates(raw["pp_seconds"], n_seq * args.prompt_tokens), "token_hash": raw["token_hash"],
-           "peak_rss_bytes": raw["_process"]["peak_rss_bytes"], "model_path": raw["model_path"], "raw": raw}
-    if "gen_seconds" in raw:
-        row["gen_tokens"] = raw["gen_tokens"]
-        row["gen_tokens_per_s"] = rates(raw["gen_seconds"], raw["gen_tokens"]) if raw["gen_tokens"] else None
+    raws = [common.run_json(cmd, f"{quant} B={n_seq} round {k + 1}") for k in range(args.rounds)]
+    row = {"peak_rss_bytes": max(r["_process"]["peak_rss_bytes"] for r in raws), "model_path": raws[0]["model_path"]}
+    for name in ("bare", "edgezo"):
+        pp = [s for r in raws for s in r[name]["pp_seconds"]]
+        side = {"pp_tokens_per_s": rates(pp, n_seq * args.prompt_tokens), "token_hash": raws[0][name]["token_hash"]}
+        if "gen_seconds" in raws[0][name]:
+            gen = [s for r in raws for s in r[name]["gen_seconds"]]
+            side.update(gen_tokens=raws[0][name]["gen_tokens"],
+                        gen_tokens_per_s=rates(gen, raws[0][name]["gen_tokens"]) if raws[0][name]["gen_tokens"] else None)
+        row[name] = side
+    row["pp_pairs"] = [x for r in raws for x in paired(r["bare"]["pp_seconds"], r["edgezo"]["pp_seconds"])]
+    if "gen_seconds" in raws[0]["edgezo"]:
+        row["gen_pairs"] = [x for r in raws for x in paired(r["bare"]["gen_seconds"], r["edgezo"]["gen_seconds"])]
+    row["raw"] = raws
     return row
 
 
-def compare_sides(bare: dict, edgezo: dict) -> dict:
+def compare_sides(row: dict) -> dict:
+    """Median over the adjacent pairs of repetitions (not the ratio of pooled medians: the machine drifts)."""
     def r(key):
-        if not edgezo.get(key) or not bare.get(key):
-            return None
-        return edgezo[key]["median"] / bare[key]["median"]
+        pairs = row.get(key)
+        return common.summary(pairs) if pairs else None
 
-    return {"pp_edgezo_over_bare": r("pp_tokens_per_s"), "gen_edgezo_over_bare": r("gen_tokens_per_s"),
+    bare, edgezo = row["bare"], row["edgezo"]
+    return {"pp_edgezo_over_bare": r("pp_pairs"), "gen_edgezo_over_bare": r("gen_pairs"),
             "same_tokens": bare["token_hash"] == edgezo["token_hash"],
             "same_gen_length": bare.get("gen_tokens") == edgezo.get("gen_tokens") if "gen_tokens" in edgezo else None}
 
@@ -203,21 +259,26 @@ def run(args) -> dict:
     for quant in args.quants:
         path = store.resolve_model(args.model, quant)  # requantize (cached) before any timing
         for n_seq in args.n_seqs:
-            bare = measure(args, quant, n_seq, "bare")
-            edgezo = measure(args, quant, n_seq, "edgezo")
-            row = {"quant": quant, "n_seq": n_seq, "model_sha256": common.sha256(path), "bare": bare, "edgezo": edgezo,
-                   **compare_sides(bare, edgezo)}
+            row = {"quant": quant, "n_seq": n_seq, "model_sha256": common.sha256(path), **measure(args, quant, n_seq)}
+            row.update(compare_sides(row))
             rows.append(row)
-            print(f"{quant} B={n_seq}: pp {bare['pp_tokens_per_s']['median']:.0f} (bare) vs "
-                  f"{edgezo['pp_tokens_per_s']['median']:.0f} (edgezo) tok/s, ratio {common.fmt(row['pp_edgezo_over_bare'])}"
-                  + (f"; gen ratio {common.fmt(row['gen_edgezo_over_bare'])}" if row["gen_edgezo_over_bare"] else ""),
+            print(f"{quant} B={n_seq}: pp {row['bare']['pp_tokens_per_s']['median']:.0f} (bare) vs "
+                  f"{row['edgezo']['pp_tokens_per_s']['median']:.0f} (edgezo) tok/s, ratio "
+                  f"{ratio_cell(row, 'pp_edgezo_over_bare')}"
+                  + (f"; gen ratio {ratio_cell(row, 'gen_edgezo_over_bare')}" if row["gen_edgezo_over_bare"] else ""),
                   file=sys.stderr, flush=True)
-    ratios = [r[k] for r in rows for k in ("pp_edgezo_over_bare", "gen_edgezo_over_bare") if r[k] is not None]
+    ratios = [r[k]["median"] for r in rows for k in ("pp_edgezo_over_bare", "gen_edgezo_over_bare") if r[k]]
     return {"benchmark": NAME, "model": args.model, "rows": rows, "min_edgezo_over_bare": min(ratios) if ratios else None,
             "target_edgezo_over_bare": TARGET, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
             "ctx_per_seq": args.ctx_per_seq, "threads": args.threads or os.cpu_count(), "warmup": args.warmup,
-            "repeats": args.repeats, "seed": None, "quick": args.quick, "note": args.note, "machine": machine,
-            "load_average_end": common.load_average(), "time": common.utc_now()}
+            "repeats": args.repeats, "rounds": args.rounds, "seed": None, "quick": args.quick, "note": args.note,
+            "machine": machine, "load_average_end": common.load_average(), "time": common.utc_now()}
+
+
+def ratio_cell(row: dict, key: str) -> str:
+    """median (min-max) of the paired ratios."""
+    stats = row[key]
+    return "n/a" if not stats else common.spread(stats)
 
 
 def render(result: dict) -> str:
@@ -227,17 +288,19 @@ def render(result: dict) -> str:
         quant = "q4_1 (original)" if r["quant"] == "none" else r["quant"]
         b, e = r["bare"], r["edgezo"]
         rows.append([quant, r["n_seq"], common.spread(b["pp_tokens_per_s"], 0), common.spread(e["pp_tokens_per_s"], 0),
-                     common.fmt(r["pp_edgezo_over_bare"]),
+                     ratio_cell(r, "pp_edgezo_over_bare"),
                      common.spread(b["gen_tokens_per_s"], 1) if b.get("gen_tokens_per_s") else "n/a",
                      common.spread(e["gen_tokens_per_s"], 1) if e.get("gen_tokens_per_s") else "-",
-                     common.fmt(r["gen_edgezo_over_bare"])])
+                     ratio_cell(r, "gen_edgezo_over_bare")])
     head = ["weights", "seqs", "prompt tok/s bare", "prompt tok/s edgezo", "edgezo/bare", "gen tok/s bare",
             "gen tok/s edgezo", "edgezo/bare"]
     return (common.table(head, rows)
             + f"\n{result['model']}; prompts of {result['prompt_tokens']} tokens per sequence, {result['gen_tokens']} "
-              f"generated (greedy), {result['threads']} threads, flash attention, split F16 KV cache; median "
-              f"(min-max) of {result['repeats']} repetitions after {result['warmup']} warm-up, each configuration in a "
-              f"fresh process. Lowest edgezo/bare {common.fmt(result['min_edgezo_over_bare'])} (target >= "
+              f"generated (greedy), {result['threads']} threads, flash attention, split F16 KV cache. "
+              f"{result['rounds']} fresh process(es) per configuration, each running both sides in turn "
+              f"(alternating which goes first), {result['repeats']} repetitions after {result['warmup']} warm-up; "
+              f"tokens/s: median (min-max) of all repetitions; edgezo/bare: median (min-max) over the pairs of "
+              f"adjacent repetitions. Lowest edgezo/bare {common.fmt(result['min_edgezo_over_bare'])} (target >= "
               f"{result['target_edgezo_over_bare']}). Generation with 16 sequences: bare llama.cpp only (edgezo's "
               f"Engine.generate is single-sequence).\n\n{common.provenance(result)}\n")
 
@@ -252,16 +315,17 @@ def parse_args(argv=None):
     p.add_argument("--ctx-per-seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2, help="fresh processes per configuration [%(default)s]")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads, 0: all cores [%(default)s]")
-    p.add_argument("--quick", action="store_true", help="2 repetitions, 64-token prompts, 32 generated tokens")
+    p.add_argument("--quick", action="store_true", help="1 round of 2 repetitions, 64-token prompts, 32 generated tokens")
     p.add_argument("--note", default="", help="free text stored with the result (e.g. 'measured under load')")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
-    p.add_argument("--child", choices=["edgezo", "bare"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["pair"], help=argparse.SUPPRESS)
     p.add_argument("--quant", help=argparse.SUPPRESS)
     p.add_argument("--n-seq", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.prompt_tokens, args.gen_tokens = 2, 64, 32
+        args.repeats, args.prompt_tokens, args.gen_tokens, args.rounds = 2, 64, 32, 1
     args.quants = [q.strip() for q in args.quants.split(",") if q.strip()]
     args.n_seqs = [int(n) for n in args.n_seqs.split(",")]
     if args.prompt_tokens + args.gen_tokens > args.ctx_per_seq:

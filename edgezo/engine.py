@@ -16,6 +16,7 @@ What the trainer needs from llama.cpp, and how this module gets it fast:
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import os
 import tempfile
@@ -359,6 +360,19 @@ class Engine(Vocabulary):
         if problems:
             raise EdgezoError("cannot update the adapter in place:\n  " + "\n  ".join(problems))
         return {name: found[name] for name in adapter.tensors}
+
+    @contextlib.contextmanager
+    def adapter_detached(self):
+        """The base model alone inside the block; afterwards the adapter is active again, its tensors (and their
+        in-place addresses) untouched. Each switch makes the next decode rebuild llama.cpp's graph (milliseconds)."""
+        if not self._adapter_ptr:
+            yield
+            return
+        llama_cpp.llama_set_adapters_lora(self.ctx, None, 0, None)
+        try:
+            yield
+        finally:
+            self._activate(self.ctx, self._adapter_ptr)
 
     def update_adapter(self, values: Mapping[str, np.ndarray]) -> None:
         """Overwrite the active adapter's tensors with `values` (same names and shapes as the adapter set)."""

@@ -117,27 +117,37 @@ def test_compare_rejects_unknown_configs():
 
 
 def test_mezo_step_split_adds_up_to_the_remainder():
-    inference = {"forward": {"median": 0.30}}
     parts = [{"step": 0.70, "decode": 0.64, "z_generation": 0.015, "adapter_upload": 0.001, "host_loss": 0.0002,
               "update": 0.008}] * 3
-    mezo = {"step": {"median": 0.68}, "instrumented": parts}
-    split = mezo_step.split(inference, mezo)
+    mezo = {"step": {"median": 0.68}, "forward": {"median": 0.30}, "instrumented": parts}
+    split = mezo_step.split(mezo)
     assert split["remainder_seconds"] == pytest.approx(0.08)
     assert split["parts_seconds"]["lora_in_graph"] == pytest.approx(0.04)
     assert sum(split["parts_seconds"].values()) == pytest.approx(split["remainder_seconds"])
 
 
-def test_throughput_sides_compare_like_for_like():
-    bare = {"pp_tokens_per_s": {"median": 1000.0}, "gen_tokens_per_s": {"median": 50.0}, "gen_tokens": 31,
-            "token_hash": "abc"}
-    edgezo = {"pp_tokens_per_s": {"median": 980.0}, "gen_tokens_per_s": {"median": 49.0}, "gen_tokens": 31,
-              "token_hash": "abc"}
-    r = throughput.compare_sides(bare, edgezo)
-    assert r["pp_edgezo_over_bare"] == pytest.approx(0.98) and r["gen_edgezo_over_bare"] == pytest.approx(0.98)
+def test_throughput_ratio_is_the_median_of_adjacent_pairs_not_of_pooled_figures():
+    # The machine drifts (1 s -> 2 s per repetition); within each adjacent pair edgezo is 2 % slower.
+    bare_s, edgezo_s = [1.0, 2.0, 1.5], [1.0 / 0.98, 2.0 / 0.98, 1.5 / 0.98]
+    row = {"bare": {"token_hash": "abc", "gen_tokens": 31}, "edgezo": {"token_hash": "abc", "gen_tokens": 31},
+           "pp_pairs": throughput.paired(bare_s, edgezo_s), "gen_pairs": throughput.paired(bare_s, edgezo_s)}
+    r = throughput.compare_sides(row)
+    assert r["pp_edgezo_over_bare"]["median"] == pytest.approx(0.98) and r["pp_edgezo_over_bare"]["n"] == 3
+    assert r["gen_edgezo_over_bare"]["max"] == pytest.approx(0.98)
     assert r["same_tokens"] and r["same_gen_length"]
-    no_gen = throughput.compare_sides({**bare, "token_hash": "x"}, {"pp_tokens_per_s": {"median": 1.0}, "token_hash": "y"})
+    no_gen = throughput.compare_sides({**row, "gen_pairs": None, "bare": {"token_hash": "x"},
+                                       "edgezo": {"token_hash": "y"}})
     assert no_gen["gen_edgezo_over_bare"] is None and not no_gen["same_tokens"]
+    assert throughput.ratio_cell(r, "pp_edgezo_over_bare") == "0.980 (0.980-0.980)"
     assert throughput.rates([2.0, 4.0, 1.0], 100)["median"] == pytest.approx(50.0)
+
+
+def test_throughput_sides_alternate_which_goes_first_and_drop_the_warmup():
+    calls = []
+    sides = {"bare": "b", "edgezo": "e"}
+    out = throughput.alternate(sides, lambda side: calls.append(side) or len(calls), warmup=1, repeats=3)
+    assert calls == ["b", "e", "e", "b", "b", "e", "e", "b"]
+    assert out == {"bare": [4, 5, 8], "edgezo": [3, 6, 7]}
 
 
 # ---- time to accuracy -----------------------------------------------------------------------------------------

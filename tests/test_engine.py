@@ -54,6 +54,20 @@ def test_zero_b_adapter_leaves_logits_unchanged(engine, tiny_gguf):
     np.testing.assert_array_equal(engine.logits(seqs, last_positions(seqs)), base_logits)
 
 
+def test_adapter_detached_scores_the_base_model_then_restores_the_adapter(engine, tiny_gguf):
+    seqs = sequences(engine)
+    base = engine.logits(seqs, last_positions(seqs))
+    adapter = random_adapter(tiny_gguf, 3)
+    engine.set_adapter(adapter)
+    adapted = engine.logits(seqs, last_positions(seqs))
+    assert not np.allclose(adapted, base, atol=1e-3)
+    with engine.adapter_detached():
+        np.testing.assert_array_equal(engine.logits(seqs, last_positions(seqs)), base)
+    np.testing.assert_array_equal(engine.logits(seqs, last_positions(seqs)), adapted)
+    engine.update_adapter({k: v * 0.5 for k, v in adapter.tensors.items()})  # in-place addresses still valid
+    assert not np.allclose(engine.logits(seqs, last_positions(seqs)), adapted, atol=1e-4)
+
+
 def test_output_positions_select_rows_of_the_full_logits(engine):
     seq = engine.tokenize("a good movie, a bad one", add_special=True)
     full = engine.logits([seq], [list(range(len(seq)))])

@@ -27,6 +27,8 @@ SECTIONS = (
     ("mezo_step", "MeZO step vs two bare forward passes", {}),
     ("compare", "Side by side: peak RSS and step time of MeZO and backprop", {}),
     ("time_to_accuracy", "Time to accuracy on movie-reviews", {"image": "bench/results/time_to_accuracy.png"}),
+    ("distributed", "Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads", {}),
+    ("wire_bytes", "Distributed MeZO: bytes on the wire per step between two hosts", {}),
 )
 
 
@@ -62,13 +64,13 @@ def build_block(results_dir: Path = common.RESULTS) -> str:
             + "\n".join(parts))
 
 
-def replace_block(text: str, block: str) -> str:
+def replace_block(text: str, block: str, begin: str = BEGIN, end_marker: str = END) -> str:
     """`text` with everything between the two markers replaced by `block` (the markers stay)."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1:
-        raise ReportError(f"README must contain {BEGIN} and {END} exactly once each")
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+    if text.count(begin) != 1 or text.count(end_marker) != 1:
+        raise ReportError(f"the file must contain {begin} and {end_marker} exactly once each")
+    start, end = text.index(begin) + len(begin), text.index(end_marker)
     if end < start:
-        raise ReportError(f"{END} comes before {BEGIN}")
+        raise ReportError(f"{end_marker} comes before {begin}")
     return text[:start] + "\n" + block.strip("\n") + "\n" + text[end:]
 
 

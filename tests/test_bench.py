@@ -13,10 +13,12 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
 import common  # noqa: E402
 import compare  # noqa: E402
+import fleet  # noqa: E402
 import mezo_step  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
 import time_to_accuracy  # noqa: E402
+import wire_bytes  # noqa: E402
 
 MACHINE = {"cpu": "Test CPU", "cores": 2, "ram_bytes": 8 * 2**30, "versions": {"llama_cpp_python": "0.3.36"},
            "load_average": [3.5, 1.0, 0.5]}
@@ -148,6 +150,26 @@ def test_throughput_sides_alternate_which_goes_first_and_drop_the_warmup():
     out = throughput.alternate(sides, lambda side: calls.append(side) or len(calls), warmup=1, repeats=3)
     assert calls == ["b", "e", "e", "b", "b", "e", "e", "b"]
     assert out == {"bare": [4, 5, 8], "edgezo": [3, 6, 7]}
+
+
+def test_wire_bytes_per_step_is_the_difference_of_two_runs():
+    link = lambda tx, rx: {"tx_bytes": tx, "rx_bytes": rx, "tx_packets": tx // 100, "rx_packets": rx // 100}
+    short, long = {"steps": 5, "link": link(10_500, 9_500)}, {"steps": 25, "link": link(14_500, 13_500)}
+    assert wire_bytes.per_step(short, long) == {"tx_bytes": 200, "rx_bytes": 200, "tx_packets": 2, "rx_packets": 2}
+    result = {"modes": [{"parallel": "data", "runs": [short, long], "per_step": wire_bytes.per_step(short, long),
+                         "payload_bytes_per_step_per_worker": 16, "adapter_bytes": 2_949_120,
+                         "replicas_identical": True}], "steps": [5, 25], "model": "m", "quant": "q4_0",
+              "machine": MACHINE, "time": "t"}
+    table = wire_bytes.render(result)
+    assert "| data | 16 | 200 | 200 | 2.0 / 2.0 | 18.0 kB | 2.95 MB | yes |" in table  # fixed: 20000 - 5 x 400
+
+
+def test_fleet_projection_follows_the_stated_model():
+    f, z, u = {16: 0.9, 8: 0.5, 1: 0.06}, 0.01, 0.02
+    assert fleet.data_parallel_step_s(f, z, u, 16, 2, 0.005) == pytest.approx(2 * 0.5 + 2 * 0.01 + 0.02 + 0.005)
+    assert fleet.direction_parallel_step_s(f, z, u, 16, 4, 0.005) == pytest.approx(1.8 + 0.02 + 4 * 0.02 + 3 * 0.005)
+    with pytest.raises(ValueError, match="16/4"):
+        fleet.data_parallel_step_s(f, z, u, 16, 4, 0.0)  # f(4) was not measured
 
 
 # ---- time to accuracy -----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,9 @@ from edgezo.distributed import DistConfig, Group, adapter_sha256  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
 
 from test_cli import finetune_args, run_json  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import netns  # noqa: E402
 
 
 def free_port() -> int:
@@ -175,27 +179,12 @@ def test_data_parallel_needs_a_batch_divisible_by_the_workers():
 
 @pytest.fixture
 def two_hosts():
-    """Two network namespaces joined by a veth pair: two hosts, 10.77.0.1 and 10.77.0.2, each with its own network
-    stack and loopback, so ranks can reach each other only over the link. Needs root (CAP_NET_ADMIN) and iproute2;
-    skipped, saying why, where namespaces cannot be made."""
-    if os.geteuid() != 0 or not shutil.which("ip"):
-        pytest.skip("network namespaces need root and iproute2")
-    tag = f"ez{os.getpid() % 100000}"
-    hosts = [(f"{tag}a", f"{tag}va", "10.77.0.1"), (f"{tag}b", f"{tag}vb", "10.77.0.2")]
-    setup = [["ip", "netns", "add", hosts[0][0]], ["ip", "netns", "add", hosts[1][0]],
-             ["ip", "link", "add", hosts[0][1], "type", "veth", "peer", "name", hosts[1][1]]]
-    for ns, dev, addr in hosts:
-        setup += [["ip", "link", "set", dev, "netns", ns], ["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev],
-                  ["ip", "-n", ns, "link", "set", dev, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"]]
+    """Two network namespaces joined by a veth pair (bench/netns.py); skipped, saying why, where they cannot be made."""
     try:
-        for cmd in setup:
-            done = subprocess.run(cmd, capture_output=True, text=True)
-            if done.returncode != 0:
-                pytest.skip(f"cannot build the two-host network ({' '.join(cmd)}: {done.stderr.strip()})")
-        yield hosts
-    finally:
-        for ns, _, _ in hosts:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        with netns.two_hosts() as hosts:
+            yield hosts
+    except netns.HostsUnavailable as exc:
+        pytest.skip(f"cannot build the two-host network: {exc}")
 
 
 def test_torchrun_on_two_hosts_trains_the_same_adapter_as_two_local_workers(two_hosts, tiny_gguf, sentiment_dir,
@@ -204,18 +193,20 @@ def test_torchrun_on_two_hosts_trains_the_same_adapter_as_two_local_workers(two_
     the veth link, each host its own run directory. The result must equal `--workers 2` on one machine."""
     steps, port = 6, free_port()
     procs = []
-    for node, (ns, dev, _) in enumerate(two_hosts):
+    for node, host in enumerate(two_hosts):
         argv = finetune_args(tiny_gguf, sentiment_dir, tmp_path / f"host{node}", steps)
-        cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-               "--node-rank", str(node), "--nproc-per-node", "1", "--master-addr", two_hosts[0][2],
-               "--master-port", str(port), "-m", "edgezo.cli", *argv]
+        cmd = host.command([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                            "--nproc-per-node", "1", "--master-addr", two_hosts[0].address, "--master-port", str(port),
+                            "-m", "edgezo.cli", *argv])
         with open(tmp_path / f"host{node}.out", "w") as out, open(tmp_path / f"host{node}.err", "w") as err:
-            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "GLOO_SOCKET_IFNAME": dev}))
+            procs.append(subprocess.Popen(cmd, stdout=out, stderr=err,
+                                          env={**os.environ, "GLOO_SOCKET_IFNAME": host.device}))
     codes = [p.wait(timeout=300) for p in procs]
     errors = [(tmp_path / f"host{n}.err").read_text() for n in range(2)]
     assert codes == [0, 0], "\n".join(e[-2000:] for e in errors)
     result = json.loads((tmp_path / "host0.out").read_text().strip().splitlines()[-1])
     assert result["replicas_identical"] and result["bytes_per_step_per_worker"] == 16
     assert not (tmp_path / "host1").exists()  # only rank 0 writes a run directory
+    assert two_hosts[1].counters()["tx_packets"] > 0  # the ranks did talk over the link
     local = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "local", steps, "--workers", "2"))
     assert result["replica_sha256"] == local["replica_sha256"]

@@ -17,10 +17,16 @@ demo: install
 test: install-torch
 	$(PYTHON) -m pytest -q
 
-bench: install-torch  # the measurements the README quotes (~1 h on 2 idle cores), then the README tables
+bench: install-torch  # every measurement the README and docs/ quote (~3 h on 2 idle cores), then their tables
 	$(PIP) install -e ".[dev,torch,bench]"
 	$(PYTHON) bench/throughput.py
 	$(PYTHON) bench/mezo_step.py
 	$(PYTHON) bench/compare.py
 	$(PYTHON) bench/time_to_accuracy.py --launch --out-dir runs/bench-time-to-accuracy-$$(date +%s)
+	$(PYTHON) bench/distributed.py
+	$(PYTHON) bench/wire_bytes.py      # needs root (network namespaces)
+	$(PYTHON) bench/memory_validation.py
+	$(PYTHON) bench/budget_experiment.py --work runs/budget-$$(date +%s)
+	$(PYTHON) bench/capacity_plot.py
+	$(PYTHON) bench/fleet.py --write
 	$(PYTHON) bench/report.py

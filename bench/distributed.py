@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
 NAME = "distributed"
+TITLE = "Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads"
 CONFIGS = {
     "1x2": ["--threads", "2"],
     "2x1-data": ["--workers", "2", "--threads", "2", "--parallel", "data"],
@@ -230,9 +231,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     result = run(args)
     result["bench_seconds"] = time.perf_counter() - t0
-    common.append_result(NAME, result)
-    common.write_markdown(NAME, "# Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads\n\n" + render(result))
-    print(json.dumps(result) if args.json else render(result))
+    common.publish(NAME, TITLE, result, render(result), args.json)
     return 0
 
 

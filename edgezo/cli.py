@@ -148,6 +148,14 @@ def parse_bytes(text: str | None) -> int:
     return int(value * units[unit])
 
 
+def mezo_learning_rate(args) -> float:
+    """--learning-rate if given, else the built-in model's tuned MeZO rate, else MezoConfig's default."""
+    if args.learning_rate is not None:
+        return args.learning_rate
+    model = store.MODELS.get(args.model)
+    return model.mezo_learning_rate if model else MezoConfig().learning_rate
+
+
 def cmd_finetune(args) -> tuple[dict, str]:
     from . import distributed
     from .trainer import train
@@ -163,7 +171,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     root = group is None or group.is_root
     log = say if root else (lambda msg: None)
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
-    mezo = MezoConfig(learning_rate=args.learning_rate, eps=args.eps, n_directions=args.n_directions,
+    mezo = MezoConfig(learning_rate=mezo_learning_rate(args), eps=args.eps, n_directions=args.n_directions,
                       weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps)
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
@@ -287,7 +295,8 @@ def cmd_reference(args) -> tuple[dict, str]:
     config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
                                        gradient_checkpointing=args.gradient_checkpointing)
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
-    schedule = MezoConfig(learning_rate=args.learning_rate, eps=args.eps, weight_decay=args.weight_decay,
+    lr = mezo_learning_rate(args) if args.method == "mezo" else args.learning_rate
+    schedule = MezoConfig(learning_rate=lr, eps=args.eps, weight_decay=args.weight_decay,
                           schedule=args.schedule, warmup_steps=args.warmup_steps)
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
@@ -642,6 +651,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
 
 
+LR_HELP = ("MeZO learning rate [the built-in model's tuned rate: "
+           + ", ".join(f"{m.name} {m.mezo_learning_rate:g}" for m in store.MODELS.values())
+           + f"; a GGUF path: {MezoConfig().learning_rate:g}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgezo", description="Fine-tune LLM adapters with forward passes only (MeZO on llama.cpp).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -654,7 +668,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
     add_run_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
-    p.add_argument("--learning-rate", type=float, default=m.learning_rate, help="[%(default)s]")
+    p.add_argument("--learning-rate", type=float, help=LR_HELP)
     p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
     p.add_argument("--n-directions", type=int, default=m.n_directions, help="random directions per step (n-SPSA) [%(default)s]")
     p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
@@ -673,8 +687,10 @@ def build_parser() -> argparse.ArgumentParser:
                               ("mezo", "the torch MeZO baseline: MeZO on the same LoRA's torch tensors (torch extra)")):
         p = sub.add_parser(f"reference-{method}", help=help_text)
         add_run_args(p)
-        p.add_argument("--learning-rate", type=float, default=1e-3 if method == "bp" else m.learning_rate,
-                       help="[%(default)s]")
+        if method == "bp":
+            p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW [%(default)s]")
+        else:
+            p.add_argument("--learning-rate", type=float, help=LR_HELP)
         if method == "bp":
             p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                            help="base weights; the LoRA stays float32 [%(default)s]")

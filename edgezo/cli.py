@@ -243,7 +243,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         else:
             run.remove()
     summary = {"adapter": str(result.adapter_path) if root else None, "steps": result.steps,
-               "final_loss": result.final_loss, "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+               "final_loss": result.final_loss, "seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
                "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path) if root else None, **report}
     if result.valid is not None:
         summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
@@ -332,7 +332,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     step_seconds = [json.loads(line)["seconds"] for line in run.metrics.read_text().splitlines()
                     if "seconds" in json.loads(line)]
     summary = {"adapter": str(result.adapter_path), "steps": result.steps, "final_loss": result.final_loss,
-               "seconds": time.perf_counter() - t0, "train_seconds": sum(step_seconds),
+               "seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,
                "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path)}
     if result.valid is not None:

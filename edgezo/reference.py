@@ -221,7 +221,7 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, 
     else:
         step_fn = TorchMezoStep(model, scorer, sched.eps, sched.weight_decay, train_cfg.seed)
     valid_set = run_spec.valid_set[: train_cfg.n_valid] if train_cfg.n_valid else run_spec.valid_set
-    t_start, train_seconds, recent, valid = time.perf_counter(), 0.0, [], None
+    train_seconds, recent, valid = 0.0, [], None
 
     with open(run.metrics, "w") as metrics, stop_requests() as stop:
 
@@ -269,7 +269,7 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, 
     save_adapter(model, run_spec.base, run)
     return TrainResult(adapter_path=run.adapter, steps=train_cfg.steps,
                        final_loss=float(np.mean(recent)) if recent else math.nan, valid=valid,
-                       seconds=time.perf_counter() - t_start, peak_rss_bytes=peak_rss_bytes())
+                       train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes())
 
 
 def save_adapter(model, base: BaseModelInfo, run: RunDir) -> None:

@@ -59,7 +59,7 @@ class TrainResult:
     steps: int
     final_loss: float  # mean training loss (L+ and L-) over the last min(50, steps) steps
     valid: Totals | None
-    seconds: float
+    train_seconds: float  # cumulative wall-clock of training steps over the whole run (resumes included, evaluations excluded)
     peak_rss_bytes: int
 
 
@@ -161,7 +161,6 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
         raise EdgezoError("the training split is empty")
     valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set
     theta = adapter.tensors
-    t_start = time.perf_counter()
     recent_losses: list[float] = []
     valid = None
     train_seconds = run.train_seconds_at(start_step)
@@ -224,4 +223,4 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     adapter.save(run.adapter)
     return TrainResult(adapter_path=run.adapter, steps=config.steps,
                        final_loss=float(sum(recent_losses) / len(recent_losses)) if recent_losses else math.nan,
-                       valid=valid, seconds=time.perf_counter() - t_start, peak_rss_bytes=peak_rss_bytes())
+                       valid=valid, train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes())

@@ -41,7 +41,7 @@ def test_finetune_writes_run_and_reports_json(tiny_gguf, sentiment_dir, tmp_path
 def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tiny_gguf, sentiment_dir, tmp_path, capsys):
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "full", 7))
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 4))
-    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 7, "--resume"))
+    resumed = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 7, "--resume"))
     full = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").tensors
     split = LoraAdapter.load(tmp_path / "split" / "adapter.gguf").tensors
     for k in full:
@@ -49,6 +49,9 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tiny_gguf, sentimen
     steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, 8))  # the log has every step exactly once
+    log = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    step_seconds = sum(e["seconds"] for e in log if "loss" in e)
+    assert resumed["train_seconds"] == pytest.approx(step_seconds)  # the whole run's step time, not this process's
 
 
 def test_resume_refuses_a_changed_config_naming_the_fields(tiny_gguf, sentiment_dir, tmp_path, capsys):

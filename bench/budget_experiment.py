@@ -10,8 +10,9 @@ model BP can fit.
    batch 16, seed 0, LoRA rank 16 on attn_k/attn_v, validation on 500 held-out reviews at fixed step intervals.
 4. Plot validation accuracy against training wall-clock (evaluation time excluded) and evaluate every final
    adapter on the 1000-review test split with llama.cpp. Results: bench/results/budget_experiment.{jsonl,md,png}.
+   An interrupted experiment continues where it stopped when rerun with the same --work (finished runs are reused).
 
-    python bench/budget_experiment.py            # ~35 min on the 2-core CI machine
+    python bench/budget_experiment.py            # ~70 min on the 2-core CI machine; rerun it to continue
     python bench/budget_experiment.py --quick    # a few steps each: checks the pipeline
 """
 
@@ -25,8 +26,10 @@ from pathlib import Path
 
 from edgezo.store import MODELS
 
-from common import RESULTS, ROOT, append_result, machine_info, mib, run_fresh, run_json, table, utc_now
+from common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, table, utc_now
 
+NAME = "budget_experiment"
+TITLE = "The paper's experiment: MeZO on a bigger model vs BP on the biggest that fits, one memory budget"
 EDGEZO = [sys.executable, "-m", "edgezo.cli"]
 COMMON = ["--data", "movie-reviews", "--batch-size", "16", "--seed", "0", "--n-valid", "500", "--json"]
 BP_VARIANTS = {"bp": [], "bp-ckpt": ["--gradient-checkpointing"]}
@@ -87,14 +90,16 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
         return record
     resumed_from = None
     if command == "finetune" and (out / "state.json").exists():
-        resumed_from = json.loads((out / "state.json").read_text())["step"]
+        resumed_from = json.loads((out / "state.json").read_text())["step"]  # finetune refuses a changed config
+        if resumed_from > steps:
+            sys.exit(f"{out} holds a run past step {steps}; remove it or choose another --work")
     elif out.exists():
         shutil.rmtree(out)  # an interrupted BP run (reference runs do not resume) or a different command: start over
     print(f"== {name}: {' '.join(cmd[2:])}" + (f" (resuming from step {resumed_from})" if resumed_from else ""),
           file=sys.stderr, flush=True)
     result = run_json(cmd + (["--resume"] if resumed_from is not None else []), name)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    curve = [(e["train_seconds"], e["valid_accuracy"], e["step"]) for e in lines if "valid_accuracy" in e]
+    curve = [[e["train_seconds"], e["valid_accuracy"], e["step"]] for e in lines if "valid_accuracy" in e]
     test = run_json([*EDGEZO, "eval", "--model", model, "--adapter", str(out), "--split", "test",
                      "--threads", str(threads), "--json"], f"{name} test eval")
     record = {"name": name, "command": command, "model": model, "steps": steps, "run_dir": str(out),
@@ -131,7 +136,7 @@ def overtakes(challenger: dict, incumbent: dict) -> float | None:
     return None
 
 
-def plot(runs: list[dict], budget: int, path: Path) -> None:
+def plot(runs: list[dict], budget: int, cores: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,41 +148,45 @@ def plot(runs: list[dict], budget: int, path: Path) -> None:
         ax.plot([s / 60 for s in seconds], accuracy, marker="o", label=f"{run['name']} (peak {mib(run['peak_rss_bytes'])})")
     ax.set_xlabel("training wall-clock (min), evaluation excluded")
     ax.set_ylabel("validation accuracy (500 reviews)")
-    ax.set_title(f"movie-reviews under a {mib(budget)} budget (2-core CPU)")
+    ax.set_title(f"movie-reviews under a {mib(budget)} budget ({cores}-core CPU)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def markdown(result: dict) -> str:
+def render(result: dict, image: str = "budget_experiment.png") -> str:
+    """Markdown (also used by bench/report.py, which links the plot from the README's directory)."""
     runs = {r["name"]: r for r in result["runs"]}
-    p = result["predictions"]
-    text = [f"# Budget experiment ({result['date']})\n",
-            f"Machine: {result['machine']['cpu']}, {result['machine']['cores']} cores; {result['threads']} threads. "
-            f"Budget: **{mib(result['budget_bytes'])}**. Movie-reviews, batch 16, seed 0, LoRA r16 on attn_k/attn_v. "
-            f"BP: AdamW, lr 1e-3. MeZO learning rates: "
-            f"{', '.join(f'{m} {lr:g}' for m, lr in result.get('mezo_learning_rates', {}).items())}.\n",
-            "## Predicted peak RSS (edgezo memory)\n",
+    p, budget = result["predictions"], result["budget_bytes"]
+    rates = ", ".join(f"{m} {lr:g}" for m, lr in result["mezo_learning_rates"].items())
+    text = [f"Budget **{mib(budget)}**; movie-reviews, batch 16, seed 0, LoRA rank 16 on attn_k/attn_v, "
+            f"{result['threads']} threads; BP: AdamW lr 1e-3 ({result['bp_variant']}); MeZO (Q4_0 bases) lr {rates}. "
+            "Predicted peak RSS (`edgezo memory`, the runs' arguments):\n\n",
             table(["model", *p["smollm2-135m"]],
-                  [[m, *[f"{mib(v)}{' fits' if v <= result['budget_bytes'] else ''}" for v in per.values()]]
-                   for m, per in p.items()]),
-            "\nBP on Gemma-3-270M under the budget, as `edgezo reference-bp --max-memory`:\n",
+                  [[m, *[f"{mib(v)}{' fits' if v <= budget else ''}" for v in per.values()]] for m, per in p.items()]),
+            "\nBP on Gemma-3-270M under the budget (`edgezo reference-bp --max-memory`) refuses to start:\n\n",
             *[f"- {variant}: `{message}`\n" for variant, message in result["refusals"].items()],
-            "\n## Runs\n",
-            table(["run", "steps", "median s/step", "train time", "peak RSS (measured)", "valid acc start -> end",
+            "\n",
+            table(["run", "steps", "median s/step", "train time", "peak RSS (measured)", "valid acc start -> end (best)",
                    "test acc (1000)"],
                   [[r["name"], r["steps"], f"{r['median_step_seconds']:.2f}", f"{r['train_seconds'] / 60:.1f} min",
-                    mib(r["peak_rss_bytes"]), f"{r['valid_curve'][0][1]:.3f} -> {r['final_valid_accuracy']:.3f}",
-                    f"{r['test_accuracy']:.3f}"] for r in result["runs"]]),
-            "\n![validation accuracy against wall-clock](budget_experiment.png)\n"]
+                    mib(r["peak_rss_bytes"]),
+                    f"{r['valid_curve'][0][1]:.3f} -> {r['final_valid_accuracy']:.3f} "
+                    f"({max(a for _, a, _ in r['valid_curve']):.3f})", f"{r['test_accuracy']:.3f}"]
+                   for r in result["runs"]]),
+            f"\nValidation: 500 held-out reviews against cumulative training wall-clock (evaluations excluded); "
+            f"plot: [{Path(image).name}]({image}).\n"]
     if "mezo-gemma" in runs and "bp-smollm2" in runs:
         t = overtakes(runs["mezo-gemma"], runs["bp-smollm2"])
         text.append("\n" + (f"MeZO on Gemma-3-270M stays at or above BP-on-SmolLM2's final validation accuracy from "
-                            f"{t / 60:.1f} min of training on." if t is not None else
-                            "MeZO on Gemma-3-270M did not reach BP-on-SmolLM2's final validation accuracy within "
-                            "this run.") + "\n")
-    return "".join(text)
+                             f"{t / 60:.1f} min of training on." if t is not None else
+                             "MeZO on Gemma-3-270M did not stay at or above BP-on-SmolLM2's final validation accuracy "
+                             "within this run.") + "\n")
+    resumed = [f"{r['name']} from step {r['resumed_from_step']}" for r in result["runs"] if r.get("resumed_from_step")]
+    if resumed:
+        text.append(f"\nResumed after an interruption (exact resume, training clock continued): {', '.join(resumed)}.\n")
+    return "".join(text) + f"\n{provenance(result)}\n"
 
 
 def main() -> None:
@@ -186,13 +195,14 @@ def main() -> None:
     parser.add_argument("--bp-steps", type=int, default=250)
     parser.add_argument("--mezo-steps", type=int, default=800)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "budget", help="run directories [%(default)s]")
+    parser.add_argument("--work", type=Path, help="run directories [runs/budget, runs/budget-quick with --quick]")
     parser.add_argument("--mezo-lr", type=parse_learning_rates, default=dict(MEZO_LEARNING_RATES),
                         help="MODEL=LR,... MeZO learning rates [%(default)s]")
     parser.add_argument("--quick", action="store_true", help="a few steps per run (pipeline check)")
     args = parser.parse_args()
     if args.quick:
         args.bp_steps, args.mezo_steps = 4, 8
+    args.work = args.work or ROOT / "runs" / ("budget-quick" if args.quick else "budget")
     bp_every, mezo_every = max(1, args.bp_steps // 5), max(1, args.mezo_steps // 8)
     args.work.mkdir(parents=True, exist_ok=True)
 
@@ -212,16 +222,13 @@ def main() -> None:
         train("mezo-smollm2", "finetune", "smollm2-135m", args.mezo_steps, mezo_every, budget, args.work, args.threads,
               ["--learning-rate", str(args.mezo_lr["smollm2-135m"])]),
     ]
-    result = {"date": utc_now(), "machine": machine_info(), "threads": args.threads, "budget_bytes": budget,
-              "predictions": predictions, "refusals": refusals, "bp_variant": bp_variant, "runs": runs,
-              "mezo_learning_rates": args.mezo_lr,
-              "quick": args.quick}
-    name = "budget_experiment_quick" if args.quick else "budget_experiment"
-    append_result(name, result)
-    plot(runs, budget, RESULTS / f"{name}.png")
-    (RESULTS / f"{name}.md").write_text(markdown(result))
-    print(json.dumps({k: result[k] for k in ("budget_bytes", "bp_variant")} |
-                     {r["name"]: {"test_accuracy": r["test_accuracy"], "train_seconds": r["train_seconds"]} for r in runs}))
+    name = f"{NAME}_quick" if args.quick else NAME
+    result = {"benchmark": NAME, "time": utc_now(), "machine": machine_info(), "threads": args.threads,
+              "budget_bytes": budget, "predictions": predictions, "refusals": refusals, "bp_variant": bp_variant,
+              "runs": runs, "mezo_learning_rates": args.mezo_lr, "quick": args.quick,
+              "note": "pipeline check (--quick)" if args.quick else ""}
+    plot(runs, budget, result["machine"]["cores"], RESULTS / f"{name}.png")
+    publish(name, TITLE, result, render(result, f"{name}.png"), as_json=False)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ SECTIONS = (
     ("mezo_step", "MeZO step vs two bare forward passes", {}),
     ("compare", "Side by side: peak RSS and step time of MeZO and backprop", {}),
     ("time_to_accuracy", "Time to accuracy on movie-reviews", {"image": "bench/results/time_to_accuracy.png"}),
+    ("budget_experiment", "Under one memory budget: MeZO on a bigger model vs BP on the biggest that fits",
+     {"image": "bench/results/budget_experiment.png"}),
     ("distributed", "Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads", {}),
     ("wire_bytes", "Distributed MeZO: bytes on the wire per step between two hosts", {}),
 )

@@ -11,6 +11,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 sys.path.insert(0, str(BENCH))
+import budget_experiment  # noqa: E402
 import common  # noqa: E402
 import compare  # noqa: E402
 import fleet  # noqa: E402
@@ -170,6 +171,68 @@ def test_fleet_projection_follows_the_stated_model():
     assert fleet.direction_parallel_step_s(f, z, u, 16, 4, 0.005) == pytest.approx(1.8 + 0.02 + 4 * 0.02 + 3 * 0.005)
     with pytest.raises(ValueError, match="16/4"):
         fleet.data_parallel_step_s(f, z, u, 16, 4, 0.0)  # f(4) was not measured
+
+
+# ---- budget experiment ---------------------------------------------------------------------------------------
+MiB = 2**20
+PREDICTIONS = {"smollm2-135m": {"mezo": 330 * MiB, "bp": 2400 * MiB, "bp-ckpt": 1500 * MiB},
+               "gemma3-270m": {"mezo": 500 * MiB, "bp": 2900 * MiB, "bp-ckpt": 2000 * MiB}}
+
+
+def test_budget_separates_bp_on_the_small_model_from_bp_on_the_large_one():
+    budget = budget_experiment.choose_budget(PREDICTIONS)
+    assert budget == 1750 * MiB  # midway between the cheapest BP of each model
+    budget_experiment.check_budget(PREDICTIONS, budget)
+    with pytest.raises(SystemExit, match="does not separate"):
+        budget_experiment.check_budget(PREDICTIONS, 2100 * MiB)  # BP-ckpt on Gemma would fit too
+    with pytest.raises(SystemExit, match="does not separate"):
+        budget_experiment.check_budget(PREDICTIONS, 1400 * MiB)  # no BP fits at all
+
+
+def budget_run(name: str, curve: list[tuple[float, float, int]], **extra) -> dict:
+    return {"name": name, "steps": curve[-1][2], "median_step_seconds": 1.0, "train_seconds": curve[-1][0],
+            "peak_rss_bytes": 500 * MiB, "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
+            "test_accuracy": 0.85, **extra}
+
+
+def test_budget_experiment_reports_when_mezo_overtakes_for_good():
+    bp = budget_run("bp-smollm2", [(0, 0.79, 0), (100, 0.86, 50), (200, 0.84, 100)])
+    mezo = budget_run("mezo-gemma", [(0, 0.5, 0), (60, 0.85, 100), (120, 0.83, 200), (180, 0.845, 300)],
+                      resumed_from_step=200)
+    assert budget_experiment.overtakes(mezo, bp) == 180  # not 60: it fell below 0.84 again at 120 s
+    assert budget_experiment.overtakes(bp, mezo) is None  # BP ends at 0.84, below MeZO's final 0.845
+    assert budget_experiment.overtakes(budget_run("flat", [(0, 0.5, 0), (9, 0.6, 9)]), bp) is None
+    result = {"budget_bytes": 1728 * MiB, "predictions": PREDICTIONS, "threads": 2, "bp_variant": "bp-ckpt",
+              "mezo_learning_rates": {"smollm2-135m": 1e-3, "gemma3-270m": 3e-4}, "runs": [bp, mezo],
+              "refusals": {"bp": "error: predicted 2900 MiB exceeds the memory budget"}, "machine": MACHINE,
+              "time": "2026-11-30T00:00:00Z"}
+    text = budget_experiment.render(result)
+    assert "from 3.0 min of training on" in text and "mezo-gemma from step 200" in text
+    assert "1500 MiB fits" in text and "2000 MiB |" in text and "exceeds the memory budget" in text
+
+
+def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_json(cmd, what):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else None
+        if out is not None:
+            evals = [{"step": 8, "valid_accuracy": 0.8, "train_seconds": 8.0}, {"step": 8, "seconds": 1.0}]
+            (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+            return {"train_seconds": 8.0, "_process": {"peak_rss_bytes": MiB}}
+        return {"accuracy": 0.8, "loss": 0.4}
+
+    monkeypatch.setattr(budget_experiment, "run_json", fake_run_json)
+    out = tmp_path / "mezo"
+    out.mkdir()
+    (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
+    args = ("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, [])
+    first = budget_experiment.train(*args)
+    assert calls[0][-1] == "--resume" and first["resumed_from_step"] == 4 and first["test_accuracy"] == 0.8
+    assert budget_experiment.train(*args) == first and len(calls) == 2  # reused: nothing ran again
+    with pytest.raises(SystemExit, match="past step 2"):
+        budget_experiment.train("mezo", "finetune", "tiny", 2, 1, 100 * MiB, tmp_path, 1, [])
 
 
 # ---- time to accuracy -----------------------------------------------------------------------------------------

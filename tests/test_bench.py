@@ -224,15 +224,23 @@ def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(
         return {"accuracy": 0.8, "loss": 0.4}
 
     monkeypatch.setattr(budget_experiment, "run_json", fake_run_json)
+    args = ("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, [])
     out = tmp_path / "mezo"
     out.mkdir()
     (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
-    args = ("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, [])
-    first = budget_experiment.train(*args)
-    assert calls[0][-1] == "--resume" and first["resumed_from_step"] == 4 and first["test_accuracy"] == 0.8
-    assert budget_experiment.train(*args) == first and len(calls) == 2  # reused: nothing ran again
-    with pytest.raises(SystemExit, match="past step 2"):
-        budget_experiment.train("mezo", "finetune", "tiny", 2, 1, 100 * MiB, tmp_path, 1, [])
+    (out / "stale").write_text("")
+    fresh = budget_experiment.train(*args)  # a checkpoint of an unknown command is not continued: start over
+    assert "--resume" not in calls[0] and fresh["resumed_from_step"] is None and not (out / "stale").exists()
+
+    (out / "experiment-run.json").unlink()  # now interrupted after step 4 of this very command
+    (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
+    resumed = budget_experiment.train(*args)
+    assert calls[-2][-1] == "--resume" and resumed["resumed_from_step"] == 4 and resumed["test_accuracy"] == 0.8
+    n_calls = len(calls)
+    assert budget_experiment.train(*args) == resumed and len(calls) == n_calls  # finished: reused, nothing ran
+
+    other = budget_experiment.train("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, ["--learning-rate", "1"])
+    assert "--resume" not in calls[-2] and other["resumed_from_step"] is None  # another learning rate: a new run
 
 
 # ---- time to accuracy -----------------------------------------------------------------------------------------

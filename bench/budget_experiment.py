@@ -88,9 +88,10 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
         print(f"== {name}: finished earlier, reusing {record_path}", file=sys.stderr, flush=True)
         return record
     resumed_from = None
-    same_command = started_path.exists() and json.loads(started_path.read_text()) == cmd[2:]
-    if command == "finetune" and same_command and (out / "state.json").exists():
-        resumed_from = json.loads((out / "state.json").read_text())["step"]
+    if (command == "finetune" and (out / "state.json").exists() and started_path.exists()
+            and without_length(json.loads(started_path.read_text())) == without_length(cmd[2:])
+            and json.loads((out / "state.json").read_text())["step"] <= steps):
+        resumed_from = json.loads((out / "state.json").read_text())["step"]  # interrupted, or extended (--mezo-steps)
     elif out.exists():
         shutil.rmtree(out)  # an interrupted BP run (reference runs do not resume) or another command: start over
     out.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,13 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
               "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def without_length(command_line: list[str]) -> list[str]:
+    """A command line without --steps and --eval-every: a MeZO run continued to more steps is the same run (the
+    learning rate is constant, so steps 1..N are the same whatever the total)."""
+    drop = {i + 1 for i, arg in enumerate(command_line) if arg in ("--steps", "--eval-every")}
+    return [arg for i, arg in enumerate(command_line) if i not in drop and arg not in ("--steps", "--eval-every")]
 
 
 def step_median(lines: list[dict]) -> float:
@@ -185,7 +193,7 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
                              "within this run.") + "\n")
     resumed = [f"{r['name']} from step {r['resumed_from_step']}" for r in result["runs"] if r.get("resumed_from_step")]
     if resumed:
-        text.append(f"\nResumed after an interruption (exact resume, training clock continued): {', '.join(resumed)}.\n")
+        text.append(f"\nContinued from a checkpoint (exact resume, the training clock continues): {', '.join(resumed)}.\n")
     return "".join(text) + f"\n{provenance(result)}\n"
 
 

@@ -239,6 +239,12 @@ def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(
     n_calls = len(calls)
     assert budget_experiment.train(*args) == resumed and len(calls) == n_calls  # finished: reused, nothing ran
 
+    (out / "state.json").write_text(json.dumps({"step": 8, "checkpoint": "checkpoint-000008.gguf"}))
+    longer = budget_experiment.train("mezo", "finetune", "tiny", 16, 2, 100 * MiB, tmp_path, 1, [])
+    assert calls[-2][-1] == "--resume" and longer["resumed_from_step"] == 8  # extended: the same run, continued
+    shorter = budget_experiment.train("mezo", "finetune", "tiny", 4, 2, 100 * MiB, tmp_path, 1, [])
+    assert "--resume" not in calls[-2] and shorter["resumed_from_step"] is None  # the checkpoint is past step 4
+    (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
     other = budget_experiment.train("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, ["--learning-rate", "1"])
     assert "--resume" not in calls[-2] and other["resumed_from_step"] is None  # another learning rate: a new run
 

@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, help="bytes (default: chosen from the predictions)")
     parser.add_argument("--bp-steps", type=int, default=250)
     parser.add_argument("--mezo-steps", type=int, default=800)
+    parser.add_argument("--gemma-mezo-steps", type=int, help="steps of MeZO on Gemma only [--mezo-steps]; more than "
+                        "before continues the finished run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="run directories [runs/budget, runs/budget-quick with --quick]")
     parser.add_argument("--mezo-lr", type=parse_learning_rates, default=dict(MEZO_LEARNING_RATES),
@@ -209,9 +211,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few steps per run (pipeline check)")
     args = parser.parse_args()
     if args.quick:
-        args.bp_steps, args.mezo_steps = 4, 8
+        args.bp_steps, args.mezo_steps, args.gemma_mezo_steps = 4, 8, None
     args.work = args.work or ROOT / "runs" / ("budget-quick" if args.quick else "budget")
-    bp_every, mezo_every = max(1, args.bp_steps // 5), max(1, args.mezo_steps // 8)
+    gemma_steps = args.gemma_mezo_steps or args.mezo_steps
+    bp_every, mezo_every, gemma_every = (max(1, args.bp_steps // 5), max(1, args.mezo_steps // 8),
+                                         max(1, gemma_steps // 8))
     args.work.mkdir(parents=True, exist_ok=True)
 
     models = ("smollm2-135m", "gemma3-270m")
@@ -225,7 +229,7 @@ def main() -> None:
     runs = [
         train("bp-smollm2", "reference-bp", "smollm2-135m", args.bp_steps, bp_every, budget, args.work, args.threads,
               BP_VARIANTS[bp_variant]),
-        train("mezo-gemma", "finetune", "gemma3-270m", args.mezo_steps, mezo_every, budget, args.work, args.threads,
+        train("mezo-gemma", "finetune", "gemma3-270m", gemma_steps, gemma_every, budget, args.work, args.threads,
               ["--learning-rate", str(args.mezo_lr["gemma3-270m"])]),
         train("mezo-smollm2", "finetune", "smollm2-135m", args.mezo_steps, mezo_every, budget, args.work, args.threads,
               ["--learning-rate", str(args.mezo_lr["smollm2-135m"])]),

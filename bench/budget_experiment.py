@@ -48,9 +48,10 @@ def parse_learning_rates(text: str) -> dict:
     return rates
 
 
-def predict(model: str, method: str, threads: int) -> int:
+def predict(model: str, method: str, steps: int) -> int:
+    """`edgezo memory` for the run: the same data, batch and steps, so the same longest batch."""
     result = run_json([*EDGEZO, "memory", "--model", model, "--method", method, "--data", "movie-reviews",
-                       "--batch-size", "16", "--json"], f"edgezo memory {model} {method}")
+                       "--batch-size", "16", "--steps", str(steps), "--json"], f"edgezo memory {model} {method}")
     return int(result["predicted_bytes"])
 
 
@@ -124,9 +125,10 @@ def step_median(lines: list[dict]) -> float:
     return seconds[len(seconds) // 2]
 
 
-def refused(model: str, variant: str, budget: int, work: Path) -> str:
-    """BP on the larger model under the budget: must exit 1 before training, naming the prediction."""
-    cmd = [*EDGEZO, "reference-bp", "--model", model, *COMMON, "--steps", "1", "--max-memory", str(budget),
+def refused(model: str, variant: str, steps: int, budget: int, work: Path) -> str:
+    """BP on the larger model under the budget, for as many steps as BP runs on the smaller one (the prediction
+    takes the longest batch of those steps): must exit 1 before training, naming the prediction."""
+    cmd = [*EDGEZO, "reference-bp", "--model", model, *COMMON, "--steps", str(steps), "--max-memory", str(budget),
            "--out", str(work / f"refused-{variant}"), *BP_VARIANTS[variant]]
     done = run_fresh(cmd)
     message = done["stderr"].strip().splitlines()[-1] if done["stderr"].strip() else ""
@@ -219,11 +221,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     models = ("smollm2-135m", "gemma3-270m")
-    predictions = {m: {method: predict(m, method, args.threads) for method in ("mezo", *BP_VARIANTS)} for m in models}
+    mezo_steps = {"smollm2-135m": args.mezo_steps, "gemma3-270m": gemma_steps}
+    predictions = {m: {method: predict(m, method, mezo_steps[m] if method == "mezo" else args.bp_steps)
+                       for method in ("mezo", *BP_VARIANTS)} for m in models}
     budget = args.budget or choose_budget(predictions)
     check_budget(predictions, budget)
     print(f"budget {mib(budget)}: {json.dumps(predictions)}", file=sys.stderr)
-    refusals = {variant: refused("gemma3-270m", variant, budget, args.work) for variant in BP_VARIANTS}
+    refusals = {variant: refused("gemma3-270m", variant, args.bp_steps, budget, args.work) for variant in BP_VARIANTS}
     bp_variant = min((v for v in BP_VARIANTS if predictions["smollm2-135m"][v] <= budget),
                      key=lambda v: v != "bp")  # without checkpointing if it fits: it is faster
     runs = [

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edgezo.store import MODELS
 
-from common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, table, utc_now
+from common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, summary, table, utc_now
 
 NAME = "budget_experiment"
 TITLE = "The paper's experiment: MeZO on a bigger model vs BP on the biggest that fits, one memory budget"
@@ -88,11 +88,11 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
     if record_path.exists() and (record := json.loads(record_path.read_text()))["command_line"] == cmd[2:]:
         print(f"== {name}: finished earlier, reusing {record_path}", file=sys.stderr, flush=True)
         return record
+    checkpoint_step = json.loads((out / "state.json").read_text())["step"] if (out / "state.json").exists() else None
     resumed_from = None
-    if (command == "finetune" and (out / "state.json").exists() and started_path.exists()
-            and without_length(json.loads(started_path.read_text())) == without_length(cmd[2:])
-            and json.loads((out / "state.json").read_text())["step"] <= steps):
-        resumed_from = json.loads((out / "state.json").read_text())["step"]  # interrupted, or extended (--mezo-steps)
+    if (command == "finetune" and checkpoint_step is not None and checkpoint_step <= steps and started_path.exists()
+            and without_length(json.loads(started_path.read_text())) == without_length(cmd[2:])):
+        resumed_from = checkpoint_step  # interrupted, or extended (--mezo-steps, --gemma-mezo-steps)
     elif out.exists():
         shutil.rmtree(out)  # an interrupted BP run (reference runs do not resume) or another command: start over
     out.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,8 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
     record = {"name": name, "command": command, "model": model, "steps": steps, "run_dir": str(out),
               "command_line": cmd[2:], "resumed_from_step": resumed_from,
               "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "train_seconds": result["train_seconds"],
-              "median_step_seconds": step_median(lines), "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
+              "median_step_seconds": summary([e["seconds"] for e in lines if "seconds" in e])["median"],
+              "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
               "test_accuracy": test["accuracy"], "test_loss": test["loss"]}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
@@ -118,11 +119,6 @@ def without_length(command_line: list[str]) -> list[str]:
     learning rate is constant, so steps 1..N are the same whatever the total)."""
     drop = {i + 1 for i, arg in enumerate(command_line) if arg in ("--steps", "--eval-every")}
     return [arg for i, arg in enumerate(command_line) if i not in drop and arg not in ("--steps", "--eval-every")]
-
-
-def step_median(lines: list[dict]) -> float:
-    seconds = sorted(e["seconds"] for e in lines if "seconds" in e)
-    return seconds[len(seconds) // 2]
 
 
 def refused(model: str, variant: str, steps: int, budget: int, work: Path) -> str:

@@ -689,14 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
         add_run_args(p)
         if method == "bp":
             p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW [%(default)s]")
-        else:
-            p.add_argument("--learning-rate", type=float, help=LR_HELP)
-        if method == "bp":
             p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                            help="base weights; the LoRA stays float32 [%(default)s]")
             p.add_argument("--gradient-checkpointing", action="store_true",
                            help="recompute activations in backward instead of storing them")
         else:
+            p.add_argument("--learning-rate", type=float, help=LR_HELP)
             p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
         p.set_defaults(func=cmd_reference, method=method, dtype="float32", gradient_checkpointing=False, eps=m.eps)
 

@@ -35,6 +35,7 @@ bench: install-torch  # every measurement the README and docs/ quote (~3 h on 2 
 	$(PIP) install -e ".[dev,torch,bench]"
 	$(PYTHON) bench/throughput.py
 	$(PYTHON) bench/mezo_step.py
+	$(PYTHON) bench/kernels.py
 	$(PYTHON) bench/compare.py
 	$(PYTHON) bench/time_to_accuracy.py --launch --out-dir runs/bench-time-to-accuracy-$$(date +%s)
 	$(PYTHON) bench/distributed.py

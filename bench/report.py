@@ -31,6 +31,7 @@ SECTIONS = (
      {"image": "bench/results/budget_experiment.png"}),
     ("distributed", "Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads", {}),
     ("wire_bytes", "Distributed MeZO: bytes on the wire per step between two hosts", {}),
+    ("kernels", "The AMX guard: llama.cpp's kernel choice vs the guarded load", {}),
 )
 
 

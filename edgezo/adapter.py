@@ -31,6 +31,9 @@ class LoraConfig:
     rank: int = 16
     alpha: float = 32.0  # scale alpha / rank = 2
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    # Blocks that get LoRA, as a Python slice of range(n_layers): None all, (-6, None) the last 6 (mlx-lm's
+    # --num-layers 6), (10, 20) blocks 10..19. Kept as a slice so it means the same on any depth of model.
+    layers: tuple[int | None, int | None] | None = None
 
     def __post_init__(self):
         if self.rank < 1:
@@ -41,6 +44,17 @@ class LoraConfig:
         if unknown or not self.targets:
             raise EdgezoError(f"unknown LoRA target(s) {unknown or '(none)'}; choose from {', '.join(KNOWN_TARGETS)}")
         object.__setattr__(self, "targets", tuple(self.targets))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+            if len(self.layers) != 2 or not all(v is None or isinstance(v, int) for v in self.layers):
+                raise EdgezoError(f"LoRA layers must be a (start, stop) slice of block indices, got {self.layers}")
+
+    def blocks(self, n_layers: int) -> range:
+        """The block indices of a model with `n_layers` blocks that get LoRA (EdgezoError if none)."""
+        blocks = range(n_layers) if self.layers is None else range(n_layers)[slice(*self.layers)]
+        if not blocks:
+            raise EdgezoError(f"LoRA layers {self.layers} select no block of a {n_layers}-block model")
+        return blocks
 
     @property
     def scale(self) -> float:
@@ -91,7 +105,7 @@ class LoraAdapter:
         """A ~ U(-1/sqrt(n_in), 1/sqrt(n_in)) as PEFT's kaiming_uniform(a=sqrt(5)); B = 0, so the adapter starts as a no-op."""
         rng = np.random.default_rng(seed)
         tensors: dict[str, np.ndarray] = {}
-        for base_name in target_tensor_names(base, config.targets):
+        for base_name in target_tensor_names(base, config):
             n_out, n_in = base.linear_shapes[base_name]
             bound = 1.0 / np.sqrt(n_in)
             tensors[base_name + ".lora_a"] = rng.uniform(-bound, bound, size=(config.rank, n_in)).astype(np.float32)
@@ -102,9 +116,6 @@ class LoraAdapter:
     def n_params(self) -> int:
         return sum(t.size for t in self.tensors.values())
 
-    def copy(self) -> "LoraAdapter":
-        return LoraAdapter(self.config, self.architecture, {k: v.copy() for k, v in self.tensors.items()})
-
     def save(self, path: str | os.PathLike) -> None:
         write_lora_gguf(path, self.architecture, self.config.alpha, self.tensors)
 
@@ -113,11 +124,11 @@ class LoraAdapter:
         return read_lora_gguf(path, base)
 
 
-def target_tensor_names(base: BaseModelInfo, targets: tuple[str, ...]) -> list[str]:
+def target_tensor_names(base: BaseModelInfo, config: LoraConfig) -> list[str]:
     """Base tensor names for the targets, block by block; fails if a target is missing from the model."""
     names = []
-    for layer in range(base.n_layers):
-        for target in targets:
+    for layer in config.blocks(base.n_layers):
+        for target in config.targets:
             name = f"blk.{layer}.{target}.weight"
             if name not in base.linear_shapes:
                 raise EdgezoError(f"{base.path}: target {target!r} not found ({name} is not a 2-D tensor of the model)")
@@ -208,11 +219,15 @@ def _read_lora_gguf(path: Path, base: BaseModelInfo | None) -> LoraAdapter:
         raise EdgezoError(f"{path}: invalid LoRA adapter:\n  " + "\n  ".join(problems))
 
     targets = tuple(dict.fromkeys(stem.split(".")[2] for stem in pairs))
-    config = LoraConfig(rank=ranks.pop(), alpha=float(alpha), targets=targets)
+    blocks = sorted({int(stem.split(".")[1]) for stem in pairs})
+    every_block = list(range(base.n_layers)) if base is not None else list(range(blocks[-1] + 1))
+    layers = None if blocks == every_block else (blocks[0], blocks[-1] + 1)
+    config = LoraConfig(rank=ranks.pop(), alpha=float(alpha), targets=targets, layers=layers)
     return LoraAdapter(config, arch, tensors)
 
 
 def config_dict(config: LoraConfig) -> dict:
     d = asdict(config)
     d["targets"] = list(config.targets)
+    d["layers"] = None if config.layers is None else list(config.layers)
     return d

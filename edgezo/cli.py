@@ -20,13 +20,14 @@ from . import store
 from .adapter import DEFAULT_TARGETS, LoraAdapter, LoraConfig, config_dict, read_base_model_info
 from .data import Task, build_examples, build_task, read_jsonl
 from .files import EdgezoError, peak_rss_bytes, write_json_atomic
-from .mezo import MezoConfig, Schedule
+from .mezo import Estimator, MezoConfig, Schedule
 from .trainer import RunDir, TrainConfig, TrainingInterrupted
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_QUANT = "q4_0"
 DEFAULT_DATA = "movie-reviews"
 DEFAULT_MAX_SEQ_LEN = 256  # llama.cpp gives every sequence at least 256 KV cells anyway
+FZOO_DEFAULT_DIRECTIONS = 8  # FZOO's paper: n = 8 one-sided directions per step
 
 
 def say(msg: str) -> None:
@@ -62,6 +63,30 @@ def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> Non
     p.add_argument("--label-words", help="label=word pairs, comma-separated (default word of label L: ' L')")
     p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="longest example in tokens [%(default)s]")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step / per evaluation [%(default)s]")
+
+
+def parse_layers(args) -> tuple[int | None, int | None] | None:
+    """--num-layers K (the last K blocks, as mlx-lm) or --layers A:B (blocks A..B-1, Python slice syntax)."""
+    num_layers, layers = getattr(args, "num_layers", None), getattr(args, "layers", None)
+    if num_layers is not None and layers is not None:
+        raise EdgezoError("--num-layers and --layers both choose the LoRA blocks; give one")
+    if num_layers is not None:
+        if num_layers < 1:
+            raise EdgezoError(f"--num-layers must be >= 1, got {num_layers}")
+        return (-num_layers, None)
+    if layers is None:
+        return None
+    start, sep, stop = layers.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return (int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except ValueError:
+        raise EdgezoError(f"--layers: expected START:STOP block indices (e.g. 24:30 or -6:), got {layers!r}") from None
+
+
+def lora_from_args(args) -> LoraConfig:
+    return LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")), layers=parse_layers(args))
 
 
 def parse_label_words(text: str | None) -> dict[str, str] | None:
@@ -115,6 +140,8 @@ def cmd_fetch(args) -> tuple[dict, str]:
 
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
+# Configuration keys added after runs were first written, with the value an older config.json implies.
+ADDED_CONFIG_KEYS = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False}
 RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads"}
 
 
@@ -170,6 +197,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
 
     if args.workers < 1:
         raise EdgezoError(f"--workers must be >= 1, got {args.workers}")
+    if (args.workers > 1 or distributed.launched()) and (args.estimator != Estimator.MEZO.value or args.lora_fa):
+        raise EdgezoError("distributed MeZO runs the two-sided estimator on every LoRA tensor only: "
+                          "drop --estimator fzoo / --lora-fa, or train with one worker")
     if args.workers > 1 and not distributed.launched():
         return distributed.launch_local(args, say)  # N local ranks of this same command; rank 0's result
     t0 = time.perf_counter()
@@ -178,12 +208,17 @@ def cmd_finetune(args) -> tuple[dict, str]:
              if distributed.launched() else None)
     root = group is None or group.is_root
     log = say if root else (lambda msg: None)
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
-    mezo = MezoConfig(learning_rate=mezo_learning_rate(args), eps=args.eps, n_directions=args.n_directions,
-                      weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps)
+    lora = lora_from_args(args)
+    estimator = Estimator(args.estimator)
+    n_directions = args.n_directions or (FZOO_DEFAULT_DIRECTIONS if estimator is Estimator.FZOO else 1)
+    mezo = MezoConfig(learning_rate=mezo_learning_rate(args), eps=args.eps, n_directions=n_directions,
+                      weight_decay=args.weight_decay, schedule=args.schedule, warmup_steps=args.warmup_steps,
+                      estimator=estimator)
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
-                            save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes)
+                            save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes,
+                            freeze_lora_a=args.lora_fa)
+
     run = RunDir(args.out)
     model_path = store.resolve_model(args.model, args.quant, log=log)
     if budget_bytes:
@@ -196,7 +231,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
         "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
-        "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value},
+        "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value, "estimator": estimator.value},
         "train": asdict(train_cfg), "threads": args.threads,
     }
     if group:  # only then: single-process runs resume as before, and a change of world size or mode is refused
@@ -267,7 +302,7 @@ def _check_resume_config(run: RunDir, config: dict) -> None:
         saved = json.loads(run.config.read_text())
     except (OSError, ValueError) as exc:
         raise EdgezoError(f"{run.config}: cannot read the saved configuration ({exc})") from None
-    flat_new, flat_old = _flatten(config), _flatten(saved)
+    flat_new, flat_old = _flatten(config), {**ADDED_CONFIG_KEYS, **_flatten(saved)}
     differ = sorted(k for k in set(flat_new) | set(flat_old)
                     if k not in RESUME_IGNORED and flat_new.get(k) != flat_old.get(k))
     if "train.steps" in set(flat_new) and config["mezo"]["schedule"] != "constant" and flat_new["train.steps"] != flat_old.get("train.steps"):
@@ -302,7 +337,7 @@ def cmd_reference(args) -> tuple[dict, str]:
         reference.torch.set_num_threads(args.threads)
     config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
                                        gradient_checkpointing=args.gradient_checkpointing)
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    lora = lora_from_args(args)
     lr = mezo_learning_rate(args) if args.method == "mezo" else args.learning_rate
     schedule = MezoConfig(learning_rate=lr, eps=args.eps, weight_decay=args.weight_decay,
                           schedule=args.schedule, warmup_steps=args.warmup_steps)
@@ -532,7 +567,7 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
     with --data its own batches, else the worst case of --max-seq-len tokens per sequence."""
     from .memory import predict_llama_cpp, predict_torch, read_model_shape, run_batches
 
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    lora = lora_from_args(args)
     seq_len = getattr(args, "tokens_per_seq", None) or args.max_seq_len
     logit_rows, logit_cols, token_ids = None, 2, None
     if args.data:
@@ -598,7 +633,7 @@ def cmd_capacity(args) -> tuple[dict, str]:
 
     profile = load_device_profile(args.device)
     families = [f for f in args.family.split(",") if f] if args.family else None
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, targets=tuple(args.targets.split(",")))
+    lora = lora_from_args(args)
     result = capacity(profile.usable_ram_bytes, load_specs(families), args.batch_size, args.seq_len, lora)
     result.update(device=profile.key, device_name=profile.name, usable_ram_bytes=profile.usable_ram_bytes)
     header = (f"{profile.name}: {profile.usable_ram_bytes / 2**20:.0f} MiB usable; batch {args.batch_size} x "
@@ -689,6 +724,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
     p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
+    p.add_argument("--num-layers", type=int, help="LoRA on the last N blocks only (as mlx-lm) [all]")
+    p.add_argument("--layers", help="LoRA on blocks START:STOP only (Python slice, e.g. 24:30 or -6:) [all]")
     p.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
     p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps, 0: only at the end [%(default)s]")
     p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
@@ -717,7 +754,12 @@ def build_parser() -> argparse.ArgumentParser:
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
     p.add_argument("--learning-rate", type=float, help=LR_HELP)
     p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
-    p.add_argument("--n-directions", type=int, default=m.n_directions, help="random directions per step (n-SPSA) [%(default)s]")
+    p.add_argument("--estimator", choices=[e.value for e in Estimator], default=m.estimator.value,
+                   help="mezo: two-sided Gaussian SPSA; fzoo: one-sided Rademacher around the unperturbed loss, step "
+                   "normalised by the losses' std (arXiv 2506.09034) [%(default)s]")
+    p.add_argument("--n-directions", type=int,
+                   help=f"random directions per step [mezo {m.n_directions}, fzoo {FZOO_DEFAULT_DIRECTIONS}]")
+    p.add_argument("--lora-fa", action="store_true", help="LoRA-FA: train B only, A stays at its random init")
     p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--workers", type=int, default=1,
@@ -773,8 +815,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="inference: eval's --limit [%(default)s]")
     # accepted so a finetune / reference command line can be reused; none of them changes the peak RSS
-    for flag, kind in (("--learning-rate", float), ("--eps", float), ("--n-directions", int), ("--save-every", int)):
+    for flag, kind in (("--learning-rate", float), ("--eps", float), ("--n-directions", int), ("--save-every", int),
+                       ("--estimator", str)):
         p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
+    p.add_argument("--lora-fa", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_memory)
 

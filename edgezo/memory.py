@@ -268,7 +268,7 @@ def compute_touched_bytes(shape: ModelShape, ubatch_tokens: int, n_outputs: int,
 def lora_params(shape: ModelShape, lora: LoraConfig) -> int:
     base = BaseModelInfo(path=Path("."), architecture=shape.architecture, n_layers=shape.n_layers, linear_shapes=shape.linear_shapes)
     total = 0
-    for name in target_tensor_names(base, lora.targets):
+    for name in target_tensor_names(base, lora):
         n_out, n_in = shape.linear_shapes[name]
         total += lora.rank * (n_in + n_out)  # A: (r, n_in), B: (n_out, r)
     return total

@@ -9,6 +9,12 @@ One step with n directions:
 z is never stored: the perturbed parameters are a lazy view (`PerturbedParams`) that builds theta + eps z
 one tensor at a time while the engine uploads it, and theta itself is never modified by a perturbation,
 so "perturb then restore" is exact by construction. A run is replayable from its (seed_k, g_k) log.
+
+FZOO (Dang et al., arXiv 2506.09034) is the second estimator: n one-sided Rademacher directions u_k (entries
++-1) around one unperturbed loss l_0, the step normalised by the standard deviation of the n perturbed losses:
+    g_k = (L(theta + eps u_k) - l_0) / std_k(L(theta + eps u_k))
+    theta <- theta - lr_t * (1/n) sum_k g_k u_k
+n + 1 evaluations per step instead of 2n; the update is the same expression as MeZO's, so the same replay holds.
 """
 
 from __future__ import annotations
@@ -26,6 +32,11 @@ Params = dict[str, np.ndarray]
 LossFn = Callable[[Mapping[str, np.ndarray]], float]
 
 
+class Estimator(str, Enum):
+    MEZO = "mezo"  # two-sided, Gaussian directions
+    FZOO = "fzoo"  # one-sided around l_0, Rademacher directions, step normalised by the losses' std
+
+
 class Schedule(str, Enum):
     CONSTANT = "constant"
     LINEAR = "linear"
@@ -40,9 +51,13 @@ class MezoConfig:
     weight_decay: float = 0.0
     schedule: Schedule = Schedule.CONSTANT
     warmup_steps: int = 0
+    estimator: Estimator = Estimator.MEZO
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", Schedule(self.schedule))
+        object.__setattr__(self, "estimator", Estimator(self.estimator))
+        if self.estimator is Estimator.FZOO and self.n_directions < 2:
+            raise EdgezoError(f"fzoo normalises by the std of its directions' losses: n_directions must be >= 2, got {self.n_directions}")
         if not self.learning_rate > 0:
             raise EdgezoError(f"learning rate must be > 0, got {self.learning_rate}")
         if not self.eps > 0:
@@ -71,21 +86,28 @@ def direction_seed(run_seed: int, step: int, k: int) -> int:
     return int(np.random.SeedSequence([run_seed, step, k]).generate_state(1, dtype=np.uint32)[0])
 
 
-def direction(seed: int, tensor_index: int, shape: tuple[int, ...]) -> np.ndarray:
-    """z for one tensor: its own generator, so tensors can be produced in any order and one at a time."""
-    return np.random.default_rng([seed, tensor_index]).standard_normal(shape, dtype=np.float32)
+def direction(seed: int, tensor_index: int, shape: tuple[int, ...], rademacher: bool = False) -> np.ndarray:
+    """z for one tensor: its own generator, so tensors can be produced in any order and one at a time.
+    Gaussian N(0, 1), or Rademacher (+-1 with equal probability) for FZOO."""
+    rng = np.random.default_rng([seed, tensor_index])
+    if rademacher:
+        z = rng.integers(0, 2, size=shape, dtype=np.int8).astype(np.float32)
+        z *= 2
+        z -= 1
+        return z
+    return rng.standard_normal(shape, dtype=np.float32)
 
 
 class PerturbedParams(Mapping):
     """Read-only view theta + scale * z(seed); each access builds one tensor (nothing else is materialised)."""
 
-    def __init__(self, theta: Params, seed: int, scale: float):
-        self._theta, self._seed, self._scale = theta, seed, np.float32(scale)
+    def __init__(self, theta: Params, seed: int, scale: float, rademacher: bool = False):
+        self._theta, self._seed, self._scale, self._rademacher = theta, seed, np.float32(scale), rademacher
         self._index = {name: i for i, name in enumerate(theta)}
 
     def __getitem__(self, name: str) -> np.ndarray:
         t = self._theta[name]
-        z = direction(self._seed, self._index[name], t.shape)
+        z = direction(self._seed, self._index[name], t.shape, self._rademacher)
         z *= self._scale  # in place: one tensor-sized allocation per access, not three
         z += t
         return z
@@ -106,16 +128,49 @@ class StepRecord:
     seeds: list[int] = field(default_factory=list)
     projected_grads: list[float] = field(default_factory=list)
     losses_plus: list[float] = field(default_factory=list)
-    losses_minus: list[float] = field(default_factory=list)
+    losses_minus: list[float] = field(default_factory=list)  # MeZO only
+    loss_center: float | None = None  # FZOO's unperturbed loss l_0
 
     @property
     def loss(self) -> float:
-        """Mean of the + and - losses: an estimate of the loss at theta on this step's batch."""
+        """The loss at theta on this step's batch: FZOO's l_0, or MeZO's mean of the + and - losses (an estimate)."""
+        if self.loss_center is not None:
+            return self.loss_center
         return float(np.mean(self.losses_plus + self.losses_minus))
 
 
 class NonFiniteLoss(EdgezoError):
     pass
+
+
+def _check_finite(step: int, **losses: float) -> None:
+    if not all(math.isfinite(v) for v in losses.values()):
+        shown = ", ".join(f"{name} = {value}" for name, value in losses.items())
+        raise NonFiniteLoss(f"step {step + 1}: loss is not finite ({shown})")
+
+
+def zo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
+    """One step of the configured estimator, updating `theta` in place; NonFiniteLoss (theta untouched) on NaN/inf."""
+    step_fn = fzoo_step if config.estimator is Estimator.FZOO else mezo_step
+    return step_fn(theta, loss_fn, config, run_seed, step, total_steps)
+
+
+def fzoo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
+    """One FZOO step (module docstring): l_0, then n one-sided Rademacher evaluations, then the normalised update."""
+    record = StepRecord(step=step, lr=learning_rate_at(config, step, total_steps))
+    record.loss_center = float(loss_fn(theta))
+    _check_finite(step, L0=record.loss_center)
+    for k in range(config.n_directions):
+        seed = direction_seed(run_seed, step, k)
+        loss = float(loss_fn(PerturbedParams(theta, seed, config.eps, rademacher=True)))
+        _check_finite(step, **{f"L{k + 1}": loss})
+        record.seeds.append(seed)
+        record.losses_plus.append(loss)
+    sigma = float(np.std(record.losses_plus))
+    # All n losses equal (e.g. eps below the loss's resolution): no direction is better than another, no step.
+    record.projected_grads = [(loss - record.loss_center) / sigma if sigma > 0 else 0.0 for loss in record.losses_plus]
+    apply_update(theta, record, config)
+    return record
 
 
 def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
@@ -125,8 +180,7 @@ def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
         seed = direction_seed(run_seed, step, k)
         loss_plus = float(loss_fn(PerturbedParams(theta, seed, +config.eps)))
         loss_minus = float(loss_fn(PerturbedParams(theta, seed, -config.eps)))
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            raise NonFiniteLoss(f"step {step + 1}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
+        _check_finite(step, **{"L+": loss_plus, "L-": loss_minus})
         record.seeds.append(seed)
         record.projected_grads.append((loss_plus - loss_minus) / (2.0 * config.eps))
         record.losses_plus.append(loss_plus)
@@ -138,11 +192,12 @@ def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
 def apply_update(theta: Params, record: StepRecord, config: MezoConfig) -> None:
     """theta -= lr * (mean_k g_k z_k + wd * theta), regenerating each z_k; float32 throughout, so replay is bit-exact."""
     n = len(record.seeds)
+    rademacher = config.estimator is Estimator.FZOO
     lr = np.float32(record.lr)
     for index, (name, t) in enumerate(theta.items()):
         if config.weight_decay:
             t -= lr * np.float32(config.weight_decay) * t
         for seed, g in zip(record.seeds, record.projected_grads):
-            z = direction(seed, index, t.shape)
+            z = direction(seed, index, t.shape, rademacher)
             z *= lr * np.float32(g / n)
             t -= z

@@ -14,6 +14,7 @@ Direction seeds and batch order are pure functions of (seed, step), so the check
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -30,7 +31,7 @@ from .adapter import LoraAdapter
 from .data import Example, Task, batch_indices
 from .files import (EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file, write_json_atomic,
                     write_text_atomic)
-from .mezo import MezoConfig, NonFiniteLoss, StepRecord, mezo_step
+from .mezo import MezoConfig, NonFiniteLoss, StepRecord, zo_step
 from .objective import Totals, evaluate, loss_function
 
 Event = dict
@@ -47,6 +48,7 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     n_valid: int = 500  # validation examples used per evaluation (the first n of the split); 0: all
     max_memory_bytes: int = 0  # stop with a checkpoint when the process RSS exceeds this; 0: no limit
+    freeze_lora_a: bool = False  # LoRA-FA: perturb and train B only, A stays at its random init (d / (1 + n_in / n_out))
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
@@ -149,6 +151,11 @@ def stop_requests():
             signal.signal(sig, old)
 
 
+def trainable_tensors(adapter: LoraAdapter, freeze_lora_a: bool) -> dict:
+    """The adapter tensors the optimizer perturbs and updates (all, or only the .lora_b ones for LoRA-FA)."""
+    return {name: t for name, t in adapter.tensors.items() if not (freeze_lora_a and name.endswith(".lora_a"))}
+
+
 def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example], valid_set: Sequence[Example],
           mezo: MezoConfig, config: TrainConfig, run: RunDir, start_step: int = 0,
           callback: Callback = lambda event: None, step_fn: StepFn | None = None,
@@ -160,14 +167,14 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     if not train_set:
         raise EdgezoError("the training split is empty")
     valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set
-    theta = adapter.tensors
+    theta = trainable_tensors(adapter, config.freeze_lora_a)  # the same arrays: updates land in adapter.tensors
     recent_losses: list[float] = []
     valid = None
     train_seconds = run.train_seconds_at(start_step)
     with open(run.metrics, "a") as log, stop_requests() as stop:
 
         def validate(step: int) -> Totals:
-            engine.update_adapter(theta)
+            engine.update_adapter(adapter.tensors)
             callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
             totals = evaluate_fn(engine, valid_set, task, config.batch_size,
                                  on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
@@ -185,7 +192,10 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             batch = [train_set[i] for i in batch_indices(len(train_set), config.batch_size, config.seed, step)]
             try:
                 if step_fn is None:
-                    record = mezo_step(theta, loss_function(engine, batch, task), mezo, config.seed, step, config.steps)
+                    loss = loss_function(engine, batch, task)
+                    # frozen tensors (LoRA-FA's A) come from the adapter, the trained ones from the estimator
+                    record = zo_step(theta, lambda params: loss(collections.ChainMap(params, adapter.tensors)),
+                                     mezo, config.seed, step, config.steps)
                 else:
                     record = step_fn(theta, batch, step)
             except NonFiniteLoss as exc:
@@ -200,6 +210,8 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
                      "projected_grads": record.projected_grads, "losses_plus": record.losses_plus,
                      "losses_minus": record.losses_minus, "seconds": seconds, "train_seconds": train_seconds,
                      "rss_bytes": current_rss_bytes()}
+            if record.loss_center is not None:
+                event["loss_0"] = record.loss_center
             log.write(json.dumps(event) + "\n")
             log.flush()
             callback({"kind": "step", **event})

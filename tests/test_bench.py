@@ -14,7 +14,9 @@ sys.path.insert(0, str(BENCH))
 import budget_experiment  # noqa: E402
 import common  # noqa: E402
 import compare  # noqa: E402
+import estimators  # noqa: E402
 import fleet  # noqa: E402
+import kernels  # noqa: E402
 import mezo_step  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
@@ -330,3 +332,27 @@ def test_report_command_rewrites_the_readme_and_check_detects_drift(tmp_path):
     assert report.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
     assert "10.00" in readme.read_text() and readme.read_text().endswith("## Status\nkept\n")
     assert report.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 0
+
+
+def test_estimators_times_thresholds_against_bp_and_best_by_budget():
+    mezo = {"name": "mezo", "command": "edgezo finetune ", "steps": 40, "points": [
+        {"step": 0, "train_seconds": 0.0, "valid_accuracy": 0.79, "valid_loss": 0.5},
+        {"step": 20, "train_seconds": 50.0, "valid_accuracy": 0.821, "valid_loss": 0.45},
+        {"step": 40, "train_seconds": 130.0, "valid_accuracy": 0.845, "valid_loss": 0.4}]}
+    bp = {"name": "bp", "command": "edgezo reference-bp ", "steps": 10, "points": [
+        {"step": 0, "train_seconds": 0.0, "valid_accuracy": 0.79, "valid_loss": 0.5},
+        {"step": 5, "train_seconds": 10.0, "valid_accuracy": 0.848, "valid_loss": 0.35}]}
+    summary = estimators.summarize([mezo, bp])
+    assert summary["mezo"]["steps_to"] == {"0.80": 20, "0.82": 20, "0.84": 40, "0.86": None}
+    assert summary["mezo"]["time_over_bp"]["0.84"] == pytest.approx(13.0)
+    assert summary["mezo"]["best_by"] == {"60": 0.821, "120": 0.821, "300": None}  # 300 s: the run was shorter
+    text = estimators.render({"runs": [mezo, bp], "summary": summary, "machine": MACHINE, "time": "t"})
+    assert "| mezo |" in text and "40 / 130 s" in text and "13.0" in text
+
+
+def test_kernels_render_shows_ratios_and_whether_logits_matched():
+    seconds = {"median": 1.0, "min": 0.9, "max": 1.2, "n": 3}
+    quant = {"quant": "q4_0", "weight_buffers_mib": [{"CPU_REPACK": 57.0}] * 3, "seconds": [seconds] * 3,
+             "guarded_equals_default": True, "guarded_over_default": 1.01, "no_extras_over_default": 1.4}
+    text = kernels.render({"quants": [quant], "rounds": 2, "repeats": 3, "machine": MACHINE, "time": "t"})
+    assert "1.010" in text and "1.400" in text and "bit-identical to llama.cpp's choice: yes" in text

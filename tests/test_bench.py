@@ -348,6 +348,11 @@ def test_estimators_times_thresholds_against_bp_and_best_by_budget():
     assert summary["mezo"]["best_by"] == {"60": 0.821, "120": 0.821, "300": None}  # 300 s: the run was shorter
     text = estimators.render({"runs": [mezo, bp], "summary": summary, "machine": MACHINE, "time": "t"})
     assert "| mezo |" in text and "40 / 130 s" in text and "13.0" in text
+    mezo["step_seconds"] = {"median": 1.5, "min": 1.4, "max": 1.6, "n": 9}  # timing runs on a quiet machine
+    bp["step_seconds"] = {"median": 2.0, "min": 1.9, "max": 2.2, "n": 9}
+    timed = estimators.summarize([mezo, bp])
+    assert timed["mezo"]["projected_time_to"]["0.84"] == pytest.approx(60.0)  # 40 steps x 1.5 s
+    assert timed["mezo"]["time_over_bp"]["0.84"] == pytest.approx(6.0)  # over BP's 5 steps x 2.0 s
 
 
 def test_kernels_render_shows_ratios_and_whether_logits_matched():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from .mezo import MezoConfig, Schedule
 from .trainer import RunDir, TrainConfig, TrainingInterrupted
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_QUANT = "q4_0"
+DEFAULT_QUANT = store.BUILTIN_QUANT  # for built-in names only; a GGUF path is used as it is unless --quant is given
 DEFAULT_DATA = "movie-reviews"
 DEFAULT_MAX_SEQ_LEN = 256  # llama.cpp gives every sequence at least 256 KV cells anyway
 
@@ -37,10 +38,13 @@ def emit_json(obj: dict) -> None:
 
 
 # ---- shared setup ------------------------------------------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser, quant_default: str | None = DEFAULT_QUANT) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name ({', '.join(store.MODELS)}) or GGUF path [%(default)s]")
-    p.add_argument("--quant", default=quant_default,
-                   help="requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached) [%(default)s]")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    # Both default to None so a command can tell "not given" from a value: then the run directory's own base
+    # (--adapter RUN, --resume) applies, else DEFAULT_MODEL; see resolve_base.
+    p.add_argument("--model", help=f"built-in name ({', '.join(store.MODELS)}) or GGUF path "
+                   f"[the run's own base with --adapter RUN / --resume, else {DEFAULT_MODEL}]")
+    p.add_argument("--quant", help=f"requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached), "
+                   f"'none': the file as it is [the run's own; a built-in name: {DEFAULT_QUANT}; a GGUF path: as it is]")
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads [all cores]")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
 
@@ -66,6 +70,26 @@ def parse_label_words(text: str | None) -> dict[str, str] | None:
             raise EdgezoError(f"--label-words: expected label=word pairs, got {item!r}")
         pairs[label] = word if word.startswith(" ") else " " + word
     return pairs
+
+
+def resolve_base(args, saved: dict | None = None, log=say) -> Path:
+    """The base GGUF a command runs on, filling args.model / args.quant with what was used.
+
+    --model if given, else the run's own base (`saved` = its config.json), else DEFAULT_MODEL. --quant if given;
+    else the run's own quant when the model is the run's; else store.effective_quant (a built-in name gets
+    DEFAULT_QUANT, a GGUF path is used as it is)."""
+    saved = saved or {}
+    if args.model is None and saved.get("model"):
+        args.model = saved["model"]
+        if not store.is_builtin(args.model) and not Path(args.model).is_file() and saved.get("model_path") \
+                and Path(saved["model_path"]).is_file():
+            # a run trained from another working directory: its resolved (maybe requantized) file is still there
+            args.model, args.quant = saved["model_path"], args.quant or "none"
+    args.model = args.model or DEFAULT_MODEL
+    if args.quant is None and args.model == saved.get("model"):
+        args.quant = saved.get("quant")
+    args.quant = store.effective_quant(args.model, args.quant)
+    return store.resolve_model(args.model, args.quant, log=log)
 
 
 def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int):
@@ -162,6 +186,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
 
     if args.workers < 1:
         raise EdgezoError(f"--workers must be >= 1, got {args.workers}")
+    run = RunDir(args.out)
+    # --resume without --model / --quant continues on the run's own base; the resolved names go into config.json
+    model_path = resolve_base(args, read_run_config(run) if args.resume else None,
+                              log=say if os.environ.get("RANK", "0") == "0" else lambda msg: None)
     if args.workers > 1 and not distributed.launched():
         return distributed.launch_local(args, say)  # N local ranks of this same command; rank 0's result
     t0 = time.perf_counter()
@@ -176,8 +204,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes)
-    run = RunDir(args.out)
-    model_path = store.resolve_model(args.model, args.quant, log=log)
     if budget_bytes:
         refuse_over_budget(model_path, "mezo", args, budget_bytes)
     engine_batch = group.engine_batch_size(args.batch_size) if group else args.batch_size
@@ -247,11 +273,33 @@ def cmd_finetune(args) -> tuple[dict, str]:
                "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path) if root else None, **report}
     if result.valid is not None:
         summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
+    if root:
+        summary.update(best_adapter(result))
     if report and not report["replicas_identical"]:
         log(f"warning: the replicas' adapters differ: {report['replica_sha256']}")
+    if root:
+        log(plot_hint(run.path))
     return summary, (f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
                      + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
                      + f"  ({summary['seconds']:.0f} s)")
+
+
+def best_adapter(result) -> dict:
+    """finetune --json's fields for adapter.best.gguf (None without a validation split)."""
+    best = result.best or {}
+    return {"best_adapter": str(result.best_adapter_path) if result.best_adapter_path else None,
+            "best_step": best.get("step"), "best_valid_loss": best.get("valid_loss"),
+            "best_valid_accuracy": best.get("valid_accuracy")}
+
+
+def read_run_config(run: RunDir) -> dict | None:
+    """A run directory's config.json, None if it has none; an unreadable one is an error naming the file."""
+    if not run.config.exists():
+        return None
+    try:
+        return json.loads(run.config.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgezoError(f"{run.config}: cannot read the saved configuration ({exc})") from None
 
 
 def _check_resume_config(run: RunDir, config: dict) -> None:
@@ -290,6 +338,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     from .engine import Vocabulary
 
     t0 = time.perf_counter()
+    model_path = resolve_base(args)
     if args.threads:
         reference.torch.set_num_threads(args.threads)
     config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
@@ -304,7 +353,6 @@ def cmd_reference(args) -> tuple[dict, str]:
     run = RunDir(args.out)
     if run.state.exists() or run.adapter.exists():
         raise EdgezoError(f"{run.path} already holds a run; choose another --out")
-    model_path = store.resolve_model(args.model, args.quant, log=say)
     method = "bp-ckpt" if config.gradient_checkpointing else args.method
     if budget_bytes:
         refuse_over_budget(model_path, method, args, budget_bytes)
@@ -380,17 +428,27 @@ class ConsoleProgress:
 
 # ---- eval --------------------------------------------------------------------------------------------------------
 def resolve_adapter(spec: str | None) -> tuple[Path | None, dict | None]:
-    """An adapter GGUF, or a run directory (its adapter.gguf, and its config.json for prompt defaults)."""
+    """An adapter GGUF, or a run directory (its adapter.gguf, else its last checkpoint; and its config.json for the
+    base model and prompt defaults), or RUN:best (the run's adapter.best.gguf, lowest validation loss)."""
     if not spec:
         return None, None
-    path = Path(spec)
+    path, best = Path(spec), False
+    if not path.exists() and spec.endswith(":best"):
+        path, best = Path(spec.removesuffix(":best")), True
     if path.is_dir():
         run = RunDir(path)
-        saved = json.loads(run.config.read_text()) if run.config.exists() else None
+        saved = read_run_config(run)
+        if best:
+            if not run.best.exists():
+                raise EdgezoError(f"{spec}: {path} holds no {run.best.name} (a run without a validation split, "
+                                  f"or from before best adapters were kept); use {path} for the final adapter")
+            return run.best, saved
         adapter = run.adapter if run.adapter.exists() else run.checkpoint
         if not adapter.exists():
             raise EdgezoError(f"{path}: run directory holds no adapter.gguf or checkpoint")
         return adapter, saved
+    if best:
+        raise EdgezoError(f"{spec}: RUN:best needs a run directory, {path} is not one")
     if not path.is_file():
         raise EdgezoError(f"{spec}: no such adapter file or run directory")
     return path, None
@@ -402,7 +460,7 @@ def cmd_eval(args) -> tuple[dict, str]:
     t0 = time.perf_counter()
     adapter_path, saved = resolve_adapter(args.adapter)
     data_spec = args.data or (saved or {}).get("data") or DEFAULT_DATA
-    model_path = store.resolve_model(args.model, args.quant, log=say)
+    model_path = resolve_base(args, saved)
     engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
     if adapter_path:
         engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
@@ -421,8 +479,8 @@ def cmd_eval(args) -> tuple[dict, str]:
 
 # ---- generate ----------------------------------------------------------------------------------------------------
 def cmd_generate(args) -> tuple[dict, str]:
-    adapter_path, _ = resolve_adapter(args.adapter)
-    model_path = store.resolve_model(args.model, args.quant, log=say)
+    adapter_path, saved = resolve_adapter(args.adapter)
+    model_path = resolve_base(args, saved)
     prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
     engine, base = open_engine(model_path, 1, max(DEFAULT_MAX_SEQ_LEN, args.max_tokens + 256), args.threads)
     if adapter_path:
@@ -439,10 +497,11 @@ def cmd_generate(args) -> tuple[dict, str]:
 
 # ---- export ------------------------------------------------------------------------------------------------------
 def cmd_export(args) -> tuple[dict, str]:
-    adapter_path, _ = resolve_adapter(args.adapter)
+    adapter_path, saved = resolve_adapter(args.adapter)
     if adapter_path is None:
         raise EdgezoError("export needs --adapter")
-    model_path = store.resolve_model(args.model, None, log=say)
+    # the base the adapter was trained on (merged-gguf folds it into exactly those weights), unless --model/--quant
+    model_path = resolve_base(args, saved)
     base = read_base_model_info(model_path)
     adapter = LoraAdapter.load(adapter_path, base)  # validates every tensor against the base
     out = Path(args.output)
@@ -508,6 +567,20 @@ def cmd_convert(args) -> tuple[dict, str]:
     return {"input": args.input, "output": str(out), "direction": args.direction}, f"wrote {out}"
 
 
+# ---- plot --------------------------------------------------------------------------------------------------------
+def cmd_plot(args) -> tuple[dict, str]:
+    """Training loss, validation loss and accuracy of the runs against steps and training wall-clock (edgezo.plot)."""
+    from .plot import save_plot
+
+    _, curves = save_plot(args.runs, args.output, args.title)
+    runs = {c.label: {"n_steps": len(c.steps), "n_evals": len(c.evals)} for c in curves}
+    return {"output": str(args.output), "runs": runs}, f"wrote {args.output} ({len(curves)} run(s))"
+
+
+def plot_hint(run_dir: Path) -> str:
+    return f"curves: edgezo plot {run_dir} -o {run_dir / 'curves.png'}"
+
+
 # ---- memory ------------------------------------------------------------------------------------------------------
 def run_sequences(model_path: Path, method: str, args) -> tuple[dict, object]:
     """The run's data tokenized by llama.cpp's vocabulary (no weights loaded): (token sequences by split, task)."""
@@ -564,7 +637,7 @@ def cmd_memory(args) -> tuple[dict, str]:
     from .memory import load_device_profile
 
     method = "bp-ckpt" if args.method == "bp" and args.gradient_checkpointing else args.method
-    model_path = store.resolve_model(args.model, args.quant, log=say)
+    model_path = resolve_base(args)
     prediction, seq_len = predict_run(model_path, method, args)
     result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": method,
               "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
@@ -605,7 +678,8 @@ def cmd_demo(args) -> tuple[dict, str]:
     Runs exactly the documented commands; an earlier demo run in --out is resumed (a finished one is reused).
     """
     parser = build_parser()
-    common = ["--model", args.model, "--quant", args.quant, "--threads", str(args.threads)]
+    resolve_base(args)  # fetch / requantize once, and name what the three steps run on
+    common = ["--model", args.model, "--quant", args.quant or "none", "--threads", str(args.threads)]
     say("== 1/3 zero-shot accuracy on the test split")
     zero, text = cmd_eval(parser.parse_args(["eval", *common, "--data", DEFAULT_DATA, "--split", "test"]))
     say(text)
@@ -701,14 +775,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)
     add_data_args(p, with_defaults=False)
-    p.add_argument("--adapter", help="adapter GGUF or run directory (none: zero-shot)")
+    p.add_argument("--adapter", help="adapter GGUF, run directory or RUN:best (none: zero-shot)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="[%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with the base model and an optional adapter")
     add_model_args(p)
-    p.add_argument("--adapter", help="adapter GGUF or run directory")
+    p.add_argument("--adapter", help="adapter GGUF, run directory or RUN:best")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--no-escape", dest="escape", action="store_false", help="take \\n in the prompt literally")
     p.add_argument("--max-tokens", type=int, default=64, help="[%(default)s]")
@@ -749,14 +823,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("export", help="write the adapter in another format")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on [%(default)s]")
-    p.add_argument("--adapter", required=True, help="adapter GGUF or run directory")
+    add_model_args(p)
+    p.add_argument("--adapter", required=True, help="adapter GGUF, run directory or RUN:best")
     p.add_argument("--to", choices=["gguf-lora", "peft", "merged-gguf"], default="gguf-lora",
                    help="GGUF LoRA (llama.cpp --lora), PEFT directory, or the base with the adapter folded in [%(default)s]")
     p.add_argument("--outtype", default="q8_0", help="merged-gguf tensor type (f32, f16, q8_0, q4_0, ...) [%(default)s]")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="training and validation curves of runs, overlaid (plot extra: matplotlib)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (finetune, reference-bp, reference-mezo)")
+    p.add_argument("-o", "--output", default="curves.png", help="image file; .png, .svg or .pdf [%(default)s]")
+    p.add_argument("--title", help="figure title")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("convert", help="format bridges: Hugging Face <-> GGUF, PEFT <-> GGUF LoRA (torch extra)")
     p.add_argument("direction", choices=["hf-to-gguf", "gguf-to-hf", "peft-to-gguf", "gguf-to-peft"])

@@ -430,6 +430,9 @@ class ReplicaRun(RunDir):
     def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
         pass
 
+    def save_best(self, adapter: LoraAdapter) -> None:
+        pass
+
     def train_seconds_at(self, step: int) -> float:
         return 0.0
 

@@ -39,24 +39,31 @@ def emit_json(obj: dict) -> None:
 
 # ---- shared setup ------------------------------------------------------------------------------------------------
 def add_model_args(p: argparse.ArgumentParser) -> None:
+    """-c/--config, --json and the base model group, shared by every command that runs a model."""
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML or JSON file of flag values (keys = long flag names, e.g. learning_rate); flags given "
+                   "here override it; a run's config.json is valid input")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    g = p.add_argument_group("base model")
     # Both default to None so a command can tell "not given" from a value: then the run directory's own base
     # (--adapter RUN, --resume) applies, else DEFAULT_MODEL; see resolve_base.
-    p.add_argument("--model", help=f"built-in name ({', '.join(store.MODELS)}) or GGUF path "
+    g.add_argument("--model", help=f"built-in name ({', '.join(store.MODELS)}) or GGUF path "
                    f"[the run's own base with --adapter RUN / --resume, else {DEFAULT_MODEL}]")
-    p.add_argument("--quant", help=f"requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached), "
+    g.add_argument("--quant", help=f"requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached), "
                    f"'none': the file as it is [the run's own; a built-in name: {DEFAULT_QUANT}; a GGUF path: as it is]")
-    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads [all cores]")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    g.add_argument("--threads", type=int, default=0, help="llama.cpp threads [all cores]")
 
 
 def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
+    p = p.add_argument_group("data")
     p.add_argument("--data", default=DEFAULT_DATA if with_defaults else None,
                    help=f"built-in dataset ({', '.join(store.DATASETS)}), a JSONL file or a directory of train/valid/test.jsonl [%(default)s]")
     p.add_argument("--valid", help="validation JSONL (with a --data file)")
     p.add_argument("--test", help="test JSONL (with a --data file)")
     p.add_argument("--template", help="classification prompt with {text}; default: the dataset's, else '{text}\\nLabel:'")
     p.add_argument("--label-words", help="label=word pairs, comma-separated (default word of label L: ' L')")
-    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="longest example in tokens [%(default)s]")
+    p.add_argument("--max-seq-len", "--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help="longest example in tokens [%(default)s]")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step / per evaluation [%(default)s]")
 
 
@@ -213,7 +220,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
         log("no validation split: training without periodic evaluation")
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
-        "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
+        "valid": args.valid, "test": args.test, "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
         "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value},
         "train": asdict(train_cfg), "threads": args.threads,
     }
@@ -703,26 +710,37 @@ def cmd_demo(args) -> tuple[dict, str]:
 
 
 # ---- parser ------------------------------------------------------------------------------------------------------
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser) -> dict:
     """Arguments every training command shares (finetune and the torch references): model, data, LoRA, steps,
-    schedule, seed, validation, run directory and memory budget."""
+    schedule, seed, validation, run directory and memory budget. Returns the --help groups by name, for the
+    command's own flags. Aliases are mlx-lm's names where the meaning is the same (--iters, --adapter-path,
+    --steps-per-eval, --max-seq-length)."""
     add_model_args(p)
     add_data_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
-    p.add_argument("--steps", type=int, default=t.steps, help="[%(default)s]")
-    p.add_argument("--weight-decay", type=float, default=m.weight_decay, help="[%(default)s]")
-    p.add_argument("--schedule", choices=[s.value for s in Schedule], default=m.schedule.value, help="[%(default)s]")
-    p.add_argument("--warmup-steps", type=int, default=m.warmup_steps, help="[%(default)s]")
-    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
-    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
-    p.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
-    p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps, 0: only at the end [%(default)s]")
-    p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
-    p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
-    p.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
+    groups = {name: p.add_argument_group(name) for name in ("LoRA", "optimizer", "training loop", "run directory",
+                                                            "memory budget")}
+    g = groups["LoRA"]
+    g.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
+    g.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
+    g.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
+    g = groups["optimizer"]
+    g.add_argument("--weight-decay", type=float, default=m.weight_decay, help="[%(default)s]")
+    g.add_argument("--schedule", choices=[s.value for s in Schedule], default=m.schedule.value, help="[%(default)s]")
+    g.add_argument("--warmup-steps", type=int, default=m.warmup_steps, help="[%(default)s]")
+    g = groups["training loop"]
+    g.add_argument("--steps", "--iters", type=int, default=t.steps, help="[%(default)s]")
+    g.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
+    g.add_argument("--eval-every", "--steps-per-eval", type=int, default=t.eval_every,
+                   help="validate every N steps, 0: only at the end [%(default)s]")
+    g.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
+    g = groups["run directory"]
+    g.add_argument("--out", "--adapter-path", default="runs/latest", help="run directory [%(default)s]")
+    g = groups["memory budget"]
+    g.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
                    "exceeds it, stop with a checkpoint if the measured RSS does")
-    p.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
+    g.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
+    return groups
 
 
 LR_HELP = ("MeZO learning rate [the built-in model's tuned rate: "
@@ -740,19 +758,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
-    add_run_args(p)
+    groups = add_run_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
-    p.add_argument("--learning-rate", type=float, help=LR_HELP)
-    p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
-    p.add_argument("--n-directions", type=int, default=m.n_directions, help="random directions per step (n-SPSA) [%(default)s]")
-    p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--workers", type=int, default=1,
+    groups["optimizer"].add_argument("--learning-rate", type=float, help=LR_HELP)
+    groups["optimizer"].add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
+    groups["optimizer"].add_argument("--n-directions", type=int, default=m.n_directions,
+                                     help="random directions per step (n-SPSA) [%(default)s]")
+    groups["run directory"].add_argument("--save-every", type=int, default=t.save_every,
+                                         help="checkpoint every N steps [%(default)s]")
+    groups["run directory"].add_argument("--resume", action="store_true",
+                                         help="continue the run in --out from its last checkpoint")
+    g = p.add_argument_group("distributed")
+    g.add_argument("--workers", type=int, default=1,
                    help="local processes training one adapter together (torch.distributed, gloo); under torchrun "
                    "leave it out [%(default)s]")
-    p.add_argument("--parallel", choices=["data", "direction"], default="data",
+    g.add_argument("--parallel", choices=["data", "direction"], default="data",
                    help="data: shard each step's batch; direction: each worker its own direction(s) [%(default)s]")
-    p.add_argument("--peer-timeout", type=float, default=30.0,
+    g.add_argument("--peer-timeout", type=float, default=30.0,
                    help="seconds a worker waits for the others at an exchange before it stops with a checkpoint "
                    "(a dead worker is noticed at once) [%(default)s]")
     p.set_defaults(func=cmd_finetune)
@@ -760,29 +782,29 @@ def build_parser() -> argparse.ArgumentParser:
     for method, help_text in (("bp", "the PyTorch BP reference: AdamW on the same LoRA, data and loss (torch extra)"),
                               ("mezo", "the torch MeZO baseline: MeZO on the same LoRA's torch tensors (torch extra)")):
         p = sub.add_parser(f"reference-{method}", help=help_text)
-        add_run_args(p)
+        g = add_run_args(p)["optimizer"]
         if method == "bp":
-            p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW [%(default)s]")
-            p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+            g.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW [%(default)s]")
+            g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                            help="base weights; the LoRA stays float32 [%(default)s]")
-            p.add_argument("--gradient-checkpointing", action="store_true",
+            g.add_argument("--gradient-checkpointing", "--grad-checkpoint", action="store_true",
                            help="recompute activations in backward instead of storing them")
         else:
-            p.add_argument("--learning-rate", type=float, help=LR_HELP)
-            p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
+            g.add_argument("--learning-rate", type=float, help=LR_HELP)
+            g.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
         p.set_defaults(func=cmd_reference, method=method, dtype="float32", gradient_checkpointing=False, eps=m.eps)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)
     add_data_args(p, with_defaults=False)
-    p.add_argument("--adapter", help="adapter GGUF, run directory or RUN:best (none: zero-shot)")
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best (none: zero-shot)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="[%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with the base model and an optional adapter")
     add_model_args(p)
-    p.add_argument("--adapter", help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--no-escape", dest="escape", action="store_false", help="take \\n in the prompt literally")
     p.add_argument("--max-tokens", type=int, default=64, help="[%(default)s]")
@@ -824,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the adapter in another format")
     add_model_args(p)
-    p.add_argument("--adapter", required=True, help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--adapter", "--adapter-path", required=True, help="adapter GGUF, run directory or RUN:best")
     p.add_argument("--to", choices=["gguf-lora", "peft", "merged-gguf"], default="gguf-lora",
                    help="GGUF LoRA (llama.cpp --lora), PEFT directory, or the base with the adapter folded in [%(default)s]")
     p.add_argument("--outtype", default="q8_0", help="merged-gguf tensor type (f32, f16, q8_0, q4_0, ...) [%(default)s]")
@@ -849,8 +871,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_flags(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The flags a config file stands for, for this command's parser (placed before the user's own flags, which
+    therefore win). Keys are long flag names or their aliases, with _ or -; an unknown key is an error naming it,
+    except in a run's own config.json (it has model_path), whose fields other commands lack are skipped: `eval -c
+    runs/a/config.json` takes the run's model, data and prompt and leaves out its steps."""
+    from .config_file import flag_name, flatten_config, read_config_file
+
+    actions = parser._option_string_actions  # argparse's own option table: aliases included
+    data = read_config_file(path)
+    flags, unknown = [], []
+    for key, value in flatten_config(data).items():
+        flag = f"--{flag_name(key)}"
+        action = actions.get(flag)
+        if action is None or action.dest in ("config", "help"):
+            unknown.append(key)
+        elif value is None:
+            continue
+        elif action.nargs == 0:  # store_true / store_false switches
+            if not isinstance(value, bool):
+                raise EdgezoError(f"{path}: {key} is a switch, expected true or false, got {value!r}")
+            if value:
+                flags.append(flag)
+        else:
+            flags.append(f"{flag}={value}")  # one token: a value starting with '-' stays a value
+    if unknown and "model_path" in data:
+        say(f"{path}: not flags of `edgezo {parser.prog.split()[-1]}`, skipped: {', '.join(unknown)}")
+    elif unknown:
+        raise EdgezoError(f"{path}: unknown key(s) {', '.join(unknown)} for `edgezo {parser.prog.split()[-1]}`; "
+                          f"keys are its long flag names (see --help), e.g. learning_rate")
+    return flags
+
+
+def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with `-c FILE` / `--config FILE` replaced by the file's flags, right after the command name."""
+    if not argv or argv[0].startswith("-"):
+        return argv
+    command, rest = argv[0], argv[1:]
+    for i, token in enumerate(rest):
+        if token in ("-c", "--config") and i + 1 < len(rest):
+            path, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+        elif token.startswith("--config="):
+            path, rest = token.split("=", 1)[1], rest[:i] + rest[i + 1:]
+        else:
+            continue
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(command)
+        if sub is None or "--config" not in sub._option_string_actions:
+            return argv  # argparse reports the unknown command or flag
+        return [command, *config_flags(sub, path), *rest]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "edgezo"
+    try:
+        argv = expand_config(parser, argv)
+    except EdgezoError as exc:
+        say(f"edgezo {command}: error: {exc}")
+        return 1
+    args = parser.parse_args(argv)
     try:
         result, text = args.func(args)
     except TrainingInterrupted as exc:

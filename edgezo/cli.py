@@ -62,6 +62,9 @@ def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> Non
     p.add_argument("--test", help="test JSONL (with a --data file)")
     p.add_argument("--template", help="classification prompt with {text}; default: the dataset's, else '{text}\\nLabel:'")
     p.add_argument("--label-words", help="label=word pairs, comma-separated (default word of label L: ' L')")
+    p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt/completion and chat data: loss on the completion / every assistant turn only; "
+                   "--no-mask-prompt: on every token (mlx-lm's default) [the run's own, else on]")
     p.add_argument("--max-seq-len", "--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LEN,
                    help="longest example in tokens [%(default)s]")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step / per evaluation [%(default)s]")
@@ -115,8 +118,10 @@ def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved:
     files, builtin_template = store.resolve_data(data_spec, args.valid, args.test, log=say)
     template = args.template or (saved or {}).get("template") or builtin_template
     label_words = parse_label_words(args.label_words) or (saved or {}).get("label_words")
+    if args.mask_prompt is None:
+        args.mask_prompt = (saved or {}).get("mask_prompt", True)
     train_path = files.train or files.split(splits[0])
-    task = build_task(read_jsonl(train_path), train_path, engine, template, label_words)
+    task = build_task(read_jsonl(train_path), train_path, engine, template, label_words, args.mask_prompt)
     examples = {}
     for split in splits:
         if split in optional and getattr(files, split) is None:
@@ -139,6 +144,8 @@ def cmd_fetch(args) -> tuple[dict, str]:
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
 RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads"}
+# fields config.json gained later: compared only when the saved configuration has them (older runs resume)
+ADDED_LATER = {"valid", "test", "mask_prompt"}
 
 
 def memory_budget(args) -> int:
@@ -220,7 +227,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
         log("no validation split: training without periodic evaluation")
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
-        "valid": args.valid, "test": args.test, "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
+        "valid": args.valid, "test": args.test, "template": task.template, "mask_prompt": args.mask_prompt,
+        "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
         "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value},
         "train": asdict(train_cfg), "threads": args.threads,
     }
@@ -316,7 +324,8 @@ def _check_resume_config(run: RunDir, config: dict) -> None:
         raise EdgezoError(f"{run.config}: cannot read the saved configuration ({exc})") from None
     flat_new, flat_old = _flatten(config), _flatten(saved)
     differ = sorted(k for k in set(flat_new) | set(flat_old)
-                    if k not in RESUME_IGNORED and flat_new.get(k) != flat_old.get(k))
+                    if k not in RESUME_IGNORED and not (k in ADDED_LATER and k not in flat_old)
+                    and flat_new.get(k) != flat_old.get(k))
     if "train.steps" in set(flat_new) and config["mezo"]["schedule"] != "constant" and flat_new["train.steps"] != flat_old.get("train.steps"):
         differ.append("train.steps (the learning-rate schedule depends on it)")
     if differ:
@@ -369,7 +378,8 @@ def cmd_reference(args) -> tuple[dict, str]:
     run.create()
     write_json_atomic(run.config, {
         "method": args.method, "model": args.model, "model_path": str(model_path), "quant": args.quant,
-        "data": args.data, "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len,
+        "data": args.data, "valid": args.valid, "test": args.test, "template": task.template,
+        "mask_prompt": args.mask_prompt, "label_words": label_words, "max_seq_len": args.max_seq_len,
         "task": task_dict(task), "lora": config_dict(lora), "reference": asdict(config),
         "schedule": {**asdict(schedule), "schedule": schedule.schedule.value}, "train": asdict(train_cfg),
         "threads": args.threads,
@@ -485,21 +495,91 @@ def cmd_eval(args) -> tuple[dict, str]:
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
-def cmd_generate(args) -> tuple[dict, str]:
+def sampling(args):
+    from .engine import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def open_generator(args):
+    """(engine, base path) for generate / chat: the run's own base, the adapter validated in Python before
+    llama.cpp sees it, a one-sequence context of --ctx tokens."""
     adapter_path, saved = resolve_adapter(args.adapter)
     model_path = resolve_base(args, saved)
-    prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
-    engine, base = open_engine(model_path, 1, max(DEFAULT_MAX_SEQ_LEN, args.max_tokens + 256), args.threads)
+    engine, base = open_engine(model_path, 1, args.ctx, args.threads)
     if adapter_path:
         engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
-    tokens = []
-    for token in engine.generate(engine.tokenize(prompt, add_special=True), args.max_tokens, args.temperature, args.seed):
-        tokens.append(token)
-        if not args.json:
-            print(engine.detokenize([token]), end="", flush=True)
-    if not args.json:
+    return engine, adapter_path
+
+
+def stream_tokens(engine, tokens, args, echo: bool) -> list[int]:
+    """Generate, printing each piece as it comes when `echo` (UTF-8 decoded incrementally: a character may span
+    tokens); returns the generated tokens."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    for token in engine.generate(tokens, args.max_tokens, sampling=sampling(args)):
+        out.append(token)
+        if echo:
+            print(decoder.decode(engine.token_bytes(token)), end="", flush=True)
+    if echo:
+        print(decoder.decode(b"", final=True), flush=True)
+    return out
+
+
+def cmd_generate(args) -> tuple[dict, str]:
+    engine, adapter_path = open_generator(args)
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
+    if args.chat:  # one user turn through the model's own template, tokenized as llama-cpp-python does
+        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        prompt = engine.apply_chat_template(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        prompt_tokens = engine.tokenize(prompt, add_special=False)
+    else:
+        prompt_tokens = engine.tokenize(prompt, add_special=True)
+    if len(prompt_tokens) >= args.ctx:
+        raise EdgezoError(f"the prompt is {len(prompt_tokens)} tokens, the context holds {args.ctx}; raise --ctx")
+    tokens = stream_tokens(engine, prompt_tokens, args, echo=not args.json)
+    return {"prompt": prompt, "text": engine.detokenize(tokens), "n_tokens": len(tokens),
+            "n_prompt_tokens": len(prompt_tokens), "adapter": str(adapter_path) if adapter_path else None}, ""
+
+
+# ---- chat --------------------------------------------------------------------------------------------------------
+CHAT_HELP = "/reset starts over, /exit (or Ctrl-D) ends"
+
+
+def cmd_chat(args) -> tuple[dict, str]:
+    """An interactive multi-turn session on stdin/stdout: the GGUF's own chat template, streamed replies."""
+    from .chat import ChatSession
+
+    engine, adapter_path = open_generator(args)
+    session = ChatSession(engine, sampling(args), max_tokens=args.max_tokens, system_prompt=args.system_prompt)
+    interactive = sys.stdin.isatty()
+    say(f"chat with {engine.model_path.name}" + (f" + {adapter_path}" if adapter_path else "") + f"; {CHAT_HELP}")
+    n_turns = 0
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            session.reset()
+            say("(conversation reset)")
+            continue
+        if not text.strip():
+            continue
+        try:
+            for piece in session.send(text):
+                print(piece, end="", flush=True)
+        except EdgezoError as exc:  # the session goes on: say why this turn failed
+            say(f"edgezo chat: error: {exc}")
+            continue
         print(flush=True)
-    return {"prompt": prompt, "text": engine.detokenize(tokens), "n_tokens": len(tokens)}, ""
+        n_turns += 1
+    return {"messages": session.messages, "n_turns": n_turns}, ""
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
@@ -743,6 +823,23 @@ def add_run_args(p: argparse.ArgumentParser) -> dict:
     return groups
 
 
+def add_generation_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
+    """generate / chat: the base and adapter, and llama.cpp's sampler chain (mlx-lm's names as aliases)."""
+    add_model_args(p)
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--system-prompt", "--system", help="a system message first (chat template)")
+    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens, help="tokens per reply [%(default)s]")
+    p.add_argument("--ctx", type=int, default=2048, help="context in tokens: prompt (or conversation) plus reply "
+                   "[%(default)s]")
+    g = p.add_argument_group("sampling (llama.cpp's sampler chain, in this order)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty on the last 64 tokens, 1: off [%(default)s]")
+    g.add_argument("--top-k", type=int, default=0, help="0: off [%(default)s]")
+    g.add_argument("--top-p", type=float, default=1.0, help="1: off [%(default)s]")
+    g.add_argument("--min-p", type=float, default=0.0, help="0: off [%(default)s]")
+    g.add_argument("--temperature", "--temp", type=float, default=0.0, help="0: greedy [%(default)s]")
+    g.add_argument("--seed", type=int, default=0, help="of the final draw [%(default)s]")
+
+
 LR_HELP = ("MeZO learning rate [the built-in model's tuned rate: "
            + ", ".join(f"{m.name} {m.mezo_learning_rate:g}" for m in store.MODELS.values())
            + f"; a GGUF path: {MezoConfig().learning_rate:g}]")
@@ -803,14 +900,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with the base model and an optional adapter")
-    add_model_args(p)
-    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
+    add_generation_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--no-escape", dest="escape", action="store_false", help="take \\n in the prompt literally")
-    p.add_argument("--max-tokens", type=int, default=64, help="[%(default)s]")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy [%(default)s]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user turn through the model's own "
+                   "chat template (with --system-prompt)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's own chat template, streamed")
+    add_generation_args(p, max_tokens=256)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("memory", help="predict the peak RSS of a run (edgezo.memory), optionally against a device")
     add_run_args(p)  # the finetune / reference-bp arguments: the prediction is for exactly that run
@@ -888,10 +987,12 @@ def config_flags(parser: argparse.ArgumentParser, path: str) -> list[str]:
             unknown.append(key)
         elif value is None:
             continue
-        elif action.nargs == 0:  # store_true / store_false switches
+        elif action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # switches
             if not isinstance(value, bool):
                 raise EdgezoError(f"{path}: {key} is a switch, expected true or false, got {value!r}")
-            if value:
+            if isinstance(action, argparse.BooleanOptionalAction):
+                flags.append(flag if value else f"--no-{flag[2:]}")
+            elif value:
                 flags.append(flag)
         else:
             flags.append(f"{flag}={value}")  # one token: a value starting with '-' stays a value

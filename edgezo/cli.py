@@ -582,6 +582,59 @@ def cmd_chat(args) -> tuple[dict, str]:
     return {"messages": session.messages, "n_turns": n_turns}, ""
 
 
+# ---- serve -------------------------------------------------------------------------------------------------------
+SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+
+
+def server_command(args, model_path: Path, adapter_path: Path | None, alias: str) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server (its `server` extra) on this base and adapter, behind
+    edgezo.serve's request guard (malformed requests get 400 / 422, not 500)."""
+    settings = {"model": str(model_path), "model_alias": alias, "host": args.host, "port": args.port,
+                "n_ctx": args.ctx, "verbose": False, "lora_path": str(adapter_path) if adapter_path else None}
+    if args.threads:
+        settings.update(n_threads=args.threads, n_threads_batch=args.threads)
+    return [sys.executable, "-m", "edgezo.serve", json.dumps(settings)]
+
+
+def cmd_serve(args) -> tuple[dict, str]:
+    """Serve the base model with the adapter applied over HTTP (/v1/chat/completions, /v1/completions, /v1/models,
+    streaming) until stopped. The server is llama-cpp-python's own, run as a child process: edgezo validates the
+    adapter against the base in Python first, then hands llama.cpp the same file."""
+    import importlib.util
+    import signal
+    import subprocess
+
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EdgezoError(f"serve needs llama-cpp-python's server extra (missing: {', '.join(missing)}): "
+                          f"pip install 'edgezo[serve]'")
+    adapter_path, saved = resolve_adapter(args.adapter)
+    model_path = resolve_base(args, saved)
+    if adapter_path:
+        LoraAdapter.load(adapter_path, read_base_model_info(model_path))  # every tensor checked against the base
+    alias = args.name or (Path(args.adapter.removesuffix(":best")).name if args.adapter else Path(args.model).stem)
+    cmd = server_command(args, model_path, adapter_path, alias)
+    say(f"serving {alias} ({model_path.name}{' + ' + str(adapter_path) if adapter_path else ''}) at "
+        f"http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models); Ctrl-C stops")
+    child = subprocess.Popen(cmd)
+
+    def forward(signum, frame):  # SIGTERM to edgezo stops the server too (Ctrl-C reaches both already)
+        child.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code not in (0, -signal.SIGINT, -signal.SIGTERM, 130):
+        raise EdgezoError(f"the server stopped with exit code {code} (its messages are above)")
+    return {"model": str(model_path), "adapter": str(adapter_path) if adapter_path else None, "name": alias,
+            "url": f"http://{args.host}:{args.port}/v1", "exit_code": code}, "server stopped"
+
+
 # ---- export ------------------------------------------------------------------------------------------------------
 def cmd_export(args) -> tuple[dict, str]:
     adapter_path, saved = resolve_adapter(args.adapter)
@@ -910,6 +963,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat with the model's own chat template, streamed")
     add_generation_args(p, max_tokens=256)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with the adapter applied (serve extra)")
+    add_model_args(p)
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--host", default="127.0.0.1", help="listen address; 0.0.0.0 exposes it to the network [%(default)s]")
+    p.add_argument("--port", type=int, default=8000, help="[%(default)s]")
+    p.add_argument("--ctx", type=int, default=2048, help="context in tokens per request [%(default)s]")
+    p.add_argument("--name", help="model name in /v1/models and requests [the run directory's name, else the model's]")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("memory", help="predict the peak RSS of a run (edgezo.memory), optionally against a device")
     add_run_args(p)  # the finetune / reference-bp arguments: the prediction is for exactly that run

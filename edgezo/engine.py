@@ -287,7 +287,7 @@ class Engine(Vocabulary):
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         b = self._batch
         feed, start = list(prompt), 0
-        sampler = _sampler_chain(sampling)
+        sampler = _sampler_chain(sampling, self.n_vocab)
         try:
             for token in feed:  # the penalties' history starts with the prompt, as in llama.cpp's own tools
                 llama_cpp.llama_sampler_accept(sampler, token)
@@ -422,13 +422,14 @@ class Sampling:
     seed: int = 0
 
 
-def _sampler_chain(s: Sampling):
+def _sampler_chain(s: Sampling, n_vocab: int):
     params = llama_cpp.llama_sampler_chain_default_params()
     params.no_perf = True
     chain = llama_cpp.llama_sampler_chain_init(params)
     add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731 (the chain owns each one)
     if s.repeat_penalty != 1.0:
-        add(llama_cpp.llama_sampler_init_penalties(s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+        # this llama.cpp's signature still takes n_vocab first (include/llama.h of the vendored commit)
+        add(llama_cpp.llama_sampler_init_penalties(n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
     if s.temperature <= 0:
         add(llama_cpp.llama_sampler_init_greedy())
         return chain

@@ -56,6 +56,19 @@ def test_a_template_that_refuses_a_conversation_is_a_clear_error(tmp_path):
         vocab.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], True)
 
 
+def with_specials(vocab, tokens) -> str:
+    """Detokenize with special tokens written out (edgezo's detokenize drops them, as generated text should)."""
+    import ctypes
+
+    import llama_cpp
+
+    buf, out = ctypes.create_string_buffer(64), b""
+    for t in tokens:
+        n = llama_cpp.llama_token_to_piece(vocab.vocab, int(t), buf, len(buf), 0, True)
+        out += buf.raw[:n]
+    return out.decode()
+
+
 def test_every_assistant_turn_of_a_conversation_is_a_target(tiny_gguf, tmp_path):
     msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "one"},
             {"role": "assistant", "content": "first"}, {"role": "user", "content": "two"},
@@ -66,9 +79,9 @@ def test_every_assistant_turn_of_a_conversation_is_a_target(tiny_gguf, tmp_path)
         (ex,) = build_examples(records, path, build_task(records, path, vocab, None, None), vocab, 512)
         (everything,) = build_examples(records, path, build_task(records, path, vocab, None, None, mask_prompt=False),
                                        vocab, 512)
-        targets = [vocab.detokenize(ex.tokens[s:e]) for s, e in ex.target_spans]
+        targets = [with_specials(vocab, ex.tokens[s:e]) for s, e in ex.target_spans]
         full = vocab.apply_chat_template(msgs, add_generation_prompt=False)
-        assert vocab.detokenize(ex.tokens) == full  # the pieces add up to the whole rendering
+        assert with_specials(vocab, ex.tokens) == full  # the pieces add up to the whole rendering
     assert targets == ["first<|im_end|>\n", "second<|im_end|>\n"]  # both turns, through the end-of-turn marker
     assert everything.tokens == ex.tokens and everything.target_indices == list(range(1, len(ex.tokens)))
 

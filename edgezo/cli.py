@@ -596,6 +596,17 @@ def server_command(args, model_path: Path, adapter_path: Path | None, alias: str
     return [sys.executable, "-m", "edgezo.serve", json.dumps(settings)]
 
 
+def _die_with_parent() -> None:
+    """In the server child: get SIGTERM when edgezo dies, even by SIGKILL, so no orphan keeps the port (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def cmd_serve(args) -> tuple[dict, str]:
     """Serve the base model with the adapter applied over HTTP (/v1/chat/completions, /v1/completions, /v1/models,
     streaming) until stopped. The server is llama-cpp-python's own, run as a child process: edgezo validates the
@@ -616,7 +627,7 @@ def cmd_serve(args) -> tuple[dict, str]:
     cmd = server_command(args, model_path, adapter_path, alias)
     say(f"serving {alias} ({model_path.name}{' + ' + str(adapter_path) if adapter_path else ''}) at "
         f"http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models); Ctrl-C stops")
-    child = subprocess.Popen(cmd)
+    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
 
     def forward(signum, frame):  # SIGTERM to edgezo stops the server too (Ctrl-C reaches both already)
         child.send_signal(signal.SIGTERM)

@@ -57,6 +57,20 @@ def server(tiny_gguf, sentiment_dir, tmp_path, capsys):
         proc.wait()
 
 
+def test_the_server_dies_with_edgezo_even_on_sigkill(server):
+    base, _, _, proc = server
+    proc.kill()  # SIGKILL: edgezo cannot forward anything; the child's parent-death signal stops it
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            request(f"{base}/models", timeout_s=2).close()
+            time.sleep(0.5)
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return
+    pytest.fail("the server outlived edgezo serve")
+
+
 def test_serve_answers_openai_requests_with_the_adapter_and_stops(server, tiny_gguf, capsys):
     base, models, run, proc = server
     assert [m["id"] for m in models["data"]] == ["mr-run"]  # the run directory's name

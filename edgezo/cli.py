@@ -274,6 +274,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
         f"{train_cfg.steps} steps of batch {train_cfg.batch_size}"
         + (f", {group.world} workers ({args.parallel}-parallel)" if group else ""))
     progress = ConsoleProgress(train_cfg.steps, start_step) if root else (lambda event: None)
+    if root and args.report_to:
+        from .report import Callbacks, make_reporter
+
+        progress = Callbacks(progress, make_reporter(args.report_to, run.path, args.project_name, config))
     try:
         result = train(engine, adapter, task, examples["train"], examples.get("valid", []), mezo,
                        train_cfg, run, start_step=start_step, callback=progress, **hooks)
@@ -929,6 +933,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          help="checkpoint every N steps [%(default)s]")
     groups["run directory"].add_argument("--resume", action="store_true",
                                          help="continue the run in --out from its last checkpoint")
+    groups["run directory"].add_argument("--report-to", choices=["tensorboard", "wandb"],
+                                         help="also log losses and accuracy to TensorBoard (RUN/tensorboard; "
+                                         "tensorboard extra) or Weights & Biases (wandb installed) [off]")
+    groups["run directory"].add_argument("--project-name", help="wandb project [edgezo]")
     g = p.add_argument_group("distributed")
     g.add_argument("--workers", type=int, default=1,
                    help="local processes training one adapter together (torch.distributed, gloo); under torchrun "

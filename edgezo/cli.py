@@ -201,9 +201,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if args.workers < 1:
         raise EdgezoError(f"--workers must be >= 1, got {args.workers}")
     run = RunDir(args.out)
-    # --resume without --model / --quant continues on the run's own base; the resolved names go into config.json
-    model_path = resolve_base(args, read_run_config(run) if args.resume else None,
-                              log=say if os.environ.get("RANK", "0") == "0" else lambda msg: None)
+    # --resume without --model / --quant / --data continues on the run's own; the resolved names go into config.json
+    saved = read_run_config(run) if args.resume else None
+    model_path = resolve_base(args, saved, log=say if os.environ.get("RANK", "0") == "0" else lambda msg: None)
+    args.data = args.data or (saved or {}).get("data") or DEFAULT_DATA
     if args.workers > 1 and not distributed.launched():
         return distributed.launch_local(args, say)  # N local ranks of this same command; rank 0's result
     t0 = time.perf_counter()
@@ -946,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--peer-timeout", type=float, default=30.0,
                    help="seconds a worker waits for the others at an exchange before it stops with a checkpoint "
                    "(a dead worker is noticed at once) [%(default)s]")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, data=None)  # no --data: the run's own with --resume, else DEFAULT_DATA
 
     for method, help_text in (("bp", "the PyTorch BP reference: AdamW on the same LoRA, data and loss (torch extra)"),
                               ("mezo", "the torch MeZO baseline: MeZO on the same LoRA's torch tensors (torch extra)")):

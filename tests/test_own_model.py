@@ -69,7 +69,7 @@ def test_resume_without_model_flags_continues_on_the_runs_base(tiny_gguf, sentim
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, run, 2, "--quant", "q8_0"))
     argv = finetune_args(tiny_gguf, sentiment_dir, run, 4, "--resume")
     i = argv.index("--model")
-    argv = argv[:i] + argv[i + 4:]  # drop --model M --quant f32
+    argv = argv[:i] + argv[i + 6:]  # drop --model M --quant f32 --data D
     assert run_json(capsys, argv)["steps"] == 4
 
 

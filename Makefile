@@ -2,12 +2,26 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check
 
-.PHONY: install install-torch demo test bench
+.PHONY: install install-llama-cpp install-torch demo test bench
 
-install:        # the core: llama-cpp-python (builds from source, ~5 min the first time), gguf, numpy, tqdm; no torch
+# llama.cpp is built from source for this CPU (-march=native), but without its AMX kernels: on Intel Xeons with AMX,
+# -march=native compiles ggml's AMX buffer type in and it crashed in ggml_backend_amx_mul_mat (README, "The llama.cpp
+# build"). -mno-amx-* exist on x86-64 only. The build skips pip's wheel cache, which would otherwise hand back a wheel
+# built earlier with other flags; an installed llama-cpp-python is kept only if it is 0.3.36 without AMX kernels.
+LLAMA_CPP_PYTHON = llama-cpp-python==0.3.36
+NO_AMX_FLAGS = $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+LLAMA_CPP_IS_SAFE = import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36" or b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())
+
+install-llama-cpp:  # ~5 min on 2 cores the first time
+	@if $(PYTHON) -c '$(LLAMA_CPP_IS_SAFE)' 2>/dev/null; then echo "$(LLAMA_CPP_PYTHON) without AMX kernels is installed"; \
+	else $(PIP) uninstall -y -q llama-cpp-python 2>/dev/null; \
+	  CFLAGS="$(NO_AMX_FLAGS)" CXXFLAGS="$(NO_AMX_FLAGS)" $(PIP) install --no-cache-dir $(LLAMA_CPP_PYTHON) \
+	  && $(PYTHON) -c '$(LLAMA_CPP_IS_SAFE)'; fi
+
+install: install-llama-cpp  # the core: llama-cpp-python, gguf, numpy, tqdm; no torch
 	$(PIP) install -e ".[dev]"
 
-install-torch:  # the torch extra (conversion from HF, PEFT, BP reference); the pinned CPU torch goes in first
+install-torch: install-llama-cpp  # the torch extra (conversion from HF, PEFT, BP reference); the pinned CPU torch goes in first
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev,torch]"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -35,6 +36,13 @@ def say(msg: str) -> None:
 
 def emit_json(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
+
+
+class SayHandler(logging.Handler):
+    """Library log records to stderr through `say` (which finds sys.stderr at each call)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(f"edgezo: {record.getMessage()}")
 
 
 # ---- shared setup ------------------------------------------------------------------------------------------------
@@ -827,6 +835,45 @@ def cmd_capacity(args) -> tuple[dict, str]:
     return result, header + "\n" + format_capacity(result)
 
 
+# ---- doctor ------------------------------------------------------------------------------------------------------
+def cmd_doctor(args) -> tuple[dict, str]:
+    """Versions, the llama.cpp build, the CPU, the kernels the engine will use, and a decode probe in a child process."""
+    from .doctor import environment, probe_in_child
+
+    result = environment(store.home(), args.threads)
+    if args.probe:
+        model_path = resolve_base(args)
+        say(f"probing a decode of {model_path.name} in a child process ...")
+        result["probe"] = {"model": str(model_path), **probe_in_child(model_path, args.threads)}
+    return result, format_doctor(result)
+
+
+def format_doctor(r: dict) -> str:
+    k, cpu = r["kernels"], r["cpu"]
+    lines = [
+        f"edgezo {r['edgezo']}, Python {r['python']}, {r['platform']}",
+        "versions: " + ", ".join(f"{name} {v or '-'}" for name, v in r["versions"].items()),
+        f"cpu: {cpu['model']} ({cpu['machine']}), {cpu['usable_cores']} of {cpu['n_cores']} cores usable; "
+        f"flags: {' '.join(cpu['flags']) if cpu['flags'] is not None else 'unknown'}",
+        f"llama.cpp build: {r['llama_cpp_system_info'].strip()}",
+        f"AMX: kernels built {'yes' if k['amx_kernels_built'] else 'no'}, CPU has AMX "
+        f"{ {True: 'yes', False: 'no', None: 'unknown'}[k['cpu_has_amx']] }, avoided {'yes' if k['avoid_amx'] else 'no'} "
+        f"({k['decision']}; EDGEZO_AMX={k['amx_mode']})",
+        f"repacked kernels built: {'yes' if k['repack_built'] else 'no'}; flash attention: {'on' if k['flash_attention'] else 'off'}; "
+        f"threads: {r['threads']}",
+        f"cache: {r['cache']['path']} ({r['cache']['free_bytes'] / 2**30:.1f} GiB free)" if r["cache"]["free_bytes"] is not None
+        else f"cache: {r['cache']['path']}",
+    ]
+    probe = r.get("probe")
+    if probe and probe["ok"]:
+        buffers = ", ".join(f"{name} {mib:.1f} MiB" for name, mib in probe["weight_buffers_mib"].items())
+        lines.append(f"decode probe: ok, {probe['n_sequences']} sequences in {probe['seconds']} s, logits "
+                     f"{'finite' if probe['finite'] else 'NOT FINITE'}; weights: {buffers}")
+    elif probe:
+        lines.append(f"decode probe: FAILED (exit {probe['returncode']}): {' / '.join(probe['stderr_tail'])}")
+    return "\n".join(lines)
+
+
 # ---- demo --------------------------------------------------------------------------------------------------------
 def cmd_demo(args) -> tuple[dict, str]:
     """The main job on the defaults: zero-shot test accuracy, a MeZO fine-tune, then the tuned test accuracy.
@@ -1025,6 +1072,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory [%(default)s]")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("doctor", help="versions, llama.cpp build, CPU, kernels in use and a decode probe (paste it into bug reports)")
+    add_model_args(p)
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="skip the decode of --model in a child process (which fetches it if needed)")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("export", help="write the adapter in another format")
     add_model_args(p)
     p.add_argument("--adapter", "--adapter-path", required=True, help="adapter GGUF, run directory or RUN:best")
@@ -1115,6 +1168,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"edgezo {command}: error: {exc}")
         return 1
     args = parser.parse_args(argv)
+    library_log = logging.getLogger("edgezo")  # the library's notices (edgezo.engine): one line each on stderr
+    if not library_log.handlers:
+        library_log.addHandler(SayHandler())
+        library_log.propagate = False
     try:
         result, text = args.func(args)
     except TrainingInterrupted as exc:

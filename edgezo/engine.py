@@ -18,7 +18,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -27,21 +29,28 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from . import kernels
 from .adapter import LoraAdapter
 from .files import EdgezoError
-from .formats import QUANT_FTYPES
+from .formats import QUANT_FTYPES, read_gguf_header
 
-
+log = logging.getLogger("edgezo")
 
 _recent_errors: collections.deque[str] = collections.deque(maxlen=4)
+_weight_buffer_lines: list[str] = []  # "load_tensors: CPU_REPACK model buffer size = 52.3 MiB" of the latest load
+_WEIGHT_BUFFER = re.compile(r"(\S+) model buffer size =\s*([0-9.]+) MiB")
+GGML_LOG_LEVEL_ERROR = 4
 
 
 @llama_cpp.llama_log_callback
-def _log_errors_only(level, text, user_data):
-    # llama.cpp logs every load and every adapter tensor at INFO/WARN; keep only GGML_LOG_LEVEL_ERROR (4)
-    # lines, to quote them in our own error messages instead of spraying stderr.
-    if level == 4:
-        _recent_errors.append(text.decode("utf-8", errors="replace").strip())
+def _log_callback(level, text, user_data):
+    # llama.cpp logs every load and every adapter tensor at INFO/WARN. Keep its errors, to quote them in our own
+    # error messages instead of spraying stderr, and the weight buffer sizes of a load (which kernels it uses).
+    line = text.decode("utf-8", errors="replace")
+    if level == GGML_LOG_LEVEL_ERROR:
+        _recent_errors.append(line.strip())
+    elif "model buffer size" in line:
+        _weight_buffer_lines.append(line)
 
 
 def _llama_error(message: str) -> EdgezoError:
@@ -51,7 +60,7 @@ def _llama_error(message: str) -> EdgezoError:
     return EdgezoError(f"{message} (llama.cpp: {detail})" if detail else message)
 
 
-llama_cpp.llama_log_set(_log_errors_only, ctypes.c_void_p(0))
+llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 llama_cpp.llama_backend_init()
 
 # ---- struct ggml_tensor, as in ggml/include/ggml.h of the llama.cpp that llama-cpp-python 0.3.36 vendors ----
@@ -85,6 +94,76 @@ _libggml_base.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void
 _libggml_base.ggml_backend_tensor_set.restype = None
 _libggml_base.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _libggml_base.ggml_nbytes.restype = ctypes.c_size_t
+_libggml_base.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+_libggml_base.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+_libggml_base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_libggml_base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+_libggml_base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+_libggml_base.ggml_backend_buft_name.restype = ctypes.c_char_p
+_libggml = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml.so"))  # the backend registry
+_libggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+_libggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+GGML_BACKEND_DEVICE_TYPE_CPU = 0
+
+
+class TensorBuftOverride(ctypes.Structure):  # struct llama_model_tensor_buft_override (llama.h; not in llama_cpp)
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+_EXTRA_BUFTS_FN = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)
+
+
+def system_info() -> str:
+    """llama.cpp's build features, e.g. 'CPU : SSE3 = 1 | ... | AVX2 = 1 | ... | REPACK = 1 |'."""
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace")
+
+
+def _cpu_extra_buffer_type(name: str) -> int | None:
+    """The CPU device's extra buffer type called `name` ("CPU_REPACK", "AMX"), None if this build has none."""
+    dev = _libggml.ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU)
+    address = dev and _libggml_base.ggml_backend_reg_get_proc_address(
+        _libggml_base.ggml_backend_dev_backend_reg(dev), b"ggml_backend_dev_get_extra_bufts")
+    if not address:
+        return None
+    bufts = _EXTRA_BUFTS_FN(address)(dev)
+    i = 0
+    while bufts and bufts[i]:
+        if _libggml_base.ggml_backend_buft_name(bufts[i]).decode() == name:
+            return bufts[i]
+        i += 1
+    return None
+
+
+def _avoid_amx_buffers(params, model_path: Path) -> ctypes.Array | None:
+    """Load without llama.cpp's extra buffer types (so no weight reaches the AMX one), placing the weights that
+    CPU_REPACK would have taken into CPU_REPACK by tensor overrides (edgezo.kernels). Returns the override table,
+    which must outlive the load."""
+    params.use_extra_bufts = False
+    repack = _cpu_extra_buffer_type("CPU_REPACK")
+    try:
+        header = read_gguf_header(model_path)
+    except ValueError as exc:
+        raise EdgezoError(f"{model_path}: not a readable GGUF ({exc})") from None
+    features = kernels.build_features(system_info())
+    names = [name for name, ggml_type in header.tensor_types.items()
+             if kernels.repacked_by_llama_cpp(name, ggml_type, header.tensor_dims[name], features)]
+    if repack is None or not names:
+        return None
+    patterns = kernels.override_patterns(names)
+    table = (TensorBuftOverride * (len(patterns) + 1))()  # zeroed last entry ends the list
+    for entry, pattern in zip(table, patterns):
+        entry.pattern, entry.buft = pattern.encode(), repack
+    params.tensor_buft_overrides = ctypes.addressof(table)
+    return table
+
+
+_notices_given: set[str] = set()
+
+
+def _notice_once(message: str) -> None:
+    if message not in _notices_given:
+        _notices_given.add(message)
+        log.warning(message)
 
 
 
@@ -113,9 +192,22 @@ class Vocabulary:
         params = llama_cpp.llama_model_default_params()
         params.use_mmap = True
         params.vocab_only = vocab_only
+        overrides = None
+        if not vocab_only:
+            try:
+                self.kernel_plan = kernels.plan_kernels(system_info(), kernels.cpu_flags(), kernels.amx_mode())
+            except ValueError as exc:
+                raise EdgezoError(str(exc)) from None
+            if self.kernel_plan.avoid_amx:
+                overrides = _avoid_amx_buffers(params, self.model_path)
+                _notice_once(f"note: {self.kernel_plan.reason}")
+        _weight_buffer_lines.clear()
         self.model = llama_cpp.llama_model_load_from_file(str(self.model_path).encode(), params)
+        del overrides  # read only while loading
         if not self.model:
             raise _llama_error(f"{self.model_path}: llama.cpp could not load this model")
+        # MiB of weights per buffer type, e.g. {"CPU_Mapped": 40.1, "CPU_REPACK": 52.3}: which kernels the matmuls use
+        self.weight_buffers_mib = {m.group(1): float(m.group(2)) for m in map(_WEIGHT_BUFFER.search, _weight_buffer_lines) if m}
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
 

@@ -94,6 +94,11 @@ def main(argv: list[str]) -> int:
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
 
+    # llama-cpp-python 0.3.36 maps ggml's log levels one off (WARN printed as ERROR), so verbose=False still prints a
+    # line per adapter tensor at load; importing edgezo.engine installs edgezo's own llama.cpp log callback (errors
+    # kept for edgezo's messages, nothing printed). llama-cpp-python still raises its own errors as exceptions.
+    from . import engine  # noqa: F401
+
     settings = json.loads(argv[1])
     server = ServerSettings(host=settings.pop("host"), port=settings.pop("port"))
     app = create_app(server_settings=server, model_settings=[ModelSettings(**settings)])

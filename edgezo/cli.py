@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -24,7 +25,7 @@ from .mezo import Estimator, MezoConfig, Schedule
 from .trainer import RunDir, TrainConfig, TrainingInterrupted
 
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_QUANT = "q4_0"
+DEFAULT_QUANT = store.BUILTIN_QUANT  # for built-in names only; a GGUF path is used as it is unless --quant is given
 DEFAULT_DATA = "movie-reviews"
 DEFAULT_MAX_SEQ_LEN = 256  # llama.cpp gives every sequence at least 256 KV cells anyway
 FZOO_DEFAULT_DIRECTIONS = 8  # FZOO's paper: n = 8 one-sided directions per step
@@ -46,22 +47,35 @@ class SayHandler(logging.Handler):
 
 
 # ---- shared setup ------------------------------------------------------------------------------------------------
-def add_model_args(p: argparse.ArgumentParser, quant_default: str | None = DEFAULT_QUANT) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"built-in name ({', '.join(store.MODELS)}) or GGUF path [%(default)s]")
-    p.add_argument("--quant", default=quant_default,
-                   help="requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached) [%(default)s]")
-    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads [all cores]")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """-c/--config, --json and the base model group, shared by every command that runs a model."""
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML or JSON file of flag values (keys = long flag names, e.g. learning_rate); flags given "
+                   "here override it; a run's config.json is valid input")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    g = p.add_argument_group("base model")
+    # Both default to None so a command can tell "not given" from a value: then the run directory's own base
+    # (--adapter RUN, --resume) applies, else DEFAULT_MODEL; see resolve_base.
+    g.add_argument("--model", help=f"built-in name ({', '.join(store.MODELS)}) or GGUF path "
+                   f"[the run's own base with --adapter RUN / --resume, else {DEFAULT_MODEL}]")
+    g.add_argument("--quant", help=f"requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached), "
+                   f"'none': the file as it is [the run's own; a built-in name: {DEFAULT_QUANT}; a GGUF path: as it is]")
+    g.add_argument("--threads", type=int, default=0, help="llama.cpp threads [all cores]")
 
 
 def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
+    p = p.add_argument_group("data")
     p.add_argument("--data", default=DEFAULT_DATA if with_defaults else None,
                    help=f"built-in dataset ({', '.join(store.DATASETS)}), a JSONL file or a directory of train/valid/test.jsonl [%(default)s]")
     p.add_argument("--valid", help="validation JSONL (with a --data file)")
     p.add_argument("--test", help="test JSONL (with a --data file)")
     p.add_argument("--template", help="classification prompt with {text}; default: the dataset's, else '{text}\\nLabel:'")
     p.add_argument("--label-words", help="label=word pairs, comma-separated (default word of label L: ' L')")
-    p.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN, help="longest example in tokens [%(default)s]")
+    p.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=None,
+                   help="prompt/completion and chat data: loss on the completion / every assistant turn only; "
+                   "--no-mask-prompt: on every token (mlx-lm's default) [the run's own, else on]")
+    p.add_argument("--max-seq-len", "--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help="longest example in tokens [%(default)s]")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step / per evaluation [%(default)s]")
 
 
@@ -101,6 +115,26 @@ def parse_label_words(text: str | None) -> dict[str, str] | None:
     return pairs
 
 
+def resolve_base(args, saved: dict | None = None, log=say) -> Path:
+    """The base GGUF a command runs on, filling args.model / args.quant with what was used.
+
+    --model if given, else the run's own base (`saved` = its config.json), else DEFAULT_MODEL. --quant if given;
+    else the run's own quant when the model is the run's; else store.effective_quant (a built-in name gets
+    DEFAULT_QUANT, a GGUF path is used as it is)."""
+    saved = saved or {}
+    if args.model is None and saved.get("model"):
+        args.model = saved["model"]
+        if not store.is_builtin(args.model) and not Path(args.model).is_file() and saved.get("model_path") \
+                and Path(saved["model_path"]).is_file():
+            # a run trained from another working directory: its resolved (maybe requantized) file is still there
+            args.model, args.quant = saved["model_path"], args.quant or "none"
+    args.model = args.model or DEFAULT_MODEL
+    if args.quant is None and args.model == saved.get("model"):
+        args.quant = saved.get("quant")
+    args.quant = store.effective_quant(args.model, args.quant)
+    return store.resolve_model(args.model, args.quant, log=log)
+
+
 def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int):
     """(engine, base model info). The info is read first: gguf's reader holds ~160 MB of Python objects for
     SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later."""
@@ -117,8 +151,10 @@ def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved:
     files, builtin_template = store.resolve_data(data_spec, args.valid, args.test, log=say)
     template = args.template or (saved or {}).get("template") or builtin_template
     label_words = parse_label_words(args.label_words) or (saved or {}).get("label_words")
+    if args.mask_prompt is None:
+        args.mask_prompt = (saved or {}).get("mask_prompt", True)
     train_path = files.train or files.split(splits[0])
-    task = build_task(read_jsonl(train_path), train_path, engine, template, label_words)
+    task = build_task(read_jsonl(train_path), train_path, engine, template, label_words, args.mask_prompt)
     examples = {}
     for split in splits:
         if split in optional and getattr(files, split) is None:
@@ -140,9 +176,11 @@ def cmd_fetch(args) -> tuple[dict, str]:
 
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
-# Configuration keys added after runs were first written, with the value an older config.json implies.
-ADDED_CONFIG_KEYS = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False}
 RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads"}
+# Fields config.json gained later, so that older runs still resume: those whose value an older run implies (it had
+# no choice), and those it did not record (compared only when the saved configuration has them).
+ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False}
+ADDED_UNRECORDED = {"valid", "test", "mask_prompt"}
 
 
 def memory_budget(args) -> int:
@@ -200,6 +238,11 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if (args.workers > 1 or distributed.launched()) and (args.estimator != Estimator.MEZO.value or args.lora_fa):
         raise EdgezoError("distributed MeZO runs the two-sided estimator on every LoRA tensor only: "
                           "drop --estimator fzoo / --lora-fa, or train with one worker")
+    run = RunDir(args.out)
+    # --resume without --model / --quant / --data continues on the run's own; the resolved names go into config.json
+    saved = read_run_config(run) if args.resume else None
+    model_path = resolve_base(args, saved, log=say if os.environ.get("RANK", "0") == "0" else lambda msg: None)
+    args.data = args.data or (saved or {}).get("data") or DEFAULT_DATA
     if args.workers > 1 and not distributed.launched():
         return distributed.launch_local(args, say)  # N local ranks of this same command; rank 0's result
     t0 = time.perf_counter()
@@ -218,8 +261,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes,
                             freeze_lora_a=args.lora_fa)
-    run = RunDir(args.out)
-    model_path = store.resolve_model(args.model, args.quant, log=log)
     if budget_bytes:
         refuse_over_budget(model_path, "mezo", args, budget_bytes)
     engine_batch = group.engine_batch_size(args.batch_size) if group else args.batch_size
@@ -229,7 +270,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
         log("no validation split: training without periodic evaluation")
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
-        "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
+        "valid": args.valid, "test": args.test, "template": task.template, "mask_prompt": args.mask_prompt,
+        "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
         "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value, "estimator": estimator.value},
         "train": asdict(train_cfg), "threads": args.threads,
     }
@@ -275,6 +317,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
         f"{train_cfg.steps} steps of batch {train_cfg.batch_size}"
         + (f", {group.world} workers ({args.parallel}-parallel)" if group else ""))
     progress = ConsoleProgress(train_cfg.steps, start_step) if root else (lambda event: None)
+    if root and args.report_to:
+        from .report import Callbacks, make_reporter
+
+        progress = Callbacks(progress, make_reporter(args.report_to, run.path, args.project_name, config))
     try:
         result = train(engine, adapter, task, examples["train"], examples.get("valid", []), mezo,
                        train_cfg, run, start_step=start_step, callback=progress, **hooks)
@@ -289,11 +335,33 @@ def cmd_finetune(args) -> tuple[dict, str]:
                "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path) if root else None, **report}
     if result.valid is not None:
         summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
+    if root:
+        summary.update(best_adapter(result))
     if report and not report["replicas_identical"]:
         log(f"warning: the replicas' adapters differ: {report['replica_sha256']}")
+    if root:
+        log(plot_hint(run.path))
     return summary, (f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
                      + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
                      + f"  ({summary['seconds']:.0f} s)")
+
+
+def best_adapter(result) -> dict:
+    """finetune --json's fields for adapter.best.gguf (None without a validation split)."""
+    best = result.best or {}
+    return {"best_adapter": str(result.best_adapter_path) if result.best_adapter_path else None,
+            "best_step": best.get("step"), "best_valid_loss": best.get("valid_loss"),
+            "best_valid_accuracy": best.get("valid_accuracy")}
+
+
+def read_run_config(run: RunDir) -> dict | None:
+    """A run directory's config.json, None if it has none; an unreadable one is an error naming the file."""
+    if not run.config.exists():
+        return None
+    try:
+        return json.loads(run.config.read_text())
+    except (OSError, ValueError) as exc:
+        raise EdgezoError(f"{run.config}: cannot read the saved configuration ({exc})") from None
 
 
 def _check_resume_config(run: RunDir, config: dict) -> None:
@@ -301,9 +369,10 @@ def _check_resume_config(run: RunDir, config: dict) -> None:
         saved = json.loads(run.config.read_text())
     except (OSError, ValueError) as exc:
         raise EdgezoError(f"{run.config}: cannot read the saved configuration ({exc})") from None
-    flat_new, flat_old = _flatten(config), {**ADDED_CONFIG_KEYS, **_flatten(saved)}
+    flat_new, flat_old = _flatten(config), {**ADDED_WITH_IMPLIED_VALUE, **_flatten(saved)}
     differ = sorted(k for k in set(flat_new) | set(flat_old)
-                    if k not in RESUME_IGNORED and flat_new.get(k) != flat_old.get(k))
+                    if k not in RESUME_IGNORED and not (k in ADDED_UNRECORDED and k not in flat_old)
+                    and flat_new.get(k) != flat_old.get(k))
     if "train.steps" in set(flat_new) and config["mezo"]["schedule"] != "constant" and flat_new["train.steps"] != flat_old.get("train.steps"):
         differ.append("train.steps (the learning-rate schedule depends on it)")
     if differ:
@@ -332,6 +401,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     from .engine import Vocabulary
 
     t0 = time.perf_counter()
+    model_path = resolve_base(args)
     if args.threads:
         reference.torch.set_num_threads(args.threads)
     config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
@@ -346,7 +416,6 @@ def cmd_reference(args) -> tuple[dict, str]:
     run = RunDir(args.out)
     if run.state.exists() or run.adapter.exists():
         raise EdgezoError(f"{run.path} already holds a run; choose another --out")
-    model_path = store.resolve_model(args.model, args.quant, log=say)
     method = "bp-ckpt" if config.gradient_checkpointing else args.method
     if budget_bytes:
         refuse_over_budget(model_path, method, args, budget_bytes)
@@ -356,7 +425,8 @@ def cmd_reference(args) -> tuple[dict, str]:
     run.create()
     write_json_atomic(run.config, {
         "method": args.method, "model": args.model, "model_path": str(model_path), "quant": args.quant,
-        "data": args.data, "template": task.template, "label_words": label_words, "max_seq_len": args.max_seq_len,
+        "data": args.data, "valid": args.valid, "test": args.test, "template": task.template,
+        "mask_prompt": args.mask_prompt, "label_words": label_words, "max_seq_len": args.max_seq_len,
         "task": task_dict(task), "lora": config_dict(lora), "reference": asdict(config),
         "schedule": {**asdict(schedule), "schedule": schedule.schedule.value}, "train": asdict(train_cfg),
         "threads": args.threads,
@@ -422,17 +492,27 @@ class ConsoleProgress:
 
 # ---- eval --------------------------------------------------------------------------------------------------------
 def resolve_adapter(spec: str | None) -> tuple[Path | None, dict | None]:
-    """An adapter GGUF, or a run directory (its adapter.gguf, and its config.json for prompt defaults)."""
+    """An adapter GGUF, or a run directory (its adapter.gguf, else its last checkpoint; and its config.json for the
+    base model and prompt defaults), or RUN:best (the run's adapter.best.gguf, lowest validation loss)."""
     if not spec:
         return None, None
-    path = Path(spec)
+    path, best = Path(spec), False
+    if not path.exists() and spec.endswith(":best"):
+        path, best = Path(spec.removesuffix(":best")), True
     if path.is_dir():
         run = RunDir(path)
-        saved = json.loads(run.config.read_text()) if run.config.exists() else None
+        saved = read_run_config(run)
+        if best:
+            if not run.best.exists():
+                raise EdgezoError(f"{spec}: {path} holds no {run.best.name} (a run without a validation split, "
+                                  f"or from before best adapters were kept); use {path} for the final adapter")
+            return run.best, saved
         adapter = run.adapter if run.adapter.exists() else run.checkpoint
         if not adapter.exists():
             raise EdgezoError(f"{path}: run directory holds no adapter.gguf or checkpoint")
         return adapter, saved
+    if best:
+        raise EdgezoError(f"{spec}: RUN:best needs a run directory, {path} is not one")
     if not path.is_file():
         raise EdgezoError(f"{spec}: no such adapter file or run directory")
     return path, None
@@ -444,7 +524,7 @@ def cmd_eval(args) -> tuple[dict, str]:
     t0 = time.perf_counter()
     adapter_path, saved = resolve_adapter(args.adapter)
     data_spec = args.data or (saved or {}).get("data") or DEFAULT_DATA
-    model_path = store.resolve_model(args.model, args.quant, log=say)
+    model_path = resolve_base(args, saved)
     engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
     if adapter_path:
         engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
@@ -462,29 +542,164 @@ def cmd_eval(args) -> tuple[dict, str]:
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
-def cmd_generate(args) -> tuple[dict, str]:
-    adapter_path, _ = resolve_adapter(args.adapter)
-    model_path = store.resolve_model(args.model, args.quant, log=say)
-    prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
-    engine, base = open_engine(model_path, 1, max(DEFAULT_MAX_SEQ_LEN, args.max_tokens + 256), args.threads)
+def sampling(args):
+    from .engine import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                    repeat_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def open_generator(args):
+    """(engine, base path) for generate / chat: the run's own base, the adapter validated in Python before
+    llama.cpp sees it, a one-sequence context of --ctx tokens."""
+    adapter_path, saved = resolve_adapter(args.adapter)
+    model_path = resolve_base(args, saved)
+    engine, base = open_engine(model_path, 1, args.ctx, args.threads)
     if adapter_path:
         engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
-    tokens = []
-    for token in engine.generate(engine.tokenize(prompt, add_special=True), args.max_tokens, args.temperature, args.seed):
-        tokens.append(token)
-        if not args.json:
-            print(engine.detokenize([token]), end="", flush=True)
-    if not args.json:
+    return engine, adapter_path
+
+
+def stream_tokens(engine, tokens, args, echo: bool) -> list[int]:
+    """Generate, printing each piece as it comes when `echo` (UTF-8 decoded incrementally: a character may span
+    tokens); returns the generated tokens."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = []
+    for token in engine.generate(tokens, args.max_tokens, sampling=sampling(args)):
+        out.append(token)
+        if echo:
+            print(decoder.decode(engine.token_bytes(token)), end="", flush=True)
+    if echo:
+        print(decoder.decode(b"", final=True), flush=True)
+    return out
+
+
+def cmd_generate(args) -> tuple[dict, str]:
+    engine, adapter_path = open_generator(args)
+    prompt = args.prompt.encode().decode("unicode_escape") if args.escape else args.prompt
+    if args.chat:  # one user turn through the model's own template, tokenized as llama-cpp-python does
+        messages = ([{"role": "system", "content": args.system_prompt}] if args.system_prompt else [])
+        prompt = engine.apply_chat_template(messages + [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        prompt_tokens = engine.tokenize(prompt, add_special=False)
+    else:
+        prompt_tokens = engine.tokenize(prompt, add_special=True)
+    if len(prompt_tokens) >= args.ctx:
+        raise EdgezoError(f"the prompt is {len(prompt_tokens)} tokens, the context holds {args.ctx}; raise --ctx")
+    tokens = stream_tokens(engine, prompt_tokens, args, echo=not args.json)
+    return {"prompt": prompt, "text": engine.detokenize(tokens), "n_tokens": len(tokens),
+            "n_prompt_tokens": len(prompt_tokens), "adapter": str(adapter_path) if adapter_path else None}, ""
+
+
+# ---- chat --------------------------------------------------------------------------------------------------------
+CHAT_HELP = "/reset starts over, /exit (or Ctrl-D) ends"
+
+
+def cmd_chat(args) -> tuple[dict, str]:
+    """An interactive multi-turn session on stdin/stdout: the GGUF's own chat template, streamed replies."""
+    from .chat import ChatSession
+
+    engine, adapter_path = open_generator(args)
+    session = ChatSession(engine, sampling(args), max_tokens=args.max_tokens, system_prompt=args.system_prompt)
+    interactive = sys.stdin.isatty()
+    say(f"chat with {engine.model_path.name}" + (f" + {adapter_path}" if adapter_path else "") + f"; {CHAT_HELP}")
+    n_turns = 0
+    while True:
+        if interactive:
+            print(">>> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        text = line.rstrip("\n")
+        if text.strip() == "/reset":
+            session.reset()
+            say("(conversation reset)")
+            continue
+        if not text.strip():
+            continue
+        try:
+            for piece in session.send(text):
+                print(piece, end="", flush=True)
+        except EdgezoError as exc:  # the session goes on: say why this turn failed
+            say(f"edgezo chat: error: {exc}")
+            continue
         print(flush=True)
-    return {"prompt": prompt, "text": engine.detokenize(tokens), "n_tokens": len(tokens)}, ""
+        n_turns += 1
+    return {"messages": session.messages, "n_turns": n_turns}, ""
+
+
+# ---- serve -------------------------------------------------------------------------------------------------------
+SERVER_MODULES = ("fastapi", "uvicorn", "sse_starlette", "starlette_context", "pydantic_settings")
+
+
+def server_command(args, model_path: Path, adapter_path: Path | None, alias: str) -> list[str]:
+    """llama-cpp-python's OpenAI-compatible server (its `server` extra) on this base and adapter, behind
+    edgezo.serve's request guard (malformed requests get 400 / 422, not 500)."""
+    settings = {"model": str(model_path), "model_alias": alias, "host": args.host, "port": args.port,
+                "n_ctx": args.ctx, "verbose": False, "lora_path": str(adapter_path) if adapter_path else None}
+    if args.threads:
+        settings.update(n_threads=args.threads, n_threads_batch=args.threads)
+    return [sys.executable, "-m", "edgezo.serve", json.dumps(settings)]
+
+
+def _die_with_parent() -> None:
+    """In the server child: get SIGTERM when edgezo dies, even by SIGKILL, so no orphan keeps the port (Linux)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def cmd_serve(args) -> tuple[dict, str]:
+    """Serve the base model with the adapter applied over HTTP (/v1/chat/completions, /v1/completions, /v1/models,
+    streaming) until stopped. The server is llama-cpp-python's own, run as a child process: edgezo validates the
+    adapter against the base in Python first, then hands llama.cpp the same file."""
+    import importlib.util
+    import signal
+    import subprocess
+
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EdgezoError(f"serve needs llama-cpp-python's server extra (missing: {', '.join(missing)}): "
+                          f"pip install 'edgezo[serve]'")
+    adapter_path, saved = resolve_adapter(args.adapter)
+    model_path = resolve_base(args, saved)
+    if adapter_path:
+        LoraAdapter.load(adapter_path, read_base_model_info(model_path))  # every tensor checked against the base
+    alias = args.name or (Path(args.adapter.removesuffix(":best")).name if args.adapter else Path(args.model).stem)
+    cmd = server_command(args, model_path, adapter_path, alias)
+    say(f"serving {alias} ({model_path.name}{' + ' + str(adapter_path) if adapter_path else ''}) at "
+        f"http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models); Ctrl-C stops")
+    child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+
+    def forward(signum, frame):  # SIGTERM to edgezo stops the server too (Ctrl-C reaches both already)
+        child.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:
+        child.send_signal(signal.SIGINT)
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if code not in (0, -signal.SIGINT, -signal.SIGTERM, 130):
+        raise EdgezoError(f"the server stopped with exit code {code} (its messages are above)")
+    return {"model": str(model_path), "adapter": str(adapter_path) if adapter_path else None, "name": alias,
+            "url": f"http://{args.host}:{args.port}/v1", "exit_code": code}, "server stopped"
 
 
 # ---- export ------------------------------------------------------------------------------------------------------
 def cmd_export(args) -> tuple[dict, str]:
-    adapter_path, _ = resolve_adapter(args.adapter)
+    adapter_path, saved = resolve_adapter(args.adapter)
     if adapter_path is None:
         raise EdgezoError("export needs --adapter")
-    model_path = store.resolve_model(args.model, None, log=say)
+    # the base the adapter was trained on (merged-gguf folds it into exactly those weights), unless --model/--quant
+    model_path = resolve_base(args, saved)
     base = read_base_model_info(model_path)
     adapter = LoraAdapter.load(adapter_path, base)  # validates every tensor against the base
     out = Path(args.output)
@@ -550,6 +765,20 @@ def cmd_convert(args) -> tuple[dict, str]:
     return {"input": args.input, "output": str(out), "direction": args.direction}, f"wrote {out}"
 
 
+# ---- plot --------------------------------------------------------------------------------------------------------
+def cmd_plot(args) -> tuple[dict, str]:
+    """Training loss, validation loss and accuracy of the runs against steps and training wall-clock (edgezo.plot)."""
+    from .plot import save_plot
+
+    _, curves = save_plot(args.runs, args.output, args.title)
+    runs = {c.label: {"n_steps": len(c.steps), "n_evals": len(c.evals)} for c in curves}
+    return {"output": str(args.output), "runs": runs}, f"wrote {args.output} ({len(curves)} run(s))"
+
+
+def plot_hint(run_dir: Path) -> str:
+    return f"curves: edgezo plot {run_dir} -o {run_dir / 'curves.png'}"
+
+
 # ---- memory ------------------------------------------------------------------------------------------------------
 def run_sequences(model_path: Path, method: str, args) -> tuple[dict, object]:
     """The run's data tokenized by llama.cpp's vocabulary (no weights loaded): (token sequences by split, task)."""
@@ -606,7 +835,7 @@ def cmd_memory(args) -> tuple[dict, str]:
     from .memory import load_device_profile
 
     method = "bp-ckpt" if args.method == "bp" and args.gradient_checkpointing else args.method
-    model_path = store.resolve_model(args.model, args.quant, log=say)
+    model_path = resolve_base(args)
     prediction, seq_len = predict_run(model_path, method, args)
     result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": method,
               "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
@@ -647,7 +876,7 @@ def cmd_doctor(args) -> tuple[dict, str]:
 
     result = environment(store.home(), args.threads)
     if args.probe:
-        model_path = store.resolve_model(args.model, args.quant, log=say)
+        model_path = resolve_base(args)
         say(f"probing a decode of {model_path.name} in a child process ...")
         result["probe"] = {"model": str(model_path), **probe_in_child(model_path, args.threads)}
     return result, format_doctor(result)
@@ -686,7 +915,8 @@ def cmd_demo(args) -> tuple[dict, str]:
     Runs exactly the documented commands; an earlier demo run in --out is resumed (a finished one is reused).
     """
     parser = build_parser()
-    common = ["--model", args.model, "--quant", args.quant, "--threads", str(args.threads)]
+    resolve_base(args)  # fetch / requantize once, and name what the three steps run on
+    common = ["--model", args.model, "--quant", args.quant or "none", "--threads", str(args.threads)]
     say("== 1/3 zero-shot accuracy on the test split")
     zero, text = cmd_eval(parser.parse_args(["eval", *common, "--data", DEFAULT_DATA, "--split", "test"]))
     say(text)
@@ -710,28 +940,56 @@ def cmd_demo(args) -> tuple[dict, str]:
 
 
 # ---- parser ------------------------------------------------------------------------------------------------------
-def add_run_args(p: argparse.ArgumentParser) -> None:
+def add_run_args(p: argparse.ArgumentParser) -> dict:
     """Arguments every training command shares (finetune and the torch references): model, data, LoRA, steps,
-    schedule, seed, validation, run directory and memory budget."""
+    schedule, seed, validation, run directory and memory budget. Returns the --help groups by name, for the
+    command's own flags. Aliases are mlx-lm's names where the meaning is the same (--iters, --adapter-path,
+    --steps-per-eval, --max-seq-length)."""
     add_model_args(p)
     add_data_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
-    p.add_argument("--steps", type=int, default=t.steps, help="[%(default)s]")
-    p.add_argument("--weight-decay", type=float, default=m.weight_decay, help="[%(default)s]")
-    p.add_argument("--schedule", choices=[s.value for s in Schedule], default=m.schedule.value, help="[%(default)s]")
-    p.add_argument("--warmup-steps", type=int, default=m.warmup_steps, help="[%(default)s]")
-    p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
-    p.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
-    p.add_argument("--num-layers", type=int, help="LoRA on the last N blocks only (as mlx-lm) [all]")
-    p.add_argument("--layers", help="LoRA on blocks START:STOP only (Python slice, e.g. 24:30 or -6:) [all]")
-    p.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
-    p.add_argument("--eval-every", type=int, default=t.eval_every, help="validate every N steps, 0: only at the end [%(default)s]")
-    p.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
-    p.add_argument("--out", default="runs/latest", help="run directory [%(default)s]")
-    p.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
+    groups = {name: p.add_argument_group(name) for name in ("LoRA", "optimizer", "training loop", "run directory",
+                                                            "memory budget")}
+    g = groups["LoRA"]
+    g.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")
+    g.add_argument("--alpha", type=float, default=lo.alpha, help="[%(default)s]")
+    g.add_argument("--targets", default=",".join(DEFAULT_TARGETS), help="LoRA target tensors [%(default)s]")
+    g.add_argument("--num-layers", type=int, help="LoRA on the last N blocks only (as mlx-lm) [all]")
+    g.add_argument("--layers", help="LoRA on blocks START:STOP only (Python slice, e.g. 24:30 or -6:) [all]")
+    g = groups["optimizer"]
+    g.add_argument("--weight-decay", type=float, default=m.weight_decay, help="[%(default)s]")
+    g.add_argument("--schedule", choices=[s.value for s in Schedule], default=m.schedule.value, help="[%(default)s]")
+    g.add_argument("--warmup-steps", type=int, default=m.warmup_steps, help="[%(default)s]")
+    g = groups["training loop"]
+    g.add_argument("--steps", "--iters", type=int, default=t.steps, help="[%(default)s]")
+    g.add_argument("--seed", type=int, default=t.seed, help="[%(default)s]")
+    g.add_argument("--eval-every", "--steps-per-eval", type=int, default=t.eval_every,
+                   help="validate every N steps, 0: only at the end [%(default)s]")
+    g.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
+    g = groups["run directory"]
+    g.add_argument("--out", "--adapter-path", default="runs/latest", help="run directory [%(default)s]")
+    g = groups["memory budget"]
+    g.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
                    "exceeds it, stop with a checkpoint if the measured RSS does")
-    p.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
+    g.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
+    return groups
+
+
+def add_generation_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
+    """generate / chat: the base and adapter, and llama.cpp's sampler chain (mlx-lm's names as aliases)."""
+    add_model_args(p)
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--system-prompt", "--system", help="a system message first (chat template)")
+    p.add_argument("--max-tokens", "-m", type=int, default=max_tokens, help="tokens per reply [%(default)s]")
+    p.add_argument("--ctx", type=int, default=2048, help="context in tokens: prompt (or conversation) plus reply "
+                   "[%(default)s]")
+    g = p.add_argument_group("sampling (llama.cpp's sampler chain, in this order)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty on the last 64 tokens, 1: off [%(default)s]")
+    g.add_argument("--top-k", type=int, default=0, help="0: off [%(default)s]")
+    g.add_argument("--top-p", type=float, default=1.0, help="1: off [%(default)s]")
+    g.add_argument("--min-p", type=float, default=0.0, help="0: off [%(default)s]")
+    g.add_argument("--temperature", "--temp", type=float, default=0.0, help="0: greedy [%(default)s]")
+    g.add_argument("--seed", type=int, default=0, help="of the final draw [%(default)s]")
 
 
 LR_HELP = ("MeZO learning rate [the built-in model's tuned rate: "
@@ -749,60 +1007,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
-    add_run_args(p)
+    groups = add_run_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
-    p.add_argument("--learning-rate", type=float, help=LR_HELP)
-    p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
-    p.add_argument("--estimator", choices=[e.value for e in Estimator], default=m.estimator.value,
-                   help="mezo: two-sided Gaussian SPSA; fzoo: one-sided Rademacher around the unperturbed loss, step "
-                   "normalised by the losses' std (arXiv 2506.09034) [%(default)s]")
-    p.add_argument("--n-directions", type=int,
-                   help=f"random directions per step [mezo {m.n_directions}, fzoo {FZOO_DEFAULT_DIRECTIONS}]")
-    p.add_argument("--lora-fa", action="store_true", help="LoRA-FA: train B only, A stays at its random init")
-    p.add_argument("--save-every", type=int, default=t.save_every, help="checkpoint every N steps [%(default)s]")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--workers", type=int, default=1,
+    groups["optimizer"].add_argument("--learning-rate", type=float, help=LR_HELP)
+    groups["optimizer"].add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
+    groups["optimizer"].add_argument(
+        "--estimator", choices=[e.value for e in Estimator], default=m.estimator.value,
+        help="mezo: two-sided Gaussian SPSA; fzoo: one-sided Rademacher around the unperturbed loss, step "
+        "normalised by the losses' std (arXiv 2506.09034) [%(default)s]")
+    groups["optimizer"].add_argument("--n-directions", type=int,
+                                     help=f"random directions per step [mezo {m.n_directions}, fzoo {FZOO_DEFAULT_DIRECTIONS}]")
+    groups["LoRA"].add_argument("--lora-fa", action="store_true", help="LoRA-FA: train B only, A stays at its random init")
+    groups["run directory"].add_argument("--save-every", type=int, default=t.save_every,
+                                         help="checkpoint every N steps [%(default)s]")
+    groups["run directory"].add_argument("--resume", action="store_true",
+                                         help="continue the run in --out from its last checkpoint")
+    groups["run directory"].add_argument("--report-to", choices=["tensorboard", "wandb"],
+                                         help="also log losses and accuracy to TensorBoard (RUN/tensorboard; "
+                                         "tensorboard extra) or Weights & Biases (wandb installed) [off]")
+    groups["run directory"].add_argument("--project-name", help="wandb project [edgezo]")
+    g = p.add_argument_group("distributed")
+    g.add_argument("--workers", type=int, default=1,
                    help="local processes training one adapter together (torch.distributed, gloo); under torchrun "
                    "leave it out [%(default)s]")
-    p.add_argument("--parallel", choices=["data", "direction"], default="data",
+    g.add_argument("--parallel", choices=["data", "direction"], default="data",
                    help="data: shard each step's batch; direction: each worker its own direction(s) [%(default)s]")
-    p.add_argument("--peer-timeout", type=float, default=30.0,
+    g.add_argument("--peer-timeout", type=float, default=30.0,
                    help="seconds a worker waits for the others at an exchange before it stops with a checkpoint "
                    "(a dead worker is noticed at once) [%(default)s]")
-    p.set_defaults(func=cmd_finetune)
+    p.set_defaults(func=cmd_finetune, data=None)  # no --data: the run's own with --resume, else DEFAULT_DATA
 
     for method, help_text in (("bp", "the PyTorch BP reference: AdamW on the same LoRA, data and loss (torch extra)"),
                               ("mezo", "the torch MeZO baseline: MeZO on the same LoRA's torch tensors (torch extra)")):
         p = sub.add_parser(f"reference-{method}", help=help_text)
-        add_run_args(p)
+        g = add_run_args(p)["optimizer"]
         if method == "bp":
-            p.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW [%(default)s]")
-            p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+            g.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW [%(default)s]")
+            g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                            help="base weights; the LoRA stays float32 [%(default)s]")
-            p.add_argument("--gradient-checkpointing", action="store_true",
+            g.add_argument("--gradient-checkpointing", "--grad-checkpoint", action="store_true",
                            help="recompute activations in backward instead of storing them")
         else:
-            p.add_argument("--learning-rate", type=float, help=LR_HELP)
-            p.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
+            g.add_argument("--learning-rate", type=float, help=LR_HELP)
+            g.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
         p.set_defaults(func=cmd_reference, method=method, dtype="float32", gradient_checkpointing=False, eps=m.eps)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)
     add_data_args(p, with_defaults=False)
-    p.add_argument("--adapter", help="adapter GGUF or run directory (none: zero-shot)")
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best (none: zero-shot)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="[%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with the base model and an optional adapter")
-    add_model_args(p)
-    p.add_argument("--adapter", help="adapter GGUF or run directory")
+    add_generation_args(p)
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--no-escape", dest="escape", action="store_false", help="take \\n in the prompt literally")
-    p.add_argument("--max-tokens", type=int, default=64, help="[%(default)s]")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy [%(default)s]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="send the prompt as one user turn through the model's own "
+                   "chat template (with --system-prompt)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat with the model's own chat template, streamed")
+    add_generation_args(p, max_tokens=256)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with the adapter applied (serve extra)")
+    add_model_args(p)
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--host", default="127.0.0.1", help="listen address; 0.0.0.0 exposes it to the network [%(default)s]")
+    p.add_argument("--port", type=int, default=8000, help="[%(default)s]")
+    p.add_argument("--ctx", type=int, default=2048, help="context in tokens per request [%(default)s]")
+    p.add_argument("--name", help="model name in /v1/models and requests [the run directory's name, else the model's]")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("memory", help="predict the peak RSS of a run (edgezo.memory), optionally against a device")
     add_run_args(p)  # the finetune / reference-bp arguments: the prediction is for exactly that run
@@ -845,14 +1122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("export", help="write the adapter in another format")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="the base model the adapter was trained on [%(default)s]")
-    p.add_argument("--adapter", required=True, help="adapter GGUF or run directory")
+    add_model_args(p)
+    p.add_argument("--adapter", "--adapter-path", required=True, help="adapter GGUF, run directory or RUN:best")
     p.add_argument("--to", choices=["gguf-lora", "peft", "merged-gguf"], default="gguf-lora",
                    help="GGUF LoRA (llama.cpp --lora), PEFT directory, or the base with the adapter folded in [%(default)s]")
     p.add_argument("--outtype", default="q8_0", help="merged-gguf tensor type (f32, f16, q8_0, q4_0, ...) [%(default)s]")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("plot", help="training and validation curves of runs, overlaid (plot extra: matplotlib)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (finetune, reference-bp, reference-mezo)")
+    p.add_argument("-o", "--output", default="curves.png", help="image file; .png, .svg or .pdf [%(default)s]")
+    p.add_argument("--title", help="figure title")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("convert", help="format bridges: Hugging Face <-> GGUF, PEFT <-> GGUF LoRA (torch extra)")
     p.add_argument("direction", choices=["hf-to-gguf", "gguf-to-hf", "peft-to-gguf", "gguf-to-peft"])
@@ -865,8 +1148,69 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_flags(parser: argparse.ArgumentParser, path: str) -> list[str]:
+    """The flags a config file stands for, for this command's parser (placed before the user's own flags, which
+    therefore win). Keys are long flag names or their aliases, with _ or -; an unknown key is an error naming it,
+    except in a run's own config.json (it has model_path), whose fields other commands lack are skipped: `eval -c
+    runs/a/config.json` takes the run's model, data and prompt and leaves out its steps."""
+    from .config_file import flag_name, flatten_config, read_config_file
+
+    actions = parser._option_string_actions  # argparse's own option table: aliases included
+    data = read_config_file(path)
+    flags, unknown = [], []
+    for key, value in flatten_config(data).items():
+        flag = f"--{flag_name(key)}"
+        action = actions.get(flag)
+        if action is None or action.dest in ("config", "help"):
+            unknown.append(key)
+        elif value is None:
+            continue
+        elif action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):  # switches
+            if not isinstance(value, bool):
+                raise EdgezoError(f"{path}: {key} is a switch, expected true or false, got {value!r}")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                flags.append(flag if value else f"--no-{flag[2:]}")
+            elif value:
+                flags.append(flag)
+        else:
+            flags.append(f"{flag}={value}")  # one token: a value starting with '-' stays a value
+    if unknown and "model_path" in data:
+        say(f"{path}: not flags of `edgezo {parser.prog.split()[-1]}`, skipped: {', '.join(unknown)}")
+    elif unknown:
+        raise EdgezoError(f"{path}: unknown key(s) {', '.join(unknown)} for `edgezo {parser.prog.split()[-1]}`; "
+                          f"keys are its long flag names (see --help), e.g. learning_rate")
+    return flags
+
+
+def expand_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """argv with `-c FILE` / `--config FILE` replaced by the file's flags, right after the command name."""
+    if not argv or argv[0].startswith("-"):
+        return argv
+    command, rest = argv[0], argv[1:]
+    for i, token in enumerate(rest):
+        if token in ("-c", "--config") and i + 1 < len(rest):
+            path, rest = rest[i + 1], rest[:i] + rest[i + 2:]
+        elif token.startswith("--config="):
+            path, rest = token.split("=", 1)[1], rest[:i] + rest[i + 1:]
+        else:
+            continue
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices.get(command)
+        if sub is None or "--config" not in sub._option_string_actions:
+            return argv  # argparse reports the unknown command or flag
+        return [command, *config_flags(sub, path), *rest]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv and not argv[0].startswith("-") else "edgezo"
+    try:
+        argv = expand_config(parser, argv)
+    except EdgezoError as exc:
+        say(f"edgezo {command}: error: {exc}")
+        return 1
+    args = parser.parse_args(argv)
     library_log = logging.getLogger("edgezo")  # the library's notices (edgezo.engine): one line each on stderr
     if not library_log.handlers:
         library_log.addHandler(SayHandler())

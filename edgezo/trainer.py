@@ -9,6 +9,7 @@ A run directory holds
                        the previous checkpoint is removed, so a kill at any instant leaves a consistent pair
     state.json         {step, checkpoint, sha256}: the last consistent checkpoint
     adapter.gguf       the final adapter (GGUF LoRA, loadable by llama.cpp --lora)
+    adapter.best.gguf  the adapter at the evaluation with the lowest validation loss so far (with a validation split)
 Direction seeds and batch order are pure functions of (seed, step), so the checkpoint needs no RNG state.
 """
 
@@ -63,6 +64,8 @@ class TrainResult:
     valid: Totals | None
     train_seconds: float  # cumulative wall-clock of training steps over the whole run (resumes included, evaluations excluded)
     peak_rss_bytes: int
+    best: dict | None = None  # the evaluation event {step, valid_loss, valid_accuracy, ...} adapter.best.gguf comes from
+    best_adapter_path: Path | None = None
 
 
 class RunDir:
@@ -72,6 +75,7 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.state = self.path / "state.json"
         self.adapter = self.path / "adapter.gguf"
+        self.best = self.path / "adapter.best.gguf"
 
     def create(self) -> None:
         try:
@@ -109,6 +113,18 @@ class RunDir:
         if not path.exists() or sha256_file(path) != state["sha256"]:
             raise EdgezoError(f"{path}: checkpoint missing or does not match {self.state.name} (corrupted)")
         return LoraAdapter.load(path, base_info), state["step"]
+
+    def save_best(self, adapter: LoraAdapter) -> None:
+        adapter.save(self.best)
+
+    def best_eval(self, up_to_step: int) -> dict | None:
+        """The logged evaluation with the lowest validation loss at or before `up_to_step` (the first on a tie), if
+        adapter.best.gguf holds it; None for a new run or one from before best adapters were kept."""
+        if not self.metrics.exists() or not self.best.exists():
+            return None
+        evals = [e for e in map(json.loads, filter(None, self.metrics.read_text().splitlines()))
+                 if "valid_loss" in e and e["step"] <= up_to_step]
+        return min(evals, key=lambda e: e["valid_loss"], default=None)
 
     def train_seconds_at(self, step: int) -> float:
         """Cumulative training seconds logged up to `step` (0.0 for a new run), so a resumed run's clock continues."""
@@ -170,16 +186,23 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     theta = trainable_tensors(adapter, config.freeze_lora_a)  # the same arrays: updates land in adapter.tensors
     recent_losses: list[float] = []
     valid = None
+    best = run.best_eval(start_step)
     train_seconds = run.train_seconds_at(start_step)
     with open(run.metrics, "a") as log, stop_requests() as stop:
 
         def validate(step: int) -> Totals:
+            nonlocal best
             engine.update_adapter(adapter.tensors)
             callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
             totals = evaluate_fn(engine, valid_set, task, config.batch_size,
                                  on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
             event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
                      "n_valid": totals.n_examples, "train_seconds": train_seconds}
+            # Best by validation loss, not accuracy: defined for every data format, and 500 examples tie often
+            # on accuracy. Saved before the log line, so a logged best always has its file.
+            if best is None or totals.loss < best["valid_loss"]:
+                run.save_best(adapter)
+                best = event
             log.write(json.dumps(event) + "\n")
             log.flush()
             callback({"kind": "eval", **event})
@@ -235,4 +258,5 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     adapter.save(run.adapter)
     return TrainResult(adapter_path=run.adapter, steps=config.steps,
                        final_loss=float(sum(recent_losses) / len(recent_losses)) if recent_losses else math.nan,
-                       valid=valid, train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes())
+                       valid=valid, train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes(),
+                       best=best, best_adapter_path=run.best if best is not None else None)

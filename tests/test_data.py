@@ -56,15 +56,33 @@ def test_completion_loss_covers_only_the_completion(tmp_path):
     assert ex.target_start == 3  # loss on c, d
 
 
-def test_chat_loss_covers_the_last_message(tmp_path):
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+def test_chat_loss_covers_every_assistant_turn(tmp_path):
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": "ok"}]
     path = write_jsonl(tmp_path / "train.jsonl", [{"messages": msgs}])
     records = read_jsonl(path)
     task = build_task(records, path, TOK, None, None)
     (ex,) = build_examples(records, path, task, TOK, max_tokens=64)
-    prompt = TOK.apply_chat_template(msgs[:1], True)
-    assert ex.target_start == 1 + len(prompt)
-    assert "".join(map(chr, ex.tokens[ex.target_start:])) == "yo</>"
+    assert "".join(map(chr, ex.tokens)) == TOK.apply_chat_template(msgs, False)  # the template adds BOS, not us
+    assert ["".join(map(chr, ex.tokens[s:e])) for s, e in ex.target_spans] == ["yo</>", "ok</>"]
+    assert ex.target_start == len(TOK.apply_chat_template(msgs[:1], True))
+    # --no-mask-prompt (mlx-lm's default): every token after the first
+    (whole,) = build_examples(records, path, build_task(records, path, TOK, None, None, mask_prompt=False), TOK, 64)
+    assert whole.target_indices == list(range(1, len(whole.tokens)))
+
+
+def test_chat_without_an_assistant_turn_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    records = read_jsonl(path)
+    with pytest.raises(EdgezoError, match="train.jsonl:1: no assistant message"):
+        build_examples(records, path, build_task(records, path, TOK, None, None), TOK, max_tokens=64)
+
+
+def test_completion_without_prompt_mask_covers_every_token(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "ab", "completion": "cd"}])
+    records = read_jsonl(path)
+    (ex,) = build_examples(records, path, build_task(records, path, TOK, None, None, mask_prompt=False), TOK, 64)
+    assert ex.target_start == 1 and ex.target_indices == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("lines, message", [

@@ -64,7 +64,8 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tiny_llama(path: str | Path, config: TinyLlama = TinyLlama(), seed: int = 0) -> Path:
+def write_tiny_llama(path: str | Path, config: TinyLlama = TinyLlama(), seed: int = 0,
+                     chat_template: str = CHAT_TEMPLATE) -> Path:
     from gguf import GGUFWriter, TokenType
 
     path = Path(path)
@@ -99,7 +100,7 @@ def write_tiny_llama(path: str | Path, config: TinyLlama = TinyLlama(), seed: in
     writer.add_bos_token_id(n_vocab - 3)
     writer.add_eos_token_id(n_vocab - 1)
     writer.add_add_bos_token(False)
-    writer.add_chat_template(CHAT_TEMPLATE)
+    writer.add_chat_template(chat_template)
 
     writer.add_tensor("token_embd.weight", w(n_vocab, config.n_embd))
     writer.add_tensor("output_norm.weight", np.ones(config.n_embd, dtype=np.float32))

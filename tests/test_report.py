@@ -1,0 +1,31 @@
+"""--report-to (issue 16, item 3): TensorBoard scalars are the run's own metrics; a missing tracker is a clear error."""
+
+import importlib.util
+import json
+
+import pytest
+
+from edgezo.cli import main
+from test_cli import finetune_args, run_json
+
+
+def test_tensorboard_gets_the_runs_losses_and_accuracy(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    pytest.importorskip("tensorboardX")
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    run = tmp_path / "run"
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, run, 4, "--report-to", "tensorboard"))
+    events = accumulator.EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [(s.step, s.value) for s in events.Scalars("train/loss")]
+    assert [step for step, _ in losses] == [e["step"] for e in log if "loss" in e]
+    assert [v for _, v in losses] == pytest.approx([e["loss"] for e in log if "loss" in e], rel=1e-6)
+    accuracy = [(s.step, s.value) for s in events.Scalars("valid/accuracy")]
+    assert accuracy == [(e["step"], pytest.approx(e["valid_accuracy"])) for e in log if "valid_loss" in e]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
+def test_asking_for_a_tracker_that_is_not_installed_is_a_clear_error(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2, "--report-to", "wandb")) == 1
+    err = capsys.readouterr().err
+    assert "--report-to wandb needs wandb" in err and "Traceback" not in err

@@ -25,11 +25,13 @@ install-torch: install-llama-cpp  # the torch extra (conversion from HF, PEFT, B
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev,torch]"
 
+test: install-torch  # plus the serve extra, so tests/test_serve.py runs (it skips without it)
+	$(PIP) install -e ".[dev,torch,serve]"
+	$(PYTHON) -m pytest -q
+
 demo: install
 	$(PYTHON) -m edgezo.cli demo
 
-test: install-torch
-	$(PYTHON) -m pytest -q
 
 bench: install-torch  # every measurement the README and docs/ quote (~3 h on 2 idle cores), then their tables
 	$(PIP) install -e ".[dev,torch,bench]"

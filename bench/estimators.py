@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+from time_to_accuracy import read_curve  # noqa: E402
 
 NAME, TITLE = "estimators", "Fast MeZO levers: accuracy against steps and training time, torch BP alongside"
 THRESHOLDS = (0.80, 0.82, 0.84, 0.86)
@@ -36,12 +37,6 @@ CONFIGS = {
     "fzoo-fa-top6": ("finetune", 40, 4, ["--estimator", "fzoo", "--lora-fa", "--num-layers", "6", "--learning-rate", "1e-2"]),
     "bp": ("reference-bp", 30, 5, []),
 }
-
-
-def curve(run_dir: Path) -> list[dict]:
-    """The run's evaluation lines (step, train_seconds, valid_accuracy, valid_loss) from metrics.jsonl."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: e[k] for k in ("step", "train_seconds", "valid_accuracy", "valid_loss")} for e in lines if "valid_accuracy" in e]
 
 
 def first_reaching(points: list[dict], threshold: float) -> dict | None:
@@ -64,7 +59,7 @@ def run_config(name: str, work: Path, threads: int) -> dict:
         if command == "finetune" and (out / "state.json").exists():
             argv.append("--resume")
         common.run_json([sys.executable, *argv], name, timeout=4 * 3600)
-    points = curve(out)
+    points = read_curve(out)
     return {"name": name, "command": f"edgezo {command} " + " ".join(extra), "steps": steps, "eval_every": every,
             "points": points, "reused": finished}
 

@@ -135,13 +135,23 @@ def resolve_base(args, saved: dict | None = None, log=say) -> Path:
     return store.resolve_model(args.model, args.quant, log=log)
 
 
-def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int):
+def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int,
+                split_for: LoraConfig | None = None, log=say):
     """(engine, base model info). The info is read first: gguf's reader holds ~160 MB of Python objects for
-    SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later."""
-    from .engine import Engine, EngineConfig  # imported late: `edgezo fetch --help` should not load llama.cpp
+    SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later.
+    With `split_for` (an adapter config whose blocks end at the top), evaluations run only those blocks."""
+    from .engine import Engine, EngineConfig, SplitEngine  # imported late: `edgezo fetch --help` should not load llama.cpp
+    from .split import SUPPORTED_ARCHITECTURES, split_point, suffix_gguf
 
     base = read_base_model_info(model_path)
-    return Engine(model_path, EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads)), base
+    config = EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads)
+    first = split_point(base.n_layers, split_for.blocks(base.n_layers)) if split_for else 0
+    if first and base.architecture in SUPPORTED_ARCHITECTURES:
+        log(f"prefix reuse: blocks 0-{first - 1} run once per batch, blocks {first}-{base.n_layers - 1} per evaluation")
+        return SplitEngine(model_path, suffix_gguf(model_path, first, log), first, config), base
+    if first:
+        log(f"prefix reuse is not checked for {base.architecture} models: every evaluation runs all blocks")
+    return Engine(model_path, config), base
 
 
 def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved: dict | None = None,
@@ -264,7 +274,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
     if budget_bytes:
         refuse_over_budget(model_path, "mezo", args, budget_bytes)
     engine_batch = group.engine_batch_size(args.batch_size) if group else args.batch_size
-    engine, base = open_engine(model_path, engine_batch, args.max_seq_len, args.threads)
+    engine, base = open_engine(model_path, engine_batch, args.max_seq_len, args.threads,
+                               split_for=lora if args.prefix_reuse == "auto" else None, log=log)
     task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"], optional={"valid"})
     if "valid" not in examples:
         log("no validation split: training without periodic evaluation")
@@ -1018,6 +1029,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups["optimizer"].add_argument("--n-directions", type=int,
                                      help=f"random directions per step [mezo {m.n_directions}, fzoo {FZOO_DEFAULT_DIRECTIONS}]")
     groups["LoRA"].add_argument("--lora-fa", action="store_true", help="LoRA-FA: train B only, A stays at its random init")
+    groups["LoRA"].add_argument("--prefix-reuse", choices=["auto", "off"], default="auto",
+                                help="auto: when LoRA sits on the top blocks only (--num-layers), run the blocks "
+                                "below once per batch and only the trained ones per evaluation (same logits) [%(default)s]")
     groups["run directory"].add_argument("--save-every", type=int, default=t.save_every,
                                          help="checkpoint every N steps [%(default)s]")
     groups["run directory"].add_argument("--resume", action="store_true",

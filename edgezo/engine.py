@@ -92,6 +92,8 @@ GGML_TYPE_F32 = 0
 _libggml_base = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
 _libggml_base.ggml_backend_tensor_set.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
 _libggml_base.ggml_backend_tensor_set.restype = None
+_libggml_base.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+_libggml_base.ggml_backend_tensor_get.restype = None
 _libggml_base.ggml_nbytes.argtypes = [ctypes.c_void_p]
 _libggml_base.ggml_nbytes.restype = ctypes.c_size_t
 _libggml_base.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
@@ -165,6 +167,10 @@ def _notice_once(message: str) -> None:
         _notices_given.add(message)
         log.warning(message)
 
+
+
+# Hidden states of repeated batches kept by SplitEngine: 500 movie reviews at block 24 of SmolLM2 take ~45 MB.
+DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -290,15 +296,23 @@ class Vocabulary:
 class Engine(Vocabulary):
     """A base GGUF (memory-mapped) plus one context sized for `config`, with an optional trainable LoRA adapter."""
 
-    def __init__(self, model_path: str | os.PathLike, config: EngineConfig = EngineConfig()):
+    def __init__(self, model_path: str | os.PathLike, config: EngineConfig = EngineConfig(),
+                 capture_block: int | None = None):
+        """With `capture_block` a, `block_inputs` can return the hidden states entering block a (see SplitEngine)."""
         self._adapter_ptr = None
         self._adapter_tensors: dict[str, int] = {}  # adapter tensor name -> struct ggml_tensor address
         self._adapter_file: Path | None = None
         super().__init__(model_path, vocab_only=False)
         self.config = config
         self.n_threads = config.n_threads or os.cpu_count() or 1
-        self.ctx = self._new_context(config)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.capture_block = capture_block
+        self._captured: list[np.ndarray] | None = None  # micro-batch hidden states while block_inputs runs
+        self._capture_error: str | None = None
+        self._capture_cb = self._capture_callback(capture_block) if capture_block else None
+        self.ctx = self._new_context(config, cb_eval=self._capture_cb)
         self._batch = llama_cpp.llama_batch_init(config.n_ctx, 0, 1)
+        self._embd_batch = None  # allocated on first use: n_ctx x n_embd floats
 
     # ---- context -------------------------------------------------------------------------------------------
     def _new_context(self, config: EngineConfig, cb_eval=None):
@@ -323,6 +337,8 @@ class Engine(Vocabulary):
     def close(self) -> None:
         if getattr(self, "ctx", None):
             llama_cpp.llama_batch_free(self._batch)
+            if self._embd_batch is not None:
+                llama_cpp.llama_batch_free(self._embd_batch)
             llama_cpp.llama_free(self.ctx)
             self.ctx = None
         if self._adapter_ptr:
@@ -334,29 +350,101 @@ class Engine(Vocabulary):
 
     # ---- scoring -------------------------------------------------------------------------------------------
     def logits(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-               columns: Sequence[int] | None = None) -> np.ndarray:
+               columns: Sequence[int] | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
         """Logits at `positions[i]` of each sequence i, stacked in order: float32 [sum(len(p)), n_vocab or len(columns)].
 
         All sequences go through one llama_decode (llama.cpp splits it into micro-batches of n_ubatch tokens).
+        With `embeddings` (float32 [n_tokens, n_embd], sequence after sequence) the model reads those vectors
+        instead of embedding the tokens: `sequences` then only give the lengths.
         """
+        flags = self._decode(sequences, positions, embeddings)
+        n_out = int(flags.sum())
+        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
+        return out[:, list(columns)].copy() if columns is not None else out.copy()
+
+    def block_inputs(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """The hidden states entering block `capture_block`, float32 [n_tokens, n_embd] sequence after sequence.
+
+        One decode whose graph stops, in each micro-batch, right after the node llama.cpp names l_out-(a-1): the
+        blocks from a on are never computed. The callback sees micro-batches in llama.cpp's token order, which
+        split.ubatch_layout mirrors; its row counts are checked against that layout."""
+        from .split import ubatch_layout
+
+        if not self.capture_block:
+            raise EdgezoError("block_inputs needs an engine opened with capture_block")
+        self._captured, self._capture_error = [], None
+        try:
+            self._decode(sequences, [[len(s) - 1] for s in sequences], None)
+            captured = self._captured
+        finally:
+            self._captured = None
+        if self._capture_error:
+            raise EdgezoError(self._capture_error)
+        lengths = [len(s) for s in sequences]
+        layout = ubatch_layout(lengths, min(self.config.n_ubatch, self.config.n_ctx), self.config.n_seq_max)
+        if [sum(c.count for c in ub) for ub in layout] != [len(rows) for rows in captured]:
+            raise EdgezoError(f"llama.cpp cut the decode into micro-batches of {[len(r) for r in captured]} tokens, "
+                              f"edgezo expected {[sum(c.count for c in ub) for ub in layout]}: this llama.cpp "
+                              f"orders tokens differently; train without --prefix-reuse")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        hidden = np.empty((int(offsets[-1]), self.n_embd), dtype=np.float32)
+        for chunks, rows in zip(layout, captured):
+            row = 0
+            for c in chunks:
+                hidden[offsets[c.seq] + c.start : offsets[c.seq] + c.start + c.count] = rows[row : row + c.count]
+                row += c.count
+        return hidden
+
+    def _capture_callback(self, block: int):
+        target = f"l_out-{block - 1}".encode()
+
+        @llama_cpp.ggml_backend_sched_eval_callback
+        def callback(t, ask, user_data):
+            if self._captured is None:
+                return False  # not capturing: the graph runs in one piece
+            node = GgmlTensor.from_address(t)
+            if node.name != target:
+                return False
+            if ask:
+                return True
+            width, rows = node.ne[0], node.ne[1]
+            if node.type != GGML_TYPE_F32 or node.nb[1] != width * 4 or width != self.n_embd:
+                self._capture_error = f"{target.decode()} is not a contiguous F32 [n_embd, n_tokens] tensor here"
+                return False
+            out = np.empty((rows, width), dtype=np.float32)
+            _libggml_base.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
+            self._captured.append(out)
+            return False  # stop this micro-batch's graph: the blocks after it are not needed
+
+        return callback
+
+    def _decode(self, sequences, positions, embeddings: np.ndarray | None) -> np.ndarray:
+        """One llama_decode of all sequences (KV cache cleared first); returns the output flags per token."""
         n_seq = len(sequences)
-        n_tokens = sum(len(s) for s in sequences)
+        lengths = [len(s) for s in sequences]
+        n_tokens = sum(lengths)
         if n_seq > self.config.n_seq_max:
             raise EdgezoError(f"{n_seq} sequences in one evaluation, the context holds {self.config.n_seq_max}")
-        longest = max(len(s) for s in sequences)
+        longest = max(lengths)
         if longest > self.config.n_ctx_per_seq:
             raise EdgezoError(f"a sequence of {longest} tokens exceeds the context of {self.config.n_ctx_per_seq} per sequence")
-        b = self._batch
-        token = np.ctypeslib.as_array(b.token, shape=(n_tokens,))
+        if embeddings is None:
+            b = self._batch
+            np.ctypeslib.as_array(b.token, shape=(n_tokens,))[:] = np.concatenate([np.asarray(s) for s in sequences])
+        else:
+            if embeddings.shape != (n_tokens, self.n_embd):
+                raise EdgezoError(f"embeddings of shape {embeddings.shape}, expected {(n_tokens, self.n_embd)}")
+            if self._embd_batch is None:
+                self._embd_batch = llama_cpp.llama_batch_init(self.config.n_ctx, self.n_embd, 1)
+            b = self._embd_batch
+            np.ctypeslib.as_array(b.embd, shape=(n_tokens * self.n_embd,))[:] = embeddings.reshape(-1)
         pos = np.ctypeslib.as_array(b.pos, shape=(n_tokens,))
         n_seq_id = np.ctypeslib.as_array(b.n_seq_id, shape=(n_tokens,))
         flags = np.ctypeslib.as_array(b.logits, shape=(n_tokens,))
         flags[:] = 0
         n_seq_id[:] = 1
         i = 0
-        for seq, (tokens, want) in enumerate(zip(sequences, positions)):
-            n = len(tokens)
-            token[i : i + n] = tokens
+        for seq, (n, want) in enumerate(zip(lengths, positions)):
             pos[i : i + n] = np.arange(n)
             for j in range(i, i + n):
                 b.seq_id[j][0] = seq
@@ -367,9 +455,7 @@ class Engine(Vocabulary):
         rc = llama_cpp.llama_decode(self.ctx, b)
         if rc != 0:
             raise _llama_error(f"llama_decode failed with code {rc} ({n_seq} sequences, {n_tokens} tokens)")
-        n_out = int(flags.sum())
-        out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
-        return out[:, list(columns)].copy() if columns is not None else out.copy()
+        return flags
 
     def generate(self, prompt: Sequence[int], max_tokens: int, temperature: float = 0.0, seed: int = 0,
                  sampling: Sampling | None = None):
@@ -498,6 +584,95 @@ class Engine(Vocabulary):
             if value.nbytes != nbytes:
                 raise EdgezoError(f"{name}: {value.nbytes} bytes given, the adapter tensor holds {nbytes}")
             _libggml_base.ggml_backend_tensor_set(address, value.ctypes.data, 0, nbytes)
+
+
+class SplitEngine(Engine):
+    """An Engine for an adapter on blocks [a, L) that runs only those blocks per evaluation.
+
+    The base (this Engine, opened with capture_block=a) embeds each batch and runs blocks [0, a) once; the
+    hidden states entering block a are kept for the last batch seen, so every perturbed evaluation of a MeZO
+    step on that batch runs only the suffix GGUF (blocks [a, L), norm, head), which holds the adapter under its
+    renumbered block names. A batch seen a second time (the validation batches, from the second validation on)
+    keeps its hidden states in memory, up to `cache_bytes`. Hidden states are only reused for the identical
+    batch (llama.cpp's CPU kernels depend slightly on batch composition), so the logits are always exactly the
+    full model's. Scoring and the adapter calls behave as the full model's; generation is not split.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, suffix_path: str | os.PathLike, first_block: int,
+                 config: EngineConfig = EngineConfig(), cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+        super().__init__(model_path, config, capture_block=first_block)
+        self.suffix = Engine(suffix_path, config)
+        self.first_block = first_block
+        self.cache_bytes = cache_bytes
+        self._last: tuple[tuple, np.ndarray] | None = None  # (batch, hidden states) of the latest prefix pass
+        self._seen: set[int] = set()  # hashes of batches run once: a second sighting puts them in the cache
+        self._cache: dict[tuple, np.ndarray] = {}
+        self.prefix_passes = 0  # how many times blocks [0, a) ran (tests and benchmarks read it)
+
+    def close(self) -> None:
+        if getattr(self, "suffix", None) is not None:
+            self.suffix.close()
+            self.suffix = None
+        super().close()
+
+    def logits(self, sequences, positions, columns=None, embeddings=None) -> np.ndarray:
+        if embeddings is not None:
+            raise EdgezoError("SplitEngine computes its own block inputs")
+        return self.suffix.logits(sequences, positions, columns, embeddings=self._hidden(sequences))
+
+    def _hidden(self, sequences) -> np.ndarray:
+        key = tuple(tuple(s) for s in sequences)
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        hidden = self._cache.get(key)
+        if hidden is None:
+            hidden = self.block_inputs(sequences)
+            self.prefix_passes += 1
+            if hash(key) in self._seen and hidden.nbytes <= self.cache_bytes - self.cached_bytes:
+                self._cache[key] = hidden
+            self._seen.add(hash(key))
+        self._last = (key, hidden)
+        return hidden
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(h.nbytes for h in self._cache.values())
+
+    def set_adapter(self, adapter: LoraAdapter | None, in_place: bool = True) -> None:
+        from .split import rename_for_suffix
+
+        if adapter is not None:
+            adapter = LoraAdapter(adapter.config, adapter.architecture, rename_for_suffix(adapter.tensors, self.first_block))
+        self.suffix.set_adapter(adapter, in_place)
+
+    def update_adapter(self, values: Mapping[str, np.ndarray]) -> None:
+        self.suffix.update_adapter(_SuffixNames(values, self.first_block))
+
+    @contextlib.contextmanager
+    def adapter_detached(self):
+        with self.suffix.adapter_detached():
+            yield
+
+
+class _SuffixNames(Mapping):
+    """`values` (keyed by the base's block numbers) read under the suffix's names, lazily (perturbed values are
+    computed on access)."""
+
+    def __init__(self, values: Mapping[str, np.ndarray], first_block: int):
+        self.values, self.first_block = values, first_block
+
+    def _base_name(self, name: str) -> str:
+        block, rest = name[4:].split(".", 1)
+        return f"blk.{int(block) + self.first_block}.{rest}"
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[self._base_name(name)]
+
+    def __iter__(self):
+        raise TypeError("read by name only")
+
+    def __len__(self) -> int:
+        return len(self.values)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,188 @@
+"""Run only the blocks that train: a base GGUF cut at block `a` into a frozen prefix and a trained suffix.
+
+When LoRA sits on blocks [a, L) only, the hidden state entering block a is the same for every perturbation of a
+MeZO step. The engine computes it once per batch on the base (stopping llama.cpp's graph at block a's input) and
+then runs each perturbed evaluation on a *suffix* GGUF: blocks [a, L) renumbered from 0, the output norm and
+head, fed the hidden states as input embeddings. Same kernels on the same inputs, so the logits are the full
+model's, bit for bit (tests/test_split.py).
+
+This module writes the suffix file (gguf-py, the quantized blocks copied byte for byte) and mirrors the one
+llama.cpp rule the split path depends on: the order in which a decode's tokens reach the compute graph.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .files import EdgezoError, atomic_path
+
+# Architectures whose graph was read for the embedding-input path (llama.cpp's build_inp_embd and the model's
+# builder) and whose split logits are tested equal to the full model's: llama (SmolLM2), qwen2, gemma3. Gemma 3
+# scales token embeddings by sqrt(n_embd) only for token input, and its sliding-window layers follow the block
+# index, so the suffix gets the explicit per-block pattern of the blocks it holds.
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+# llama.cpp's default sliding-window period for Gemma 3 (llama_model_gemma3::load_arch_hparams: pattern 6).
+GEMMA3_SWA_PERIOD = 6
+SPLIT_KEY = "edgezo.split.first_block"  # recorded in the suffix file, checked when it is opened
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """`count` tokens of sequence `seq` from position `start`, contiguous in one micro-batch."""
+
+    seq: int
+    start: int
+    count: int
+
+
+def ubatch_layout(lengths: list[int], n_ubatch: int, n_streams: int) -> list[list[Chunk]]:
+    """The micro-batches llama.cpp cuts a decode of sequences 0..n-1 (tokens laid out sequence after sequence) into,
+    each as the chunks in the order its tokens reach the graph.
+
+    Mirrors llama_kv_cache::init_batch in the pinned llama.cpp: with one stream, split_simple (n_ubatch tokens in
+    batch order); with one stream per sequence (kv_unified off), split_equal(sequential): the run of consecutive
+    sequences starting at the first with tokens left, the same number of tokens from each (as many as the
+    shortest has left, at most n_ubatch // n_sequences), concatenated sequence by sequence. The engine checks the
+    token counts it sees against this layout on every decode, so a changed rule is an error, never a wrong order.
+    """
+    if n_streams == 1:
+        flat = [Chunk(s, 0, n) for s, n in enumerate(lengths)]
+        out, current, room = [], [], n_ubatch
+        for chunk in flat:
+            start = 0
+            while start < chunk.count:
+                take = min(room, chunk.count - start)
+                current.append(Chunk(chunk.seq, start, take))
+                start += take
+                room -= take
+                if room == 0:
+                    out.append(current)
+                    current, room = [], n_ubatch
+        return out + ([current] if current else [])
+    done = [0] * len(lengths)
+    out = []
+    while True:
+        left = [n - d for n, d in zip(lengths, done)]
+        first = next((s for s, n in enumerate(left) if n > 0), None)
+        if first is None:
+            return out
+        run = first
+        while run + 1 < len(lengths) and left[run + 1] > 0:
+            run += 1
+        seqs = range(first, run + 1)
+        per_seq = min(min(left[s] for s in seqs), max(1, n_ubatch // len(seqs)))
+        out.append([Chunk(s, done[s], per_seq) for s in seqs])
+        for s in seqs:
+            done[s] += per_seq
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def _swa_pattern(reader, arch: str, n_layers: int) -> list[bool] | None:
+    """Which blocks of the base use sliding-window attention (None: the model has no sliding window)."""
+    if arch != "gemma3" or not _field(reader, f"{arch}.attention.sliding_window"):
+        return None
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        return [bool(v) for v in pattern]
+    period = int(pattern) if pattern is not None else GEMMA3_SWA_PERIOD
+    return [period == 0 or il % period < period - 1 for il in range(n_layers)]  # llama_hparams::set_swa_pattern
+
+
+def split_point(n_layers: int, blocks: range) -> int:
+    """The first block of the suffix: the first block that trains (0 means nothing to split off)."""
+    return blocks.start if blocks.step == 1 and blocks.stop == n_layers else 0
+
+
+def write_suffix_gguf(base: str | os.PathLike, first_block: int, out: str | os.PathLike) -> Path:
+    """Write blocks [first_block, L) of `base` as blocks [0, L - first_block) of a model of the same architecture,
+    with its token embeddings (llama.cpp requires them; tied heads use them), output norm and head, atomically."""
+    from gguf import GGUFValueType, GGUFWriter
+
+    from .formats import open_gguf
+
+    base, out = Path(base), Path(out)
+    reader = open_gguf(base)
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise EdgezoError(f"{base.name}: running only the trained blocks is checked for {', '.join(SUPPORTED_ARCHITECTURES)} "
+                          f"models, this one is {arch!r}; train without --prefix-reuse")
+    n_layers = int(_field(reader, f"{arch}.block_count"))
+    if not 0 < first_block < n_layers:
+        raise EdgezoError(f"cannot split a {n_layers}-block model at block {first_block}")
+    swa = _swa_pattern(reader, arch, n_layers)
+    with atomic_path(out) as tmp:
+        writer = GGUFWriter(tmp, arch)
+        skipped = {"general.architecture", "general.alignment", f"{arch}.block_count",
+                   f"{arch}.attention.sliding_window_pattern"}
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in skipped:
+                continue
+            value, value_type = field.contents(), field.types[0]
+            sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
+            if field.name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_layers:
+                value = value[first_block:]  # per-block hyperparameters (head counts, ...) follow their blocks
+            writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
+        alignment = _field(reader, "general.alignment")
+        if alignment is not None:
+            writer.add_custom_alignment(int(alignment))
+        writer.add_block_count(n_layers - first_block)
+        if swa is not None:
+            writer.add_array(f"{arch}.attention.sliding_window_pattern", swa[first_block:])
+        writer.add_uint32(SPLIT_KEY, first_block)
+        kept = []
+        for t in reader.tensors:
+            name = _suffix_name(t.name, first_block)
+            if name is not None:
+                shape = tuple(int(d) for d in reversed(t.shape))
+                writer.add_tensor_info(name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
+                kept.append(t)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in kept:
+            writer.write_tensor_data(t.data)
+        writer.close()
+    return out
+
+
+def _suffix_name(name: str, first_block: int) -> str | None:
+    """The tensor's name in the suffix file, None if it stays in the prefix."""
+    if not name.startswith("blk."):
+        return name
+    block, rest = name[4:].split(".", 1)
+    return f"blk.{int(block) - first_block}.{rest}" if int(block) >= first_block else None
+
+
+def rename_for_suffix(tensors: dict, first_block: int) -> dict:
+    """Adapter tensors keyed by their names in the suffix file (every tensor must sit on a suffix block)."""
+    renamed = {}
+    for name, value in tensors.items():
+        new = _suffix_name(name, first_block)
+        if new is None:
+            raise EdgezoError(f"{name} lies before block {first_block}, outside the part of the model that runs per evaluation")
+        renamed[new] = value
+    return renamed
+
+
+def suffix_gguf(base: str | os.PathLike, first_block: int, log=lambda msg: None) -> Path:
+    """The cached suffix file of `base` from `first_block`, written on first use. Keyed by the base's sha256, so a
+    changed base never meets an old suffix; the recorded split point is checked on every use."""
+    from .formats import read_header
+    from .store import cached_sha256, home
+
+    path = home() / "split" / f"{cached_sha256(base)[:16]}-from-blk{first_block}.gguf"
+    if not path.exists():
+        log(f"writing blocks {first_block}+ of {Path(base).name} to {path} (once)")
+        write_suffix_gguf(base, first_block, path)
+    recorded = read_header(path).metadata.get(SPLIT_KEY)
+    if recorded != first_block:
+        raise EdgezoError(f"{path} records split point {recorded}, not {first_block}: delete it and rerun")
+    return path

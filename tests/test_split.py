@@ -1,0 +1,158 @@
+"""Prefix reuse: the suffix GGUF, llama.cpp's micro-batch order, and split logits equal to the full model's."""
+
+import json
+
+import numpy as np
+import pytest
+from tiny_model import TinyLlama, write_tiny_llama
+
+from edgezo import split, store
+from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
+from edgezo.cli import main
+from edgezo.engine import Engine, EngineConfig, SplitEngine
+from edgezo.files import EdgezoError
+from edgezo.formats import read_header
+from edgezo.mezo import MezoConfig, zo_step
+from edgezo.objective import loss_function
+
+TEXTS = ["a good movie indeed", "Label: bad", "xyz and more text here to make it long", "q"]
+
+
+@pytest.fixture(scope="module")
+def tiny4(tmp_path_factory):
+    path = tmp_path_factory.mktemp("split") / "tiny4.gguf"
+    write_tiny_llama(path, TinyLlama(n_layers=4))
+    return path
+
+
+def trained_adapter(path, first_block, seed=1):
+    adapter = LoraAdapter.init(read_base_model_info(path), LoraConfig(rank=4, alpha=8.0, targets=("attn_q", "attn_v"),
+                                                                       layers=(first_block, None)), seed=seed)
+    rng = np.random.default_rng(seed)
+    for v in adapter.tensors.values():
+        v[...] = rng.standard_normal(v.shape).astype(np.float32) * 0.3
+    return adapter
+
+
+def test_ubatch_layout_covers_every_token_once_in_llama_cpp_order():
+    assert split.ubatch_layout([3, 5], 4, n_streams=1) == [
+        [split.Chunk(0, 0, 3), split.Chunk(1, 0, 1)], [split.Chunk(1, 1, 4)]]
+    # one stream per sequence: equal shares of the run of sequences with tokens left, sequence after sequence
+    assert split.ubatch_layout([2, 5, 5], 6, n_streams=3) == [
+        [split.Chunk(0, 0, 2), split.Chunk(1, 0, 2), split.Chunk(2, 0, 2)],
+        [split.Chunk(1, 2, 3), split.Chunk(2, 2, 3)]]
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = list(rng.integers(1, 40, size=rng.integers(1, 9)))
+        n_ubatch = int(rng.integers(len(lengths), 64))
+        layout = split.ubatch_layout(lengths, n_ubatch, n_streams=len(lengths))
+        seen = sorted((c.seq, c.start + i) for ub in layout for c in ub for i in range(c.count))
+        assert seen == [(s, p) for s, n in enumerate(lengths) for p in range(n)]
+        assert all(sum(c.count for c in ub) <= n_ubatch for ub in layout)
+
+
+def test_suffix_file_holds_the_top_blocks_renumbered(tiny4, tmp_path):
+    out = split.write_suffix_gguf(tiny4, 3, tmp_path / "suffix.gguf")
+    header = read_header(out)
+    assert header.metadata["llama.block_count"] == 1 and header.metadata[split.SPLIT_KEY] == 3
+    names = set(header.tensor_dims)
+    assert "blk.0.attn_q.weight" in names and not any(n.startswith("blk.1.") for n in names)
+    assert "token_embd.weight" in names and "output_norm.weight" in names  # tied head: the embeddings stay
+    with pytest.raises(EdgezoError, match="cannot split a 4-block model at block 4"):
+        split.write_suffix_gguf(tiny4, 4, tmp_path / "bad.gguf")
+    with pytest.raises(EdgezoError, match="outside the part"):
+        split.rename_for_suffix({"blk.1.attn_q.weight.lora_a": None}, 2)
+
+
+@pytest.mark.parametrize("n_seq_max,n_ubatch", [(4, 1024), (4, 16), (4, 7), (1, 16)])
+def test_split_logits_equal_the_full_model_bit_for_bit(tiny4, tmp_path, n_seq_max, n_ubatch):
+    config = EngineConfig(n_seq_max=n_seq_max, n_ctx_per_seq=256, n_threads=1, n_ubatch=n_ubatch)
+    suffix = split.write_suffix_gguf(tiny4, 2, tmp_path / "suffix.gguf")
+    adapter = trained_adapter(tiny4, 2)
+    with Engine(tiny4, config) as full, SplitEngine(tiny4, suffix, 2, config) as parts:
+        full.set_adapter(adapter)
+        parts.set_adapter(adapter)
+        seqs = [full.tokenize(t, add_special=True) for t in TEXTS[:n_seq_max]]
+        every = [list(range(len(s))) for s in seqs]
+        np.testing.assert_array_equal(parts.logits(seqs, every), full.logits(seqs, every))
+        before = full.logits(seqs, every)
+        moved = {k: v * 1.5 for k, v in adapter.tensors.items()}
+        full.update_adapter(moved)
+        parts.update_adapter(moved)
+        after = full.logits(seqs, every)
+        assert not np.array_equal(after, before)  # the update reaches the suffix blocks
+        np.testing.assert_array_equal(parts.logits(seqs, every), after)
+        assert parts.prefix_passes == 1  # the adapter changed, the blocks below it did not run again
+        with full.adapter_detached(), parts.adapter_detached():
+            np.testing.assert_array_equal(parts.logits(seqs, every), full.logits(seqs, every))
+
+
+def test_a_repeated_batch_is_cached_and_scores_the_same(tiny4, tmp_path):
+    config = EngineConfig(n_seq_max=4, n_ctx_per_seq=256, n_threads=1)
+    suffix = split.write_suffix_gguf(tiny4, 1, tmp_path / "suffix.gguf")
+    with SplitEngine(tiny4, suffix, 1, config) as parts:
+        seqs = [parts.tokenize(t, add_special=True) for t in TEXTS]
+        a, b = seqs[:2], seqs[2:]
+        first = [parts.logits(batch, [[len(s) - 1] for s in batch]) for batch in (a, b)]
+        again = [parts.logits(batch, [[len(s) - 1] for s in batch]) for batch in (a, b, a, b)]
+        assert parts.prefix_passes == 4 and parts.cached_bytes > 0  # run, run, run + cache, run + cache, hit, hit
+        for x, y in zip(first * 2, again):
+            np.testing.assert_array_equal(x, y)
+    with SplitEngine(tiny4, suffix, 1, config, cache_bytes=0) as parts:
+        for batch in (a, b, a, b, a):
+            parts.logits(batch, [[len(s) - 1] for s in batch])
+        assert parts.prefix_passes == 5 and parts.cached_bytes == 0
+
+
+def test_mezo_and_fzoo_steps_are_identical_through_the_split_engine(tiny4, tmp_path, sentiment_dir):
+    from edgezo.data import build_examples, build_task, read_jsonl
+
+    config = EngineConfig(n_seq_max=4, n_ctx_per_seq=256, n_threads=1)
+    suffix = split.write_suffix_gguf(tiny4, 3, tmp_path / "suffix.gguf")
+    records = []
+    for engine in (Engine(tiny4, config), SplitEngine(tiny4, suffix, 3, config)):
+        with engine:
+            rows = read_jsonl(sentiment_dir / "train.jsonl")
+            task = build_task(rows, sentiment_dir / "train.jsonl", engine, None, None)
+            batch = build_examples(rows, sentiment_dir / "train.jsonl", task, engine, 256)[:4]
+            adapter = LoraAdapter.init(read_base_model_info(tiny4), LoraConfig(rank=4, layers=(3, None)), seed=0)
+            engine.set_adapter(adapter)
+            loss = loss_function(engine, batch, task)
+            for estimator in ("mezo", "fzoo"):
+                mezo = MezoConfig(learning_rate=1e-2, eps=1e-2, estimator=estimator, n_directions=3)
+                records.append(zo_step(adapter.tensors, loss, mezo, 0, 0, 10))
+    assert records[:2] == records[2:]
+
+
+def test_finetune_with_prefix_reuse_logs_the_same_run(tiny4, sentiment_dir, tmp_path, capsys):
+    runs = {}
+    for mode in ("auto", "off"):
+        out = tmp_path / mode
+        assert main(["finetune", "--model", str(tiny4), "--data", str(sentiment_dir), "--steps", "4", "--eval-every", "2",
+                     "--num-layers", "2", "--batch-size", "4", "--threads", "1", "--prefix-reuse", mode,
+                     "--out", str(out), "--json"]) == 0
+        err = capsys.readouterr().err
+        assert ("prefix reuse: blocks 0-1 run once per batch" in err) == (mode == "auto")
+        runs[mode] = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "train_seconds", "rss_bytes")}
+                      for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert runs["auto"] == runs["off"] and len(runs["auto"]) == 4 + 3
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("model,quant,first_block", [("smollm2-135m", "q4_0", 24), ("gemma3-270m", None, 13)])
+def test_real_models_split_logits_equal_the_full_model(model, quant, first_block):
+    """Gemma 3 at block 13: the suffix's sliding-window blocks must follow the base's numbering (13 % 6 != 0), and
+    the local and global blocks use different RoPE bases, so a wrong pattern changes the logits (by 0.5 here)."""
+    base = store.resolve_model(model, quant)
+    suffix = split.suffix_gguf(base, first_block)
+    config = EngineConfig(n_seq_max=8, n_ctx_per_seq=256, n_threads=2)
+    adapter = LoraAdapter.init(read_base_model_info(base), LoraConfig(layers=(first_block, None)), seed=1)
+    for v in adapter.tensors.values():
+        v[...] = np.random.default_rng(0).standard_normal(v.shape).astype(np.float32) * 0.05
+    rows = [json.loads(line) for line in (store.fetch("movie-reviews") / "valid.jsonl").read_text().splitlines()[:8]]
+    with Engine(base, config) as full, SplitEngine(base, suffix, first_block, config) as parts:
+        full.set_adapter(adapter)
+        parts.set_adapter(adapter)
+        seqs = [full.tokenize(f"Review: {r['text']}\nSentiment:", add_special=True) for r in rows]
+        last = [[len(s) - 1] for s in seqs]
+        np.testing.assert_array_equal(parts.logits(seqs, last), full.logits(seqs, last))

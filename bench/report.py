@@ -32,6 +32,7 @@ SECTIONS = (
     ("distributed", "Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads", {}),
     ("wire_bytes", "Distributed MeZO: bytes on the wire per step between two hosts", {}),
     ("kernels", "The AMX guard: llama.cpp's kernel choice vs the guarded load", {}),
+    ("prefix_reuse", "Prefix reuse: what the split path's parts cost over one full forward", {}),
     ("estimators", "Fast MeZO levers against torch BP: accuracy against steps and training time", {}),
 )
 

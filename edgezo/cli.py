@@ -141,16 +141,14 @@ def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: in
     SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later.
     With `split_for` (an adapter config whose blocks end at the top), evaluations run only those blocks."""
     from .engine import Engine, EngineConfig, SplitEngine  # imported late: `edgezo fetch --help` should not load llama.cpp
-    from .split import SUPPORTED_ARCHITECTURES, split_point, suffix_gguf
+    from .split import split_point, suffix_gguf
 
     base = read_base_model_info(model_path)
     config = EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads)
-    first = split_point(base.n_layers, split_for.blocks(base.n_layers)) if split_for else 0
-    if first and base.architecture in SUPPORTED_ARCHITECTURES:
+    first = split_point(base.architecture, base.n_layers, split_for) if split_for else 0
+    if first:
         log(f"prefix reuse: blocks 0-{first - 1} run once per batch, blocks {first}-{base.n_layers - 1} per evaluation")
         return SplitEngine(model_path, suffix_gguf(model_path, first, log), first, config), base
-    if first:
-        log(f"prefix reuse is not checked for {base.architecture} models: every evaluation runs all blocks")
     return Engine(model_path, config), base
 
 
@@ -805,6 +803,7 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
     """(Prediction, sequence length used) for the run `args` describes (finetune, reference-*, memory or eval flags):
     with --data its own batches, else the worst case of --max-seq-len tokens per sequence."""
     from .memory import predict_llama_cpp, predict_torch, read_model_shape, run_batches
+    from .split import split_point
 
     lora = lora_from_args(args)
     seq_len = getattr(args, "tokens_per_seq", None) or args.max_seq_len
@@ -832,8 +831,14 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
                                    dtype=getattr(args, "dtype", "float32"), logit_rows=logit_rows,
                                    logit_cols=logit_cols, token_ids=token_ids)
     else:
+        split_at, n_cached = 0, 0
+        if method == "mezo" and getattr(args, "prefix_reuse", "off") == "auto":
+            shape = read_model_shape(model_path)
+            split_at = split_point(shape.architecture, shape.n_layers, lora)
+            n_cached = sum(len(s) for s in valid) if args.data else 0
         prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora,
-                                       n_tokens_per_seq=min(seq_len, args.max_seq_len))
+                                       n_tokens_per_seq=min(seq_len, args.max_seq_len), split_at=split_at,
+                                       n_cached_tokens=n_cached)
     return prediction, seq_len
 
 
@@ -1104,6 +1109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-seq", type=int, help="tokens per sequence without --data [worst case: --max-seq-len]")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="inference: eval's --limit [%(default)s]")
+    p.add_argument("--prefix-reuse", choices=["auto", "off"], default="auto",
+                   help="mezo with --num-layers: count the split engine's suffix model, as finetune runs it [%(default)s]")
     # accepted so a finetune / reference command line can be reused; none of them changes the peak RSS
     for flag, kind in (("--learning-rate", float), ("--eps", float), ("--n-directions", int), ("--save-every", int),
                        ("--estimator", str)):

@@ -33,6 +33,7 @@ from . import kernels
 from .adapter import LoraAdapter
 from .files import EdgezoError
 from .formats import QUANT_FTYPES, read_gguf_header
+from .split import PREFIX_CACHE_BYTES
 
 log = logging.getLogger("edgezo")
 
@@ -167,10 +168,6 @@ def _notice_once(message: str) -> None:
         _notices_given.add(message)
         log.warning(message)
 
-
-
-# Hidden states of repeated batches kept by SplitEngine: 500 movie reviews at block 24 of SmolLM2 take ~45 MB.
-DEFAULT_PREFIX_CACHE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -599,7 +596,7 @@ class SplitEngine(Engine):
     """
 
     def __init__(self, model_path: str | os.PathLike, suffix_path: str | os.PathLike, first_block: int,
-                 config: EngineConfig = EngineConfig(), cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES):
+                 config: EngineConfig = EngineConfig(), cache_bytes: int = PREFIX_CACHE_BYTES):
         super().__init__(model_path, config, capture_block=first_block)
         self.suffix = Engine(suffix_path, config)
         self.first_block = first_block

@@ -18,6 +18,7 @@ import estimators  # noqa: E402
 import fleet  # noqa: E402
 import kernels  # noqa: E402
 import mezo_step  # noqa: E402
+import prefix_reuse  # noqa: E402
 import report  # noqa: E402
 import throughput  # noqa: E402
 import time_to_accuracy  # noqa: E402
@@ -361,3 +362,27 @@ def test_kernels_render_shows_ratios_and_whether_logits_matched():
              "guarded_equals_default": True, "guarded_over_default": 1.01, "no_extras_over_default": 1.4}
     text = kernels.render({"quants": [quant], "rounds": 2, "repeats": 3, "machine": MACHINE, "time": "t"})
     assert "1.010" in text and "1.400" in text and "bit-identical to llama.cpp's choice: yes" in text
+
+
+def test_prefix_reuse_times_every_part_of_both_paths_on_a_real_engine(tmp_path, sentiment_dir):
+    from tiny_model import TinyLlama, write_tiny_llama
+
+    from edgezo.adapter import read_base_model_info
+    from edgezo.data import build_examples, build_task, read_jsonl
+    from edgezo.engine import Vocabulary
+
+    model = tmp_path / "tiny4.gguf"
+    write_tiny_llama(model, TinyLlama(n_layers=4))
+    rows = read_jsonl(sentiment_dir / "train.jsonl")
+    with Vocabulary(model) as vocab:
+        task = build_task(rows, sentiment_dir / "train.jsonl", vocab, None, None)
+        batch = build_examples(rows[:4], sentiment_dir / "train.jsonl", task, vocab, 64)
+    args = prefix_reuse.parse_args(["--batch-size", "4", "--repeats", "2", "--threads", "1"])
+    row = prefix_reuse.measure_k(args, model, read_base_model_info(model), task, batch, 1)
+    assert (row["first_block"], row["prefix_ideal"], row["eval_ideal"]) == (3, 0.75, 0.25)
+    assert row["step_speedup_ideal"] == pytest.approx(2 / 1.25)
+    assert all(row["seconds"][k]["n"] == 2 and row["seconds"][k]["median"] > 0 for k in ("forward", "prefix", "eval",
+                                                                                     "step_full", "step_split"))
+    result = {"rows": [row], "target_eval_over_ideal": 1.15, "model": "tiny", "quant": "f32", "batch_size": 4,
+              "n_tokens": 20, "repeats": 2, "threads": 1, "seed": 0, "machine": common.machine_info(), "time": "t"}
+    assert "top 1 of 4 (split at block 3)" in prefix_reuse.render(result)

@@ -34,12 +34,12 @@ def measure_k(args, model_path, base, task, batch, k: int) -> dict:
     from edgezo.engine import Engine, EngineConfig, SplitEngine
     from edgezo.mezo import MezoConfig, zo_step
     from edgezo.objective import loss_function
-    from edgezo.split import suffix_gguf
+    from edgezo.split import split_files
 
     first = base.n_layers - k
     config = EngineConfig(n_seq_max=args.batch_size, n_ctx_per_seq=256, n_threads=args.threads)
     adapter = LoraAdapter.init(base, LoraConfig(layers=(first, None)), seed=args.seed)
-    full, parts = Engine(model_path, config), SplitEngine(model_path, suffix_gguf(model_path, first), first, config,
+    full, parts = Engine(model_path, config), SplitEngine(*split_files(model_path, first, base.n_layers), first, config,
                                                              cache_bytes=0)  # every split step pays its prefix
     seqs, last = [ex.tokens for ex in batch], [[len(ex.tokens) - 1] for ex in batch]
     hidden = parts.block_inputs(seqs)

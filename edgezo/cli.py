@@ -141,14 +141,14 @@ def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: in
     SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later.
     With `split_for` (an adapter config whose blocks end at the top), evaluations run only those blocks."""
     from .engine import Engine, EngineConfig, SplitEngine  # imported late: `edgezo fetch --help` should not load llama.cpp
-    from .split import split_point, suffix_gguf
+    from .split import split_files, split_point
 
     base = read_base_model_info(model_path)
     config = EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads)
     first = split_point(base.architecture, base.n_layers, split_for) if split_for else 0
     if first:
         log(f"prefix reuse: blocks 0-{first - 1} run once per batch, blocks {first}-{base.n_layers - 1} per evaluation")
-        return SplitEngine(model_path, suffix_gguf(model_path, first, log), first, config), base
+        return SplitEngine(*split_files(model_path, first, base.n_layers, log), first, config), base
     return Engine(model_path, config), base
 
 

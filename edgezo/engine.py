@@ -586,7 +586,7 @@ class Engine(Vocabulary):
 class SplitEngine(Engine):
     """An Engine for an adapter on blocks [a, L) that runs only those blocks per evaluation.
 
-    The base (this Engine, opened with capture_block=a) embeds each batch and runs blocks [0, a) once; the
+    The prefix (this Engine, on split.split_files' prefix GGUF, capture_block=a) embeds each batch and runs blocks [0, a) once; the
     hidden states entering block a are kept for the last batch seen, so every perturbed evaluation of a MeZO
     step on that batch runs only the suffix GGUF (blocks [a, L), norm, head), which holds the adapter under its
     renumbered block names. A batch seen a second time (the validation batches, from the second validation on)
@@ -595,9 +595,9 @@ class SplitEngine(Engine):
     full model's. Scoring and the adapter calls behave as the full model's; generation is not split.
     """
 
-    def __init__(self, model_path: str | os.PathLike, suffix_path: str | os.PathLike, first_block: int,
+    def __init__(self, prefix_path: str | os.PathLike, suffix_path: str | os.PathLike, first_block: int,
                  config: EngineConfig = EngineConfig(), cache_bytes: int = PREFIX_CACHE_BYTES):
-        super().__init__(model_path, config, capture_block=first_block)
+        super().__init__(prefix_path, config, capture_block=first_block)
         self.suffix = Engine(suffix_path, config)
         self.first_block = first_block
         self.cache_bytes = cache_bytes

@@ -296,6 +296,9 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     if batch_size < 1 or n_ctx_per_seq < 1:
         raise EdgezoError(f"batch size and context must be >= 1, got {batch_size} and {n_ctx_per_seq}")
     shape = model_path if isinstance(model_path, ModelShape) else read_model_shape(model_path)
+    full_shape = shape
+    if split_at:  # the engine loads the prefix part (blocks 0..split_at, no head) in place of the base
+        shape = part_shape(shape, range(0, split_at + 1), with_head=False)
     adapter = (lora or LoraConfig()) if method == "mezo" else None
     n_tokens = batch_size * min(n_tokens_per_seq or n_ctx_per_seq, n_ctx_per_seq)
     # llama.cpp splits a decode into micro-batches of min(n_ubatch, n_ctx) tokens; the largest one sets the peak.
@@ -312,30 +315,32 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     if adapter is not None:
         breakdown.update(adapter_terms(shape, adapter, breakdown["compute_bytes"]))
     if split_at:
-        breakdown.update(split_terms(shape, split_at, batch_size, n_ctx_per_seq, n_tokens, breakdown["compute_bytes"],
+        breakdown.update(split_terms(full_shape, split_at, batch_size, n_ctx_per_seq, n_tokens, breakdown["compute_bytes"],
                                      n_cached_tokens, F32_BYTES if kv_f32 else F16_BYTES))
     return Prediction(total_bytes=sum(breakdown.values()), breakdown=breakdown)
 
 
-def suffix_shape(shape: ModelShape, first_block: int) -> ModelShape:
-    """The shape of the suffix GGUF (edgezo.split): blocks [first_block, L) and every tensor outside the blocks."""
+def part_shape(shape: ModelShape, blocks: range, with_head: bool = True) -> ModelShape:
+    """The shape of a part of the model (edgezo.split.write_part_gguf): `blocks` and the tensors outside the blocks
+    (without the output matrix unless `with_head`)."""
     def kept(name: str) -> bool:
-        return not name.startswith("blk.") or int(name.split(".")[1]) >= first_block
+        if name.startswith("blk."):
+            return int(name.split(".")[1]) in blocks
+        return with_head or not name.startswith("output.")
 
     def keep(table: dict) -> dict:
         return {n: v for n, v in table.items() if kept(n)}
 
-    return replace(shape, n_layers=shape.n_layers - first_block, tensor_bytes=keep(shape.tensor_bytes),
+    return replace(shape, n_layers=len(blocks), tensor_bytes=keep(shape.tensor_bytes),
                    tensor_types=keep(shape.tensor_types), linear_shapes=keep(shape.linear_shapes),
                    tensor_numel=keep(shape.tensor_numel))
 
 
 def split_terms(shape: ModelShape, first_block: int, batch_size: int, n_ctx_per_seq: int, n_tokens: int,
                 compute_bytes: int, n_cached_tokens: int, kv_bytes_per_element: int) -> dict[str, int]:
-    """What prefix reuse adds: a second llama.cpp model and context for the suffix file (its pages are its own, so
-    tied token embeddings count twice), and the hidden states on the host. Measured on SmolLM2-135M Q4_0 split at
-    block 24, batch 16 movie reviews: +103 MiB over the full engine after two decodes; these terms give 107 MiB."""
-    suffix = suffix_shape(shape, first_block)
+    """What prefix reuse adds to the prefix part's own terms: a second llama.cpp model and context for the suffix
+    file (its pages are its own, so the token embeddings count twice), and the hidden states on the host."""
+    suffix = part_shape(shape, range(first_block, shape.n_layers))
     hidden_row = shape.n_embd * F32_BYTES
     return {
         "split_suffix_model_bytes": (LLAMA_FIXED_BYTES + LLAMA_BYTES_PER_LAYER * suffix.n_layers

@@ -6,8 +6,9 @@ then runs each perturbed evaluation on a *suffix* GGUF: blocks [a, L) renumbered
 head, fed the hidden states as input embeddings. Same kernels on the same inputs, so the logits are the full
 model's, bit for bit (tests/test_split.py).
 
-This module writes the suffix file (gguf-py, the quantized blocks copied byte for byte) and mirrors the one
-llama.cpp rule the split path depends on: the order in which a decode's tokens reach the compute graph.
+The base itself is not loaded: a prefix GGUF holds blocks [0, a] (so llama.cpp maps, repacks and keeps KV cells
+for those only). This module writes both parts (gguf-py, the quantized blocks copied byte for byte) and mirrors
+the one llama.cpp rule the split path depends on: the order in which a decode's tokens reach the compute graph.
 """
 
 from __future__ import annotations
@@ -107,9 +108,10 @@ def split_point(architecture: str, n_layers: int, lora) -> int:
     return blocks.start
 
 
-def write_suffix_gguf(base: str | os.PathLike, first_block: int, out: str | os.PathLike) -> Path:
-    """Write blocks [first_block, L) of `base` as blocks [0, L - first_block) of a model of the same architecture,
-    with its token embeddings (llama.cpp requires them; tied heads use them), output norm and head, atomically."""
+def write_part_gguf(base: str | os.PathLike, blocks: range, out: str | os.PathLike, with_head: bool = True) -> Path:
+    """Write `blocks` of `base` as blocks 0.. of a model of the same architecture, atomically, with its token
+    embeddings (llama.cpp requires them; tied heads use them), the output norm and, `with_head`, the output matrix
+    (without it llama.cpp falls back to the token embeddings). Quantized tensors are copied byte for byte."""
     from gguf import GGUFValueType, GGUFWriter
 
     from .formats import open_gguf
@@ -119,10 +121,10 @@ def write_suffix_gguf(base: str | os.PathLike, first_block: int, out: str | os.P
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise EdgezoError(f"{base.name}: running only the trained blocks is checked for {', '.join(SUPPORTED_ARCHITECTURES)} "
-                          f"models, this one is {arch!r}; train without --prefix-reuse")
+                          f"models, this one is {arch!r}; train with --prefix-reuse off")
     n_layers = int(_field(reader, f"{arch}.block_count"))
-    if not 0 < first_block < n_layers:
-        raise EdgezoError(f"cannot split a {n_layers}-block model at block {first_block}")
+    if not (0 <= blocks.start < blocks.stop <= n_layers and blocks.step == 1):
+        raise EdgezoError(f"cannot cut blocks {blocks.start}..{blocks.stop - 1} out of a {n_layers}-block model")
     swa = _swa_pattern(reader, arch, n_layers)
     with atomic_path(out) as tmp:
         writer = GGUFWriter(tmp, arch)
@@ -134,19 +136,19 @@ def write_suffix_gguf(base: str | os.PathLike, first_block: int, out: str | os.P
             value, value_type = field.contents(), field.types[0]
             sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
             if field.name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_layers:
-                value = value[first_block:]  # per-block hyperparameters (head counts, ...) follow their blocks
+                value = value[blocks.start : blocks.stop]  # per-block hyperparameters (head counts, ...) follow their blocks
             writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
         alignment = _field(reader, "general.alignment")
         if alignment is not None:
             writer.add_custom_alignment(int(alignment))
-        writer.add_block_count(n_layers - first_block)
+        writer.add_block_count(len(blocks))
         if swa is not None:
-            writer.add_array(f"{arch}.attention.sliding_window_pattern", swa[first_block:])
-        writer.add_uint32(SPLIT_KEY, first_block)
+            writer.add_array(f"{arch}.attention.sliding_window_pattern", swa[blocks.start : blocks.stop])
+        writer.add_uint32(SPLIT_KEY, blocks.start)
         kept = []
         for t in reader.tensors:
-            name = _suffix_name(t.name, first_block)
-            if name is not None:
+            name = part_name(t.name, blocks)
+            if name is not None and (with_head or not name.startswith("output.")):
                 shape = tuple(int(d) for d in reversed(t.shape))
                 writer.add_tensor_info(name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
                 kept.append(t)
@@ -159,36 +161,45 @@ def write_suffix_gguf(base: str | os.PathLike, first_block: int, out: str | os.P
     return out
 
 
-def _suffix_name(name: str, first_block: int) -> str | None:
-    """The tensor's name in the suffix file, None if it stays in the prefix."""
+def part_name(name: str, blocks: range) -> str | None:
+    """A base tensor's name in the part holding `blocks` (renumbered from 0), None if it is not in that part."""
     if not name.startswith("blk."):
         return name
     block, rest = name[4:].split(".", 1)
-    return f"blk.{int(block) - first_block}.{rest}" if int(block) >= first_block else None
+    return f"blk.{int(block) - blocks.start}.{rest}" if int(block) in blocks else None
 
 
 def rename_for_suffix(tensors: dict, first_block: int) -> dict:
     """Adapter tensors keyed by their names in the suffix file (every tensor must sit on a suffix block)."""
     renamed = {}
     for name, value in tensors.items():
-        new = _suffix_name(name, first_block)
+        new = part_name(name, range(first_block, 1 << 30))
         if new is None:
             raise EdgezoError(f"{name} lies before block {first_block}, outside the part of the model that runs per evaluation")
         renamed[new] = value
     return renamed
 
 
-def suffix_gguf(base: str | os.PathLike, first_block: int, log=lambda msg: None) -> Path:
-    """The cached suffix file of `base` from `first_block`, written on first use. Keyed by the base's sha256, so a
-    changed base never meets an old suffix; the recorded split point is checked on every use."""
+def split_files(base: str | os.PathLike, first_block: int, n_layers: int, log=lambda msg: None) -> tuple[Path, Path]:
+    """(prefix, suffix) GGUF files of `base` split at `first_block`, cached, written on first use:
+      prefix: blocks [0, first_block] and no output matrix. It holds one block past the split because llama.cpp
+              drops the rows of tokens without outputs inside the last block, and the captured node (block
+              first_block's input) must keep every row; that block is never computed.
+      suffix: blocks [first_block, L), the output norm and head.
+    Keyed by the base's sha256, so a changed base never meets old parts; the recorded split point is checked."""
     from .formats import read_header
     from .store import cached_sha256, home
 
-    path = home() / "split" / f"{cached_sha256(base)[:16]}-from-blk{first_block}.gguf"
-    if not path.exists():
-        log(f"writing blocks {first_block}+ of {Path(base).name} to {path} (once)")
-        write_suffix_gguf(base, first_block, path)
-    recorded = read_header(path).metadata.get(SPLIT_KEY)
-    if recorded != first_block:
-        raise EdgezoError(f"{path} records split point {recorded}, not {first_block}: delete it and rerun")
-    return path
+    if not 0 < first_block < n_layers:
+        raise EdgezoError(f"cannot split a {n_layers}-block model at block {first_block}")
+    stem = home() / "split" / cached_sha256(base)[:16]
+    parts = ((Path(f"{stem}-prefix-blk{first_block}.gguf"), range(0, first_block + 1), False, 0),
+             (Path(f"{stem}-suffix-blk{first_block}.gguf"), range(first_block, n_layers), True, first_block))
+    for path, blocks, with_head, recorded_start in parts:
+        if not path.exists():
+            log(f"writing blocks {blocks.start}-{blocks.stop - 1} of {Path(base).name} to {path} (once)")
+            write_part_gguf(base, blocks, path, with_head)
+        recorded = read_header(path).metadata.get(SPLIT_KEY)
+        if recorded != recorded_start:
+            raise EdgezoError(f"{path} records blocks from {recorded}, not {recorded_start}: delete it and rerun")
+    return parts[0][0], parts[1][0]

@@ -2,6 +2,7 @@
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 from tiny_model import TinyLlama, write_tiny_llama
@@ -51,25 +52,32 @@ def test_ubatch_layout_covers_every_token_once_in_llama_cpp_order():
         assert all(sum(c.count for c in ub) <= n_ubatch for ub in layout)
 
 
-def test_suffix_file_holds_the_top_blocks_renumbered(tiny4, tmp_path):
-    out = split.write_suffix_gguf(tiny4, 3, tmp_path / "suffix.gguf")
-    header = read_header(out)
-    assert header.metadata["llama.block_count"] == 1 and header.metadata[split.SPLIT_KEY] == 3
-    names = set(header.tensor_dims)
-    assert "blk.0.attn_q.weight" in names and not any(n.startswith("blk.1.") for n in names)
-    assert "token_embd.weight" in names and "output_norm.weight" in names  # tied head: the embeddings stay
+def test_split_files_hold_their_blocks_renumbered(tiny4):
+    prefix, suffix = split.split_files(tiny4, 3, 4)
+    head, tail = read_header(prefix), read_header(suffix)
+    assert head.metadata["llama.block_count"] == 4 and head.metadata[split.SPLIT_KEY] == 0  # blocks 0..3: one past
+    assert tail.metadata["llama.block_count"] == 1 and tail.metadata[split.SPLIT_KEY] == 3
+    assert "blk.0.attn_q.weight" in tail.tensor_dims and not any(n.startswith("blk.1.") for n in tail.tensor_dims)
+    assert "token_embd.weight" in tail.tensor_dims and "output_norm.weight" in tail.tensor_dims  # tied head
+    np.testing.assert_array_equal(*(gguf.GGUFReader(p).get_tensor(i).data for p, i in ((tiny4, 0), (prefix, 0))))
     with pytest.raises(EdgezoError, match="cannot split a 4-block model at block 4"):
-        split.write_suffix_gguf(tiny4, 4, tmp_path / "bad.gguf")
+        split.split_files(tiny4, 4, 4)
     with pytest.raises(EdgezoError, match="outside the part"):
         split.rename_for_suffix({"blk.1.attn_q.weight.lora_a": None}, 2)
+
+
+def test_a_part_that_records_another_split_is_refused(tiny4):
+    prefix, suffix = split.split_files(tiny4, 2, 4)
+    split.write_part_gguf(tiny4, range(1, 4), suffix)  # as if written for a split at block 1
+    with pytest.raises(EdgezoError, match="records blocks from 1, not 2"):
+        split.split_files(tiny4, 2, 4)
 
 
 @pytest.mark.parametrize("n_seq_max,n_ubatch", [(4, 1024), (4, 16), (4, 7), (1, 16)])
 def test_split_logits_equal_the_full_model_bit_for_bit(tiny4, tmp_path, n_seq_max, n_ubatch):
     config = EngineConfig(n_seq_max=n_seq_max, n_ctx_per_seq=256, n_threads=1, n_ubatch=n_ubatch)
-    suffix = split.write_suffix_gguf(tiny4, 2, tmp_path / "suffix.gguf")
     adapter = trained_adapter(tiny4, 2)
-    with Engine(tiny4, config) as full, SplitEngine(tiny4, suffix, 2, config) as parts:
+    with Engine(tiny4, config) as full, SplitEngine(*split.split_files(tiny4, 2, 4), 2, config) as parts:
         full.set_adapter(adapter)
         parts.set_adapter(adapter)
         seqs = [full.tokenize(t, add_special=True) for t in TEXTS[:n_seq_max]]
@@ -89,8 +97,8 @@ def test_split_logits_equal_the_full_model_bit_for_bit(tiny4, tmp_path, n_seq_ma
 
 def test_a_repeated_batch_is_cached_and_scores_the_same(tiny4, tmp_path):
     config = EngineConfig(n_seq_max=4, n_ctx_per_seq=256, n_threads=1)
-    suffix = split.write_suffix_gguf(tiny4, 1, tmp_path / "suffix.gguf")
-    with SplitEngine(tiny4, suffix, 1, config) as parts:
+    files = split.split_files(tiny4, 1, 4)
+    with SplitEngine(*files, 1, config) as parts:
         seqs = [parts.tokenize(t, add_special=True) for t in TEXTS]
         a, b = seqs[:2], seqs[2:]
         first = [parts.logits(batch, [[len(s) - 1] for s in batch]) for batch in (a, b)]
@@ -98,7 +106,7 @@ def test_a_repeated_batch_is_cached_and_scores_the_same(tiny4, tmp_path):
         assert parts.prefix_passes == 4 and parts.cached_bytes > 0  # run, run, run + cache, run + cache, hit, hit
         for x, y in zip(first * 2, again):
             np.testing.assert_array_equal(x, y)
-    with SplitEngine(tiny4, suffix, 1, config, cache_bytes=0) as parts:
+    with SplitEngine(*files, 1, config, cache_bytes=0) as parts:
         for batch in (a, b, a, b, a):
             parts.logits(batch, [[len(s) - 1] for s in batch])
         assert parts.prefix_passes == 5 and parts.cached_bytes == 0
@@ -108,9 +116,8 @@ def test_mezo_and_fzoo_steps_are_identical_through_the_split_engine(tiny4, tmp_p
     from edgezo.data import build_examples, build_task, read_jsonl
 
     config = EngineConfig(n_seq_max=4, n_ctx_per_seq=256, n_threads=1)
-    suffix = split.write_suffix_gguf(tiny4, 3, tmp_path / "suffix.gguf")
     records = []
-    for engine in (Engine(tiny4, config), SplitEngine(tiny4, suffix, 3, config)):
+    for engine in (Engine(tiny4, config), SplitEngine(*split.split_files(tiny4, 3, 4), 3, config)):
         with engine:
             rows = read_jsonl(sentiment_dir / "train.jsonl")
             task = build_task(rows, sentiment_dir / "train.jsonl", engine, None, None)
@@ -144,13 +151,14 @@ def test_real_models_split_logits_equal_the_full_model(model, quant, first_block
     """Gemma 3 at block 13: the suffix's sliding-window blocks must follow the base's numbering (13 % 6 != 0), and
     the local and global blocks use different RoPE bases, so a wrong pattern changes the logits (by 0.5 here)."""
     base = store.resolve_model(model, quant)
-    suffix = split.suffix_gguf(base, first_block)
     config = EngineConfig(n_seq_max=8, n_ctx_per_seq=256, n_threads=2)
     adapter = LoraAdapter.init(read_base_model_info(base), LoraConfig(layers=(first_block, None)), seed=1)
     for v in adapter.tensors.values():
         v[...] = np.random.default_rng(0).standard_normal(v.shape).astype(np.float32) * 0.05
     rows = [json.loads(line) for line in (store.fetch("movie-reviews") / "valid.jsonl").read_text().splitlines()[:8]]
-    with Engine(base, config) as full, SplitEngine(base, suffix, first_block, config) as parts:
+    n_layers = read_base_model_info(base).n_layers
+    with Engine(base, config) as full, SplitEngine(*split.split_files(base, first_block, n_layers), first_block,
+                                                   config) as parts:
         full.set_adapter(adapter)
         parts.set_adapter(adapter)
         seqs = [full.tokenize(f"Review: {r['text']}\nSentiment:", add_special=True) for r in rows]

@@ -196,9 +196,14 @@ def split_files(base: str | os.PathLike, first_block: int, n_layers: int, log=la
     parts = ((Path(f"{stem}-prefix-blk{first_block}.gguf"), range(0, first_block + 1), False, 0),
              (Path(f"{stem}-suffix-blk{first_block}.gguf"), range(first_block, n_layers), True, first_block))
     for path, blocks, with_head, recorded_start in parts:
-        if not path.exists():
+        digest = path.with_name(path.name + ".sha256")  # written after the part: a part without it is unfinished
+        if not (path.exists() and digest.exists()):
             log(f"writing blocks {blocks.start}-{blocks.stop - 1} of {Path(base).name} to {path} (once)")
             write_part_gguf(base, blocks, path, with_head)
+            with atomic_path(digest) as tmp:
+                tmp.write_text(cached_sha256(path) + "\n")
+        if cached_sha256(path) != digest.read_text().strip():
+            raise EdgezoError(f"{path} changed since edgezo wrote it (sha256 differs): delete it and rerun")
         recorded = read_header(path).metadata.get(SPLIT_KEY)
         if recorded != recorded_start:
             raise EdgezoError(f"{path} records blocks from {recorded}, not {recorded_start}: delete it and rerun")

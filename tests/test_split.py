@@ -66,11 +66,30 @@ def test_split_files_hold_their_blocks_renumbered(tiny4):
         split.rename_for_suffix({"blk.1.attn_q.weight.lora_a": None}, 2)
 
 
-def test_a_part_that_records_another_split_is_refused(tiny4):
+def test_a_changed_or_unfinished_part_is_never_used(tiny4):
     prefix, suffix = split.split_files(tiny4, 2, 4)
-    split.write_part_gguf(tiny4, range(1, 4), suffix)  # as if written for a split at block 1
+    data = bytearray(suffix.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    suffix.write_bytes(bytes(data))
+    with pytest.raises(EdgezoError, match="changed since edgezo wrote it"):
+        split.split_files(tiny4, 2, 4)
+    split.write_part_gguf(tiny4, range(1, 4), suffix)  # as if written for a split at block 1 ...
+    suffix.with_name(suffix.name + ".sha256").write_text(store.cached_sha256(suffix))  # ... with its digest
     with pytest.raises(EdgezoError, match="records blocks from 1, not 2"):
         split.split_files(tiny4, 2, 4)
+    suffix.with_name(suffix.name + ".sha256").unlink()  # interrupted after the part, before its digest: rewritten
+    split.split_files(tiny4, 2, 4)
+    assert read_header(suffix).metadata[split.SPLIT_KEY] == 2
+
+
+def test_resume_through_the_split_engine_is_bit_exact(tiny4, sentiment_dir, tmp_path, capsys):
+    common = ["--model", str(tiny4), "--data", str(sentiment_dir), "--eval-every", "0", "--num-layers", "2",
+              "--batch-size", "4", "--threads", "1", "--save-every", "2", "--json"]
+    assert main(["finetune", *common, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0
+    assert main(["finetune", *common, "--steps", "2", "--out", str(tmp_path / "resumed")]) == 0
+    assert main(["finetune", *common, "--steps", "4", "--out", str(tmp_path / "resumed"), "--resume"]) == 0
+    capsys.readouterr()
+    assert (tmp_path / "straight" / "adapter.gguf").read_bytes() == (tmp_path / "resumed" / "adapter.gguf").read_bytes()
 
 
 @pytest.mark.parametrize("n_seq_max,n_ubatch", [(4, 1024), (4, 16), (4, 7), (1, 16)])

@@ -43,6 +43,9 @@ CONFIGS = {
     # The gradient energy of the top 3 blocks' B is 1/22 of all blocks' (bench note), on 1/10 of the parameters:
     # MeZO's usable rate scales about as 1/d, so 5x the all-block rate.
     "mezo-fa-top3": ("finetune", 200, 20, ["--lora-fa", "--num-layers", "3", "--learning-rate", "2e-2"]),
+    # The first 6 blocks carry about half of all blocks' gradient energy on 1/5 of the parameters (bench note):
+    # LoRA there, no prefix to reuse (every evaluation runs all blocks above them), 5x the all-block rate.
+    "mezo-fa-bottom6": ("finetune", 200, 20, ["--lora-fa", "--layers", "0:6", "--learning-rate", "2e-2"]),
     "bp": ("reference-bp", 30, 5, []),
 }
 

@@ -11,6 +11,9 @@ What the trainer needs from llama.cpp, and how this module gets it fast:
   find once (a throwaway context's eval callback sees them as src[j] of the mul_mat nodes) and overwrite with
   ggml_backend_tensor_set. This gives logits bit-identical to loading a freshly written adapter GGUF with the
   same values (tests/test_engine.py) while the graph is reused.
+* Only the blocks that train, when LoRA sits on the top blocks (SplitEngine, edgezo/split.py): an eval
+  callback stops the prefix model's graph at the trained blocks' input and copies that node out with
+  ggml_backend_tensor_get; the suffix model reads it back through llama_batch.embd.
 """
 
 from __future__ import annotations
@@ -382,7 +385,7 @@ class Engine(Vocabulary):
         if [sum(c.count for c in ub) for ub in layout] != [len(rows) for rows in captured]:
             raise EdgezoError(f"llama.cpp cut the decode into micro-batches of {[len(r) for r in captured]} tokens, "
                               f"edgezo expected {[sum(c.count for c in ub) for ub in layout]}: this llama.cpp "
-                              f"orders tokens differently; train without --prefix-reuse")
+                              f"orders tokens differently; train with --prefix-reuse off")
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         hidden = np.empty((int(offsets[-1]), self.n_embd), dtype=np.float32)
         for chunks, rows in zip(layout, captured):

@@ -33,6 +33,7 @@ SECTIONS = (
     ("wire_bytes", "Distributed MeZO: bytes on the wire per step between two hosts", {}),
     ("kernels", "The AMX guard: llama.cpp's kernel choice vs the guarded load", {}),
     ("prefix_reuse", "Prefix reuse: what the split path's parts cost over one full forward", {}),
+    ("layer_gradients", "Which blocks carry MeZO's gradient: LoRA-FA gradient energy by block range", {}),
     ("estimators", "Fast MeZO levers against torch BP: accuracy against steps and training time", {}),
 )
 

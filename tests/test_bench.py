@@ -17,6 +17,7 @@ import compare  # noqa: E402
 import estimators  # noqa: E402
 import fleet  # noqa: E402
 import kernels  # noqa: E402
+import layer_gradients  # noqa: E402
 import mezo_step  # noqa: E402
 import prefix_reuse  # noqa: E402
 import report  # noqa: E402
@@ -386,3 +387,15 @@ def test_prefix_reuse_times_every_part_of_both_paths_on_a_real_engine(tmp_path, 
     result = {"rows": [row], "target_eval_over_ideal": 1.15, "model": "tiny", "quant": "f32", "batch_size": 4,
               "n_tokens": 20, "repeats": 2, "threads": 1, "seed": 0, "machine": common.machine_info(), "time": "t"}
     assert "top 1 of 4 (split at block 3)" in prefix_reuse.render(result)
+
+
+def test_layer_gradients_weighs_energy_density_against_the_step_cost():
+    assert layer_gradients.step_cost(0, 30) == 2.0 and layer_gradients.step_cost(0, 6) == 2.0  # no prefix to reuse
+    assert layer_gradients.step_cost(24, 30) == pytest.approx((24 + 12) / 30)
+    rows = layer_gradients.summarize([{"name": "all", "layers": [0, 30], "energy": 1.0},
+                                      {"name": "bottom6", "layers": [0, 6], "energy": 0.6},
+                                      {"name": "top6", "layers": [24, 30], "energy": 0.06}])
+    by = {r["name"]: r for r in rows}
+    assert by["bottom6"]["density_vs_all"] == pytest.approx(3.0) and by["bottom6"]["progress_per_second_vs_all"] == pytest.approx(3.0)
+    assert by["top6"]["progress_per_second_vs_all"] == pytest.approx(0.3 * 2 / 1.2)
+    assert layer_gradients.statistics_se([1.0, 1.0, 1.0]) == 0.0

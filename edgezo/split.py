@@ -1,13 +1,13 @@
 """Run only the blocks that train: a base GGUF cut at block `a` into a frozen prefix and a trained suffix.
 
 When LoRA sits on blocks [a, L) only, the hidden state entering block a is the same for every perturbation of a
-MeZO step. The engine computes it once per batch on the base (stopping llama.cpp's graph at block a's input) and
-then runs each perturbed evaluation on a *suffix* GGUF: blocks [a, L) renumbered from 0, the output norm and
+MeZO step. The engine computes it once per batch on a *prefix* GGUF (stopping llama.cpp's graph at block a's
+input) and then runs each perturbed evaluation on a *suffix* GGUF: blocks [a, L) renumbered from 0, the output norm and
 head, fed the hidden states as input embeddings. Same kernels on the same inputs, so the logits are the full
 model's, bit for bit (tests/test_split.py).
 
-The base itself is not loaded: a prefix GGUF holds blocks [0, a] (so llama.cpp maps, repacks and keeps KV cells
-for those only). This module writes both parts (gguf-py, the quantized blocks copied byte for byte) and mirrors
+The base itself is not loaded: the prefix holds blocks [0, a] (so llama.cpp maps, repacks and keeps KV cells for
+those only). This module writes both parts (gguf-py, the quantized blocks copied byte for byte) and mirrors
 the one llama.cpp rule the split path depends on: the order in which a decode's tokens reach the compute graph.
 """
 
@@ -30,7 +30,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 GEMMA3_SWA_PERIOD = 6
 # Hidden states of repeated batches kept by SplitEngine: 500 movie reviews at block 24 of SmolLM2 take ~45 MB.
 PREFIX_CACHE_BYTES = 256 * 2**20
-SPLIT_KEY = "edgezo.split.first_block"  # recorded in the suffix file, checked when it is opened
+SPLIT_KEY = "edgezo.split.first_block"  # in each part: the base block its block 0 was; checked on every use
 
 
 @dataclass(frozen=True)

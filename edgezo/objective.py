@@ -95,17 +95,24 @@ def target_log_probs(logits: np.ndarray, targets: np.ndarray) -> tuple[np.ndarra
     return logp, is_argmax
 
 
+def output_positions(example: Example, task: Task) -> list[int]:
+    """The positions `score` asks the engine for logits at: the answer position, or the one before each target."""
+    if task.is_classification:
+        return [len(example.tokens) - 1]
+    return [i - 1 for i in example.target_indices]
+
+
 def score(engine: Scorer, batch: Sequence[Example], task: Task) -> Totals:
     """Loss sum and correct count of one batch, in one engine evaluation."""
     sequences = [ex.tokens for ex in batch]
+    positions = [output_positions(ex, task) for ex in batch]
     if task.is_classification:
-        logits = engine.logits(sequences, [[len(ex.tokens) - 1] for ex in batch], columns=task.label_token_ids)
+        logits = engine.logits(sequences, positions, columns=task.label_token_ids)
         logp = log_softmax(logits)  # [B, n_labels]
         labels = np.array([ex.label for ex in batch])
         nll = -logp[np.arange(len(batch)), labels]
         correct = int((logp.argmax(axis=1) == labels).sum())
         return Totals(float(nll.sum()), len(batch), correct, len(batch))
-    positions = [[i - 1 for i in ex.target_indices] for ex in batch]
     targets = np.concatenate([np.asarray([ex.tokens[i] for i in ex.target_indices]) for ex in batch])
     # a view of the engine's buffer, float32 [n_targets, n_vocab]: read here, before the engine decodes again
     logp, is_argmax = target_log_probs(engine.logits(sequences, positions, copy=False), targets)

@@ -219,38 +219,49 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def markdown(rows: list[dict], steps: int) -> str:
+def row_line(r: dict) -> str:
+    return (f"| {r['model']} | {r['setting']} | {r['method']} | {r.get('seq_len') or ''} "
+            f"| {r['predicted_bytes'] / 2**20:.1f} | {r['measured_bytes'] / 2**20:.1f} | {100 * r['error']:+.1f} % |")
+
+
+def markdown(rows: list[dict], steps: int, kept: list[str] = ()) -> str:
+    """The table of `rows`, after the lines `kept` of an earlier table (configurations not run this time)."""
     lines = ["| model (Q4_0) | setting | method | tokens/seq | predicted MiB | measured MiB | error |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r.get('seq_len') or ''} "
-                     f"| {r['predicted_bytes'] / 2**20:.1f} | {r['measured_bytes'] / 2**20:.1f} | {100 * r['error']:+.1f} % |")
-    worst = max(abs(r["error"]) for r in rows)
+             "|---|---|---|---|---|---|---|", *kept, *map(row_line, rows)]
+    worst = max([abs(r["error"]) for r in rows] + [abs(float(line.split("|")[-2].strip(" %"))) / 100 for line in kept])
     lines.append(f"\nWorst error {100 * worst:.1f} % (target {100 * TARGET_ERROR:.0f} %). Peak RSS = VmHWM of a fresh "
                  f"process running the command; {steps} training steps, seed 0, LoRA rank 16 on attn_k,attn_v, "
                  f"torch float32. reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
-                 f"per example, batch 2, --max-seq-len 512. tokens/seq: BP, the longest padded training batch; "
+                 f"per example, batch 2, --max-seq-len 512. Language modelling (loss on every completion / assistant "
+                 f"token; synthetic tool calls from tool_data, 64 train / 32 valid records): calls-b16, one JSON call "
+                 f"per completion (~28 tokens), plans-b16, {PLAN_CALLS} calls per completion (~111 tokens), chat-b16, "
+                 f"two user/assistant turns in the GGUF's chat template; batch 16, --max-seq-len 256. tokens/seq: BP, the longest padded training batch; "
                  f"llama.cpp, the mean length in the fullest batch. Predictions: `edgezo memory` with the same "
                  f"arguments; the GGUF -> HF conversion of a model's first reference run was done beforehand.")
     return "\n".join(lines) + "\n"
 
 
-def repredict(args, work: Path) -> int:
-    """Re-run only `edgezo memory` for the latest measurement of each configuration (after changing a constant)."""
+def latest_rows() -> list[dict]:
+    """The latest row of every (model, setting, method) in memory_validation.jsonl, in table order."""
     latest = {}
     for line in (RESULTS / "memory_validation.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "predicted_cmd" in row:
             latest[(row["model"], row["setting"], row["method"])] = row
+    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS + LM_SETTINGS)} | {m: i for i, m in enumerate(METHODS)}
+    return sorted(latest.values(), key=lambda r: (order.get(r["setting"], 99) >= len(SETTINGS), order.get(r["model"], 99),
+                                                  order.get(r["setting"], 99), order.get(r["method"], 99)))
+
+
+def repredict(args, work: Path) -> int:
+    """Re-run only `edgezo memory` for the latest measurement of each configuration (after changing a constant)."""
     rows = []
-    for row in latest.values():
+    for row in latest_rows():
         argv = row["predicted_cmd"][1:] if row["predicted_cmd"][0] == "edgezo.cli" else row["predicted_cmd"]
         predicted = run([sys.executable, "-m", "edgezo.cli", *argv], work / "home")
         row.update(predicted_bytes=predicted["predicted_bytes"], breakdown=predicted["breakdown"],
                    error=predicted["predicted_bytes"] / row["measured_bytes"] - 1, seq_len=predicted.get("seq_len"))
         rows.append(row)
-    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS + LM_SETTINGS)} | {m: i for i, m in enumerate(METHODS)}
-    rows.sort(key=lambda r: (order.get(r["model"], 99), order.get(r["setting"], 99), order.get(r["method"], 99)))
     table = markdown(rows, rows[0]["steps"])
     if not args.no_write:
         (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
@@ -290,8 +301,13 @@ def main() -> int:
                 print(f"{model} {setting[0]} {method}: predicted {row['predicted_bytes'] / 2**20:.1f} MiB, "
                       f"measured {row['measured_bytes'] / 2**20:.1f} MiB ({100 * row['error']:+.1f} %)", flush=True)
     table = markdown(rows, args.steps)
-    if not args.no_write:
-        (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
+    if not args.no_write:  # the earlier table's rows of configurations not run this time stay, this run's follow
+        md = RESULTS / "memory_validation.md"
+        run_keys = {(r["model"], r["setting"], r["method"]) for r in rows}
+        kept = [line for line in (md.read_text().splitlines() if md.exists() else [])
+                if line.startswith("| ") and not line.startswith("| model")
+                and tuple(c.strip() for c in line.split("|")[1:4]) not in run_keys]
+        md.write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + markdown(rows, args.steps, kept))
     print(table)
     return 0 if all(abs(r["error"]) <= TARGET_ERROR for r in rows) else 1
 

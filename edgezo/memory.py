@@ -252,7 +252,7 @@ def kv_cache_bytes(shape: ModelShape, batch_size: int, n_ctx_per_seq: int, kv_by
 def output_buffer_bytes(shape: ModelShape, batch_size: int, n_outputs: int = 0) -> int:
     """llama.cpp's logits buffer (llama_context::output_reserve): max(n_outputs of a decode, n_seq_max) rows of n_vocab
     float32, cleared when allocated (so resident) and reallocated only to grow, so the decode with the most outputs
-    sets it: 3.00 MiB for 16 x 49152 (classification), 333 MiB for 1776 targets (16 completions of ~111 tokens)."""
+    sets it: 3.00 MiB for 16 x 49152 (classification), 332 MiB for 1770 targets (16 completions of ~111 tokens)."""
     return max(batch_size, n_outputs) * shape.n_vocab * F32_BYTES
 
 

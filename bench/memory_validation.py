@@ -9,7 +9,9 @@ Runs, for each model x setting x method, the real command and reads the `peak_rs
     bp-ckpt    edgezo reference-bp --steps S --gradient-checkpointing
 and predicts the same run with `edgezo memory --json` (the same arguments plus --method), so the table checks the
 command users call. Settings: movie-reviews at batch 8 (padded ~55 tokens), and "long reviews" (eight reviews
-joined per example, ~270 tokens) at batch 2 with --max-seq-len 512.
+joined per example, ~270 tokens) at batch 2 with --max-seq-len 512. Language-modelling settings (--settings
+calls-b16,plans-b16,chat-b16; not in the default list): synthetic tool calls built by tool_data at batch 16, the loss
+on every completion / assistant token (~28 and ~111 completion tokens, and a two-turn chat).
 
 Models: the built-in SmolLM2-135M and Gemma-3-270M (Q4_0), and two randomly initialised llama models built here
 (transformers, seed 0) with SmolLM2's tokenizer and 49,152-token vocabulary: random-360m (SmolLM2-360M's shape) and

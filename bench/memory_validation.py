@@ -9,7 +9,9 @@ Runs, for each model x setting x method, the real command and reads the `peak_rs
     bp-ckpt    edgezo reference-bp --steps S --gradient-checkpointing
 and predicts the same run with `edgezo memory --json` (the same arguments plus --method), so the table checks the
 command users call. Settings: movie-reviews at batch 8 (padded ~55 tokens), and "long reviews" (eight reviews
-joined per example, ~270 tokens) at batch 2 with --max-seq-len 512.
+joined per example, ~270 tokens) at batch 2 with --max-seq-len 512. Language-modelling settings (--settings
+calls-b16,plans-b16,chat-b16; not in the default list): synthetic tool calls built by tool_data at batch 16, the loss
+on every completion / assistant token (~28 and ~111 completion tokens, and a two-turn chat).
 
 Models: the built-in SmolLM2-135M and Gemma-3-270M (Q4_0), and two randomly initialised llama models built here
 (transformers, seed 0) with SmolLM2's tokenizer and 49,152-token vocabulary: random-360m (SmolLM2-360M's shape) and
@@ -38,6 +40,8 @@ METHODS = ["inference", "mezo", "bp", "bp-ckpt"]
 MODELS = ["smollm2-135m", "gemma3-270m", "random-360m", "random-1b"]
 # (name, data, batch size, --max-seq-len)
 SETTINGS = [("reviews-b8", "movie-reviews", 8, 256), ("long-b2", "long-reviews", 2, 512)]
+# Language-modelling settings (the loss covers every completion / assistant token): synthetic tool calls, built here.
+LM_SETTINGS = [("calls-b16", "tool-calls", 16, 256), ("plans-b16", "tool-plans", 16, 256), ("chat-b16", "tool-chat", 16, 256)]
 # Random llama models: (layers, hidden, intermediate, heads, kv heads) of SmolLM2-360M and Llama-3.2-1B.
 RANDOM_SHAPES = {"random-360m": (32, 960, 2560, 15, 5), "random-1b": (16, 2048, 8192, 32, 8)}
 TARGET_ERROR = 0.10
@@ -65,6 +69,53 @@ def long_reviews(work: Path) -> Path:
         records = [json.loads(line) for line in (src / f"{split}.jsonl").read_text().splitlines()]
         rows = [{"text": " ".join(r["text"] for r in records[i : i + 8]), "label": records[i + 7]["label"]}
                 for i in range(0, len(records) - 7, 8)]
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+# Synthetic tool calls for the language-modelling rows (not a benchmark task: only their lengths matter here).
+# One call's JSON is ~25 SmolLM2 tokens; a plan of PLAN_CALLS calls ~100.
+APPS = {"set_alarm": ("time", "label"), "send_message": ("to", "text"), "add_event": ("title", "day"),
+        "play_music": ("artist", "volume"), "get_weather": ("city", "day")}
+VALUES = {"time": ["07:30", "06:15", "22:00", "09:45"], "label": ["gym", "work", "pills", "call mom"],
+          "to": ["Ana", "Ben", "Chloe", "Dev"], "text": ["running late", "see you at noon", "call me back", "on my way"],
+          "title": ["dentist", "team sync", "lunch with Eve", "yoga"], "day": ["monday", "friday", "tomorrow", "sunday"],
+          "artist": ["Nina Simone", "Daft Punk", "Bach", "Adele"], "volume": [3, 5, 7, 9],
+          "city": ["Lisbon", "Oslo", "Nairobi", "Lima"]}
+PLAN_CALLS = 4
+LM_SPLITS = {"train": 64, "valid": 32}
+
+
+def tool_call(rng) -> tuple[str, dict]:
+    name = rng.choice(sorted(APPS))
+    args = {k: rng.choice(VALUES[k]) for k in APPS[name]}
+    request = f"{name.replace('_', ' ')} " + ", ".join(f"{k} {v}" for k, v in args.items())
+    return request, {"name": name, "arguments": args}
+
+
+def tool_data(work: Path, data: str) -> Path:
+    """tool-calls: prompt/completion, one call per record; tool-plans: PLAN_CALLS calls per completion; tool-chat: a
+    two-turn chat, one call per assistant turn. Seeded (random.Random(0)), so every run builds the same files."""
+    import random
+
+    out = work / data
+    if (out / "valid.jsonl").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for split, n in LM_SPLITS.items():
+        rows = []
+        for _ in range(n):
+            if data == "tool-chat":
+                turns = [tool_call(rng) for _ in range(2)]
+                messages = [m for req, call in turns for m in ({"role": "user", "content": req},
+                                                                {"role": "assistant", "content": json.dumps(call)})]
+                rows.append({"messages": messages})
+                continue
+            calls = [tool_call(rng) for _ in range(PLAN_CALLS if data == "tool-plans" else 1)]
+            prompt = "Request: " + "; then ".join(req for req, _ in calls) + "\nCall:"
+            completion = json.dumps([c for _, c in calls] if len(calls) > 1 else calls[0][1])
+            rows.append({"prompt": prompt, "completion": " " + completion})
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -150,7 +201,8 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
     name, data, batch_size, max_seq_len = setting
     home = work / "home"
     model_arg = model if not model.startswith("random-") else str(random_model(work, model))
-    data_arg = data if data == "movie-reviews" else str(long_reviews(work))
+    data_arg = (data if data == "movie-reviews" else str(long_reviews(work)) if data == "long-reviews"
+                else str(tool_data(work, data)))
     out = work / "runs" / f"{model}-{name}-{method}-{time.time_ns()}"
     if method.startswith("bp"):  # the first reference run of a model converts it to HF once; keep that out of the runs
         warm = "import sys; from edgezo import store, reference; reference.hf_model_dir(store.resolve_model(sys.argv[1], 'q4_0'))"
@@ -169,38 +221,49 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def markdown(rows: list[dict], steps: int) -> str:
+def row_line(r: dict) -> str:
+    return (f"| {r['model']} | {r['setting']} | {r['method']} | {r.get('seq_len') or ''} "
+            f"| {r['predicted_bytes'] / 2**20:.1f} | {r['measured_bytes'] / 2**20:.1f} | {100 * r['error']:+.1f} % |")
+
+
+def markdown(rows: list[dict], steps: int, kept: list[str] = ()) -> str:
+    """The table of `rows`, after the lines `kept` of an earlier table (configurations not run this time)."""
     lines = ["| model (Q4_0) | setting | method | tokens/seq | predicted MiB | measured MiB | error |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['setting']} | {r['method']} | {r.get('seq_len') or ''} "
-                     f"| {r['predicted_bytes'] / 2**20:.1f} | {r['measured_bytes'] / 2**20:.1f} | {100 * r['error']:+.1f} % |")
-    worst = max(abs(r["error"]) for r in rows)
+             "|---|---|---|---|---|---|---|", *kept, *map(row_line, rows)]
+    worst = max([abs(r["error"]) for r in rows] + [abs(float(line.split("|")[-2].strip(" %"))) / 100 for line in kept])
     lines.append(f"\nWorst error {100 * worst:.1f} % (target {100 * TARGET_ERROR:.0f} %). Peak RSS = VmHWM of a fresh "
                  f"process running the command; {steps} training steps, seed 0, LoRA rank 16 on attn_k,attn_v, "
                  f"torch float32. reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
-                 f"per example, batch 2, --max-seq-len 512. tokens/seq: BP, the longest padded training batch; "
+                 f"per example, batch 2, --max-seq-len 512. Language modelling (loss on every completion / assistant "
+                 f"token; synthetic tool calls from tool_data, 64 train / 32 valid records): calls-b16, one JSON call "
+                 f"per completion (~28 tokens), plans-b16, {PLAN_CALLS} calls per completion (~111 tokens), chat-b16, "
+                 f"two user/assistant turns in the GGUF's chat template; batch 16, --max-seq-len 256. tokens/seq: BP, the longest padded training batch; "
                  f"llama.cpp, the mean length in the fullest batch. Predictions: `edgezo memory` with the same "
                  f"arguments; the GGUF -> HF conversion of a model's first reference run was done beforehand.")
     return "\n".join(lines) + "\n"
 
 
-def repredict(args, work: Path) -> int:
-    """Re-run only `edgezo memory` for the latest measurement of each configuration (after changing a constant)."""
+def latest_rows() -> list[dict]:
+    """The latest row of every (model, setting, method) in memory_validation.jsonl, in table order."""
     latest = {}
     for line in (RESULTS / "memory_validation.jsonl").read_text().splitlines():
         row = json.loads(line)
         if "predicted_cmd" in row:
             latest[(row["model"], row["setting"], row["method"])] = row
+    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS + LM_SETTINGS)} | {m: i for i, m in enumerate(METHODS)}
+    return sorted(latest.values(), key=lambda r: (order.get(r["setting"], 99) >= len(SETTINGS), order.get(r["model"], 99),
+                                                  order.get(r["setting"], 99), order.get(r["method"], 99)))
+
+
+def repredict(args, work: Path) -> int:
+    """Re-run only `edgezo memory` for the latest measurement of each configuration (after changing a constant)."""
     rows = []
-    for row in latest.values():
+    for row in latest_rows():
         argv = row["predicted_cmd"][1:] if row["predicted_cmd"][0] == "edgezo.cli" else row["predicted_cmd"]
         predicted = run([sys.executable, "-m", "edgezo.cli", *argv], work / "home")
         row.update(predicted_bytes=predicted["predicted_bytes"], breakdown=predicted["breakdown"],
                    error=predicted["predicted_bytes"] / row["measured_bytes"] - 1, seq_len=predicted.get("seq_len"))
         rows.append(row)
-    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS)} | {m: i for i, m in enumerate(METHODS)}
-    rows.sort(key=lambda r: (order.get(r["model"], 99), order.get(r["setting"], 99), order.get(r["method"], 99)))
     table = markdown(rows, rows[0]["steps"])
     if not args.no_write:
         (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
@@ -215,7 +278,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--settings", default=",".join(s[0] for s in SETTINGS))
+    p.add_argument("--settings", default=",".join(s[0] for s in SETTINGS),
+                   help=f"[%(default)s]; language modelling: {','.join(s[0] for s in LM_SETTINGS)}")
     p.add_argument("--no-write", action="store_true", help="print the table only (trial runs)")
     p.add_argument("--repredict", action="store_true",
                    help="keep the measurements of the latest rows in memory_validation.jsonl, predict them again")
@@ -226,7 +290,7 @@ def main() -> int:
     (work / "home").mkdir(parents=True, exist_ok=True)
     prepare(work)
     rows = []
-    settings = [s for s in SETTINGS if s[0] in args.settings.split(",")]
+    settings = [s for s in SETTINGS + LM_SETTINGS if s[0] in args.settings.split(",")]
     for model in args.models.split(","):
         for setting in settings:
             for method in args.methods.split(","):
@@ -239,8 +303,13 @@ def main() -> int:
                 print(f"{model} {setting[0]} {method}: predicted {row['predicted_bytes'] / 2**20:.1f} MiB, "
                       f"measured {row['measured_bytes'] / 2**20:.1f} MiB ({100 * row['error']:+.1f} %)", flush=True)
     table = markdown(rows, args.steps)
-    if not args.no_write:
-        (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
+    if not args.no_write:  # the earlier table's rows of configurations not run this time stay, this run's follow
+        md = RESULTS / "memory_validation.md"
+        run_keys = {(r["model"], r["setting"], r["method"]) for r in rows}
+        kept = [line for line in (md.read_text().splitlines() if md.exists() else [])
+                if line.startswith("| ") and not line.startswith("| model")
+                and tuple(c.strip() for c in line.split("|")[1:4]) not in run_keys]
+        md.write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + markdown(rows, args.steps, kept))
     print(table)
     return 0 if all(abs(r["error"]) <= TARGET_ERROR for r in rows) else 1
 

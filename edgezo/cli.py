@@ -789,14 +789,17 @@ def plot_hint(run_dir: Path) -> str:
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
-def run_sequences(model_path: Path, method: str, args) -> tuple[dict, object]:
-    """The run's data tokenized by llama.cpp's vocabulary (no weights loaded): (token sequences by split, task)."""
+def run_sequences(model_path: Path, method: str, args) -> tuple[dict, object, dict]:
+    """The run's data tokenized by llama.cpp's vocabulary (no weights loaded): (token sequences by split, task,
+    the positions each sequence is scored at by split)."""
     from .engine import Vocabulary
+    from .objective import output_positions
 
     splits = [args.split] if method == "inference" else ["train", "valid"]
     with Vocabulary(model_path) as vocab:
         task, examples, _ = load_task_and_splits(vocab, args.data, args, splits, optional={"valid"})
-    return {split: [ex.tokens for ex in exs] for split, exs in examples.items()}, task
+    outputs = {split: [output_positions(ex, task) for ex in exs] for split, exs in examples.items()}
+    return {split: [ex.tokens for ex in exs] for split, exs in examples.items()}, task, outputs
 
 
 def predict_run(model_path: Path, method: str, args) -> tuple:
@@ -807,20 +810,25 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
 
     lora = lora_from_args(args)
     seq_len = getattr(args, "tokens_per_seq", None) or args.max_seq_len
-    logit_rows, logit_cols, token_ids = None, 2, None
+    logit_rows, logit_cols, token_ids, outputs = None, 2, None, {}
     if args.data:
-        seqs, task = run_sequences(model_path, method, args)
+        seqs, task, scored = run_sequences(model_path, method, args)
         if method == "inference":
-            split = seqs.get(args.split, [])
-            batches = run_batches([], args.batch_size, args.seed, 0, split[: args.limit] if args.limit else split)
+            n = args.limit or None
+            split, split_scored = seqs.get(args.split, [])[:n], scored.get(args.split, [])[:n]
+            batches = run_batches([], args.batch_size, args.seed, 0, split, evaluated_outputs=split_scored)
         else:
-            valid = seqs.get("valid", [])
-            valid = valid[: args.n_valid] if args.n_valid else valid
-            batches = run_batches(seqs["train"], args.batch_size, args.seed, args.steps, valid)
+            n = args.n_valid or None
+            valid, valid_scored = seqs.get("valid", [])[:n], scored.get("valid", [])[:n]
+            batches = run_batches(seqs["train"], args.batch_size, args.seed, args.steps, valid,
+                                  train_outputs=scored["train"], evaluated_outputs=valid_scored)
+        if not task.is_classification:  # every target token's logits over the vocabulary
+            outputs = dict(n_outputs=batches.max_batch_outputs, n_ubatch_outputs=batches.max_ubatch_outputs,
+                           lm_loss=True)
         if method in ("bp", "bp-ckpt"):
             seq_len = batches.padded_len
             token_ids = batches.token_ids | set(task.label_token_ids)
-            if not task.is_classification:  # every target token's logits over the vocabulary
+            if not task.is_classification:
                 logit_rows, logit_cols = batches.max_batch_tokens, read_model_shape(model_path).n_vocab
             else:
                 logit_cols = len(task.labels)
@@ -838,7 +846,7 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
             n_cached = sum(len(s) for s in valid) if args.data else 0
         prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora,
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len), split_at=split_at,
-                                       n_cached_tokens=n_cached)
+                                       n_cached_tokens=n_cached, **outputs)
     return prediction, seq_len
 
 

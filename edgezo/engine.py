@@ -350,17 +350,24 @@ class Engine(Vocabulary):
 
     # ---- scoring -------------------------------------------------------------------------------------------
     def logits(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
-               columns: Sequence[int] | None = None, embeddings: np.ndarray | None = None) -> np.ndarray:
+               columns: Sequence[int] | None = None, embeddings: np.ndarray | None = None,
+               copy: bool = True) -> np.ndarray:
         """Logits at `positions[i]` of each sequence i, stacked in order: float32 [sum(len(p)), n_vocab or len(columns)].
 
         All sequences go through one llama_decode (llama.cpp splits it into micro-batches of n_ubatch tokens).
         With `embeddings` (float32 [n_tokens, n_embd], sequence after sequence) the model reads those vectors
         instead of embedding the tokens: `sequences` then only give the lengths.
+        copy=False returns a read-only view of llama.cpp's output buffer instead of a copy (n_outputs x n_vocab
+        floats, as large again as that buffer for a language-modelling batch); it is valid only until this engine's
+        next decode or close.
         """
         flags = self._decode(sequences, positions, embeddings)
         n_out = int(flags.sum())
         out = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(n_out, self.n_vocab))
-        return out[:, list(columns)].copy() if columns is not None else out.copy()
+        if columns is not None or copy:
+            return out[:, list(columns)].copy() if columns is not None else out.copy()
+        out.flags.writeable = False
+        return out
 
     def block_inputs(self, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         """The hidden states entering block `capture_block`, float32 [n_tokens, n_embd] sequence after sequence.
@@ -615,10 +622,10 @@ class SplitEngine(Engine):
             self.suffix = None
         super().close()
 
-    def logits(self, sequences, positions, columns=None, embeddings=None) -> np.ndarray:
+    def logits(self, sequences, positions, columns=None, embeddings=None, copy: bool = True) -> np.ndarray:
         if embeddings is not None:
             raise EdgezoError("SplitEngine computes its own block inputs")
-        return self.suffix.logits(sequences, positions, columns, embeddings=self._hidden(sequences))
+        return self.suffix.logits(sequences, positions, columns, embeddings=self._hidden(sequences), copy=copy)
 
     def _hidden(self, sequences) -> np.ndarray:
         key = tuple(tuple(s) for s in sequences)

@@ -3,6 +3,9 @@
 llama.cpp (inference, MeZO; `predict_llama_cpp`):
     peak RSS = runtime baseline + vocabulary/runtime structures + mapped weights + repacked weights
                + KV cache + output (logits) buffer + touched compute buffer [+ LoRA adapter, for MeZO]
+               [+ the LM loss's working rows, for text / completion / chat data]
+    A language-modelling loss scores every target token, so the output buffer and the compute buffer's logits grow
+    with the targets of the fullest decode and micro-batch (n_outputs x n_vocab floats each).
 the PyTorch BP reference (`edgezo reference-bp`; `predict_torch`):
     peak RSS = torch runtime + weights + trainable state (LoRA or full: value, gradient, AdamW moments)
                + stored activations (with or without checkpointing) + backward working set + logits
@@ -29,7 +32,8 @@ from pathlib import Path
 from .adapter import BaseModelInfo, LoraConfig, target_tensor_names
 from .files import EdgezoError
 from .formats import GgufHeader, read_header, tensor_nbytes
-from .split import PREFIX_CACHE_BYTES
+from .objective import chunk_rows
+from .split import PREFIX_CACHE_BYTES, ubatch_layout
 
 MIB = 2**20
 
@@ -67,7 +71,7 @@ DEFAULT_N_UBATCH = 1024  # edgezo.engine.EngineConfig.n_ubatch
 # token_embd is only read by get_rows, which the repacked layout does not serve, so it is never repacked.
 REPACKED_TYPES = {2}  # GGMLQuantizationType.Q4_0
 NOT_REPACKED = {"token_embd.weight"}
-F16_BYTES, F32_BYTES = 2, 4
+F16_BYTES, F32_BYTES, F64_BYTES = 2, 4, 8
 
 
 @dataclass(frozen=True)
@@ -245,9 +249,16 @@ def kv_cache_bytes(shape: ModelShape, batch_size: int, n_ctx_per_seq: int, kv_by
     return shape.n_layers * kv_cells(batch_size, n_ctx_per_seq) * per_cell_layer
 
 
-def output_buffer_bytes(shape: ModelShape, batch_size: int) -> int:
-    """llama.cpp's logits buffer: n_outputs_max = n_seq_max rows of n_vocab float32 (3.00 MiB for 16 x 49152)."""
-    return batch_size * shape.n_vocab * F32_BYTES
+def output_buffer_bytes(shape: ModelShape, batch_size: int, n_outputs: int = 0) -> int:
+    """llama.cpp's logits buffer (llama_context::output_reserve): max(n_outputs of a decode, n_seq_max) rows of n_vocab
+    float32, cleared when allocated (so resident) and reallocated only to grow, so the decode with the most outputs
+    sets it: 3.00 MiB for 16 x 49152 (classification), 332 MiB for 1770 targets (16 completions of ~111 tokens)."""
+    return max(batch_size, n_outputs) * shape.n_vocab * F32_BYTES
+
+
+def lm_loss_bytes(shape: ModelShape, n_outputs: int) -> int:
+    """objective.target_log_probs' float64 working rows (it reads the logits in llama.cpp's buffer, copying nothing)."""
+    return min(chunk_rows(shape.n_vocab), n_outputs) * shape.n_vocab * F64_BYTES
 
 
 def activation_floats_per_token(shape: ModelShape, lora: LoraConfig | None) -> int:
@@ -279,7 +290,8 @@ def lora_params(shape: ModelShape, lora: LoraConfig) -> int:
 def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, batch_size: int, n_ctx_per_seq: int,
                       lora: LoraConfig | None = None, n_tokens_per_seq: int | None = None,
                       n_outputs_per_seq: int = 1, n_ubatch: int = DEFAULT_N_UBATCH, kv_f32: bool = False,
-                      split_at: int = 0, n_cached_tokens: int = 0) -> Prediction:
+                      split_at: int = 0, n_cached_tokens: int = 0, n_outputs: int | None = None,
+                      n_ubatch_outputs: int | None = None, lm_loss: bool = False) -> Prediction:
     """Peak RSS of an edgezo process running `method` ("inference" or "mezo") through llama.cpp.
 
     model_path: a GGUF, or a ModelShape (shape_from_spec: a model known only by its architecture).
@@ -287,6 +299,10 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     batch_size, n_ctx_per_seq: the engine's n_seq_max and per-sequence context (edgezo.engine.EngineConfig).
     n_tokens_per_seq: mean tokens actually decoded per sequence (default n_ctx_per_seq, the worst case).
     n_outputs_per_seq: positions with logits per sequence (1 for classification scoring).
+    n_outputs: most positions with logits in one decode (default batch_size x n_outputs_per_seq); n_ubatch_outputs:
+    most in one llama.cpp micro-batch (default: all of them, up to the micro-batch's tokens). RunBatches gives both
+    for a run's data. lm_loss: the loss is the language-modelling one (text, completions, chat), which scores every
+    target token on the host.
     lora: the adapter MeZO trains (default LoraConfig()); ignored for inference.
     split_at: prefix reuse (engine.SplitEngine) from this block; n_cached_tokens: tokens of the repeated (validation)
     batches whose hidden states it keeps.
@@ -303,20 +319,30 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     n_tokens = batch_size * min(n_tokens_per_seq or n_ctx_per_seq, n_ctx_per_seq)
     # llama.cpp splits a decode into micro-batches of min(n_ubatch, n_ctx) tokens; the largest one sets the peak.
     ubatch_tokens = min(n_tokens, n_ubatch, batch_size * n_ctx_per_seq)
+    n_outputs = batch_size * n_outputs_per_seq if n_outputs is None else n_outputs
+    n_ubatch_outputs = min(n_outputs, ubatch_tokens) if n_ubatch_outputs is None else n_ubatch_outputs
     breakdown = {
         "runtime_baseline_bytes": RUNTIME_BASELINE_BYTES,
         "llama_runtime_bytes": LLAMA_FIXED_BYTES + LLAMA_BYTES_PER_LAYER * shape.n_layers + VOCAB_BYTES_PER_TOKEN * shape.n_vocab,
         "weights_mapped_bytes": weights_bytes(shape),
         "weights_repacked_bytes": repack_bytes(shape),
         "kv_cache_bytes": kv_cache_bytes(shape, batch_size, n_ctx_per_seq, F32_BYTES if kv_f32 else F16_BYTES),
-        "output_buffer_bytes": output_buffer_bytes(shape, batch_size),
-        "compute_bytes": compute_touched_bytes(shape, ubatch_tokens, batch_size * n_outputs_per_seq, adapter),
     }
+    # With prefix reuse these two are the prefix context's, which asks for one output per sequence (the suffix
+    # context computes the logits: split_terms).
+    outputs, ubatch_outputs = (batch_size, min(batch_size, ubatch_tokens)) if split_at else (n_outputs, n_ubatch_outputs)
+    breakdown.update({
+        "output_buffer_bytes": output_buffer_bytes(shape, batch_size, outputs),
+        "compute_bytes": compute_touched_bytes(shape, ubatch_tokens, ubatch_outputs, adapter),
+    })
+    if lm_loss:
+        breakdown["lm_loss_bytes"] = lm_loss_bytes(shape, n_outputs)
     if adapter is not None:
         breakdown.update(adapter_terms(shape, adapter, breakdown["compute_bytes"]))
     if split_at:
-        breakdown.update(split_terms(full_shape, split_at, batch_size, n_ctx_per_seq, n_tokens, breakdown["compute_bytes"],
-                                     n_cached_tokens, F32_BYTES if kv_f32 else F16_BYTES))
+        suffix_compute = compute_touched_bytes(shape, ubatch_tokens, n_ubatch_outputs, adapter)
+        breakdown.update(split_terms(full_shape, split_at, batch_size, n_ctx_per_seq, n_tokens, suffix_compute,
+                                     n_cached_tokens, F32_BYTES if kv_f32 else F16_BYTES, n_outputs))
     return Prediction(total_bytes=sum(breakdown.values()), breakdown=breakdown)
 
 
@@ -337,7 +363,7 @@ def part_shape(shape: ModelShape, blocks: range, with_head: bool = True) -> Mode
 
 
 def split_terms(shape: ModelShape, first_block: int, batch_size: int, n_ctx_per_seq: int, n_tokens: int,
-                compute_bytes: int, n_cached_tokens: int, kv_bytes_per_element: int) -> dict[str, int]:
+                compute_bytes: int, n_cached_tokens: int, kv_bytes_per_element: int, n_outputs: int = 0) -> dict[str, int]:
     """What prefix reuse adds to the prefix part's own terms: a second llama.cpp model and context for the suffix
     file (its pages are its own, so the token embeddings count twice), and the hidden states on the host."""
     suffix = part_shape(shape, range(first_block, shape.n_layers))
@@ -346,7 +372,7 @@ def split_terms(shape: ModelShape, first_block: int, batch_size: int, n_ctx_per_
         "split_suffix_model_bytes": (LLAMA_FIXED_BYTES + LLAMA_BYTES_PER_LAYER * suffix.n_layers
                                      + VOCAB_BYTES_PER_TOKEN * suffix.n_vocab + weights_bytes(suffix) + repack_bytes(suffix)),
         "split_suffix_context_bytes": (kv_cache_bytes(suffix, batch_size, n_ctx_per_seq, kv_bytes_per_element)
-                                       + output_buffer_bytes(suffix, batch_size) + compute_bytes),
+                                       + output_buffer_bytes(suffix, batch_size, n_outputs) + compute_bytes),
         # the embeddings batch (written rows only), the captured micro-batches and the assembled states of a batch
         "split_hidden_bytes": 3 * n_tokens * hidden_row,
         "split_cache_bytes": min(n_cached_tokens * hidden_row, PREFIX_CACHE_BYTES),
@@ -538,30 +564,62 @@ def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int,
 class RunBatches:
     """What a run's data decides: the torch reference pads each training batch to its longest sequence (the largest
     such batch sets the BP peak), llama.cpp decodes the tokens of a batch without padding (the fullest batch sets its
-    compute buffer), and the token ids read decide how much of a mapped embedding table becomes resident.
-    Validation batches run without gradients, so only llama.cpp's compute buffer counts them."""
+    compute buffer, the batch with most scored positions its output buffer, the micro-batch with most scored
+    positions the compute buffer's logits), and the token ids read decide how much of a mapped embedding table
+    becomes resident. Validation batches run without gradients, so only llama.cpp's buffers count them."""
 
     padded_len: int  # longest sequence of any training batch
     max_batch_tokens: int  # most tokens in one batch, training or validation
     token_ids: frozenset[int]  # every token id the run reads
+    max_batch_outputs: int = 0  # most positions with logits in one batch (one decode)
+    max_ubatch_outputs: int = 0  # most positions with logits in one llama.cpp micro-batch of such a decode
+
+
+def decode_outputs(lengths: list[int], outputs: list[list[int]], n_ubatch: int, n_streams: int) -> tuple[int, int]:
+    """(positions with logits in a decode of these sequences, most of them in one micro-batch), the micro-batches cut
+    as llama.cpp cuts them (split.ubatch_layout)."""
+    most = 0
+    for ubatch in ubatch_layout(lengths, n_ubatch, n_streams):
+        most = max(most, sum(sum(c.start <= p < c.start + c.count for p in outputs[c.seq]) for c in ubatch))
+    return sum(map(len, outputs)), most
 
 
 def run_batches(train: list[tuple[int, ...]], batch_size: int, seed: int, steps: int,
-                evaluated: list[tuple[int, ...]] = ()) -> RunBatches:
+                evaluated: list[tuple[int, ...]] = (), train_outputs: list[list[int]] | None = None,
+                evaluated_outputs: list[list[int]] | None = None, n_ubatch: int = DEFAULT_N_UBATCH) -> RunBatches:
     """The batches `steps` training steps draw from the token sequences `train` (edgezo.data.batch_indices, the
-    order both trainers use) and the validation batches of `evaluated` (consecutive chunks of batch_size)."""
+    order both trainers use) and the validation batches of `evaluated` (consecutive chunks of batch_size).
+
+    *_outputs: the positions each sequence is scored at (objective.output_positions), parallel to the sequences;
+    None: the last position only (classification). n_ubatch: the engine's micro-batch (EngineConfig.n_ubatch)."""
     from .data import batch_indices
 
-    padded, most, ids = 0, 0, set()
+    def last(seqs):
+        return [[len(s) - 1] for s in seqs]
+
+    train_outputs = last(train) if train_outputs is None else train_outputs
+    evaluated_outputs = last(evaluated) if evaluated_outputs is None else evaluated_outputs
+    padded, most, ids, outs, ubatch_outs = 0, 0, set(), 0, 0
+
+    def decode(seqs, outputs):
+        nonlocal most, outs, ubatch_outs
+        lengths = list(map(len, seqs))
+        most = max(most, sum(lengths))
+        # the engine's context has n_seq_max = batch_size streams and micro-batches of min(n_ubatch, n_ctx) tokens;
+        # n_ctx holds every sequence whole, so n_ubatch alone cuts the same micro-batches
+        n, per_ubatch = decode_outputs(lengths, outputs, n_ubatch, batch_size)
+        outs, ubatch_outs = max(outs, n), max(ubatch_outs, per_ubatch)
+        ids.update(t for seq in seqs for t in seq)
+
     for step in range(steps if train else 0):
-        batch = [train[i] for i in batch_indices(len(train), batch_size, seed, step)]
-        padded, most = max(padded, max(map(len, batch))), max(most, sum(map(len, batch)))
-        ids.update(t for seq in batch for t in seq)
+        indices = batch_indices(len(train), batch_size, seed, step)
+        batch = [train[i] for i in indices]
+        padded = max(padded, max(map(len, batch)))
+        decode(batch, [train_outputs[i] for i in indices])
     for i in range(0, len(evaluated), batch_size):
-        most = max(most, sum(map(len, evaluated[i : i + batch_size])))
-        ids.update(t for seq in evaluated[i : i + batch_size] for t in seq)
+        decode(evaluated[i : i + batch_size], evaluated_outputs[i : i + batch_size])
     return RunBatches(padded_len=padded or max(map(len, evaluated), default=1), max_batch_tokens=max(most, 1),
-                      token_ids=frozenset(ids))
+                      token_ids=frozenset(ids), max_batch_outputs=outs, max_ubatch_outputs=ubatch_outs)
 
 
 # ---- device profiles -------------------------------------------------------------------------------------------

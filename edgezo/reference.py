@@ -122,7 +122,8 @@ class TorchScorer:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def logits(self, sequences, positions, columns=None) -> np.ndarray:
+    def logits(self, sequences, positions, columns=None, copy: bool = True) -> np.ndarray:
+        """A fresh array either way (`copy` is the Scorer protocol's; nothing here is reused between calls)."""
         with torch.no_grad():
             return self.logits_tensor(sequences, positions, columns).numpy()
 

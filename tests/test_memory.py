@@ -286,3 +286,72 @@ def test_memory_cli_predicts_the_runs_own_batches(tiny_gguf, sentiment_dir):
     assert data["predicted_bytes"] < worst["predicted_bytes"]
     assert run("--method", "bp", "--gradient-checkpointing", "--max-seq-len", "64")["method"] == "bp-ckpt"
     assert run("--method", "mezo", "--max-seq-len", "64")["predicted_bytes"] < worst["predicted_bytes"]
+
+
+# ---- language-modelling data: terms that grow with the scored positions ---------------------------------------------
+@pytest.mark.parametrize("lengths, outputs, n_ubatch, expected, reason", [
+    ([10, 10], [[9], [9]], 1024, (2, 2), "classification: the last position of each, one micro-batch"),
+    ([10, 10], [[9], [9]], 8, (2, 2), "split_equal takes 4 + 4, 4 + 4, 2 + 2 tokens: both last positions in the third"),
+    ([10, 10], [list(range(2, 9))] * 2, 8, (14, 8), "targets at 2..8: 2..3 in the first, 4..7 in the second (8)"),
+    ([4, 12], [[1, 2], list(range(12))], 8, (14, 8), "the second sequence's 8 tokens after the first runs out"),
+    ([6], [list(range(6))], 4, (6, 4), "one stream: split_simple, 4 then 2 tokens"),
+])
+def test_decode_outputs_follow_llama_cpp_micro_batches(lengths, outputs, n_ubatch, expected, reason):
+    from edgezo.memory import decode_outputs
+
+    assert decode_outputs(lengths, outputs, n_ubatch, n_streams=len(lengths)) == expected, reason
+
+
+def test_lm_terms_grow_with_the_scored_positions_as_llama_cpp_sizes_them(tiny_gguf):
+    from edgezo.memory import LOGITS_ROW_FACTOR
+    from edgezo.objective import chunk_rows
+
+    shape = read_model_shape(tiny_gguf)
+    row = shape.n_vocab * F32_BYTES
+
+    def predict(n_outputs, n_ubatch_outputs, lm_loss=True):
+        return predict_llama_cpp(tiny_gguf, "mezo", 4, 64, n_tokens_per_seq=60, n_outputs=n_outputs,
+                                 n_ubatch_outputs=n_ubatch_outputs, lm_loss=lm_loss).breakdown
+
+    classification = predict_llama_cpp(tiny_gguf, "mezo", 4, 64, n_tokens_per_seq=60).breakdown
+    few, many = predict(40, 40), predict(200, 120)
+    assert few["output_buffer_bytes"] == 40 * row  # output_reserve: max(n_outputs, n_seq_max) rows
+    assert many["output_buffer_bytes"] - few["output_buffer_bytes"] == 160 * row
+    assert classification["output_buffer_bytes"] == predict(3, 3)["output_buffer_bytes"] == 4 * row  # n_seq_max rows
+    assert many["compute_bytes"] - few["compute_bytes"] == pytest.approx(LOGITS_ROW_FACTOR * 80 * row, abs=1)
+    assert few["lm_loss_bytes"] == min(40, chunk_rows(shape.n_vocab)) * shape.n_vocab * 8
+    assert "lm_loss_bytes" not in classification and "lm_loss_bytes" not in predict(40, 40, lm_loss=False)
+    assert predict(4, 4, lm_loss=False) == classification  # one output per sequence is the classification case
+
+
+def test_memory_cli_counts_the_completion_tokens(tiny_gguf, tmp_path):
+    from conftest import write_jsonl
+    from edgezo.cli import main
+    from edgezo.engine import Vocabulary
+
+    def completion(n_words: int) -> str:
+        return " good" * n_words  # every record alike, so every batch holds the same number of targets
+
+    def predict(n_words: int) -> dict:
+        data = tmp_path / f"completions-{n_words}"
+        data.mkdir()
+        records = [{"prompt": f"say {w}", "completion": completion(n_words)} for w in ("good", "bad", "fine", "dull") * 2]
+        for split in ("train", "valid"):
+            write_jsonl(data / f"{split}.jsonl", records)
+        import contextlib
+        import io
+
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["memory", "--model", str(tiny_gguf), "--quant", "none", "--batch-size", "4", "--json",
+                         "--method", "mezo", "--data", str(data), "--steps", "2", "--max-seq-len", "128"]) == 0
+        return json.loads(buf.getvalue().strip().splitlines()[-1])["breakdown"]
+
+    short, long = predict(2), predict(20)
+    with Vocabulary(tiny_gguf) as vocab:
+        more_targets = len(vocab.tokenize(completion(20), False)) - len(vocab.tokenize(completion(2), False))
+    assert more_targets >= 18
+    # 4 sequences per decode, each with more_targets more positions scored: as many more output-buffer rows
+    row = read_model_shape(tiny_gguf).n_vocab * F32_BYTES
+    assert long["output_buffer_bytes"] - short["output_buffer_bytes"] == 4 * more_targets * row
+    assert long["compute_bytes"] > short["compute_bytes"] and "lm_loss_bytes" in short

@@ -36,16 +36,14 @@ CONFIGS = {
     "fzoo-fa": ("finetune", 40, 4, ["--estimator", "fzoo", "--lora-fa", "--learning-rate", "1e-2"]),
     # With --num-layers the split engine runs only the top blocks per evaluation (prefix reuse, bit-identical) and
     # validation after the first one only those blocks (repeated batches cached).
-    "fzoo-fa-top6": ("finetune", 100, 10, ["--estimator", "fzoo", "--lora-fa", "--num-layers", "6", "--learning-rate", "1e-2"]),
     "fzoo-fa-top3": ("finetune", 100, 10, ["--estimator", "fzoo", "--lora-fa", "--num-layers", "3", "--learning-rate", "1e-2"]),
-    "fzoo-fa-top3-lr3e-2": ("finetune", 100, 10, ["--estimator", "fzoo", "--lora-fa", "--num-layers", "3",
-                                                  "--learning-rate", "3e-2"]),
     # The gradient energy of the top 3 blocks' B is 1/22 of all blocks' (bench note), on 1/10 of the parameters:
     # MeZO's usable rate scales about as 1/d, so 5x the all-block rate.
     "mezo-fa-top3": ("finetune", 200, 20, ["--lora-fa", "--num-layers", "3", "--learning-rate", "2e-2"]),
     # The first 6 blocks carry about half of all blocks' gradient energy on 1/5 of the parameters (bench note):
     # LoRA there, no prefix to reuse (every evaluation runs all blocks above them), 5x the all-block rate.
     "mezo-fa-bottom6": ("finetune", 200, 20, ["--lora-fa", "--layers", "0:6", "--learning-rate", "2e-2"]),
+    "mezo-fa-bottom6-lr1e-2": ("finetune", 200, 20, ["--lora-fa", "--layers", "0:6", "--learning-rate", "1e-2"]),
     "bp": ("reference-bp", 30, 5, []),
 }
 

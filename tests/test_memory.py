@@ -355,3 +355,22 @@ def test_memory_cli_counts_the_completion_tokens(tiny_gguf, tmp_path):
     row = read_model_shape(tiny_gguf).n_vocab * F32_BYTES
     assert long["output_buffer_bytes"] - short["output_buffer_bytes"] == 4 * more_targets * row
     assert long["compute_bytes"] > short["compute_bytes"] and "lm_loss_bytes" in short
+
+
+def test_prefix_reuse_counts_both_parts_and_the_hidden_states(tmp_path):
+    from tiny_model import TinyLlama, write_tiny_llama
+
+    from edgezo.memory import part_shape, predict_llama_cpp, read_model_shape, weights_bytes
+
+    path = tmp_path / "tiny4.gguf"
+    write_tiny_llama(path, TinyLlama(n_layers=4))
+    shape = read_model_shape(path)
+    full = predict_llama_cpp(shape, "mezo", 4, 64, n_tokens_per_seq=32)
+    split = predict_llama_cpp(shape, "mezo", 4, 64, n_tokens_per_seq=32, split_at=3, n_cached_tokens=1000)
+    prefix, suffix = part_shape(shape, range(0, 4), with_head=False), part_shape(shape, range(3, 4))
+    assert split.breakdown["weights_mapped_bytes"] == weights_bytes(prefix)  # blocks 0..3, no head: the base unloaded
+    assert weights_bytes(suffix) < split.breakdown["split_suffix_model_bytes"]
+    assert split.breakdown["split_cache_bytes"] == 1000 * shape.n_embd * 4
+    assert split.breakdown["split_hidden_bytes"] == 3 * 4 * 32 * shape.n_embd * 4
+    assert split.total_bytes > full.total_bytes  # a second model and context: prefix reuse costs memory
+    assert set(full.breakdown) < set(split.breakdown)

@@ -52,10 +52,11 @@ def first_reaching(points: list[dict], threshold: float) -> dict | None:
     return next((p for p in points if p["valid_accuracy"] >= threshold - 1e-9), None)
 
 
-def best_by(points: list[dict], seconds: float) -> float | None:
-    """Best validation accuracy seen within `seconds` of training (None if the run never got that far)."""
-    seen = [p["valid_accuracy"] for p in points if p["train_seconds"] <= seconds]
-    return max(seen) if seen and points[-1]["train_seconds"] >= seconds else None
+def best_by(points: list[dict], seconds: float, key: str = "valid_accuracy", clock: str = "train_seconds",
+            pick=max) -> float | None:
+    """Best `key` seen within `seconds` of training by `clock` (None if the run never got that far)."""
+    seen = [p[key] for p in points if p[clock] <= seconds]
+    return pick(seen) if seen and points[-1][clock] >= seconds else None
 
 
 def run_config(name: str, work: Path, threads: int) -> dict:
@@ -101,6 +102,11 @@ def summarize(runs: list[dict]) -> dict:
         if "step_seconds" in r:
             median = r["step_seconds"]["median"]
             row["projected_time_to"] = {k: (n * median if n is not None else None) for k, n in row["steps_to"].items()}
+            # equal training time on an idle machine: each evaluation placed at step x the timing run's s/step
+            projected = [{**p, "projected_seconds": p["step"] * median} for p in r["points"]]
+            row["projected_best_loss_by"] = {str(t): best_by(projected, t, "valid_loss", "projected_seconds", min)
+                                             for t in AT_SECONDS}
+            row["projected_best_by"] = {str(t): best_by(projected, t, clock="projected_seconds") for t in AT_SECONDS}
         out[r["name"]] = row
     bp = out.get("bp")
     for row in out.values():
@@ -119,19 +125,21 @@ def render(result: dict) -> str:
                    for k in s["time_to"]]
         step = common.spread(r["step_seconds"], 2) if "step_seconds" in r else "-"
         projected = s.get("projected_time_to", {}).get("0.84")
-        rows.append([r["name"], r["command"], r["steps"], f"{s['best']:.3f}",
-                     *[common.fmt(s["best_by"][str(t)]) for t in AT_SECONDS], *reached, step,
+        at = [f"{common.fmt(s['projected_best_by'][str(t)])} / {common.fmt(s['projected_best_loss_by'][str(t)], 4)}"
+              if "projected_best_by" in s else "-" for t in AT_SECONDS]
+        rows.append([r["name"], r["command"], r["steps"], f"{s['best']:.3f}", *at, *reached, step,
                      common.fmt(projected, 0), common.fmt(s.get("time_over_bp", {}).get("0.84"), 1)])
-    header = ["run", "command (extra flags)", "steps", "best valid", *[f"best by {t} s" for t in AT_SECONDS],
+    header = ["run", "command (extra flags)", "steps", "best valid",
+              *[f"by {t} s: best acc / loss" for t in AT_SECONDS],
               *[f"step / s to {float(t) * 100:.0f} %" for t in THRESHOLDS], "s per step (timing run)",
               "84 %: steps x s/step", "84 %: time / BP's"]
     text = common.table(header, rows)
     text += ("\nsmollm2-135m q4_0, movie-reviews, batch 16, seed 0, LoRA rank 16 alpha 32 on attn_k,attn_v unless the "
              "flags say otherwise; validation on the same 500 reviews (every `eval_every` steps, and at step 0); "
              "training seconds exclude evaluations. Each run a fresh process, one after another. The sweep's seconds "
-             "are as loaded as the machine was (load average in the line below); the timing runs (short, no "
-             "evaluation, one configuration at a time) give seconds per step, and the time ratio to BP uses them "
-             "where present.\n\n")
+             "(the step / s columns) are as loaded as the machine was; the timing runs (short, no evaluation, one "
+             "configuration at a time) give seconds per step, and the 'by N s' columns (best validation accuracy / "
+             "lowest validation loss among the evaluations at step x s/step <= N) and the time ratio to BP use them.\n\n")
     return text + common.provenance(result) + "\n"
 
 

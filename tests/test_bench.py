@@ -16,6 +16,7 @@ import common  # noqa: E402
 import compare  # noqa: E402
 import estimators  # noqa: E402
 import fleet  # noqa: E402
+import intents_data  # noqa: E402
 import kernels  # noqa: E402
 import layer_gradients  # noqa: E402
 import mezo_step  # noqa: E402
@@ -399,3 +400,13 @@ def test_layer_gradients_weighs_energy_density_against_the_step_cost():
     assert by["bottom6"]["density_vs_all"] == pytest.approx(3.0) and by["bottom6"]["progress_per_second_vs_all"] == pytest.approx(3.0)
     assert by["top6"]["progress_per_second_vs_all"] == pytest.approx(0.3 * 2 / 1.2)
     assert layer_gradients.statistics_se([1.0, 1.0, 1.0]) == 0.0
+
+
+def test_intents_data_is_fixed_balanced_and_tests_unseen_phrasings(tmp_path):
+    first, again = intents_data.build(), intents_data.build()
+    assert first == again and {k: len(v) for k, v in first.items()} == intents_data.N
+    assert {r["label"] for r in first["train"]} == set(intents_data.LABELS.values())
+    train_texts = {r["text"] for r in first["train"]}
+    assert not train_texts & {r["text"] for r in first["test"]}  # test templates are never trained on
+    intents_data.write(tmp_path)
+    assert (tmp_path / "valid.jsonl").read_text().count("\n") == intents_data.N["valid"]

@@ -269,6 +269,12 @@ def cmd_finetune(args) -> tuple[dict, str]:
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes,
                             freeze_lora_a=args.lora_fa)
+    if budget_bytes and args.prefix_reuse == "auto":  # on by default only where it fits: it costs a second model
+        split_prediction, _ = predict_run(model_path, "mezo", args)
+        if split_prediction.total_bytes > budget_bytes and "split_suffix_model_bytes" in split_prediction.breakdown:
+            args.prefix_reuse = "off"
+            log(f"prefix reuse off: with it the predicted peak RSS ({split_prediction.total_bytes / 2**20:.0f} MiB) "
+                f"exceeds the memory budget of {budget_bytes / 2**20:.0f} MiB")
     if budget_bytes:
         refuse_over_budget(model_path, "mezo", args, budget_bytes)
     engine_batch = group.engine_batch_size(args.batch_size) if group else args.batch_size

@@ -183,3 +183,20 @@ def test_real_models_split_logits_equal_the_full_model(model, quant, first_block
         seqs = [full.tokenize(f"Review: {r['text']}\nSentiment:", add_special=True) for r in rows]
         last = [[len(s) - 1] for s in seqs]
         np.testing.assert_array_equal(parts.logits(seqs, last), full.logits(seqs, last))
+
+
+def test_prefix_reuse_turns_itself_off_where_it_would_exceed_the_memory_budget(tiny4, sentiment_dir, tmp_path, capsys):
+    common = ["--model", str(tiny4), "--data", str(sentiment_dir), "--num-layers", "2", "--batch-size", "4",
+              "--steps", "2", "--json"]
+    predicted = {}
+    for mode in ("auto", "off"):
+        assert main(["memory", *common, "--prefix-reuse", mode]) == 0
+        predicted[mode] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predicted_bytes"]
+    assert predicted["auto"] > predicted["off"]
+    budget = (predicted["auto"] + predicted["off"]) // 2
+    # in this pytest process the measured RSS may exceed a budget sized for a fresh one (exit 130 with a
+    # checkpoint); the decision under test is taken before the engine opens
+    assert main(["finetune", *common, "--eval-every", "0", "--threads", "1", "--max-memory", str(budget),
+                 "--out", str(tmp_path / "run")]) in (0, 130)
+    err = capsys.readouterr().err
+    assert "prefix reuse off: with it the predicted peak RSS" in err and "prefix reuse: blocks" not in err

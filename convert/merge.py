@@ -23,7 +23,7 @@ import numpy as np
 
 from edgezo.adapter import LoraAdapter
 from edgezo.files import EdgezoError, atomic_path
-from edgezo.formats import QUANT_FTYPES
+from edgezo.formats import QUANT_FTYPES, copy_gguf_fields, gguf_field
 
 # Output types gguf.quants can produce, by name (values are gguf.GGMLQuantizationType names).
 NUMPY_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0",
@@ -96,7 +96,7 @@ def _merge_numpy(base_path: Path, adapter: LoraAdapter, out_path: Path, outtype:
     from gguf import GGMLQuantizationType, GGUFWriter
 
     reader = _open(base_path)
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     _check_adapter(base_path, reader, arch, adapter)
     plans = _plan(reader, GGMLQuantizationType[NUMPY_TYPES[outtype]], adapter)
 
@@ -185,25 +185,11 @@ def _tensor_bytes(tensor, plan: TensorPlan, adapter: LoraAdapter) -> np.ndarray:
     return quants.quantize(w, plan.out_type)
 
 
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def _copy_metadata(reader, writer, outtype: str, adapter: LoraAdapter, plans: list[TensorPlan]) -> None:
     """All key/values of the base, with general.file_type set to the new type and a record of the merge."""
-    from gguf import GGUFValueType, LlamaFileType
+    from gguf import LlamaFileType
 
-    replaced = {"general.architecture", "general.file_type", "general.alignment", "general.quantization_version"}
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in replaced:  # GGUF.* are the reader's header pseudo-fields
-            continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), value_type, sub_type=sub_type)
-    alignment = _field(reader, "general.alignment")
-    if alignment is not None:
-        writer.add_custom_alignment(int(alignment))  # also makes the writer pad tensor data to it
+    copy_gguf_fields(reader, writer, skip={"general.file_type", "general.quantization_version"})
     writer.add_file_type(int(LlamaFileType["ALL_F32" if outtype == "f32" else f"MOSTLY_{outtype.upper()}"]))
     if any(p.out_type.name not in ("F32", "F16", "BF16") for p in plans):
         writer.add_quantization_version(2)  # GGML_QNT_VERSION
@@ -219,10 +205,10 @@ def merge_report(merged_gguf: str | os.PathLike) -> dict:
     """What merge_adapter recorded in a merged file: file type, LoRA rank/alpha/targets, type fallbacks."""
     reader = _open(Path(merged_gguf))
     return {
-        "file_type": _field(reader, "general.file_type"),
-        "lora_rank": _field(reader, "edgezo.merge.lora_rank"),
-        "lora_alpha": _field(reader, "edgezo.merge.lora_alpha"),
-        "lora_targets": _field(reader, "edgezo.merge.lora_targets"),
-        "type_fallbacks": _field(reader, "edgezo.merge.type_fallbacks") or [],
+        "file_type": gguf_field(reader, "general.file_type"),
+        "lora_rank": gguf_field(reader, "edgezo.merge.lora_rank"),
+        "lora_alpha": gguf_field(reader, "edgezo.merge.lora_alpha"),
+        "lora_targets": gguf_field(reader, "edgezo.merge.lora_targets"),
+        "type_fallbacks": gguf_field(reader, "edgezo.merge.type_fallbacks") or [],
         "tensor_types": {t.name: t.tensor_type.name for t in reader.tensors},
     }

@@ -202,9 +202,10 @@ def memory_budget(args) -> int:
     return 0
 
 
-def refuse_over_budget(model_path: Path, method: str, args, budget_bytes: int) -> None:
-    """Refuse to start a run whose predicted peak RSS (edgezo.memory, on the run's own batches) exceeds the budget."""
-    prediction, _ = predict_run(model_path, method, args)
+def refuse_over_budget(model_path: Path, method: str, args, budget_bytes: int, prediction=None) -> None:
+    """Refuse to start a run whose predicted peak RSS (edgezo.memory, on the run's own batches; `prediction` if
+    already made) exceeds the budget."""
+    prediction = prediction or predict_run(model_path, method, args)[0]
     if prediction.total_bytes > budget_bytes:
         top = sorted(prediction.breakdown.items(), key=lambda kv: -kv[1])[:3]
         raise EdgezoError(
@@ -269,14 +270,15 @@ def cmd_finetune(args) -> tuple[dict, str]:
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes,
                             freeze_lora_a=args.lora_fa)
-    if budget_bytes and args.prefix_reuse == "auto":  # on by default only where it fits: it costs a second model
-        split_prediction, _ = predict_run(model_path, "mezo", args)
-        if split_prediction.total_bytes > budget_bytes and "split_suffix_model_bytes" in split_prediction.breakdown:
-            args.prefix_reuse = "off"
-            log(f"prefix reuse off: with it the predicted peak RSS ({split_prediction.total_bytes / 2**20:.0f} MiB) "
-                f"exceeds the memory budget of {budget_bytes / 2**20:.0f} MiB")
     if budget_bytes:
-        refuse_over_budget(model_path, "mezo", args, budget_bytes)
+        prediction, _ = predict_run(model_path, "mezo", args)
+        # prefix reuse is on by default only where it fits: it costs a second model
+        if prediction.total_bytes > budget_bytes and "split_suffix_model_bytes" in prediction.breakdown:
+            args.prefix_reuse = "off"
+            log(f"prefix reuse off: with it the predicted peak RSS ({prediction.total_bytes / 2**20:.0f} MiB) "
+                f"exceeds the memory budget of {budget_bytes / 2**20:.0f} MiB")
+            prediction, _ = predict_run(model_path, "mezo", args)
+        refuse_over_budget(model_path, "mezo", args, budget_bytes, prediction)
     engine_batch = group.engine_batch_size(args.batch_size) if group else args.batch_size
     engine, base = open_engine(model_path, engine_batch, args.max_seq_len, args.threads,
                                split_for=lora if args.prefix_reuse == "auto" else None, log=log)
@@ -846,11 +848,11 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
                                    logit_cols=logit_cols, token_ids=token_ids)
     else:
         split_at, n_cached = 0, 0
+        shape = read_model_shape(model_path)
         if method == "mezo" and getattr(args, "prefix_reuse", "off") == "auto":
-            shape = read_model_shape(model_path)
             split_at = split_point(shape.architecture, shape.n_layers, lora)
             n_cached = sum(len(s) for s in valid) if args.data else 0
-        prediction = predict_llama_cpp(model_path, method, args.batch_size, args.max_seq_len, lora=lora,
+        prediction = predict_llama_cpp(shape, method, args.batch_size, args.max_seq_len, lora=lora,
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len), split_at=split_at,
                                        n_cached_tokens=n_cached, **outputs)
     return prediction, seq_len

@@ -36,7 +36,7 @@ from . import kernels
 from .adapter import LoraAdapter
 from .files import EdgezoError
 from .formats import QUANT_FTYPES, read_gguf_header
-from .split import PREFIX_CACHE_BYTES
+from .split import PREFIX_CACHE_BYTES, rename_for_suffix, ubatch_layout
 
 log = logging.getLogger("edgezo")
 
@@ -375,8 +375,6 @@ class Engine(Vocabulary):
         One decode whose graph stops, in each micro-batch, right after the node llama.cpp names l_out-(a-1): the
         blocks from a on are never computed. The callback sees micro-batches in llama.cpp's token order, which
         split.ubatch_layout mirrors; its row counts are checked against that layout."""
-        from .split import ubatch_layout
-
         if not self.capture_block:
             raise EdgezoError("block_inputs needs an engine opened with capture_block")
         self._captured, self._capture_error = [], None
@@ -614,6 +612,7 @@ class SplitEngine(Engine):
         self._last: tuple[tuple, np.ndarray] | None = None  # (batch, hidden states) of the latest prefix pass
         self._seen: set[int] = set()  # hashes of batches run once: a second sighting puts them in the cache
         self._cache: dict[tuple, np.ndarray] = {}
+        self._base_names: dict[str, str] = {}  # suffix adapter tensor name -> base name (set_adapter)
         self.prefix_passes = 0  # how many times blocks [0, a) ran (tests and benchmarks read it)
 
     def close(self) -> None:
@@ -646,14 +645,15 @@ class SplitEngine(Engine):
         return sum(h.nbytes for h in self._cache.values())
 
     def set_adapter(self, adapter: LoraAdapter | None, in_place: bool = True) -> None:
-        from .split import rename_for_suffix
-
         if adapter is not None:
-            adapter = LoraAdapter(adapter.config, adapter.architecture, rename_for_suffix(adapter.tensors, self.first_block))
+            renamed = rename_for_suffix(dict(zip(adapter.tensors, adapter.tensors)), self.first_block)
+            self._base_names = renamed  # suffix tensor name -> the adapter's own (base) name
+            adapter = LoraAdapter(adapter.config, adapter.architecture,
+                                  {new: adapter.tensors[old] for new, old in renamed.items()})
         self.suffix.set_adapter(adapter, in_place)
 
     def update_adapter(self, values: Mapping[str, np.ndarray]) -> None:
-        self.suffix.update_adapter(_SuffixNames(values, self.first_block))
+        self.suffix.update_adapter(_Renamed(values, self._base_names))
 
     @contextlib.contextmanager
     def adapter_detached(self):
@@ -661,25 +661,21 @@ class SplitEngine(Engine):
             yield
 
 
-class _SuffixNames(Mapping):
-    """`values` (keyed by the base's block numbers) read under the suffix's names, lazily (perturbed values are
-    computed on access)."""
+class _Renamed(Mapping):
+    """`values` read under other names (new name -> name in `values`), lazily: perturbed values are computed on
+    access."""
 
-    def __init__(self, values: Mapping[str, np.ndarray], first_block: int):
-        self.values, self.first_block = values, first_block
-
-    def _base_name(self, name: str) -> str:
-        block, rest = name[4:].split(".", 1)
-        return f"blk.{int(block) + self.first_block}.{rest}"
+    def __init__(self, values: Mapping[str, np.ndarray], names: Mapping[str, str]):
+        self.values, self.names = values, names
 
     def __getitem__(self, name: str) -> np.ndarray:
-        return self.values[self._base_name(name)]
+        return self.values[self.names[name]]
 
     def __iter__(self):
         raise TypeError("read by name only")
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.names)
 
 
 @dataclass(frozen=True)

@@ -180,6 +180,30 @@ def read_header(path: Path) -> GgufHeader:
         raise EdgezoError(f"{path} is not a readable GGUF file: {exc}") from None
 
 
+def gguf_field(reader, key: str):
+    """The value of `key` in a gguf.GGUFReader (None if absent)."""
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def copy_gguf_fields(reader, writer, skip=frozenset(), transform=lambda name, value: value) -> None:
+    """Every key/value of `reader` into a gguf.GGUFWriter, except `skip`, gguf's header pseudo-fields (GGUF.*) and
+    general.architecture (the writer was created with it); general.alignment is re-applied so the writer pads the
+    tensor data to it. `transform(name, value)` gives the value to write."""
+    from gguf import GGUFValueType
+
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in skip or field.name in ("general.architecture",
+                                                                                 "general.alignment"):
+            continue
+        value_type = field.types[0]
+        sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, transform(field.name, field.contents()), value_type, sub_type=sub_type)
+    alignment = gguf_field(reader, "general.alignment")
+    if alignment is not None:
+        writer.add_custom_alignment(int(alignment))
+
+
 def open_gguf(path: Path):
     """gguf's reader, on a file whose header was first walked with bounded work (read_header)."""
     from gguf import GGUFReader

@@ -33,7 +33,7 @@ from .adapter import BaseModelInfo, LoraConfig, target_tensor_names
 from .files import EdgezoError
 from .formats import GgufHeader, read_header, tensor_nbytes
 from .objective import chunk_rows
-from .split import PREFIX_CACHE_BYTES, ubatch_layout
+from .split import PREFIX_CACHE_BYTES, part_name, ubatch_layout
 
 MIB = 2**20
 
@@ -349,13 +349,8 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
 def part_shape(shape: ModelShape, blocks: range, with_head: bool = True) -> ModelShape:
     """The shape of a part of the model (edgezo.split.write_part_gguf): `blocks` and the tensors outside the blocks
     (without the output matrix unless `with_head`)."""
-    def kept(name: str) -> bool:
-        if name.startswith("blk."):
-            return int(name.split(".")[1]) in blocks
-        return with_head or not name.startswith("output.")
-
     def keep(table: dict) -> dict:
-        return {n: v for n, v in table.items() if kept(n)}
+        return {n: v for n, v in table.items() if part_name(n, blocks, with_head) is not None}
 
     return replace(shape, n_layers=len(blocks), tensor_bytes=keep(shape.tensor_bytes),
                    tensor_types=keep(shape.tensor_types), linear_shapes=keep(shape.linear_shapes),

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .files import EdgezoError, atomic_path
+from .formats import copy_gguf_fields, gguf_field, open_gguf, read_header
 
 # Architectures whose graph was read for the embedding-input path (llama.cpp's build_inp_embd and the model's
 # builder) and whose split logits are tested equal to the full model's: llama (SmolLM2), qwen2, gemma3. Gemma 3
@@ -83,16 +84,11 @@ def ubatch_layout(lengths: list[int], n_ubatch: int, n_streams: int) -> list[lis
             done[s] += per_seq
 
 
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
-
-
 def _swa_pattern(reader, arch: str, n_layers: int) -> list[bool] | None:
     """Which blocks of the base use sliding-window attention (None: the model has no sliding window)."""
-    if arch != "gemma3" or not _field(reader, f"{arch}.attention.sliding_window"):
+    if arch != "gemma3" or not gguf_field(reader, f"{arch}.attention.sliding_window"):
         return None
-    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    pattern = gguf_field(reader, f"{arch}.attention.sliding_window_pattern")
     if isinstance(pattern, list):
         return [bool(v) for v in pattern]
     period = int(pattern) if pattern is not None else GEMMA3_SWA_PERIOD
@@ -112,43 +108,34 @@ def write_part_gguf(base: str | os.PathLike, blocks: range, out: str | os.PathLi
     """Write `blocks` of `base` as blocks 0.. of a model of the same architecture, atomically, with its token
     embeddings (llama.cpp requires them; tied heads use them), the output norm and, `with_head`, the output matrix
     (without it llama.cpp falls back to the token embeddings). Quantized tensors are copied byte for byte."""
-    from gguf import GGUFValueType, GGUFWriter
-
-    from .formats import open_gguf
+    from gguf import GGUFWriter
 
     base, out = Path(base), Path(out)
     reader = open_gguf(base)
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise EdgezoError(f"{base.name}: running only the trained blocks is checked for {', '.join(SUPPORTED_ARCHITECTURES)} "
                           f"models, this one is {arch!r}; train with --prefix-reuse off")
-    n_layers = int(_field(reader, f"{arch}.block_count"))
+    n_layers = int(gguf_field(reader, f"{arch}.block_count"))
     if not (0 <= blocks.start < blocks.stop <= n_layers and blocks.step == 1):
         raise EdgezoError(f"cannot cut blocks {blocks.start}..{blocks.stop - 1} out of a {n_layers}-block model")
     swa = _swa_pattern(reader, arch, n_layers)
     with atomic_path(out) as tmp:
+        def own_blocks(name, value):  # per-block hyperparameters (head counts, ...) follow their blocks
+            per_block = name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_layers
+            return value[blocks.start : blocks.stop] if per_block else value
+
         writer = GGUFWriter(tmp, arch)
-        skipped = {"general.architecture", "general.alignment", f"{arch}.block_count",
-                   f"{arch}.attention.sliding_window_pattern"}
-        for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in skipped:
-                continue
-            value, value_type = field.contents(), field.types[0]
-            sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
-            if field.name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_layers:
-                value = value[blocks.start : blocks.stop]  # per-block hyperparameters (head counts, ...) follow their blocks
-            writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
-        alignment = _field(reader, "general.alignment")
-        if alignment is not None:
-            writer.add_custom_alignment(int(alignment))
+        copy_gguf_fields(reader, writer, skip={f"{arch}.block_count", f"{arch}.attention.sliding_window_pattern"},
+                         transform=own_blocks)
         writer.add_block_count(len(blocks))
         if swa is not None:
             writer.add_array(f"{arch}.attention.sliding_window_pattern", swa[blocks.start : blocks.stop])
         writer.add_uint32(SPLIT_KEY, blocks.start)
         kept = []
         for t in reader.tensors:
-            name = part_name(t.name, blocks)
-            if name is not None and (with_head or not name.startswith("output.")):
+            name = part_name(t.name, blocks, with_head)
+            if name is not None:
                 shape = tuple(int(d) for d in reversed(t.shape))
                 writer.add_tensor_info(name, shape, np.dtype(np.float32), int(t.n_bytes), raw_dtype=t.tensor_type)
                 kept.append(t)
@@ -161,10 +148,11 @@ def write_part_gguf(base: str | os.PathLike, blocks: range, out: str | os.PathLi
     return out
 
 
-def part_name(name: str, blocks: range) -> str | None:
-    """A base tensor's name in the part holding `blocks` (renumbered from 0), None if it is not in that part."""
+def part_name(name: str, blocks: range, with_head: bool = True) -> str | None:
+    """A base tensor's name in the part holding `blocks` (renumbered from 0), None if it is not in that part
+    (another block's, or the output matrix of a part without the head)."""
     if not name.startswith("blk."):
-        return name
+        return name if with_head or not name.startswith("output.") else None
     block, rest = name[4:].split(".", 1)
     return f"blk.{int(block) - blocks.start}.{rest}" if int(block) in blocks else None
 
@@ -187,7 +175,6 @@ def split_files(base: str | os.PathLike, first_block: int, n_layers: int, log=la
               first_block's input) must keep every row; that block is never computed.
       suffix: blocks [first_block, L), the output norm and head.
     Keyed by the base's sha256, so a changed base never meets old parts; the recorded split point is checked."""
-    from .formats import read_header
     from .store import cached_sha256, home
 
     if not 0 < first_block < n_layers:

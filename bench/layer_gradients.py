@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,8 +48,8 @@ def run_range(name: str, work: Path, steps: int, threads: int) -> dict:
 
 
 def statistics_se(values: list[float]) -> float:
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1) / len(values))
+    """Standard error of the mean."""
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def step_cost(start: int, stop: int, n_layers: int = N_LAYERS) -> float:

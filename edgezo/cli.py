@@ -7,6 +7,7 @@ last line of stdout is one JSON object (scripts and benchmarks read it).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
+from . import rewards, store, toolcalls
 from .adapter import DEFAULT_TARGETS, LoraAdapter, LoraConfig, config_dict, read_base_model_info
-from .data import Task, build_examples, build_task, read_jsonl
+from .data import Format, Task, build_examples, build_task, read_jsonl
 from .files import EdgezoError, peak_rss_bytes, write_json_atomic
 from .mezo import Estimator, MezoConfig, Schedule
 from .trainer import RunDir, TrainConfig, TrainingInterrupted
@@ -184,10 +185,12 @@ def cmd_fetch(args) -> tuple[dict, str]:
 
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
-RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads"}
+RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads",
+                  "eval_generation"}
 # Fields config.json gained later, so that older runs still resume: those whose value an older run implies (it had
 # no choice), and those it did not record (compared only when the saved configuration has them).
-ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False}
+ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False,
+                            "objective": "loss", "train.best_by": "valid_loss"}
 ADDED_UNRECORDED = {"valid", "test", "mask_prompt"}
 
 
@@ -244,9 +247,14 @@ def cmd_finetune(args) -> tuple[dict, str]:
 
     if args.workers < 1:
         raise EdgezoError(f"--workers must be >= 1, got {args.workers}")
-    if (args.workers > 1 or distributed.launched()) and (args.estimator != Estimator.MEZO.value or args.lora_fa):
-        raise EdgezoError("distributed MeZO runs the two-sided estimator on every LoRA tensor only: "
-                          "drop --estimator fzoo / --lora-fa, or train with one worker")
+    if (args.workers > 1 or distributed.launched()) and (args.estimator != Estimator.MEZO.value or args.lora_fa
+                                                         or args.objective != "loss" or args.eval_generation):
+        raise EdgezoError("distributed MeZO runs the two-sided estimator on every LoRA tensor with the loss only: "
+                          "drop --estimator fzoo / --lora-fa / --objective / --eval-generation, or train with one worker")
+    reward = None if args.objective == "loss" else rewards.load_reward(args.objective)
+    args.eval_generation = args.eval_generation or reward is not None
+    if args.eval_generation and args.prefix_reuse != "off":
+        args.prefix_reuse = "off"  # generation runs every block for each new token: nothing to reuse
     run = RunDir(args.out)
     # --resume without --model / --quant / --data continues on the run's own; the resolved names go into config.json
     saved = read_run_config(run) if args.resume else None
@@ -269,7 +277,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes,
-                            freeze_lora_a=args.lora_fa)
+                            freeze_lora_a=args.lora_fa, best_by="valid_reward" if reward else "valid_loss")
     if budget_bytes:
         prediction, _ = predict_run(model_path, "mezo", args)
         # prefix reuse is on by default only where it fits: it costs a second model
@@ -285,12 +293,23 @@ def cmd_finetune(args) -> tuple[dict, str]:
     task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"], optional={"valid"})
     if "valid" not in examples:
         log("no validation split: training without periodic evaluation")
+    hooks = {}
+    if args.eval_generation:
+        metrics = generation_metrics(task, args.data, None)
+        if metrics is None:
+            raise EdgezoError("--objective with a reward and --eval-generation need prompt/completion or chat data "
+                              "with the prompt masked")
+        if reward:
+            metrics["reward"] = reward
+            hooks["objective"] = functools.partial(rewards.reward_loss_function, reward=reward)
+        hooks["evaluate_fn"] = functools.partial(rewards.evaluate_with_generation, metrics=metrics)
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
         "valid": args.valid, "test": args.test, "template": task.template, "mask_prompt": args.mask_prompt,
         "label_words": label_words, "max_seq_len": args.max_seq_len, "task": task_dict(task),
         "lora": config_dict(lora), "mezo": {**asdict(mezo), "schedule": mezo.schedule.value, "estimator": estimator.value},
-        "train": asdict(train_cfg), "threads": args.threads,
+        "train": asdict(train_cfg), "threads": args.threads, "objective": args.objective,
+        "eval_generation": args.eval_generation,
     }
     if group:  # only then: single-process runs resume as before, and a change of world size or mode is refused
         config["distributed"] = group.config_dict()
@@ -314,7 +333,6 @@ def cmd_finetune(args) -> tuple[dict, str]:
         adapter = fresh()
         run.create()
         run.metrics.unlink(missing_ok=True)
-    hooks = {}
     if group:  # same config, data and adapter on every rank (a rank behind replays rank 0's step log); no weights sent
         adapter, start_step = group.synchronize(adapter, start_step, distributed.run_digest(config, examples["train"]),
                                                 run, mezo, fresh)
@@ -500,8 +518,11 @@ class ConsoleProgress:
                 self.eval_bar.close()
             self.postfix["val_acc"] = f"{event['valid_accuracy']:.3f}"
             self.bar.set_postfix(self.postfix)
+            generated = "".join(f", {key.removeprefix('valid_')} {event[key]:.4f}"
+                                for key in ("valid_exact_match", "valid_reward") if key in event)
             self.bar.write(f"step {event['step']}: valid loss {event['valid_loss']:.4f}, "
-                           f"accuracy {event['valid_accuracy']:.4f} ({event['n_valid']} examples)", file=sys.stderr)
+                           f"accuracy {event['valid_accuracy']:.4f}{generated} ({event['n_valid']} examples)",
+                           file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()
@@ -549,13 +570,33 @@ def cmd_eval(args) -> tuple[dict, str]:
     subset = examples[args.split][: args.limit] if args.limit else examples[args.split]
     from tqdm import tqdm
 
+    metrics = generation_metrics(task, data_spec, args.reward)
     with tqdm(total=len(subset), desc=f"eval {args.split}", unit="ex", file=sys.stderr, dynamic_ncols=True) as bar:
-        totals = evaluate(engine, subset, task, args.batch_size, on_batch=bar.update)
-    result = {"accuracy": totals.accuracy, "loss": totals.loss, "n_examples": totals.n_examples, "split": args.split,
-              "model": str(model_path), "adapter": str(adapter_path) if adapter_path else None,
+        if metrics is None:
+            totals = evaluate(engine, subset, task, args.batch_size, on_batch=bar.update)
+        else:
+            totals = rewards.evaluate_with_generation(engine, subset, task, args.batch_size, metrics, on_batch=bar.update)
+    generated = getattr(totals, "metrics", {})
+    result = {"accuracy": totals.accuracy, "loss": totals.loss, **generated, "n_examples": totals.n_examples,
+              "split": args.split, "model": str(model_path), "adapter": str(adapter_path) if adapter_path else None,
               "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
     what = "accuracy" if task.is_classification else "token accuracy"
-    return result, f"{args.split}: {what} {totals.accuracy:.4f}  loss {totals.loss:.4f}  ({totals.n_examples} examples)"
+    return result, (f"{args.split}: {what} {totals.accuracy:.4f}  loss {totals.loss:.4f}"
+                    + "".join(f"  {name} {value:.4f}" for name, value in generated.items())
+                    + f"  ({totals.n_examples} examples)")
+
+
+def generation_metrics(task: Task, data_spec: str, reward: str | None) -> dict | None:
+    """The metrics of greedy generations eval reports on `task` (exact_match comes always; `reward` as "reward";
+    the built-in tool-calls data's call metrics), or None for data without completions to generate."""
+    if task.format not in (Format.COMPLETIONS, Format.CHAT) or not task.mask_prompt:
+        if reward:
+            raise EdgezoError("--reward needs prompt/completion or chat data with the prompt masked")
+        return None
+    metrics = rewards.tool_call_metrics() if data_spec == toolcalls.NAME else {}
+    if reward:
+        metrics["reward"] = rewards.load_reward(reward)
+    return metrics
 
 
 # ---- generate ----------------------------------------------------------------------------------------------------
@@ -1049,6 +1090,14 @@ def build_parser() -> argparse.ArgumentParser:
         "normalised by the losses' std (arXiv 2506.09034) [%(default)s]")
     groups["optimizer"].add_argument("--n-directions", type=int,
                                      help=f"random directions per step [mezo {m.n_directions}, fzoo {FZOO_DEFAULT_DIRECTIONS}]")
+    groups["optimizer"].add_argument(
+        "--objective", default="loss",
+        help="what MeZO minimises: loss (the data's NLL), or minus a reward of the greedy generations of "
+        "prompt/completion or chat data: exact-match, tool-call (graded JSON call), or MODULE:FUNCTION, a Python "
+        "function (prompt, completion) -> float [%(default)s]")
+    groups["training loop"].add_argument(
+        "--eval-generation", action="store_true",
+        help="validate also by greedy generation: exact_match (and the reward) [on with a reward --objective]")
     groups["LoRA"].add_argument("--lora-fa", action="store_true", help="LoRA-FA: train B only, A stays at its random init")
     groups["LoRA"].add_argument("--prefix-reuse", choices=["auto", "off"], default="auto",
                                 help="auto: when LoRA sits on the top blocks only (--num-layers), run the blocks "
@@ -1093,6 +1142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best (none: zero-shot)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="[%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+    p.add_argument("--reward", help="prompt/completion or chat data: also the mean of this reward of the greedy "
+                   "generations (exact-match, tool-call or MODULE:FUNCTION)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text with the base model and an optional adapter")

@@ -100,8 +100,12 @@ DATASETS = {
 }
 
 
+# Synthetic datasets edgezo writes itself from the templates it ships (edgezo.toolcalls), deterministically
+GENERATED_DATASETS = ("tool-calls",)
+
+
 def is_builtin(name: str) -> bool:
-    return name in MODELS or name in DATASETS
+    return name in MODELS or name in DATASETS or name in GENERATED_DATASETS
 
 
 def fetch(name: str, log: Log = lambda msg: None) -> Path:
@@ -110,7 +114,10 @@ def fetch(name: str, log: Log = lambda msg: None) -> Path:
         return _fetch_model(MODELS[name], log)
     if name in DATASETS:
         return _fetch_dataset(DATASETS[name], log)
-    raise EdgezoError(f"unknown built-in name {name!r}; models: {', '.join(MODELS)}; datasets: {', '.join(DATASETS)}")
+    if name in GENERATED_DATASETS:
+        return _generate_dataset(name, log)
+    raise EdgezoError(f"unknown built-in name {name!r}; models: {', '.join(MODELS)}; "
+                      f"datasets: {', '.join([*DATASETS, *GENERATED_DATASETS])}")
 
 
 # ---- models --------------------------------------------------------------------------------------------------
@@ -207,6 +214,31 @@ def _fetch_dataset(ds: BuiltinDataset, log: Log) -> Path:
     return directory
 
 
+def _generate_dataset(name: str, log: Log) -> Path:
+    """Write a synthetic built-in dataset's splits once; the files are a pure function of the generator's code,
+    so a directory written by another version of it is rewritten."""
+    from . import toolcalls
+
+    directory = home() / "datasets" / name
+    marker = directory / "SOURCE.json"
+    if marker.exists():
+        recorded = json.loads(marker.read_text())
+        if recorded.get("version") == toolcalls.VERSION:
+            for split in ("train", "valid", "test"):
+                _verify(directory / f"{split}.jsonl", recorded["sha256"][split])
+            return directory
+    splits = toolcalls.make_splits()
+    hashes = {}
+    for split, records in splits.items():
+        path = directory / f"{split}.jsonl"
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+        hashes[split] = sha256_file(path)
+    write_json_atomic(marker, {"generator": "edgezo.toolcalls", "version": toolcalls.VERSION, "synthetic": True,
+                               "n": {k: len(v) for k, v in splits.items()}, "sha256": hashes})
+    log(f"wrote the synthetic {name} dataset to {directory} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
+    return directory
+
+
 def _movie_review_snippets(sdist: Path) -> bytes:
     with tarfile.open(sdist) as outer:
         inner_name = next(n for n in outer.getnames() if n.endswith("additional_resources/hutto_ICWSM_2014.tar.gz"))
@@ -238,6 +270,8 @@ def resolve_data(spec: str, valid: str | None = None, test: str | None = None, l
 
     if spec in DATASETS:
         return resolve_files(fetch(spec, log), valid, test), DATASETS[spec].template
+    if spec in GENERATED_DATASETS:
+        return resolve_files(fetch(spec, log), valid, test), None
     return resolve_files(spec, valid, test), None
 
 

@@ -34,10 +34,18 @@ from .files import (EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file,
                     write_text_atomic)
 from .mezo import MezoConfig, NonFiniteLoss, StepRecord, zo_step
 from .objective import Totals, evaluate, loss_function
+from .rewards import RewardError
 
 Event = dict
 Callback = Callable[[Event], None]
 StepFn = Callable[[dict, Sequence[Example], int], StepRecord]
+ObjectiveFn = Callable[..., Callable]  # (engine, batch, task) -> the step's loss function of the parameters
+BEST_BY = {"valid_loss": 1.0, "valid_reward": -1.0}  # the sign that makes lower better
+
+
+def is_better(event: dict, best: dict | None, key: str) -> bool:
+    """Whether evaluation `event` beats `best` on `key` (the earlier one wins a tie)."""
+    return best is None or BEST_BY[key] * event[key] < BEST_BY[key] * best[key]
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,13 @@ class TrainConfig:
     n_valid: int = 500  # validation examples used per evaluation (the first n of the split); 0: all
     max_memory_bytes: int = 0  # stop with a checkpoint when the process RSS exceeds this; 0: no limit
     freeze_lora_a: bool = False  # LoRA-FA: perturb and train B only, A stays at its random init (d / (1 + n_in / n_out))
+    best_by: str = "valid_loss"  # adapter.best.gguf: lowest valid_loss, or highest valid_reward (reward objectives)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
             raise EdgezoError("steps must be >= 0 and batch size >= 1")
+        if self.best_by not in BEST_BY:
+            raise EdgezoError(f"best_by must be one of {sorted(BEST_BY)}, got {self.best_by!r}")
 
 
 @dataclass
@@ -117,14 +128,16 @@ class RunDir:
     def save_best(self, adapter: LoraAdapter) -> None:
         adapter.save(self.best)
 
-    def best_eval(self, up_to_step: int) -> dict | None:
-        """The logged evaluation with the lowest validation loss at or before `up_to_step` (the first on a tie), if
+    def best_eval(self, up_to_step: int, key: str = "valid_loss") -> dict | None:
+        """The logged evaluation best on `key` (see BEST_BY) at or before `up_to_step` (the first on a tie), if
         adapter.best.gguf holds it; None for a new run or one from before best adapters were kept."""
         if not self.metrics.exists() or not self.best.exists():
             return None
-        evals = [e for e in map(json.loads, filter(None, self.metrics.read_text().splitlines()))
-                 if "valid_loss" in e and e["step"] <= up_to_step]
-        return min(evals, key=lambda e: e["valid_loss"], default=None)
+        best = None
+        for event in map(json.loads, filter(None, self.metrics.read_text().splitlines())):
+            if key in event and event["step"] <= up_to_step and is_better(event, best, key):
+                best = event
+        return best
 
     def train_seconds_at(self, step: int) -> float:
         """Cumulative training seconds logged up to `step` (0.0 for a new run), so a resumed run's clock continues."""
@@ -175,18 +188,21 @@ def trainable_tensors(adapter: LoraAdapter, freeze_lora_a: bool) -> dict:
 def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example], valid_set: Sequence[Example],
           mezo: MezoConfig, config: TrainConfig, run: RunDir, start_step: int = 0,
           callback: Callback = lambda event: None, step_fn: StepFn | None = None,
-          evaluate_fn: Callable = evaluate) -> TrainResult:
+          evaluate_fn: Callable = evaluate, objective: ObjectiveFn = loss_function) -> TrainResult:
     """Train `adapter` in place from `start_step` to `config.steps`; the engine must hold it with set_adapter().
 
-    `step_fn(theta, batch, step) -> StepRecord` replaces the MeZO step on the whole batch and `evaluate_fn` (same
-    signature as objective.evaluate) the validation: edgezo.distributed plugs its exchanges in here."""
+    `objective(engine, batch, task)` gives the function of the parameters MeZO minimises on a batch (the loss, or
+    edgezo.rewards' negated reward). `step_fn(theta, batch, step) -> StepRecord` replaces the MeZO step on the
+    whole batch and `evaluate_fn` (same signature as objective.evaluate) the validation: edgezo.distributed
+    plugs its exchanges in here. An evaluator whose totals carry `metrics` (edgezo.rewards) logs each as
+    valid_<name>."""
     if not train_set:
         raise EdgezoError("the training split is empty")
     valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set
     theta = trainable_tensors(adapter, config.freeze_lora_a)  # the same arrays: updates land in adapter.tensors
     recent_losses: list[float] = []
     valid = None
-    best = run.best_eval(start_step)
+    best = run.best_eval(start_step, config.best_by)
     train_seconds = run.train_seconds_at(start_step)
     with open(run.metrics, "a") as log, stop_requests() as stop:
 
@@ -197,10 +213,12 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             totals = evaluate_fn(engine, valid_set, task, config.batch_size,
                                  on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
             event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
-                     "n_valid": totals.n_examples, "train_seconds": train_seconds}
-            # Best by validation loss, not accuracy: defined for every data format, and 500 examples tie often
-            # on accuracy. Saved before the log line, so a logged best always has its file.
-            if best is None or totals.loss < best["valid_loss"]:
+                     "n_valid": totals.n_examples, "train_seconds": train_seconds,
+                     **{f"valid_{name}": value for name, value in getattr(totals, "metrics", {}).items()}}
+            # Best by validation loss (or the reward a reward objective maximises), not accuracy: defined for every
+            # data format, and 500 examples tie often on accuracy. Saved before the log line, so a logged best
+            # always has its file.
+            if is_better(event, best, config.best_by):
                 run.save_best(adapter)
                 best = event
             log.write(json.dumps(event) + "\n")
@@ -215,13 +233,13 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             batch = [train_set[i] for i in batch_indices(len(train_set), config.batch_size, config.seed, step)]
             try:
                 if step_fn is None:
-                    loss = loss_function(engine, batch, task)
+                    loss = objective(engine, batch, task)
                     # frozen tensors (LoRA-FA's A) come from the adapter, the trained ones from the estimator
                     record = zo_step(theta, lambda params: loss(collections.ChainMap(params, adapter.tensors)),
                                      mezo, config.seed, step, config.steps)
                 else:
                     record = step_fn(theta, batch, step)
-            except NonFiniteLoss as exc:
+            except (NonFiniteLoss, RewardError) as exc:
                 raise EdgezoError(f"{exc}; training stopped, the last good checkpoint ({run.checkpoint}) is kept") from None
             if not all(np.isfinite(t).all() for t in theta.values()):
                 raise EdgezoError(f"step {step + 1}: the update made the adapter non-finite (learning rate too high?); "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .files import EdgezoError
@@ -30,10 +30,11 @@ class FinetuneResult:
     peak_rss_bytes: int
     valid_accuracy: float | None = None  # at the last step (None without a validation split)
     valid_loss: float | None = None
-    best_adapter: Path | None = None  # adapter.best.gguf: the lowest validation loss
+    best_adapter: Path | None = None  # adapter.best.gguf: the lowest validation loss (highest reward: --objective)
     best_step: int | None = None
     best_valid_loss: float | None = None
     best_valid_accuracy: float | None = None
+    best_valid_reward: float | None = None  # --objective with a reward only
 
     def metrics(self) -> list[dict]:
         """The run's metrics.jsonl: one dict per step and per evaluation."""
@@ -56,6 +57,12 @@ class EvalResult:
     model: Path
     adapter: Path | None
     seconds: float
+    # prompt/completion and chat data: means over greedy generations (exact_match; a `reward`; on the tool-calls
+    # data json_valid, name_accuracy, argument_accuracy, tool_call_reward)
+    generation: dict[str, float] = field(default_factory=dict)
+
+
+EVAL_FIELDS = {f.name for f in fields(EvalResult)} | {"peak_rss_bytes"}  # eval --json's keys other than generation's
 
 
 def _command_args(command: str, options: dict) -> argparse.Namespace:
@@ -110,4 +117,5 @@ def evaluate(**options) -> EvalResult:
     result, _ = cmd_eval(_command_args("eval", options))
     return EvalResult(accuracy=result["accuracy"], loss=result["loss"], n_examples=result["n_examples"],
                       split=result["split"], model=Path(result["model"]),
-                      adapter=Path(result["adapter"]) if result["adapter"] else None, seconds=result["seconds"])
+                      adapter=Path(result["adapter"]) if result["adapter"] else None, seconds=result["seconds"],
+                      generation={k: v for k, v in result.items() if k not in EVAL_FIELDS})

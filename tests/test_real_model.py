@@ -61,3 +61,13 @@ def test_llama_cpp_with_exported_adapter_matches_the_engine(smollm2_q4_0, tmp_pa
     llm.close()
     assert np.abs(ours - base_logits).max() > 0.1  # the adapter matters ...
     assert np.abs(ours - theirs).max() < 1e-3  # ... and llama.cpp applies it exactly as the engine does
+
+
+def test_tool_calls_eval_generates_and_scores_the_calls(smollm2_q4_0, capsys):
+    assert main(["eval", "--model", "smollm2-135m", "--quant", "q4_0", "--data", "tool-calls", "--split", "valid",
+                 "--limit", "16", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["n_examples"] == 16 and result["loss"] > 0
+    # per generation an exact match is a right name is valid JSON, so the means are ordered the same way
+    assert 0 <= result["exact_match"] <= result["name_accuracy"] <= result["json_valid"] <= 1
+    assert 0 <= result["argument_accuracy"] <= result["name_accuracy"] and 0 <= result["tool_call_reward"] <= 1

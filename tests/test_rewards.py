@@ -196,7 +196,8 @@ def test_eval_reports_exact_match_on_completions_only(tiny_gguf, completions_dir
 
 
 def test_reward_run_logs_the_objective_and_resumes_bit_exactly(tiny_gguf, completions_dir, tmp_path, capsys):
-    run_json(capsys, reward_run(tiny_gguf, completions_dir, tmp_path / "full", 4, "--objective", "exact-match"))
+    full = run_json(capsys, reward_run(tiny_gguf, completions_dir, tmp_path / "full", 4, "--objective", "exact-match"))
+    assert full["best_valid_reward"] >= 0.5 and "valid_exact_match" in full
     run_json(capsys, reward_run(tiny_gguf, completions_dir, tmp_path / "part", 2, "--objective", "exact-match"))
     run_json(capsys, reward_run(tiny_gguf, completions_dir, tmp_path / "part", 4, "--objective", "exact-match",
                                 "--resume"))
@@ -230,3 +231,27 @@ def test_a_failing_user_reward_stops_with_the_last_good_checkpoint(tiny_gguf, co
     assert code != 0 and "raised RuntimeError: scorer offline" in err and "last good checkpoint" in err
     state = json.loads((out / "state.json").read_text())
     assert state["step"] == 3 and (out / state["checkpoint"]).exists()
+
+
+def test_python_api_evaluate_returns_the_generation_metrics(tiny_gguf, completions_dir, sentiment_dir):
+    import edgezo
+
+    result = edgezo.evaluate(model=tiny_gguf, quant="f32", data=completions_dir, max_seq_len=96, batch_size=4,
+                             reward="exact-match")
+    assert result.generation == {"exact_match": 0.5, "reward": 0.5}
+    classified = edgezo.evaluate(model=tiny_gguf, quant="f32", data=sentiment_dir, template="{text}\nLabel:")
+    assert classified.generation == {}
+
+
+def test_the_best_evaluation_is_the_highest_reward_or_the_lowest_loss(tmp_path):
+    from edgezo.trainer import RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.create()
+    events = [{"step": 0, "valid_loss": 2.0, "valid_reward": 0.1}, {"step": 5, "valid_loss": 1.5, "valid_reward": 0.4},
+              {"step": 10, "valid_loss": 1.2, "valid_reward": 0.4}, {"step": 15, "valid_loss": 1.0, "valid_reward": 0.3}]
+    run.metrics.write_text("".join(json.dumps(e) + "\n" for e in events))
+    run.best.write_bytes(b"")
+    assert run.best_eval(20, "valid_reward")["step"] == 5  # the first of the two highest
+    assert run.best_eval(20)["step"] == 15
+    assert run.best_eval(12)["step"] == 10

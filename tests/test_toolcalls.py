@@ -201,3 +201,23 @@ def test_call_reward_stays_in_unit_interval_on_mangled_calls(splits):
 def test_score_call_rejects_a_reference_that_is_not_a_call():
     with pytest.raises(ValueError):
         score_call(ALARM, "07:30")
+
+
+def test_the_builtin_dataset_is_written_once_verified_and_rewritten_for_a_new_generator(monkeypatch):
+    from edgezo import store
+    from edgezo.files import EdgezoError
+
+    directory = store.fetch(toolcalls.NAME)
+    written = {s: [json.loads(line) for line in (directory / f"{s}.jsonl").read_text().splitlines()]
+               for s in ("train", "valid", "test")}
+    assert written == make_splits()
+    assert json.loads((directory / "SOURCE.json").read_text())["synthetic"] is True
+    train = directory / "train.jsonl"
+    train.write_text(train.read_text()[:-10])
+    with pytest.raises(EdgezoError, match="corrupted"):
+        store.fetch(toolcalls.NAME)
+    monkeypatch.setattr(toolcalls, "VERSION", toolcalls.VERSION + 1)  # a changed generator writes its data anew
+    assert store.fetch(toolcalls.NAME) == directory
+    assert [json.loads(line) for line in train.read_text().splitlines()] == written["train"]
+    files, template = store.resolve_data(toolcalls.NAME)
+    assert files.test == directory / "test.jsonl" and template is None

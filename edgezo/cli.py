@@ -1189,7 +1189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("capacity", help="the largest model of known families each method fine-tunes on a device")
     p.add_argument("--device", required=True, help="device profile (device_profiles/NAME.toml)")
-    p.add_argument("--family", help="comma-separated families (smollm2, qwen2.5, llama3.2, gemma3) [all]")
+    p.add_argument("--family", help="comma-separated families (smollm2, qwen2.5, llama3.2, gemma3; qwen2.5-coder: "
+                   "the built-in Qwen2.5-Coder GGUFs) [smollm2,qwen2.5,llama3.2,gemma3]")
     p.add_argument("--batch-size", type=int, default=16, help="[%(default)s]")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence [%(default)s]")
     p.add_argument("--rank", type=int, default=lo.rank, help="[%(default)s]")

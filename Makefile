@@ -41,6 +41,7 @@ bench: install-torch  # every measurement the README and docs/ quote (~3 h on 2 
 	$(PYTHON) bench/prefix_reuse.py
 	$(PYTHON) bench/layer_gradients.py --work runs/layer-gradients-$$(date +%s)
 	$(PYTHON) bench/estimators.py --work runs/estimators-$$(date +%s) --time-steps 6
+	$(PYTHON) bench/generative.py --work runs/generative-$$(date +%s)
 	$(PYTHON) bench/compare.py
 	$(PYTHON) bench/time_to_accuracy.py --launch --out-dir runs/bench-time-to-accuracy-$$(date +%s)
 	$(PYTHON) bench/distributed.py

@@ -61,18 +61,41 @@ def train(name: str, work: Path, threads: int) -> dict:
             argv += ["--save-every", "10"] + (["--resume"] if (out / "state.json").exists() else [])
         common.run_json([sys.executable, *argv], name, timeout=4 * 3600)
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    step_seconds = [e["seconds"] for e in log if "loss" in e][1:]  # the first step warms caches and thread pools
-    return {"name": name, "command": f"edgezo {command} " + " ".join(extra), "steps": steps,
-            "train_seconds": max(e["train_seconds"] for e in log), "step_seconds": common.summary(step_seconds),
-            "curve": [e for e in log if "valid_loss" in e], "adapter": str(out / "adapter.gguf")}
+    steps_logged = [e for e in log if "loss" in e]
+    step_seconds = [e["seconds"] for e in steps_logged][1:]  # the first step warms caches and thread pools
+    run = {"name": name, "command": f"edgezo {command} " + " ".join(extra), "steps": steps,
+           "train_seconds": max(e["train_seconds"] for e in log), "step_seconds": common.summary(step_seconds),
+           "curve": [e for e in log if "valid_loss" in e], "adapter": str(out / "adapter.gguf")}
+    if command == "finetune":  # a step whose two evaluations scored the same learns nothing
+        run["flat_step_fraction"] = sum(all(g == 0 for g in e["projected_grads"]) for e in steps_logged) / len(steps_logged)
+    return run
 
 
-def test(adapter: str | None, files: dict[str, Path], threads: int) -> dict:
+def summarize(runs: list[dict]) -> dict:
+    """A reward step's cost over an NLL step's (median seconds), and each run's test exact match over zero-shot's."""
+    by_name = {r["name"]: r for r in runs}
+    out = {}
+    if "mezo-reward" in by_name and "mezo-nll" in by_name:
+        out["reward_step_over_nll_step"] = common.ratio(by_name["mezo-reward"]["step_seconds"]["median"],
+                                                        by_name["mezo-nll"]["step_seconds"]["median"])
+    zero = by_name.get("zero-shot")
+    if zero:
+        out["exact_match_gain"] = {r["name"]: {kind: r["test"][kind]["exact_match"] - zero["test"][kind]["exact_match"]
+                                               for kind in r["test"]} for r in runs if r is not zero}
+    return out
+
+
+def test(name: str, adapter: str | None, files: dict[str, Path], work: Path, threads: int) -> dict:
+    """Test metrics of `adapter` (None: the base model) per template kind; kept in work/test-NAME.json for reuse."""
+    done = work / f"test-{name}.json"
+    if done.exists():
+        return json.loads(done.read_text())
     out = {}
     for kind, path in files.items():
         argv = ["-m", "edgezo.cli", "eval", *COMMON, "--split", "test", "--test", str(path), "--threads", str(threads)]
         result = common.run_json([sys.executable, *argv, *(["--adapter", adapter] if adapter else [])], f"test {kind}")
         out[kind] = {k: result[k] for k in (*TEST_METRICS, "n_examples", "seconds")}
+    done.write_text(json.dumps(out))
     return out
 
 
@@ -86,17 +109,22 @@ def render(result: dict) -> str:
         tests = [f"{r['test'][kind]['exact_match']:.3f} / {r['test'][kind]['json_valid']:.2f} / "
                  f"{r['test'][kind]['argument_accuracy']:.2f} / {r['test'][kind]['loss']:.3f}" for kind in ("seen", "unseen")]
         step = common.spread(r["step_seconds"], 1) if "step_seconds" in r else "-"
+        flat = common.fmt(r.get("flat_step_fraction"), 2)
         rows.append([r["name"], r.get("command", "edgezo eval"), r.get("steps", 0), step,
-                     common.fmt(r.get("train_seconds"), 0), nll, valid, *tests])
-    header = ["run", "command (extra flags)", "steps", "s per step", "train s", "valid NLL start -> end",
+                     common.fmt(r.get("train_seconds"), 0), flat, nll, valid, *tests])
+    header = ["run", "command (extra flags)", "steps", "s per step", "train s", "flat steps", "valid NLL start -> end",
               "valid exact match start -> end", "test seen: exact / JSON valid / args / NLL",
               "test unseen: exact / JSON valid / args / NLL"]
     text = common.table(header, rows)
+    ratio = result["summary"].get("reward_step_over_nll_step")
+    if ratio:
+        text += f"\nA MeZO step on the reward (two batched greedy generations) costs {ratio:.2f}x a step on the NLL.\n"
     text += (f"\nsmollm2-135m q4_0, tool-calls (synthetic, chat format, 2000 train examples), batch 16, seed 0, LoRA "
              f"rank 16 alpha 32 on attn_k,attn_v, MeZO lr 1e-3 eps 1e-2, BP AdamW lr 1e-3. Validation on the first "
              f"{N_VALID} validation examples (MeZO by greedy generation too); test on {N_TEST} examples with seen and "
              f"{N_TEST} with unseen request templates, greedy generation of the last assistant turn; args = argument "
-             f"accuracy; NLL = completion NLL per token. Each run a fresh process, one after another; train s excludes "
+             f"accuracy; NLL = completion NLL per token; flat steps = fraction of MeZO steps whose perturbed "
+             f"evaluations scored the same (no update). Each run a fresh process, one after another; train s excludes "
              f"evaluations.\n\n")
     return text + common.provenance(result) + "\n"
 
@@ -119,9 +147,9 @@ def main(argv=None) -> int:
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
         run = {"name": name} if CONFIGS[name] is None else train(name, args.work, args.threads)
-        run["test"] = test(run.get("adapter"), files, args.threads)
+        run["test"] = test(name, run.get("adapter"), files, args.work, args.threads)
         runs.append(run)
-    result = {"benchmark": NAME, "time": common.utc_now(), "machine": machine, "runs": runs,
+    result = {"benchmark": NAME, "time": common.utc_now(), "machine": machine, "runs": runs, "summary": summarize(runs),
               "load_average_end": common.load_average()}
     common.publish(NAME, TITLE, result, render(result), args.json)
     return 0

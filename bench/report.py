@@ -35,6 +35,7 @@ SECTIONS = (
     ("prefix_reuse", "Prefix reuse: what the split path's parts cost over one full forward", {}),
     ("layer_gradients", "Which blocks carry MeZO's gradient: LoRA-FA gradient energy by block range", {}),
     ("estimators", "Fast MeZO levers against torch BP: accuracy against steps and training time", {}),
+    ("generative", "MeZO on a generative task (tool calls): NLL against a reward of its own generations, BP alongside", {}),
 )
 
 

@@ -441,7 +441,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     if args.threads:
         reference.torch.set_num_threads(args.threads)
     config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
-                                       gradient_checkpointing=args.gradient_checkpointing)
+                                       gradient_checkpointing=args.gradient_checkpointing, base_dtype=args.base_dtype)
     lora = lora_from_args(args)
     lr = mezo_learning_rate(args) if args.method == "mezo" else args.learning_rate
     schedule = MezoConfig(learning_rate=lr, eps=args.eps, weight_decay=args.weight_decay,
@@ -1132,10 +1132,15 @@ def build_parser() -> argparse.ArgumentParser:
                            help="base weights; the LoRA stays float32 [%(default)s]")
             g.add_argument("--gradient-checkpointing", "--grad-checkpoint", action="store_true",
                            help="recompute activations in backward instead of storing them")
+            g.add_argument("--base-dtype", choices=["float", "q8_0", "q4_0"], default="float",
+                           help="linear weights: float (the GGUF dequantized once) or kept in the GGUF's q8_0 / q4_0 "
+                           "blocks and dequantized on use, QLoRA-style; needs that file: --quant q8_0 / q4_0 "
+                           "[%(default)s]")
         else:
             g.add_argument("--learning-rate", type=float, help=LR_HELP)
             g.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
-        p.set_defaults(func=cmd_reference, method=method, dtype="float32", gradient_checkpointing=False, eps=m.eps)
+        p.set_defaults(func=cmd_reference, method=method, dtype="float32", gradient_checkpointing=False, eps=m.eps,
+                       base_dtype="float")
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)

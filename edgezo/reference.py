@@ -2,7 +2,9 @@
 
 Two methods, both on the weights llama.cpp runs (the run's GGUF dequantized to float and converted GGUF -> HF by
 convert/gguf_to_hf.py), both starting from edgezo's own initial adapter (LoraAdapter.init, same seed) loaded into PEFT:
-    bp    backpropagation with AdamW (optionally gradient checkpointing, float32 or bfloat16 base weights)
+    bp    backpropagation with AdamW (optionally gradient checkpointing, float32 or bfloat16 base weights), or with
+          base_dtype q8_0 / q4_0 on a quantized base as QLoRA and MeBP do: the linear layers keep the GGUF's own blocks
+          and dequantize them on use, forward and backward (edgezo.quant_torch); the file must be of that type
     mezo  the MeZO baseline as Malladi et al. wrote it for torch: perturb the LoRA parameters in place with
           z ~ N(0, I) from a seeded generator, +eps, -2 eps, +eps, then step along z; float32
 Token ids come from llama.cpp's tokenizer (edgezo.engine.Vocabulary) and the loss mirrors edgezo.objective.score,
@@ -32,12 +34,14 @@ from . import store
 from .adapter import BaseModelInfo, LoraAdapter
 from .data import Example, Task, batch_indices
 from .files import EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file
+from .formats import QUANT_FTYPES, read_header
 from .mezo import MezoConfig, direction_seed, learning_rate_at
 from .objective import Totals, evaluate
 from .trainer import RunDir, TrainingInterrupted, TrainResult, stop_requests
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = ("bp", "mezo")
+BASE_DTYPES = ("float", "q8_0", "q4_0")  # float: the GGUF dequantized once; q8_0 / q4_0: its blocks, dequantized on use
 
 
 @dataclass(frozen=True)
@@ -45,14 +49,24 @@ class ReferenceConfig:
     method: str = "bp"  # "bp": AdamW on the LoRA tensors; "mezo": MeZO on the same tensors, in place
     dtype: str = "float32"  # base weights (the LoRA tensors stay float32, as PEFT keeps them)
     gradient_checkpointing: bool = False  # bp: recompute each layer's activations in backward instead of storing them
+    base_dtype: str = "float"  # bp: "q8_0" / "q4_0" keeps the linear layers in the GGUF's blocks (QLoRA-style)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise EdgezoError(f"unknown reference method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.dtype not in DTYPES:
             raise EdgezoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.method == "mezo" and (self.dtype != "float32" or self.gradient_checkpointing):
-            raise EdgezoError("the torch MeZO baseline runs in float32 without gradient checkpointing")
+        if self.base_dtype not in BASE_DTYPES:
+            raise EdgezoError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
+        if self.method == "mezo" and (self.dtype != "float32" or self.gradient_checkpointing or self.quantized_base):
+            raise EdgezoError("the torch MeZO baseline runs in float32 on a float base without gradient checkpointing")
+        if self.quantized_base and self.dtype != "float32":
+            raise EdgezoError(f"--base-dtype {self.base_dtype} dequantizes to float32; --dtype {self.dtype} is for "
+                              f"the float base")
+
+    @property
+    def quantized_base(self) -> bool:
+        return self.base_dtype != "float"
 
 
 # ---- model ---------------------------------------------------------------------------------------------------
@@ -72,16 +86,36 @@ def hf_model_dir(gguf_path: Path, log: Callable[[str], None] = lambda msg: None)
     return target
 
 
+def check_base_file(gguf_path: Path, base_dtype: str) -> None:
+    """A quantized base trains on the file's own blocks, so the file must be of that type (the one MeZO runs on with
+    the same --quant); it is not requantized here behind the run's recorded model_path."""
+    file_type = read_header(Path(gguf_path)).metadata.get("general.file_type")
+    if file_type != QUANT_FTYPES[base_dtype]:
+        name = next((k for k, v in QUANT_FTYPES.items() if v == file_type), f"file type {file_type}")
+        raise EdgezoError(f"--base-dtype {base_dtype} trains on the blocks of a {base_dtype} GGUF, and "
+                          f"{Path(gguf_path).name} is {name}: pass --quant {base_dtype} (the file MeZO runs on with "
+                          f"--quant {base_dtype})")
+
+
 def load_model(gguf_path: Path, adapter: LoraAdapter, base: BaseModelInfo, config: ReferenceConfig,
                log: Callable[[str], None] = lambda msg: None):
-    """transformers model of the GGUF's weights with `adapter` attached through PEFT (its tensors trainable for bp)."""
+    """transformers model of the GGUF's weights with `adapter` attached through PEFT (its tensors trainable for bp).
+
+    With a quantized base_dtype every linear layer is an edgezo.quant_torch.QuantLinear on the GGUF's blocks (PEFT
+    wraps it like any nn.Linear); embeddings and norms are float32."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from convert.peft import adapter_to_peft
 
-    model = AutoModelForCausalLM.from_pretrained(hf_model_dir(gguf_path, log), dtype=DTYPES[config.dtype],
-                                                 attn_implementation="sdpa")
+    if config.quantized_base:
+        from .quant_torch import causal_lm_from_gguf
+
+        check_base_file(gguf_path, config.base_dtype)
+        model = causal_lm_from_gguf(gguf_path, log)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(hf_model_dir(gguf_path, log), dtype=DTYPES[config.dtype],
+                                                     attn_implementation="sdpa")
     model.config.use_cache = False  # training: no KV cache
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,10 +148,12 @@ class TorchScorer:
         hidden = self.causal_lm.model(input_ids=ids).last_hidden_state
         rows = torch.tensor([i for i, p in enumerate(positions) for _ in p])
         cols = torch.tensor([q for p in positions for q in p])
-        weight = self.causal_lm.lm_head.weight
-        if columns is not None:
-            weight = weight[list(columns)]
-        logits = F.linear(hidden[rows, cols], weight).float()
+        head, hidden = self.causal_lm.lm_head, hidden[rows, cols]
+        if getattr(head, "weight", None) is None:  # an untied output layer in GGUF blocks (edgezo.quant_torch)
+            logits = head(hidden) if columns is None else F.linear(hidden, head.dequantize_rows(list(columns)))
+        else:
+            logits = F.linear(hidden, head.weight if columns is None else head.weight[list(columns)])
+        logits = logits.float()
         if self.softcap:  # Gemma's final logit soft-capping, as its forward() does
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

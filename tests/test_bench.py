@@ -16,6 +16,7 @@ import common  # noqa: E402
 import compare  # noqa: E402
 import estimators  # noqa: E402
 import fleet  # noqa: E402
+import generative  # noqa: E402
 import intents_data  # noqa: E402
 import kernels  # noqa: E402
 import layer_gradients  # noqa: E402
@@ -410,3 +411,25 @@ def test_intents_data_is_fixed_balanced_and_tests_unseen_phrasings(tmp_path):
     assert not train_texts & {r["text"] for r in first["test"]}  # test templates are never trained on
     intents_data.write(tmp_path)
     assert (tmp_path / "valid.jsonl").read_text().count("\n") == intents_data.N["valid"]
+
+
+def test_generative_compares_step_costs_and_test_gains_over_zero_shot(tmp_path):
+    def tested(exact_seen, exact_unseen):
+        return {kind: {"exact_match": e, "json_valid": 0.5, "name_accuracy": 0.5, "argument_accuracy": 0.25, "loss": 1.0,
+                       "n_examples": 80, "seconds": 9.0} for kind, e in (("seen", exact_seen), ("unseen", exact_unseen))}
+
+    def trained(name, median, flat):
+        return {"name": name, "command": "edgezo finetune", "steps": 10, "train_seconds": 100.0, "flat_step_fraction": flat,
+                "step_seconds": {"median": median, "min": median, "max": median, "n": 9},
+                "curve": [{"step": 0, "valid_loss": 2.0, "valid_exact_match": 0.0},
+                          {"step": 10, "valid_loss": 1.5, "valid_exact_match": 0.25}]}
+
+    runs = [{"name": "zero-shot", "test": tested(0.1, 0.05)},
+            {**trained("mezo-nll", 10.0, 0.0), "test": tested(0.2, 0.05)},
+            {**trained("mezo-reward", 12.5, 0.75), "test": tested(0.1, 0.0)}]
+    summary = generative.summarize(runs)
+    assert summary["reward_step_over_nll_step"] == pytest.approx(1.25)
+    assert summary["exact_match_gain"]["mezo-nll"] == pytest.approx({"seen": 0.1, "unseen": 0.0})
+    assert summary["exact_match_gain"]["mezo-reward"] == pytest.approx({"seen": 0.0, "unseen": -0.05})
+    text = generative.render({"runs": runs, "summary": summary, "machine": MACHINE, "time": "t"})
+    assert "costs 1.25x a step on the NLL" in text and "2.000 -> 1.500" in text and "0.75" in text

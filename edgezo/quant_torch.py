@@ -1,0 +1,237 @@
+"""Backpropagation through a quantized GGUF base: linear layers that keep llama.cpp's own blocks and dequantize on use.
+
+QLoRA-style BP (and Apple's MeBP on phones) keeps the frozen base quantized and trains only the LoRA tensors. Here the
+base is the run's GGUF itself, so BP trains on exactly the weights MeZO sees through llama.cpp:
+
+    QuantLinear        an nn.Linear whose weight is the GGUF tensor's raw blocks (uint8, `qweight`), never a float copy
+    _DequantLinear     its autograd function: forward  y = x W^T (+ b), W dequantized for this call only;
+                       backward dx = dy W, W dequantized again; W gets no gradient; only the blocks are saved
+    dequantize         GGUF blocks -> float32 rows, vectorised torch ops for Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 and views for
+                       F32 / F16 / BF16, bit-exact with gguf-py's `gguf.quants.dequantize` (tests/test_quant_torch.py);
+                       any other type gguf-py knows (the K-quants, ...) goes through gguf-py itself, exact but slower
+    causal_lm_from_gguf  the transformers model of a GGUF with every linear a QuantLinear on the file's blocks and the
+                       rest (embeddings, norms, biases) dequantized to float32; the float linear weights never exist
+
+Why not a library: bitsandbytes' 4-bit types are the NF4 / FP4 codebooks (not Q4_0's uniform (q - 8) d) and its int8
+scales whole rows; torchao's CPU int4 path (tinygemm, `_weight_int4pack_mm_for_cpu`) stores bfloat16 scales and float
+zero points, which cannot hold Q4_0's float16 scales exactly; hqq could express (q - z) s with group 32, but its CPU
+backend is the same dequantize-then-matmul in torch, behind a repack into its own bit layout. None of them reads GGUF.
+
+GGUF block layouts (ggml-common.h; 32 weights a block, d and m float16, little-endian):
+    Q8_0  d | qs int8[32]                        w = d q
+    Q4_0  d | qs u8[16]                          w = d (q - 8),   q = low nibble (elements 0..15) / high (16..31)
+    Q4_1  d | m | qs u8[16]                      w = d q + m
+    Q5_0  d | qh u32 | qs u8[16]                 w = d (q - 16),  q = nibble | (bit j of qh) << 4
+    Q5_1  d | m | qh u32 | qs u8[16]             w = d q + m
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from .files import EdgezoError
+
+Q = GGMLQuantizationType
+_BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit i of a byte, little-endian
+
+
+# ---- blocks -> float32 ---------------------------------------------------------------------------------------------
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The float16 at byte `at` of each block as float32, (n_blocks, 1). A view of the bytes, no copy before .float()."""
+    return blocks[:, at : at + 2].view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(n_blocks, 16) bytes -> (n_blocks, 32) 4-bit values: the low nibbles are elements 0..15, the high 16..31."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """(n_blocks, 4) bytes of a little-endian u32 -> (n_blocks, 32) values 0 or 16: bit j is element j's fifth bit.
+    Read byte by byte: the u32 sits at an odd multiple of 2 bytes in a Q5_0 block, so it cannot be viewed as int32."""
+    return (((qh.unsqueeze(-1) >> _BIT_SHIFTS) & 1) << 4).reshape(qh.shape[0], 32)
+
+
+# Each takes (n_blocks, type_size) uint8 and returns (n_blocks, 32) float32 with gguf-py's operations (a product, then
+# a sum: two roundings there as here; the integer offsets are exact), so the results are equal bit for bit. In-place
+# arithmetic on the one float32 tensor each makes, and int8 codes made contiguous before the conversion (a strided
+# int8 -> float32 copy was 3x slower).
+def _q8_0(b):
+    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b, 0))
+
+
+def _q4_0(b):
+    return _nibbles(b[:, 2:]).float().sub_(8).mul_(_f16(b, 0))
+
+
+def _q4_1(b):
+    return _nibbles(b[:, 4:]).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+
+
+def _q5_0(b):
+    return (_nibbles(b[:, 6:]) | _fifth_bits(b[:, 2:6])).float().sub_(16).mul_(_f16(b, 0))
+
+
+def _q5_1(b):
+    return (_nibbles(b[:, 8:]) | _fifth_bits(b[:, 4:8])).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+
+
+_BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+    Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
+}
+_FLOAT_VIEWS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}  # raw bytes reinterpreted
+
+
+def row_bytes(qtype: GGMLQuantizationType, n_in: int) -> int:
+    """Bytes of one row of `n_in` weights in `qtype` (ValueError if n_in is not a whole number of blocks)."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if n_in % block_size:
+        raise ValueError(f"a row of {n_in} weights is not a whole number of {qtype.name} blocks of {block_size}")
+    return n_in // block_size * type_size
+
+
+def dequantize(qweight: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Rows of GGUF blocks, (n_rows, row bytes) uint8, -> (n_rows, n_in) float32, as gguf.quants.dequantize gives them.
+
+    F32 comes back as a view of the bytes (no copy); every other type as a new tensor."""
+    qtype = Q(qtype)
+    n_rows = qweight.shape[0]
+    if qtype in _FLOAT_VIEWS:
+        return qweight.view(_FLOAT_VIEWS[qtype]).float()
+    if qtype in _BLOCK_DEQUANTIZERS:
+        type_size = GGML_QUANT_SIZES[qtype][1]
+        return _BLOCK_DEQUANTIZERS[qtype](qweight.reshape(-1, type_size)).reshape(n_rows, -1)
+    from gguf import quants  # the K-quants and the rest: gguf-py's numpy code (exact by definition, slower)
+
+    try:
+        return torch.from_numpy(quants.dequantize(qweight.numpy(), qtype))
+    except NotImplementedError:
+        raise EdgezoError(f"cannot dequantize {qtype.name} tensors (gguf-py has no dequantizer for them)") from None
+
+
+# ---- the layer -----------------------------------------------------------------------------------------------------
+class _DequantLinear(torch.autograd.Function):
+    """y = x W^T + b with W = dequantize(qweight). W and b are frozen; backward needs only W, so only the blocks are
+    saved and W is dequantized a second time there (under checkpointing a third: the recomputed forward)."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, qtype, bias):
+        ctx.save_for_backward(qweight)
+        ctx.qtype = qtype
+        return F.linear(x, dequantize(qweight, qtype).to(x.dtype), bias)  # one BLAS call, as nn.Linear makes
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (qweight,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out @ dequantize(qweight, ctx.qtype).to(grad_out.dtype)  # (..., n_out) @ (n_out, n_in)
+        return grad_x, None, None, None
+
+
+class QuantLinear(nn.Linear):
+    """A frozen linear layer holding one GGUF tensor's raw blocks, `qweight` (n_out, row bytes) uint8.
+
+    A subclass of nn.Linear so that PEFT's default dispatch wraps it in its own lora.Linear (LoRA output added to
+    this layer's); `weight` is None, and `qweight` is where PEFT looks for the device of a quantized base (GPTQ's name).
+    `bias`, if any, is an ordinary frozen float parameter.
+    """
+
+    def __init__(self, qweight: torch.Tensor, qtype: GGMLQuantizationType, in_features: int,
+                 bias: torch.Tensor | None = None):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a float weight
+        qtype = Q(qtype)
+        if qweight.dtype != torch.uint8 or qweight.dim() != 2 or qweight.shape[1] != row_bytes(qtype, in_features):
+            raise ValueError(f"{qtype.name} blocks for {in_features} inputs must be (n_out, "
+                             f"{row_bytes(qtype, in_features)}) uint8, got {tuple(qweight.shape)} {qweight.dtype}")
+        self.in_features, self.out_features, self.qtype = in_features, qweight.shape[0], qtype
+        self.register_buffer("qweight", qweight, persistent=False)  # from the GGUF, never from a state dict
+        self.register_parameter("weight", None)
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _DequantLinear.apply(x, self.qweight, self.qtype, self.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        """The whole weight as float32 (n_out, n_in): for tests and inspection; the forward never keeps it."""
+        return dequantize(self.qweight, self.qtype)
+
+    def dequantize_rows(self, rows) -> torch.Tensor:
+        """Rows `rows` of the weight as float32 (len(rows), n_in), e.g. the label words' rows of an output layer."""
+        return dequantize(self.qweight[torch.as_tensor(rows, dtype=torch.long)], self.qtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype.name}, "
+                f"bias={self.bias is not None}")
+
+
+# ---- a transformers model on a GGUF's blocks ------------------------------------------------------------------------
+def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg: None):
+    """The transformers model of `gguf_path` (float32 compute, sdpa attention) with every linear layer a QuantLinear.
+
+    The model is built with its parameters on the meta device (accelerate's init_empty_weights; buffers such as RoPE
+    frequencies are computed on the CPU as usual), then each GGUF tensor is put in place: a linear layer's weight as a
+    QuantLinear holding a copy of its blocks (rows reordered as convert/ does for HF's Q/K layout: a row permutation,
+    so whole rows of blocks move), anything else (embeddings, norms, biases) dequantized to float32 as
+    convert/gguf_to_hf.py writes it. No float copy of a linear weight is ever made, so the peak holds the blocks only.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from convert.architectures import HParams, for_gguf
+    from convert.gguf_to_hf import _dequantize, _hf_config, _metadata, _n_vocab  # as convert_gguf_to_hf does
+
+    from .formats import open_gguf
+
+    reader = open_gguf(Path(gguf_path))
+    meta = _metadata(reader)
+    if meta.get("general.type") == "adapter":
+        raise EdgezoError(f"{gguf_path} is a LoRA adapter, not a model")
+    arch = for_gguf(str(meta.get("general.architecture")), str(gguf_path))
+    prefix = arch.gguf_arch + "."
+    arch_meta = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+    arch_meta["n_vocab"] = _n_vocab(reader)
+    config = _hf_config(arch, arch_meta, {t.name for t in reader.tensors}, meta)
+    hp = HParams(config.to_dict())
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+
+    tensors = [(arch.hf_name(t.name), t) for t in reader.tensors]
+    n_bytes = 0
+    for hf_name, t in tensors:  # linear weights first: their modules are replaced, then biases attach to the new ones
+        module_name, _, leaf = hf_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf != "weight" or type(module) is not nn.Linear:
+            continue
+        raw = np.asarray(t.data).view(np.uint8)  # (n_out, row bytes) for every type, F32 / F16 included
+        rows = arch.to_hf(t.name, raw.reshape(raw.shape[0], -1), hp)  # HF row order (Q/K un-permuted)
+        qweight = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True))  # owned: the file's mapping can go
+        model.set_submodule(module_name, QuantLinear(qweight, Q(t.tensor_type), module.in_features,
+                                                     bias=None if module.bias is None else module.bias))
+        n_bytes += qweight.numel()
+    for hf_name, t in tensors:
+        module_name, _, leaf = hf_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, QuantLinear) and leaf == "weight":
+            continue
+        value = torch.from_numpy(_dequantize(t, arch, hp))
+        setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+    del reader, tensors
+    gc.collect()  # the reader's Python objects (one per vocabulary entry) before training starts
+    model.tie_weights()  # a tied lm_head takes the embedding just loaded
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if missing:
+        raise EdgezoError(f"{gguf_path}: no GGUF tensor for {', '.join(missing[:5])}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_linear = sum(isinstance(m, QuantLinear) for m in model.modules())
+    log(f"{n_linear} linear layers on the GGUF's blocks ({n_bytes / 2**20:.1f} MiB), dequantized on use")
+    return model

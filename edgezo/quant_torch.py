@@ -181,7 +181,7 @@ def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg
     frequencies are computed on the CPU as usual), then each GGUF tensor is put in place: a linear layer's weight as a
     QuantLinear holding a copy of its blocks (rows reordered as convert/ does for HF's Q/K layout: a row permutation,
     so whole rows of blocks move), anything else (embeddings, norms, biases) dequantized to float32 as
-    convert/gguf_to_hf.py writes it. No float copy of a linear weight is ever made, so the peak holds the blocks only.
+    convert/gguf_to_hf.py writes it. No linear weight ever exists in float32 as a whole, at load time or later.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM

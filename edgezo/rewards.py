@@ -25,6 +25,7 @@ from typing import Protocol
 from .data import Example, Format, Task, chunks
 from .files import EdgezoError
 from .objective import Totals, score
+from .toolcalls import call_reward, score_call
 
 # A chat turn that has not ended this many tokens past its reference's length is cut there: it cannot match any
 # more, and a reward that wants longer text is not what these tasks ask for.
@@ -87,8 +88,6 @@ def exact_match(prompt: str, completion: str, reference: str) -> float:
 
 
 def tool_call_reward(prompt: str, completion: str, reference: str) -> float:
-    from .toolcalls import call_reward
-
     return call_reward(completion, reference)
 
 
@@ -97,7 +96,6 @@ BUILTIN_REWARDS: dict[str, Reward] = {"exact-match": exact_match, "tool-call": t
 
 def tool_call_metrics() -> dict[str, Reward]:
     """The built-in tool-calls task's metrics, per generation: JSON validity, name and argument accuracy."""
-    from .toolcalls import score_call
 
     def metric(field_name: str) -> Reward:
         return lambda prompt, completion, reference: float(getattr(score_call(completion, reference), field_name))
@@ -120,13 +118,13 @@ def load_reward(spec: str) -> Reward:
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as exc:
-        raise EdgezoError(f"--objective {spec}: cannot load the reward function ({exc})") from None
+        raise EdgezoError(f"reward {spec}: cannot load the function ({exc})") from None
     if not callable(function):
-        raise EdgezoError(f"--objective {spec}: {function_name} is not a function")
+        raise EdgezoError(f"reward {spec}: {function_name} is not a function")
     try:
         inspect.signature(function).bind("prompt", "completion")
     except (TypeError, ValueError):
-        raise EdgezoError(f"--objective {spec}: the reward function must take (prompt, completion)") from None
+        raise EdgezoError(f"reward {spec}: the function must take (prompt, completion)") from None
     return lambda prompt, completion, reference: function(prompt, completion)
 
 

@@ -188,11 +188,11 @@ def trainable_tensors(adapter: LoraAdapter, freeze_lora_a: bool) -> dict:
 def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example], valid_set: Sequence[Example],
           mezo: MezoConfig, config: TrainConfig, run: RunDir, start_step: int = 0,
           callback: Callback = lambda event: None, step_fn: StepFn | None = None,
-          evaluate_fn: Callable = evaluate, objective: ObjectiveFn = loss_function) -> TrainResult:
+          evaluate_fn: Callable = evaluate, objective: ObjectiveFn | None = None) -> TrainResult:
     """Train `adapter` in place from `start_step` to `config.steps`; the engine must hold it with set_adapter().
 
-    `objective(engine, batch, task)` gives the function of the parameters MeZO minimises on a batch (the loss, or
-    edgezo.rewards' negated reward). `step_fn(theta, batch, step) -> StepRecord` replaces the MeZO step on the
+    `objective(engine, batch, task)` gives the function of the parameters MeZO minimises on a batch (default
+    objective.loss_function; edgezo.rewards gives a negated reward). `step_fn(theta, batch, step) -> StepRecord` replaces the MeZO step on the
     whole batch and `evaluate_fn` (same signature as objective.evaluate) the validation: edgezo.distributed
     plugs its exchanges in here. An evaluator whose totals carry `metrics` (edgezo.rewards) logs each as
     valid_<name>."""
@@ -233,7 +233,7 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             batch = [train_set[i] for i in batch_indices(len(train_set), config.batch_size, config.seed, step)]
             try:
                 if step_fn is None:
-                    loss = objective(engine, batch, task)
+                    loss = (objective or loss_function)(engine, batch, task)
                     # frozen tensors (LoRA-FA's A) come from the adapter, the trained ones from the estimator
                     record = zo_step(theta, lambda params: loss(collections.ChainMap(params, adapter.tensors)),
                                      mezo, config.seed, step, config.steps)

@@ -60,31 +60,30 @@ def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
     return (((qh.unsqueeze(-1) >> _BIT_SHIFTS) & 1) << 4).reshape(qh.shape[0], 32)
 
 
-# Each takes (n_blocks, type_size) uint8 and returns (n_blocks, 32) float32 with gguf-py's operations (a product, then
-# a sum: two roundings there as here; the integer offsets are exact), so the results are equal bit for bit. In-place
-# arithmetic on the one float32 tensor each makes, and int8 codes made contiguous before the conversion (a strided
-# int8 -> float32 copy was 3x slower).
-def _q8_0(b):
-    return b[:, 2:].contiguous().view(torch.int8).float().mul_(_f16(b, 0))
+# Each fills `out`, (n_blocks, 32) float32, from `b`, (n_blocks, type_size) uint8, with gguf-py's operations (a
+# product, then a sum: two roundings there as here; the integer offsets are exact), so the results are equal bit for
+# bit. The codes are converted straight into `out` and the arithmetic is in place: the only float32 tensor is `out`.
+def _q8_0(b, out):
+    out.copy_(b[:, 2:].view(torch.int8)).mul_(_f16(b, 0))
 
 
-def _q4_0(b):
-    return _nibbles(b[:, 2:]).float().sub_(8).mul_(_f16(b, 0))
+def _q4_0(b, out):
+    out.copy_(_nibbles(b[:, 2:])).sub_(8).mul_(_f16(b, 0))
 
 
-def _q4_1(b):
-    return _nibbles(b[:, 4:]).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _q4_1(b, out):
+    out.copy_(_nibbles(b[:, 4:])).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
-def _q5_0(b):
-    return (_nibbles(b[:, 6:]) | _fifth_bits(b[:, 2:6])).float().sub_(16).mul_(_f16(b, 0))
+def _q5_0(b, out):
+    out.copy_(_nibbles(b[:, 6:]) | _fifth_bits(b[:, 2:6])).sub_(16).mul_(_f16(b, 0))
 
 
-def _q5_1(b):
-    return (_nibbles(b[:, 8:]) | _fifth_bits(b[:, 4:8])).float().mul_(_f16(b, 0)).add_(_f16(b, 2))
+def _q5_1(b, out):
+    out.copy_(_nibbles(b[:, 8:]) | _fifth_bits(b[:, 4:8])).mul_(_f16(b, 0)).add_(_f16(b, 2))
 
 
-_BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {
+_BLOCK_DEQUANTIZERS: dict[GGMLQuantizationType, Callable[[torch.Tensor, torch.Tensor], None]] = {
     Q.Q8_0: _q8_0, Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1,
 }
 _FLOAT_VIEWS = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}  # raw bytes reinterpreted
@@ -98,23 +97,49 @@ def row_bytes(qtype: GGMLQuantizationType, n_in: int) -> int:
     return n_in // block_size * type_size
 
 
-def dequantize(qweight: torch.Tensor, qtype: GGMLQuantizationType) -> torch.Tensor:
+def dequantize(qweight: torch.Tensor, qtype: GGMLQuantizationType, out: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of GGUF blocks, (n_rows, row bytes) uint8, -> (n_rows, n_in) float32, as gguf.quants.dequantize gives them.
 
-    F32 comes back as a view of the bytes (no copy); every other type as a new tensor."""
+    Into `out` (contiguous float32 of that shape) if given; else a new tensor, or for F32 a view of the bytes."""
     qtype = Q(qtype)
-    n_rows = qweight.shape[0]
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    if out is None:
+        if qtype == Q.F32:
+            return qweight.view(torch.float32)
+        out = torch.empty(qweight.shape[0], qweight.shape[1] // type_size * block_size)
     if qtype in _FLOAT_VIEWS:
-        return qweight.view(_FLOAT_VIEWS[qtype]).float()
-    if qtype in _BLOCK_DEQUANTIZERS:
-        type_size = GGML_QUANT_SIZES[qtype][1]
-        return _BLOCK_DEQUANTIZERS[qtype](qweight.reshape(-1, type_size)).reshape(n_rows, -1)
-    from gguf import quants  # the K-quants and the rest: gguf-py's numpy code (exact by definition, slower)
+        out.copy_(qweight.view(_FLOAT_VIEWS[qtype]))
+    elif qtype in _BLOCK_DEQUANTIZERS:
+        _BLOCK_DEQUANTIZERS[qtype](qweight.reshape(-1, type_size), out.view(-1, block_size))
+    else:
+        from gguf import quants  # the K-quants and the rest: gguf-py's numpy code (exact by definition, slower)
 
-    try:
-        return torch.from_numpy(quants.dequantize(qweight.numpy(), qtype))
-    except NotImplementedError:
-        raise EdgezoError(f"cannot dequantize {qtype.name} tensors (gguf-py has no dequantizer for them)") from None
+        try:
+            out.copy_(torch.from_numpy(quants.dequantize(qweight.numpy(), qtype)))
+        except NotImplementedError:
+            raise EdgezoError(f"cannot dequantize {qtype.name} tensors (gguf-py has no dequantizer for them)") from None
+    return out
+
+
+class _Workspace:
+    """One float32 buffer per weight shape, shared by every QuantLinear of that shape: a dequantized weight lives only
+    inside one matmul (forward or backward, one layer at a time), so one buffer per shape is enough. Allocating it
+    anew for every matmul left holes between the activations saved for backward in the C heap: on SmolLM2 the peak
+    RSS of a step was then almost that of float weights (measured, see /work/runs/quant-bp-notes.md)."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def weight(self, qweight: torch.Tensor, qtype: GGMLQuantizationType, n_in: int) -> torch.Tensor:
+        if qtype == Q.F32:
+            return qweight.view(torch.float32)  # already float32: no buffer, no copy
+        shape = (qweight.shape[0], n_in)
+        if shape not in self.buffers:
+            self.buffers[shape] = torch.empty(shape)
+        return dequantize(qweight, qtype, out=self.buffers[shape])
+
+
+_WORKSPACE = _Workspace()
 
 
 # ---- the layer -----------------------------------------------------------------------------------------------------
@@ -125,15 +150,17 @@ class _DequantLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight, qtype, bias):
         ctx.save_for_backward(qweight)
-        ctx.qtype = qtype
-        return F.linear(x, dequantize(qweight, qtype).to(x.dtype), bias)  # one BLAS call, as nn.Linear makes
+        ctx.qtype, ctx.n_in = qtype, x.shape[-1]
+        weight = _WORKSPACE.weight(qweight, qtype, ctx.n_in)
+        return F.linear(x, weight.to(x.dtype), bias)  # one BLAS call, as nn.Linear makes; the result owns its memory
 
     @staticmethod
     def backward(ctx, grad_out):
         (qweight,) = ctx.saved_tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ dequantize(qweight, ctx.qtype).to(grad_out.dtype)  # (..., n_out) @ (n_out, n_in)
+            weight = _WORKSPACE.weight(qweight, ctx.qtype, ctx.n_in)
+            grad_x = grad_out @ weight.to(grad_out.dtype)  # (..., n_out) @ (n_out, n_in)
         return grad_x, None, None, None
 
 
@@ -204,6 +231,22 @@ def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
+    n_bytes = _put_tensors(model, reader, arch, hp, _dequantize)
+    del reader  # with the helper's locals gone, nothing refers to the file's mapping (its touched pages count as RSS)
+    gc.collect()  # nor to the reader's Python objects (one per vocabulary entry: ~160 MB for SmolLM2)
+    model.tie_weights()  # a tied lm_head takes the embedding just loaded
+    missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if missing:
+        raise EdgezoError(f"{gguf_path}: no GGUF tensor for {', '.join(missing[:5])}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_linear = sum(isinstance(m, QuantLinear) for m in model.modules())
+    log(f"{n_linear} linear layers on the GGUF's blocks ({n_bytes / 2**20:.1f} MiB), dequantized on use")
+    return model
+
+
+def _put_tensors(model, reader, arch, hp, dequantize_to_hf) -> int:
+    """Every GGUF tensor into the meta-device `model` (see causal_lm_from_gguf); returns the bytes of blocks kept."""
     tensors = [(arch.hf_name(t.name), t) for t in reader.tensors]
     n_bytes = 0
     for hf_name, t in tensors:  # linear weights first: their modules are replaced, then biases attach to the new ones
@@ -220,18 +263,7 @@ def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg
     for hf_name, t in tensors:
         module_name, _, leaf = hf_name.rpartition(".")
         module = model.get_submodule(module_name)
-        if isinstance(module, QuantLinear) and leaf == "weight":
-            continue
-        value = torch.from_numpy(_dequantize(t, arch, hp))
-        setattr(module, leaf, nn.Parameter(value, requires_grad=False))
-    del reader, tensors
-    gc.collect()  # the reader's Python objects (one per vocabulary entry) before training starts
-    model.tie_weights()  # a tied lm_head takes the embedding just loaded
-    missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
-    if missing:
-        raise EdgezoError(f"{gguf_path}: no GGUF tensor for {', '.join(missing[:5])}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    n_linear = sum(isinstance(m, QuantLinear) for m in model.modules())
-    log(f"{n_linear} linear layers on the GGUF's blocks ({n_bytes / 2**20:.1f} MiB), dequantized on use")
-    return model
+        if not (isinstance(module, QuantLinear) and leaf == "weight"):
+            value = torch.from_numpy(dequantize_to_hf(t, arch, hp))  # float32, HF's layout, as convert/ writes it
+            setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+    return n_bytes

@@ -27,6 +27,10 @@ from edgezo.reference import ReferenceConfig, TorchScorer, batch_loss, load_mode
 N_IN = 256  # one K-quant super-block, eight 32-weight blocks
 
 
+def type_name(qtype: Q) -> str:  # test ids
+    return qtype.name
+
+
 def random_weights(n_rows: int = 24, seed: int = 0) -> np.ndarray:
     """Rows of very different scales, one all-zero row (d = 0) and one row with a single large outlier."""
     rng = np.random.default_rng(seed)
@@ -59,7 +63,7 @@ def random_blocks(qtype: Q, n_rows: int = 24, seed: int = 1) -> np.ndarray:
 
 
 # ---- (a) dequantization is gguf-py's, bit for bit --------------------------------------------------------------
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.F16, Q.BF16, Q.F32])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.F16, Q.BF16, Q.F32], ids=type_name)
 def test_dequantize_equals_gguf_py_on_quantized_weights(qtype):
     blocks = blocks_of(random_weights(), qtype)
     got = dequantize(torch.from_numpy(blocks), qtype)
@@ -67,7 +71,7 @@ def test_dequantize_equals_gguf_py_on_quantized_weights(qtype):
     assert torch.equal(got, torch.from_numpy(quants.dequantize(blocks, qtype)))
 
 
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1])
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1], ids=type_name)
 def test_dequantize_equals_gguf_py_on_every_bit_pattern(qtype):
     blocks = random_blocks(qtype)
     assert torch.equal(dequantize(torch.from_numpy(blocks), qtype), torch.from_numpy(quants.dequantize(blocks, qtype)))
@@ -75,7 +79,8 @@ def test_dequantize_equals_gguf_py_on_every_bit_pattern(qtype):
 
 # ---- (b) QuantLinear is F.linear on the dequantized weight, forward and backward -----------------------------
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.F16, Q.Q6_K])  # Q6_K: through gguf-py's own dequantizer
+# Q6_K: through gguf-py's own dequantizer
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_0, Q.Q5_0, Q.F16, Q.Q6_K], ids=type_name)
 def test_quant_linear_is_the_linear_of_the_dequantized_weight(qtype, with_bias):
     blocks = random_blocks(qtype) if qtype == Q.Q6_K else blocks_of(random_weights(), qtype)
     weight = torch.from_numpy(quants.dequantize(blocks, qtype))
@@ -124,8 +129,29 @@ def models(path, adapter, quant, gradient_checkpointing=False):
     return on_blocks, load_model(path, adapter, base, ReferenceConfig(gradient_checkpointing=gradient_checkpointing))
 
 
+def llama_cpp_rounding(x: torch.Tensor) -> torch.Tensor:
+    """What llama.cpp does to the input of every matmul with Q8_0 / Q4_0 weights: ggml's quantize_row_q8_0 (blocks of
+    32, d = max|x| / 127 kept as float16, q = round(x * 127 / max|x|)), here turned back into float32."""
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    q = torch.round(blocks * torch.where(amax == 0, 0.0, 127 / amax))
+    return (q * (amax / 127).half().float()).reshape(x.shape)
+
+
+class RoundedOutput(torch.nn.Module):
+    """The tied output layer with its input rounded as llama.cpp's output matmul rounds it (no `weight` attribute, so
+    TorchScorer calls it)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.embedding = weight
+
+    def forward(self, hidden):
+        return F.linear(llama_cpp_rounding(hidden), self.embedding)
+
+
 @pytest.mark.parametrize("quant", ["q8_0", "q4_0"])
-def test_logits_match_llama_cpp_on_the_same_file(quant, quantized_tiny):
+def test_logits_equal_llama_cpp_on_the_same_file(quant, quantized_tiny, monkeypatch):
     path = quantized_tiny[quant]
     adapter = trained_adapter(path)
     model, float_model = models(path, adapter, quant)
@@ -137,13 +163,18 @@ def test_logits_match_llama_cpp_on_the_same_file(quant, quantized_tiny):
         engine.set_adapter(adapter)
         expected = engine.logits(sequences, positions)
     got = TorchScorer(model).logits(sequences, positions)
-    # the float reference on the dequantized file: the same numbers (the weights are equal bit for bit)
+    # the float reference on the dequantized file computes the same numbers: its weights are equal bit for bit
     np.testing.assert_allclose(got, TorchScorer(float_model).logits(sequences, positions), rtol=0, atol=1e-6)
-    # llama.cpp quantizes the activations to 8 bits in every q8_0 / q4_0 matmul; torch multiplies them in float32
-    np.testing.assert_allclose(got, expected, atol=LLAMA_CPP_ATOL[quant])
-
-
-LLAMA_CPP_ATOL = {"q8_0": 1e-4, "q4_0": 1e-4}
+    # llama.cpp rounds the activations to 8 bits before each quantized matmul, torch multiplies float32 activations:
+    # both models are this far from llama.cpp (measured 0.036 for q8_0, 0.038 for q4_0 on logits of std ~1) ...
+    assert 1e-3 < np.abs(got - expected).max() < 0.1
+    # ... and with that rounding done in torch too (not in LoRA's matmuls: llama.cpp runs those in F32), they agree
+    # within the float reference test's tolerance (measured 8e-7 / 1e-6)
+    monkeypatch.setattr(QuantLinear, "forward",
+                        lambda self, x: F.linear(llama_cpp_rounding(x), self.dequantize(), self.bias))
+    causal_lm = model.get_base_model()
+    monkeypatch.setattr(causal_lm, "lm_head", RoundedOutput(causal_lm.lm_head.weight))
+    np.testing.assert_allclose(TorchScorer(model).logits(sequences, positions), expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("gradient_checkpointing", [False, True])
@@ -159,7 +190,7 @@ def test_lora_gradients_equal_the_float_reference(quant, gradient_checkpointing,
         grads.append(torch.autograd.grad(loss, lora_parameters(m)))
     assert losses[0] == pytest.approx(losses[1], abs=1e-6)
     assert len(grads[0]) == len(grads[1]) == 4 * 2 * 2  # 4 targets x 2 blocks x (A, B)
-    for g, g_ref in zip(*grads):
+    for g, g_ref in zip(*grads):  # equal bit for bit here (the same BLAS calls on the same float weights)
         assert g.abs().max() > 0
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-7)
 

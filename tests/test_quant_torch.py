@@ -257,7 +257,8 @@ EVAL_LOSS_ABS = 5e-3  # as test_reference's float runs
 
 
 def test_a_quantized_base_needs_the_file_of_that_type(tiny_gguf, sentiment_dir, tmp_path, capsys):
-    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, tmp_path / "run", "--base-dtype", "q4_0")]) == 1
+    args = reference_args(tiny_gguf, sentiment_dir, tmp_path / "run", "--base-dtype", "q4_0")  # an f32 file
+    assert main(["reference-bp", *args]) == 1
     assert "pass --quant q4_0" in capsys.readouterr().err
     assert not (tmp_path / "run" / "adapter.gguf").exists()
 

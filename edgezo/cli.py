@@ -442,6 +442,8 @@ def cmd_reference(args) -> tuple[dict, str]:
         reference.torch.set_num_threads(args.threads)
     config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
                                        gradient_checkpointing=args.gradient_checkpointing, base_dtype=args.base_dtype)
+    if config.quantized_base:  # before anything is written: a wrong file type leaves no run directory behind
+        reference.check_base_file(model_path, config.base_dtype)
     lora = lora_from_args(args)
     lr = mezo_learning_rate(args) if args.method == "mezo" else args.learning_rate
     schedule = MezoConfig(learning_rate=lr, eps=args.eps, weight_decay=args.weight_decay,
@@ -469,7 +471,8 @@ def cmd_reference(args) -> tuple[dict, str]:
     })
     spec = reference.ReferenceRun(model_path, base, LoraAdapter.init(base, lora, seed=args.seed), task,
                                   examples["train"], examples.get("valid", []), schedule)
-    say(f"torch {args.method} ({args.dtype}{', gradient checkpointing' if args.gradient_checkpointing else ''}) on "
+    weights = f"{config.base_dtype} blocks" if config.quantized_base else args.dtype
+    say(f"torch {args.method} ({weights}{', gradient checkpointing' if args.gradient_checkpointing else ''}) on "
         f"{model_path.name}: {spec.adapter.n_params:,} LoRA parameters, {len(spec.train_set)} training examples, "
         f"{args.steps} steps of batch {args.batch_size}")
     progress = ConsoleProgress(args.steps, 0, desc=f"reference-{args.method}")

@@ -260,7 +260,7 @@ def test_a_quantized_base_needs_the_file_of_that_type(tiny_gguf, sentiment_dir, 
     args = reference_args(tiny_gguf, sentiment_dir, tmp_path / "run", "--base-dtype", "q4_0")  # an f32 file
     assert main(["reference-bp", *args]) == 1
     assert "pass --quant q4_0" in capsys.readouterr().err
-    assert not (tmp_path / "run" / "adapter.gguf").exists()
+    assert not (tmp_path / "run").exists()  # refused before the run directory is created
 
 
 @pytest.mark.parametrize("kwargs,match", [

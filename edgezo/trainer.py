@@ -192,9 +192,9 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     """Train `adapter` in place from `start_step` to `config.steps`; the engine must hold it with set_adapter().
 
     `objective(engine, batch, task)` gives the function of the parameters MeZO minimises on a batch (default
-    objective.loss_function; edgezo.rewards gives a negated reward). `step_fn(theta, batch, step) -> StepRecord` replaces the MeZO step on the
-    whole batch and `evaluate_fn` (same signature as objective.evaluate) the validation: edgezo.distributed
-    plugs its exchanges in here. An evaluator whose totals carry `metrics` (edgezo.rewards) logs each as
+    objective.loss_function; edgezo.rewards gives a negated reward). `step_fn(theta, batch, step) -> StepRecord`
+    replaces the MeZO step on the whole batch and `evaluate_fn` (same signature as objective.evaluate) the
+    validation: edgezo.distributed plugs its exchanges in here. An evaluator whose totals carry `metrics` (edgezo.rewards) logs each as
     valid_<name>."""
     if not train_set:
         raise EdgezoError("the training split is empty")

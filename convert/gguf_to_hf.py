@@ -35,14 +35,8 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     except Exception as exc:  # gguf raises ValueError, struct.error, ... on a bad file
         raise EdgezoError(f"{gguf_path} is not a readable GGUF file: {exc}") from exc
     meta = _metadata(reader)
-    arch = for_gguf(str(meta.get("general.architecture")), str(gguf_path))
-    if meta.get("general.type") == "adapter":
-        raise EdgezoError(f"{gguf_path} is a LoRA adapter, not a model")
-    prefix = arch.gguf_arch + "."
-    arch_meta = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
-    arch_meta["n_vocab"] = _n_vocab(reader)
     names = {t.name for t in reader.tensors}
-    config = _hf_config(arch, arch_meta, names, meta)
+    arch, config = hf_config(meta, names, _n_vocab(reader), str(gguf_path))
     out_dir.mkdir(parents=True, exist_ok=True)
     hp = HParams(config.to_dict())
     _write_safetensors(reader, arch, hp, out_dir / "model.safetensors", progress)
@@ -50,6 +44,18 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
         tmp.write_text(config.to_json_string())
     save_hf_tokenizer(gguf_path, out_dir, meta.get("tokenizer.ggml.pre"))
     return out_dir
+
+
+def hf_config(meta: dict[str, Any], tensor_names: set[str], n_vocab: int, source: str):
+    """(convert's Architecture, the transformers config) of a GGUF model: `meta` holds its scalar and string keys
+    and the sliding-window pattern as a list (what _metadata gives), `n_vocab` the rows of token_embd."""
+    arch = for_gguf(str(meta.get("general.architecture")), source)
+    if meta.get("general.type") == "adapter":
+        raise EdgezoError(f"{source} is a LoRA adapter, not a model")
+    prefix = arch.gguf_arch + "."
+    arch_meta = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
+    arch_meta["n_vocab"] = n_vocab
+    return arch, _hf_config(arch, arch_meta, tensor_names, meta)
 
 
 def _metadata(reader) -> dict[str, Any]:
@@ -108,13 +114,14 @@ def _write_safetensors(reader, arch, hp: HParams, path: Path, progress: Progress
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for i, t in enumerate(tensors):
-            f.write(memoryview(_dequantize(t, arch, hp)).cast("B"))  # no bytes copy of the tensor
+            f.write(memoryview(dequantize_to_hf(t, arch, hp)).cast("B"))  # no bytes copy of the tensor
             if progress is not None:
                 progress(i + 1, len(tensors))
 
 
-def _dequantize(t, arch, hp: HParams, chunk_rows: int = 1024) -> np.ndarray:
-    """One tensor as float32 in HF's layout. gguf-py's dequantizers hold several full-size temporaries, so rows
+def dequantize_to_hf(t, arch, hp: HParams, chunk_rows: int = 1024) -> np.ndarray:
+    """One tensor (gguf-py's ReaderTensor, or anything with its name, shape, tensor_type and data) as float32 in HF's
+    layout. gguf-py's dequantizers hold several full-size temporaries, so rows
     are dequantized in chunks into one output array: peak memory ~ the float32 tensor plus a chunk."""
     from gguf import quants
 

@@ -22,6 +22,8 @@ from . import rewards, store, toolcalls
 from .adapter import DEFAULT_TARGETS, LoraAdapter, LoraConfig, config_dict, read_base_model_info
 from .data import Task, build_examples, build_task, read_jsonl
 from .files import EdgezoError, peak_rss_bytes, write_json_atomic
+from .formats import check_base_file
+from .memory import TORCH_METHODS, torch_method
 from .mezo import Estimator, MezoConfig, Schedule
 from .trainer import RunDir, TrainConfig, TrainingInterrupted
 
@@ -443,7 +445,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
                                        gradient_checkpointing=args.gradient_checkpointing, base_dtype=args.base_dtype)
     if config.quantized_base:  # before anything is written: a wrong file type leaves no run directory behind
-        reference.check_base_file(model_path, config.base_dtype)
+        check_base_file(model_path, config.base_dtype)
     lora = lora_from_args(args)
     lr = mezo_learning_rate(args) if args.method == "mezo" else args.learning_rate
     schedule = MezoConfig(learning_rate=lr, eps=args.eps, weight_decay=args.weight_decay,
@@ -454,7 +456,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     run = RunDir(args.out)
     if run.state.exists() or run.adapter.exists():
         raise EdgezoError(f"{run.path} already holds a run; choose another --out")
-    method = "bp-ckpt" if config.gradient_checkpointing else args.method
+    method = torch_method(config.gradient_checkpointing, config.quantized_base) if args.method == "bp" else args.method
     if budget_bytes:
         refuse_over_budget(model_path, method, args, budget_bytes)
     base = read_base_model_info(model_path)
@@ -878,7 +880,7 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
         if not task.is_classification:  # every target token's logits over the vocabulary
             outputs = dict(n_outputs=batches.max_batch_outputs, n_ubatch_outputs=batches.max_ubatch_outputs,
                            lm_loss=True)
-        if method in ("bp", "bp-ckpt"):
+        if method in TORCH_METHODS:
             seq_len = batches.padded_len
             token_ids = batches.token_ids | set(task.label_token_ids)
             if not task.is_classification:
@@ -887,7 +889,7 @@ def predict_run(model_path: Path, method: str, args) -> tuple:
                 logit_cols = len(task.labels)
         else:
             seq_len = -(-batches.max_batch_tokens // args.batch_size)  # mean tokens per sequence of the fullest batch
-    if method in ("bp", "bp-ckpt"):
+    if method in TORCH_METHODS:
         prediction = predict_torch(read_model_shape(model_path), method, args.batch_size, seq_len, lora=lora,
                                    dtype=getattr(args, "dtype", "float32"), logit_rows=logit_rows,
                                    logit_cols=logit_cols, token_ids=token_ids)
@@ -911,13 +913,18 @@ def cmd_memory(args) -> tuple[dict, str]:
     inference: the first --limit examples of --split), tokenized as the run would."""
     from .memory import load_device_profile
 
-    method = "bp-ckpt" if args.method == "bp" and args.gradient_checkpointing else args.method
+    method = args.method
+    if method.startswith("bp"):
+        quantized = method.startswith("bp-quant") or args.base_dtype != "float"
+        method = torch_method(args.gradient_checkpointing or method.endswith("-ckpt"), quantized)
     model_path = resolve_base(args)
+    if method.startswith("bp-quant"):
+        check_base_file(model_path, None if args.base_dtype == "float" else args.base_dtype)
     prediction, seq_len = predict_run(model_path, method, args)
     result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": method,
               "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
               "seq_len": seq_len, "data": args.data}
-    if method in ("bp", "bp-ckpt"):
+    if method in TORCH_METHODS:
         result["dtype"] = args.dtype
     lines = [f"{k:28}{v / 2**20:10.1f} MiB" for k, v in prediction.breakdown.items()]
     what = f"{method}, batch {args.batch_size} x {seq_len} tokens" + ("" if args.data else " (worst case)")
@@ -1179,9 +1186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("memory", help="predict the peak RSS of a run (edgezo.memory), optionally against a device")
     add_run_args(p)  # the finetune / reference-bp arguments: the prediction is for exactly that run
     p.set_defaults(data=None)  # no --data: the worst case, every sequence --max-seq-len tokens
-    p.add_argument("--method", choices=["inference", "mezo", "bp", "bp-ckpt"], default="mezo", help="[%(default)s]")
+    p.add_argument("--method", choices=["inference", "mezo", "bp", "bp-ckpt", "bp-quant", "bp-quant-ckpt"], default="mezo",
+                   help="bp-quant: reference-bp --base-dtype q8_0 / q4_0 (the base in the --quant file's blocks) [%(default)s]")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bp: base weights [%(default)s]")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="with --method bp: same as bp-ckpt")
+    p.add_argument("--base-dtype", choices=["float", "q8_0", "q4_0"], default="float",
+                   help="with --method bp: q8_0 / q4_0 is bp-quant, as in reference-bp [%(default)s]")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="with --method bp / bp-quant: its -ckpt form")
     p.add_argument("--tokens-per-seq", type=int, help="tokens per sequence without --data [worst case: --max-seq-len]")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="inference: eval's --limit [%(default)s]")

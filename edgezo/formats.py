@@ -14,6 +14,24 @@ QUANT_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, 
                 "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
 
 
+QUANTIZED_BASES = ("q4_0", "q8_0")  # file types whose blocks BP on a quantized base trains on (edgezo.quant_torch)
+
+
+def check_base_file(gguf_path: Path, base_dtype: str | None = None) -> str:
+    """A quantized base trains on the file's own blocks, so the file must be of that type (the one MeZO runs on with
+    the same --quant); it is not requantized behind the run's recorded model_path. base_dtype None: either of
+    QUANTIZED_BASES. Returns the file's type."""
+    file_type = read_header(Path(gguf_path)).metadata.get("general.file_type")
+    name = next((k for k, v in QUANT_FTYPES.items() if v == file_type), f"file type {file_type}")
+    wanted = (base_dtype,) if base_dtype else QUANTIZED_BASES
+    if name not in wanted:
+        want = " or ".join(wanted)
+        raise EdgezoError(f"BP on a quantized base (--base-dtype {want}) trains on the blocks of a {want} GGUF, and "
+                          f"{Path(gguf_path).name} is {name}: pass --quant {wanted[0]} (the file MeZO runs on with "
+                          f"that --quant)")
+    return name
+
+
 # ---- a bounded pre-check of untrusted GGUF files -------------------------------------------------------------
 # gguf-py's reader trusts the counts and lengths in a file: a corrupt array count made it allocate until the
 # machine ran out of memory (24 GB seen in tests/test_fuzz.py). This walk checks every count and length against
@@ -57,6 +75,7 @@ class GgufHeader:
     metadata: dict[str, object] = field(default_factory=dict)
     tensor_dims: dict[str, tuple[int, ...]] = field(default_factory=dict)  # ggml ne order: (n_in, n_out) for a matrix
     tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type number (gguf.GGMLQuantizationType)
+    tensor_offsets: dict[str, int] = field(default_factory=dict)  # byte offset of the tensor's data in the file
 
 
 def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
@@ -93,7 +112,8 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
             header.tensor_dims[name] = dims
             header.tensor_types[name] = ggml_type
             extents.append((name, dims, ggml_type, offset))
-        _check_tensor_data(extents, c.pos, header.metadata.get("general.alignment", 32), size)
+        data_start = _check_tensor_data(extents, c.pos, header.metadata.get("general.alignment", 32), size)
+    header.tensor_offsets = {name: data_start + offset for name, _, _, offset in extents}
     return header
 
 
@@ -111,8 +131,9 @@ def tensor_nbytes(dims: tuple[int, ...], ggml_type: int) -> int:
     return math.prod(dims) // block * type_bytes
 
 
-def _check_tensor_data(extents, header_end: int, alignment: int, size: int) -> None:
-    """Every tensor's data must lie inside the file (a truncated download fails here, not in llama.cpp)."""
+def _check_tensor_data(extents, header_end: int, alignment: int, size: int) -> int:
+    """Every tensor's data must lie inside the file (a truncated download fails here, not in llama.cpp); returns
+    where the tensor data starts."""
     if not isinstance(alignment, int) or alignment <= 0:
         raise ValueError(f"bad general.alignment {alignment!r}")
     data_start = -(-header_end // alignment) * alignment
@@ -124,6 +145,7 @@ def _check_tensor_data(extents, header_end: int, alignment: int, size: int) -> N
         end = data_start + offset + nbytes
         if end > size:
             raise ValueError(f"tensor {name!r} ends at byte {end}, the file has {size} (truncated?)")
+    return data_start
 
 
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}

@@ -10,6 +10,9 @@ the PyTorch BP reference (`edgezo reference-bp`; `predict_torch`):
     peak RSS = torch runtime + weights + trainable state (LoRA or full: value, gradient, AdamW moments)
                + stored activations (with or without checkpointing) + backward working set + logits
                + glibc heap retention [+ the bfloat16 load transient's excess]
+    on a quantized base (bp-quant, bp-quant-ckpt: --base-dtype q8_0 / q4_0), weights = the linear layers' GGUF
+    blocks (mapped pages, as read) + float32 embeddings, norms and biases + one float32 dequantization buffer per
+    linear shape
 
 Every term is a named quantity below. Sizes that llama.cpp reports itself (KV, output, repack buffers) follow its
 own formulas; stored activations are counted from the forward torch runs (checked against autograd's saved tensors
@@ -419,7 +422,7 @@ TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 # was the best single value on the SmolLM2-135M and Gemma-3-270M reference-bp runs (grid 64 KiB..2 MiB, with
 # HEAP_RETENTION). Machine-dependent; capped by the table's size.
 EMBEDDING_READ_WINDOW_BYTES = 1 << 20
-TORCH_METHODS = ("bp", "bp-ckpt")
+TORCH_METHODS = ("bp", "bp-ckpt", "bp-quant", "bp-quant-ckpt")
 NORMS_PER_LAYER = {"llama": 2, "qwen2": 2, "gemma3": 4}  # RMSNorms on the residual width in one block
 # Which input each LoRA target reads: targets in one group share one input tensor.
 LORA_INPUT_GROUP = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_output": "attn_out",
@@ -505,10 +508,35 @@ def embedding_bytes_read(shape: ModelShape, token_ids) -> int:
     return min(len(windows) * EMBEDDING_READ_WINDOW_BYTES, shape.n_vocab * row)
 
 
+def torch_method(checkpointing: bool, quantized_base: bool) -> str:
+    """The accountant's name for a reference-bp run: bp, bp-ckpt, bp-quant or bp-quant-ckpt."""
+    return "bp" + ("-quant" if quantized_base else "") + ("-ckpt" if checkpointing else "")
+
+
+def quantized_base_terms(shape: ModelShape, full_vocab_logits: bool) -> dict[str, int]:
+    """What a base held as GGUF blocks (edgezo.quant_torch) keeps resident, read from `shape`'s own tensor types.
+
+    The linear layers are views of the memory-mapped file: their pages count once the first forward has read them.
+    An untied output layer is read whole only when the loss needs logits over the vocabulary (language modelling);
+    a classification loss dequantizes only the label words' rows. Embeddings, norms and biases are float32 copies
+    (the embedding's blocks are read once and their pages dropped). Each matmul dequantizes its weight into a
+    float32 buffer shared by every layer of that shape (quant_torch._Workspace)."""
+    blocks = [n for n in shape.linear_shapes
+              if n != "token_embd.weight" and (n != "output.weight" or full_vocab_logits)]
+    floats = [n for n, dims in shape.tensor_numel.items() if n not in shape.linear_shapes] + ["token_embd.weight"]
+    return {
+        "quant_blocks_bytes": sum(shape.tensor_bytes[n] for n in blocks),
+        "float_weights_bytes": sum(shape.tensor_numel[n] for n in floats) * F32_BYTES,
+        "dequant_buffers_bytes": sum(n_out * n_in for n_out, n_in in {shape.linear_shapes[n] for n in blocks}) * F32_BYTES,
+    }
+
+
 def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int, lora: LoraConfig | None = None,
                   dtype: str = "float32", logit_rows: int | None = None, logit_cols: int = 2,
                   full: bool = False, token_ids=None) -> Prediction:
-    """Peak RSS of `edgezo reference-bp` (method "bp", or "bp-ckpt" with --gradient-checkpointing).
+    """Peak RSS of `edgezo reference-bp`: method "bp", "bp-ckpt" (--gradient-checkpointing), "bp-quant" or
+    "bp-quant-ckpt" (--base-dtype q8_0 / q4_0: the base stays in `shape`'s GGUF blocks, so `shape` must be read from
+    the file of that type).
 
     seq_len: the padded length of the largest batch (the reference pads each batch to its longest sequence).
     logit_rows x logit_cols: logits the loss computes (classification: one row per sequence, a column per label).
@@ -517,30 +545,35 @@ def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int,
     token_ids: the distinct token ids the run reads (its batches and the label words); None: every row (worst case).
     """
     if method not in TORCH_METHODS:
-        raise EdgezoError(f"unknown method {method!r} for the torch reference; choose bp or bp-ckpt")
+        raise EdgezoError(f"unknown method {method!r} for the torch reference; choose {', '.join(TORCH_METHODS)}")
     if dtype not in TORCH_DTYPE_BYTES:
         raise EdgezoError(f"unknown dtype {dtype!r}; choose {' or '.join(TORCH_DTYPE_BYTES)}")
     if batch_size < 1 or seq_len < 1:
         raise EdgezoError(f"batch size and sequence length must be >= 1, got {batch_size} and {seq_len}")
+    quantized = method.startswith("bp-quant")
+    if quantized and (full or dtype != "float32"):
+        raise EdgezoError("a quantized base trains LoRA tensors with float32 compute (no full fine-tuning, no bfloat16)")
     adapter = None if full else (lora or LoraConfig())
     a = TORCH_DTYPE_BYTES[dtype]
     tokens = batch_size * seq_len
     per_block = tokens * torch_saved_bytes_per_token_layer(shape, adapter, dtype)
-    if method == "bp":
-        stored = shape.n_layers * per_block
-    else:  # block inputs, plus one block recomputed with its activations during its backward
+    if method.endswith("-ckpt"):  # block inputs, plus one block recomputed with its activations during its backward
         stored = tokens * torch_checkpoint_bytes_per_token(shape, dtype) + per_block
-    backward = int(BACKWARD_BLOCKS * per_block)
+    else:
+        stored = shape.n_layers * per_block
     rows = batch_size if logit_rows is None else logit_rows
     n_trained = trainable_params(shape, adapter)
+    if quantized:
+        weights = quantized_base_terms(shape, full_vocab_logits=logit_cols >= shape.n_vocab)
+    else:  # float32: the mapped safetensors file itself, resident as far as it is read; bfloat16: converted copies
+        weights = {"weights_bytes": shape.n_params * a - unread_embedding_bytes(shape, a, adapter, logit_cols, token_ids)}
     breakdown = {
         "torch_runtime_bytes": TORCH_RUNTIME_BASELINE_BYTES,
-        # float32: the mapped safetensors file itself, resident as far as it is read; bfloat16: converted copies
-        "weights_bytes": shape.n_params * a - unread_embedding_bytes(shape, a, adapter, logit_cols, token_ids),
+        **weights,
         # LoRA: float32 value + gradient + AdamW exp_avg + exp_avg_sq; full: gradient + 2 moments in the weights' dtype
         "trainable_state_bytes": n_trained * 4 * F32_BYTES if adapter is not None else n_trained * 3 * a,
         "activations_bytes": stored,
-        "backward_bytes": backward,
+        "backward_bytes": int(BACKWARD_BLOCKS * per_block),
         # the lm_head rows and columns the loss reads: float32 logits, their log-softmax and its gradient
         "logits_bytes": 3 * rows * logit_cols * F32_BYTES,
         "heap_retention_bytes": int(HEAP_RETENTION * shape.n_layers * per_block),

@@ -28,9 +28,11 @@ GGUF block layouts (ggml-common.h; 32 weights a block, d and m float16, little-e
 
 from __future__ import annotations
 
-import gc
+import math
+import mmap
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .files import EdgezoError
+from .formats import read_header, tensor_nbytes
 
 Q = GGMLQuantizationType
 _BIT_SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit i of a byte, little-endian
@@ -203,39 +206,68 @@ class QuantLinear(nn.Linear):
 
 
 # ---- a transformers model on a GGUF's blocks ------------------------------------------------------------------------
+class MappedTensor(NamedTuple):
+    """One GGUF tensor on the memory-mapped file, as convert's dequantize_to_hf reads gguf-py's ReaderTensor."""
+
+    name: str
+    shape: tuple[int, ...]  # ggml order: (n_in, n_out) for a matrix
+    tensor_type: GGMLQuantizationType
+    data: np.ndarray  # (rows, bytes per row) uint8, a view of the mapping
+    offset: int  # where `data` starts in the file (and in the mapping, which starts at byte 0)
+
+
+def map_tensors(path: Path, header) -> list[MappedTensor]:
+    """Every tensor of `path` as a view of one private (copy-on-write, never written) mapping of the file, located by
+    the header walk (edgezo.formats): no gguf.GGUFReader, whose Python objects for each vocabulary entry and merge
+    cost ~160 MB for SmolLM2 and ~600 MB for Gemma 3 while a model loads."""
+    mapping = np.memmap(path, dtype=np.uint8, mode="c")
+    tensors = []
+    for name, dims in header.tensor_dims.items():
+        qtype = Q(header.tensor_types[name])
+        start = header.tensor_offsets[name]
+        data = mapping[start : start + tensor_nbytes(dims, qtype)]
+        tensors.append(MappedTensor(name, tuple(int(d) for d in dims), qtype, data.reshape(math.prod(dims[1:]), -1), start))
+    return tensors
+
+
+def release_pages(tensor: MappedTensor) -> None:
+    """Drop the resident pages of a tensor read once (the embedding blocks, once dequantized): the mapping is private
+    and unwritten, so a later read would fault them in again from the file."""
+    start, end = tensor.offset, tensor.offset + tensor.data.nbytes
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages only
+    if last > first:
+        tensor.data._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
 def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg: None):
     """The transformers model of `gguf_path` (float32 compute, sdpa attention) with every linear layer a QuantLinear.
 
     The model is built with its parameters on the meta device (accelerate's init_empty_weights; buffers such as RoPE
     frequencies are computed on the CPU as usual), then each GGUF tensor is put in place: a linear layer's weight as a
-    QuantLinear holding a copy of its blocks (rows reordered as convert/ does for HF's Q/K layout: a row permutation,
-    so whole rows of blocks move), anything else (embeddings, norms, biases) dequantized to float32 as
-    convert/gguf_to_hf.py writes it. No linear weight ever exists in float32 as a whole, at load time or later.
+    QuantLinear on its blocks in the memory-mapped file (MeBP's layout: file pages, resident once read, never
+    copied; llama's Q/K rows are the one copy, reordered as convert/ does for HF's layout), anything else
+    (embeddings, norms, biases) dequantized to float32 as convert/gguf_to_hf.py writes it. No linear weight ever
+    exists in float32 as a whole, at load time or later.
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from convert.architectures import HParams, for_gguf
-    from convert.gguf_to_hf import _dequantize, _hf_config, _metadata, _n_vocab  # as convert_gguf_to_hf does
+    from convert.architectures import HParams
+    from convert.gguf_to_hf import dequantize_to_hf, hf_config
 
-    from .formats import open_gguf
-
-    reader = open_gguf(Path(gguf_path))
-    meta = _metadata(reader)
-    if meta.get("general.type") == "adapter":
-        raise EdgezoError(f"{gguf_path} is a LoRA adapter, not a model")
-    arch = for_gguf(str(meta.get("general.architecture")), str(gguf_path))
-    prefix = arch.gguf_arch + "."
-    arch_meta = {k[len(prefix):]: v for k, v in meta.items() if k.startswith(prefix)}
-    arch_meta["n_vocab"] = _n_vocab(reader)
-    config = _hf_config(arch, arch_meta, {t.name for t in reader.tensors}, meta)
+    header = read_header(Path(gguf_path))
+    # what convert's _metadata keeps: scalars and strings, and of the arrays only the sliding-window pattern
+    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in header.metadata.items()
+            if not isinstance(v, tuple) or k.endswith("sliding_window_pattern")}
+    embd = header.tensor_dims.get("token_embd.weight")
+    if embd is None or len(embd) != 2:
+        raise EdgezoError(f"{gguf_path} has no 2-D token_embd.weight")
+    arch, config = hf_config(meta, set(header.tensor_dims), int(embd[1]), str(gguf_path))
     hp = HParams(config.to_dict())
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
-    n_bytes = _put_tensors(model, reader, arch, hp, _dequantize)
-    del reader  # with the helper's locals gone, nothing refers to the file's mapping (its touched pages count as RSS)
-    gc.collect()  # nor to the reader's Python objects (one per vocabulary entry: ~160 MB for SmolLM2)
+    n_bytes = _put_tensors(model, map_tensors(Path(gguf_path), header), arch, hp, dequantize_to_hf)
     model.tie_weights()  # a tied lm_head takes the embedding just loaded
     missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
     if missing:
@@ -243,29 +275,29 @@ def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg
     for p in model.parameters():
         p.requires_grad_(False)
     n_linear = sum(isinstance(m, QuantLinear) for m in model.modules())
-    log(f"{n_linear} linear layers on the GGUF's blocks ({n_bytes / 2**20:.1f} MiB), dequantized on use")
+    log(f"{n_linear} linear layers on the GGUF's blocks ({n_bytes / 2**20:.1f} MiB, memory-mapped), dequantized on use")
     return model
 
 
-def _put_tensors(model, reader, arch, hp, dequantize_to_hf) -> int:
-    """Every GGUF tensor into the meta-device `model` (see causal_lm_from_gguf); returns the bytes of blocks kept."""
-    tensors = [(arch.hf_name(t.name), t) for t in reader.tensors]
+def _put_tensors(model, tensors: list[MappedTensor], arch, hp, dequantize_to_hf) -> int:
+    """Every GGUF tensor into the meta-device `model` (see causal_lm_from_gguf); returns the bytes of blocks used."""
+    named = [(arch.hf_name(t.name), t) for t in tensors]
     n_bytes = 0
-    for hf_name, t in tensors:  # linear weights first: their modules are replaced, then biases attach to the new ones
+    for hf_name, t in named:  # linear weights first: their modules are replaced, then biases attach to the new ones
         module_name, _, leaf = hf_name.rpartition(".")
         module = model.get_submodule(module_name)
         if leaf != "weight" or type(module) is not nn.Linear:
             continue
-        raw = np.asarray(t.data).view(np.uint8)  # (n_out, row bytes) for every type, F32 / F16 included
-        rows = arch.to_hf(t.name, raw.reshape(raw.shape[0], -1), hp)  # HF row order (Q/K un-permuted)
-        qweight = torch.from_numpy(np.array(rows, dtype=np.uint8, copy=True))  # owned: the file's mapping can go
-        model.set_submodule(module_name, QuantLinear(qweight, Q(t.tensor_type), module.in_features,
+        rows = arch.to_hf(t.name, t.data, hp)  # HF row order: Q/K un-permuted (a copy), anything else the mapped view
+        qweight = torch.from_numpy(rows if rows is t.data else np.ascontiguousarray(rows))
+        model.set_submodule(module_name, QuantLinear(qweight, t.tensor_type, module.in_features,
                                                      bias=None if module.bias is None else module.bias))
         n_bytes += qweight.numel()
-    for hf_name, t in tensors:
+    for hf_name, t in named:
         module_name, _, leaf = hf_name.rpartition(".")
         module = model.get_submodule(module_name)
         if not (isinstance(module, QuantLinear) and leaf == "weight"):
             value = torch.from_numpy(dequantize_to_hf(t, arch, hp))  # float32, HF's layout, as convert/ writes it
             setattr(module, leaf, nn.Parameter(value, requires_grad=False))
+            release_pages(t)
     return n_bytes

@@ -34,14 +34,14 @@ from . import store
 from .adapter import BaseModelInfo, LoraAdapter
 from .data import Example, Task, batch_indices
 from .files import EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file
-from .formats import QUANT_FTYPES, read_header
+from .formats import QUANTIZED_BASES, check_base_file, read_header
 from .mezo import MezoConfig, direction_seed, learning_rate_at
 from .objective import Totals, evaluate
 from .trainer import RunDir, TrainingInterrupted, TrainResult, stop_requests
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = ("bp", "mezo")
-BASE_DTYPES = ("float", "q8_0", "q4_0")  # float: the GGUF dequantized once; q8_0 / q4_0: its blocks, dequantized on use
+BASE_DTYPES = ("float", *QUANTIZED_BASES)  # float: the GGUF dequantized once; q8_0 / q4_0: its blocks, dequantized on use
 
 
 @dataclass(frozen=True)
@@ -84,17 +84,6 @@ def hf_model_dir(gguf_path: Path, log: Callable[[str], None] = lambda msg: None)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)  # a directory appears whole or not at all
     return target
-
-
-def check_base_file(gguf_path: Path, base_dtype: str) -> None:
-    """A quantized base trains on the file's own blocks, so the file must be of that type (the one MeZO runs on with
-    the same --quant); it is not requantized here behind the run's recorded model_path."""
-    file_type = read_header(Path(gguf_path)).metadata.get("general.file_type")
-    if file_type != QUANT_FTYPES[base_dtype]:
-        name = next((k for k, v in QUANT_FTYPES.items() if v == file_type), f"file type {file_type}")
-        raise EdgezoError(f"--base-dtype {base_dtype} trains on the blocks of a {base_dtype} GGUF, and "
-                          f"{Path(gguf_path).name} is {name}: pass --quant {base_dtype} (the file MeZO runs on with "
-                          f"--quant {base_dtype})")
 
 
 def load_model(gguf_path: Path, adapter: LoraAdapter, base: BaseModelInfo, config: ReferenceConfig,

@@ -185,6 +185,37 @@ def test_bp_terms_behave(tiny_gguf):
     assert bf16.breakdown["activations_bytes"] < bp.breakdown["activations_bytes"]
 
 
+def test_bp_on_a_quantized_base_counts_the_files_blocks(tiny_gguf, tmp_path):
+    from edgezo.engine import quantize_gguf
+    from edgezo.memory import predict_torch
+
+    q4 = tmp_path / "tiny.q4_0.gguf"
+    quantize_gguf(tiny_gguf, q4, "q4_0", n_threads=1)
+    shape, float_shape = read_model_shape(q4), read_model_shape(tiny_gguf)
+    bp, quant = predict_torch(float_shape, "bp", 4, 64), predict_torch(shape, "bp-quant", 4, 64)
+    linears = [n for n in shape.linear_shapes if n.startswith("blk.")]
+    assert quant.breakdown["quant_blocks_bytes"] == sum(shape.tensor_bytes[n] for n in linears)
+    assert "weights_bytes" not in quant.breakdown and quant.total_bytes < bp.total_bytes
+    for term in ("activations_bytes", "trainable_state_bytes", "backward_bytes", "heap_retention_bytes"):
+        assert quant.breakdown[term] == bp.breakdown[term], term  # the same LoRA and activations as float BP
+    assert (predict_torch(shape, "bp-quant-ckpt", 4, 64).breakdown["activations_bytes"]
+            == predict_torch(float_shape, "bp-ckpt", 4, 64).breakdown["activations_bytes"])
+    with pytest.raises(EdgezoError, match="quantized base"):
+        predict_torch(shape, "bp-quant", 4, 64, dtype="bfloat16")
+
+
+def test_an_untied_output_layer_counts_only_for_a_language_modelling_loss():
+    from edgezo.capacity import load_specs
+    from edgezo.memory import quantized_base_terms, shape_from_spec
+
+    spec = next(s for s in load_specs(["qwen2.5-coder"]) if not s.tied)
+    shape = shape_from_spec(spec, "q4_0")
+    classify, lm = quantized_base_terms(shape, False), quantized_base_terms(shape, True)
+    assert lm["quant_blocks_bytes"] - classify["quant_blocks_bytes"] == shape.tensor_bytes["output.weight"]
+    assert lm["dequant_buffers_bytes"] - classify["dequant_buffers_bytes"] == 4 * spec.vocab * spec.hidden
+    assert classify["float_weights_bytes"] == lm["float_weights_bytes"] > 4 * spec.vocab * spec.hidden
+
+
 @pytest.mark.parametrize("kwargs", [dict(method="mezo"), dict(dtype="float16"), dict(batch_size=0)])
 def test_bp_bad_arguments_are_user_errors(tiny_gguf, kwargs):
     from edgezo.memory import predict_torch
@@ -286,6 +317,30 @@ def test_memory_cli_predicts_the_runs_own_batches(tiny_gguf, sentiment_dir):
     assert data["predicted_bytes"] < worst["predicted_bytes"]
     assert run("--method", "bp", "--gradient-checkpointing", "--max-seq-len", "64")["method"] == "bp-ckpt"
     assert run("--method", "mezo", "--max-seq-len", "64")["predicted_bytes"] < worst["predicted_bytes"]
+    # an f32 file has no blocks to train BP on
+    assert main(["memory", "--model", str(tiny_gguf), "--quant", "none", "--method", "bp-quant"]) == 1
+
+
+def test_memory_cli_bp_quant_is_reference_bp_with_base_dtype(tiny_gguf, tmp_path):
+    import contextlib
+    import io
+
+    from edgezo.cli import main
+    from edgezo.engine import quantize_gguf
+
+    q8 = tmp_path / "tiny.q8_0.gguf"
+    quantize_gguf(tiny_gguf, q8, "q8_0", n_threads=1)
+
+    def run(*extra):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main(["memory", "--model", str(q8), "--batch-size", "4", "--max-seq-len", "64", "--json", *extra]) == 0
+        return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+    quant = run("--method", "bp-quant", "--gradient-checkpointing")
+    assert quant["method"] == "bp-quant-ckpt" and "quant_blocks_bytes" in quant["breakdown"]
+    assert run("--method", "bp", "--base-dtype", "q8_0", "--gradient-checkpointing") == quant
+    assert run("--method", "bp")["predicted_bytes"] > quant["predicted_bytes"]
 
 
 # ---- language-modelling data: terms that grow with the scored positions ---------------------------------------------

@@ -3,6 +3,7 @@ autograd's linear on the dequantized weight while saving only the blocks, and re
 float reference's model on the same file, holding blocks instead of float weights."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,6 +209,21 @@ def test_model_holds_blocks_and_no_float_linear_weight(quantized_tiny):
     # what is float is what the float model has besides its linear weights: embedding and norms
     expected = {n for n, p in float_model.named_parameters() if "lora_" not in n and "_proj" not in n}
     assert float_params == expected
+
+
+def test_the_accountant_counts_what_the_model_on_blocks_holds(quantized_tiny):
+    """edgezo.memory's bp-quant weights terms against the model itself, and its blocks are the mapped file's pages."""
+    from edgezo.memory import quantized_base_terms, read_model_shape
+
+    path = quantized_tiny["q4_0"]
+    model = causal_lm_from_gguf(path)
+    terms = quantized_base_terms(read_model_shape(path), full_vocab_logits=True)
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert terms["quant_blocks_bytes"] == sum(m.qweight.numel() for m in linears)
+    floats = {p.data_ptr(): p.numel() for p in model.parameters()}  # a tied lm_head is the embedding: counted once
+    assert terms["float_weights_bytes"] == 4 * sum(floats.values())
+    assert terms["dequant_buffers_bytes"] == 4 * sum(o * i for o, i in {(m.out_features, m.in_features) for m in linears})
+    assert str(path) in Path("/proc/self/maps").read_text()  # the blocks are views of the file, not copies
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])

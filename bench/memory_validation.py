@@ -7,13 +7,17 @@ Runs, for each model x setting x method, the real command and reads the `peak_rs
     mezo       edgezo finetune --steps S                     (llama.cpp, LoRA k,v rank 16)
     bp         edgezo reference-bp --steps S                 (torch float32, same LoRA, AdamW)
     bp-ckpt    edgezo reference-bp --steps S --gradient-checkpointing
+    bp-quant   edgezo reference-bp --steps S --base-dtype q4_0 [--gradient-checkpointing: bp-quant-ckpt]
+               (torch, the base kept in the Q4_0 file's blocks)
 and predicts the same run with `edgezo memory --json` (the same arguments plus --method), so the table checks the
 command users call. Settings: movie-reviews at batch 8 (padded ~55 tokens), and "long reviews" (eight reviews
 joined per example, ~270 tokens) at batch 2 with --max-seq-len 512. Language-modelling settings (--settings
 calls-b16,plans-b16,chat-b16; not in the default list): synthetic tool calls built by tool_data at batch 16, the loss
 on every completion / assistant token (~28 and ~111 completion tokens, and a two-turn chat).
 
-Models: the built-in SmolLM2-135M and Gemma-3-270M (Q4_0), and two randomly initialised llama models built here
+Models: the built-in SmolLM2-135M and Gemma-3-270M (Q4_0), the built-in Qwen2.5-Coder 0.5B and 1.5B (their
+Q4_K_M files requantized to Q4_0 by llama.cpp, as edgezo does by default; out of sample: no constant was fitted on
+them), and two randomly initialised llama models built here
 (transformers, seed 0) with SmolLM2's tokenizer and 49,152-token vocabulary: random-360m (SmolLM2-360M's shape) and
 random-1b (Llama-3.2-1B's shape with SmolLM2's vocabulary), saved as safetensors, converted with convert/hf_to_gguf.py
 (F16) and quantized to Q4_0 by llama.cpp as `--quant q4_0` does. Everything is cached under --work-dir (its own
@@ -36,8 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-METHODS = ["inference", "mezo", "bp", "bp-ckpt"]
-MODELS = ["smollm2-135m", "gemma3-270m", "random-360m", "random-1b"]
+METHODS = ["inference", "mezo", "bp", "bp-ckpt", "bp-quant", "bp-quant-ckpt"]
+BUILTIN_MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+MODELS = [*BUILTIN_MODELS[:2], "random-360m", "random-1b", *BUILTIN_MODELS[2:]]
 # (name, data, batch size, --max-seq-len)
 SETTINGS = [("reviews-b8", "movie-reviews", 8, 256), ("long-b2", "long-reviews", 2, 512)]
 # Language-modelling settings (the loss covers every completion / assistant token): synthetic tool calls, built here.
@@ -48,14 +53,16 @@ TARGET_ERROR = 0.10
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
-def prepare(work: Path) -> None:
-    """Built-in model and dataset in the work dir's EDGEZO_HOME (copied from the user's cache when there)."""
+def prepare(work: Path, models: list[str]) -> None:
+    """The built-in models run (and SmolLM2, whose tokenizer the random models use) and the dataset in the work dir's
+    EDGEZO_HOME (copied from the user's cache when there)."""
     home = work / "home"
     user_home = Path(os.environ.get("EDGEZO_HOME") or Path.home() / ".cache" / "edgezo")
-    for sub in ("models/smollm2-135m", "models/gemma3-270m", "datasets/movie-reviews"):
+    builtins = [m for m in BUILTIN_MODELS if m in models or m == "smollm2-135m"]
+    for sub in [f"models/{m}" for m in builtins] + ["datasets/movie-reviews"]:
         if not (home / sub).exists() and (user_home / sub).exists():
             shutil.copytree(user_home / sub, home / sub)
-    run([sys.executable, "-m", "edgezo.cli", "fetch", "smollm2-135m", "gemma3-270m", "movie-reviews", "--json"], home)
+    run([sys.executable, "-m", "edgezo.cli", "fetch", *builtins, "movie-reviews", "--json"], home)
 
 
 def long_reviews(work: Path) -> Path:
@@ -191,9 +198,10 @@ def commands(args, model: str, data: str, batch_size: int, max_seq_len: int, met
         measured = cli + ["finetune", *common, *train, *threads, "--out", str(out)]
         predicted = cli + ["memory", *common, *train, "--method", "mezo"]
     else:
-        ckpt = ["--gradient-checkpointing"] if method == "bp-ckpt" else []
-        measured = cli + ["reference-bp", *common, *train, *threads, *ckpt, "--out", str(out)]
-        predicted = cli + ["memory", *common, *train, "--method", method]
+        flags = (["--gradient-checkpointing"] if method.endswith("-ckpt") else []) + (
+            ["--base-dtype", "q4_0"] if method.startswith("bp-quant") else [])
+        measured = cli + ["reference-bp", *common, *train, *threads, *flags, "--out", str(out)]
+        predicted = cli + ["memory", *common, *train, *flags, "--method", "bp"]
     return measured, predicted
 
 
@@ -204,7 +212,7 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
     data_arg = (data if data == "movie-reviews" else str(long_reviews(work)) if data == "long-reviews"
                 else str(tool_data(work, data)))
     out = work / "runs" / f"{model}-{name}-{method}-{time.time_ns()}"
-    if method.startswith("bp"):  # the first reference run of a model converts it to HF once; keep that out of the runs
+    if method in ("bp", "bp-ckpt"):  # the first float reference run of a model converts it to HF once; keep that out of the runs
         warm = "import sys; from edgezo import store, reference; reference.hf_model_dir(store.resolve_model(sys.argv[1], 'q4_0'))"
         subprocess.run([sys.executable, "-c", warm, model_arg], check=True, env=dict(os.environ, EDGEZO_HOME=str(home)), cwd=ROOT)
     measured_cmd, predicted_cmd = commands(args, model_arg, data_arg, batch_size, max_seq_len, method, out)
@@ -233,7 +241,7 @@ def markdown(rows: list[dict], steps: int, kept: list[str] = ()) -> str:
     worst = max([abs(r["error"]) for r in rows] + [abs(float(line.split("|")[-2].strip(" %"))) / 100 for line in kept])
     lines.append(f"\nWorst error {100 * worst:.1f} % (target {100 * TARGET_ERROR:.0f} %). Peak RSS = VmHWM of a fresh "
                  f"process running the command; {steps} training steps, seed 0, LoRA rank 16 on attn_k,attn_v, "
-                 f"torch float32. reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
+                 f"torch float32 (bp-quant: float32 compute on the Q4_0 file's blocks). reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
                  f"per example, batch 2, --max-seq-len 512. Language modelling (loss on every completion / assistant "
                  f"token; synthetic tool calls from tool_data, 64 train / 32 valid records): calls-b16, one JSON call "
                  f"per completion (~28 tokens), plans-b16, {PLAN_CALLS} calls per completion (~111 tokens), chat-b16, "
@@ -288,7 +296,7 @@ def main() -> int:
     if args.repredict:
         return repredict(args, work)
     (work / "home").mkdir(parents=True, exist_ok=True)
-    prepare(work)
+    prepare(work, args.models.split(","))
     rows = []
     settings = [s for s in SETTINGS + LM_SETTINGS if s[0] in args.settings.split(",")]
     for model in args.models.split(","):

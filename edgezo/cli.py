@@ -188,7 +188,7 @@ def cmd_fetch(args) -> tuple[dict, str]:
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
 RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads",
-                  "eval_generation"}
+                  "eval_generation", "train.max_train_seconds"}
 # Fields config.json gained later, so that older runs still resume: those whose value an older run implies (it had
 # no choice), and those it did not record (compared only when the saved configuration has them).
 ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False,
@@ -253,6 +253,9 @@ def cmd_finetune(args) -> tuple[dict, str]:
                                                          or args.objective != "loss" or args.eval_generation):
         raise EdgezoError("distributed MeZO runs the two-sided estimator on every LoRA tensor with the loss only: "
                           "drop --estimator fzoo / --lora-fa / --objective / --eval-generation, or train with one worker")
+    if (args.workers > 1 or distributed.launched()) and args.max_train_seconds:
+        raise EdgezoError("--max-train-seconds: each worker's clock differs, so workers would stop at different steps; "
+                          "bound a distributed run with --steps")
     reward = None if args.objective == "loss" else rewards.load_reward(args.objective)
     args.eval_generation = args.eval_generation or reward is not None
     if args.eval_generation and args.prefix_reuse != "off":
@@ -279,6 +282,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             save_every=args.save_every, n_valid=args.n_valid, max_memory_bytes=budget_bytes,
+                            max_train_seconds=args.max_train_seconds,
                             freeze_lora_a=args.lora_fa, best_by="valid_reward" if reward else "valid_loss")
     if budget_bytes:
         prediction, _ = predict_run(model_path, "mezo", args)
@@ -452,7 +456,8 @@ def cmd_reference(args) -> tuple[dict, str]:
                           schedule=args.schedule, warmup_steps=args.warmup_steps)
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
-                            n_valid=args.n_valid, max_memory_bytes=budget_bytes)
+                            n_valid=args.n_valid, max_memory_bytes=budget_bytes,
+                            max_train_seconds=args.max_train_seconds)
     run = RunDir(args.out)
     if run.state.exists() or run.adapter.exists():
         raise EdgezoError(f"{run.path} already holds a run; choose another --out")
@@ -1050,6 +1055,9 @@ def add_run_args(p: argparse.ArgumentParser) -> dict:
     g.add_argument("--eval-every", "--steps-per-eval", type=int, default=t.eval_every,
                    help="validate every N steps, 0: only at the end [%(default)s]")
     g.add_argument("--n-valid", type=int, default=t.n_valid, help="validation examples per evaluation, 0: all [%(default)s]")
+    g.add_argument("--max-train-seconds", type=float, default=t.max_train_seconds,
+                   help="end the run, validated and saved, once training (evaluations excluded) took this long; "
+                        "--steps stays the upper bound, 0: no limit [%(default)s]")
     g = groups["run directory"]
     g.add_argument("--out", "--adapter-path", default="runs/latest", help="run directory [%(default)s]")
     g = groups["memory budget"]

@@ -267,7 +267,10 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, 
 
         if valid_set and train_cfg.eval_every:
             valid = validate(0)
+        done = 0
         for step in range(train_cfg.steps):
+            if train_cfg.out_of_time(train_seconds):
+                break
             t0 = time.perf_counter()
             batch = [run_spec.train_set[i] for i in
                      batch_indices(len(run_spec.train_set), train_cfg.batch_size, train_cfg.seed, step)]
@@ -291,9 +294,9 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, 
             if valid_set and train_cfg.eval_every and done % train_cfg.eval_every == 0 and done < train_cfg.steps:
                 valid = validate(done)
         if valid_set:
-            valid = validate(train_cfg.steps)
+            valid = validate(done)
     save_adapter(model, run_spec.base, run)
-    return TrainResult(adapter_path=run.adapter, steps=train_cfg.steps,
+    return TrainResult(adapter_path=run.adapter, steps=done,
                        final_loss=float(np.mean(recent)) if recent else math.nan, valid=valid,
                        train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes())
 

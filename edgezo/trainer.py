@@ -57,12 +57,17 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     n_valid: int = 500  # validation examples used per evaluation (the first n of the split); 0: all
     max_memory_bytes: int = 0  # stop with a checkpoint when the process RSS exceeds this; 0: no limit
+    max_train_seconds: float = 0  # end the run (validated and saved) once training took this long; 0: no limit
     freeze_lora_a: bool = False  # LoRA-FA: perturb and train B only, A stays at its random init (d / (1 + n_in / n_out))
     best_by: str = "valid_loss"  # adapter.best.gguf: lowest valid_loss, or highest valid_reward (reward objectives)
 
+    def out_of_time(self, train_seconds: float) -> bool:
+        """The training clock (evaluations excluded, resumes included) has reached max_train_seconds."""
+        return bool(self.max_train_seconds) and train_seconds >= self.max_train_seconds
+
     def __post_init__(self):
-        if self.steps < 0 or self.batch_size < 1:
-            raise EdgezoError("steps must be >= 0 and batch size >= 1")
+        if self.steps < 0 or self.batch_size < 1 or self.max_train_seconds < 0:
+            raise EdgezoError("steps must be >= 0, batch size >= 1 and the training time limit >= 0")
         if self.best_by not in BEST_BY:
             raise EdgezoError(f"best_by must be one of {sorted(BEST_BY)}, got {self.best_by!r}")
 
@@ -228,7 +233,10 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
 
         if valid_set and start_step == 0 and config.eval_every:
             valid = validate(0)
+        done = start_step
         for step in range(start_step, config.steps):
+            if config.out_of_time(train_seconds):
+                break
             t0 = time.perf_counter()
             batch = [train_set[i] for i in batch_indices(len(train_set), config.batch_size, config.seed, step)]
             try:
@@ -271,10 +279,10 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             if valid_set and config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 valid = validate(done)
         if valid_set:
-            valid = validate(config.steps)
-    run.save_checkpoint(adapter, config.steps)
+            valid = validate(done)
+    run.save_checkpoint(adapter, done)
     adapter.save(run.adapter)
-    return TrainResult(adapter_path=run.adapter, steps=config.steps,
+    return TrainResult(adapter_path=run.adapter, steps=done,
                        final_loss=float(sum(recent_losses) / len(recent_losses)) if recent_losses else math.nan,
                        valid=valid, train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes(),
                        best=best, best_adapter_path=run.best if best is not None else None)

@@ -54,6 +54,20 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tiny_gguf, sentimen
     assert resumed["train_seconds"] == pytest.approx(step_seconds)  # the whole run's step time, not this process's
 
 
+def test_a_training_time_limit_ends_the_run_validated_and_saved(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    """Any step takes more than a nanosecond: the limit ends the run after its first step, with the final validation
+    and checkpoint at that step; resumed with the same limit it trains no further, with a higher one it continues."""
+    out = tmp_path / "run"
+    result = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 6, "--max-train-seconds", "1e-9"))
+    assert result["steps"] == 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1] and [r["step"] for r in lines if "valid_loss" in r] == [0, 1]
+    assert json.loads((out / "state.json").read_text())["step"] == 1 and (out / "adapter.gguf").exists()
+    again = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 6, "--resume", "--max-train-seconds", "1e-9"))
+    assert again["steps"] == 1
+    assert run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 6, "--resume"))["steps"] == 6
+
+
 def test_resume_refuses_a_changed_config_naming_the_fields(tiny_gguf, sentiment_dir, tmp_path, capsys):
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2))
     code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 4, "--resume", "--eps", "0.05", "--rank", "2"))

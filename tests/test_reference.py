@@ -114,6 +114,14 @@ def reference_args(tiny_gguf, sentiment_dir, out, *extra):
             "--out", str(out), "--json", *extra]
 
 
+def test_reference_time_limit_ends_the_run_validated(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, out, "--max-train-seconds", "1e-9")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["steps"] == 1
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == [1] and [r["step"] for r in lines if "valid_loss" in r] == [0, 1]
+
+
 @pytest.mark.parametrize("method,extra", [("bp", ["--gradient-checkpointing"]), ("mezo", [])])
 def test_reference_run_writes_a_run_dir_llama_cpp_evaluates_identically(method, extra, tiny_gguf, sentiment_dir,
                                                                           tmp_path, capsys):

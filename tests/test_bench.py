@@ -181,40 +181,48 @@ def test_fleet_projection_follows_the_stated_model():
 
 # ---- budget experiment ---------------------------------------------------------------------------------------
 MiB = 2**20
-PREDICTIONS = {"smollm2-135m": {"mezo": 330 * MiB, "bp": 2400 * MiB, "bp-ckpt": 1500 * MiB},
-               "gemma3-270m": {"mezo": 500 * MiB, "bp": 2900 * MiB, "bp-ckpt": 2000 * MiB}}
+PREDICTIONS = {"small": {"mezo": 330 * MiB, "bp": 2400 * MiB, "bp-quant": 2300 * MiB, "bp-ckpt": 1600 * MiB,
+                         "bp-quant-ckpt": 1500 * MiB},
+               "large": {"mezo": 500 * MiB, "bp": 2900 * MiB, "bp-quant": 2700 * MiB, "bp-ckpt": 2100 * MiB,
+                         "bp-quant-ckpt": 2000 * MiB}}
 
 
 def test_budget_separates_bp_on_the_small_model_from_bp_on_the_large_one():
-    budget = budget_experiment.choose_budget(PREDICTIONS)
-    assert budget == 1750 * MiB  # midway between the cheapest BP of each model
-    budget_experiment.check_budget(PREDICTIONS, budget)
+    budget = budget_experiment.choose_budget(PREDICTIONS, "small", "large")
+    assert budget == 1750 * MiB  # midway between the cheapest BP of each model (the quantized base, checkpointed)
+    budget_experiment.check_budget(PREDICTIONS, budget, "small", "large")
     with pytest.raises(SystemExit, match="does not separate"):
-        budget_experiment.check_budget(PREDICTIONS, 2100 * MiB)  # BP-ckpt on Gemma would fit too
+        budget_experiment.check_budget(PREDICTIONS, 2050 * MiB, "small", "large")  # bp-quant-ckpt on large fits too
     with pytest.raises(SystemExit, match="does not separate"):
-        budget_experiment.check_budget(PREDICTIONS, 1400 * MiB)  # no BP fits at all
+        budget_experiment.check_budget(PREDICTIONS, 1400 * MiB, "small", "large")  # no BP fits at all
+    with pytest.raises(SystemExit, match="no budget separates"):
+        budget_experiment.choose_budget(PREDICTIONS, "large", "small")
 
 
-def budget_run(name: str, curve: list[tuple[float, float, int]], **extra) -> dict:
-    return {"name": name, "steps": curve[-1][2], "median_step_seconds": 1.0, "train_seconds": curve[-1][0],
-            "peak_rss_bytes": 500 * MiB, "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
-            "test_accuracy": 0.85, **extra}
+def budget_run(name: str, model: str, curve: list[tuple[float, float, int]], **extra) -> dict:
+    return {"name": name, "model": model, "steps": curve[-1][2], "median_step_seconds": 1.0,
+            "train_seconds": curve[-1][0], "peak_rss_bytes": 500 * MiB, "valid_curve": curve,
+            "final_valid_accuracy": curve[-1][1], "test_accuracy": 0.85, "n_test": 1000, **extra}
 
 
-def test_budget_experiment_reports_when_mezo_overtakes_for_good():
-    bp = budget_run("bp-smollm2", [(0, 0.79, 0), (100, 0.86, 50), (200, 0.84, 100)])
-    mezo = budget_run("mezo-gemma", [(0, 0.5, 0), (60, 0.85, 100), (120, 0.83, 200), (180, 0.845, 300)],
+def test_budget_experiment_reports_when_mezo_overtakes_for_good_and_who_wins():
+    bp = budget_run("bp-quant-ckpt", "small", [(0, 0.79, 0), (100, 0.86, 50), (200, 0.84, 100)], test_accuracy=0.87)
+    mezo = budget_run("mezo", "large", [(0, 0.5, 0), (60, 0.85, 100), (120, 0.83, 200), (180, 0.845, 300)],
                       resumed_from_step=200)
     assert budget_experiment.overtakes(mezo, bp) == 180  # not 60: it fell below 0.84 again at 120 s
     assert budget_experiment.overtakes(bp, mezo) is None  # BP ends at 0.84, below MeZO's final 0.845
-    assert budget_experiment.overtakes(budget_run("flat", [(0, 0.5, 0), (9, 0.6, 9)]), bp) is None
-    result = {"budget_bytes": 1728 * MiB, "predictions": PREDICTIONS, "threads": 2, "bp_variant": "bp-ckpt",
-              "mezo_learning_rates": {"smollm2-135m": 1e-3, "gemma3-270m": 3e-4}, "runs": [bp, mezo],
-              "refusals": {"bp": "error: predicted 2900 MiB exceeds the memory budget"}, "machine": MACHINE,
-              "time": "2026-11-30T00:00:00Z"}
+    assert budget_experiment.overtakes(budget_run("flat", "x", [(0, 0.5, 0), (9, 0.6, 9)]), bp) is None
+    zero = {m: {"valid": {"accuracy": 0.8, "n_examples": 200}, "test": {"accuracy": 0.81, "n_examples": 1000}}
+            for m in ("small", "large")}
+    result = {"budget_bytes": 1750 * MiB, "predictions": PREDICTIONS, "threads": 2, "bp_variant": "bp-quant-ckpt",
+              "mezo_learning_rates": {"large": 1e-4}, "runs": [bp, mezo], "minutes": 30, "mezo_model": "large",
+              "zero_shot": zero, "refusals": {"bp": "error: predicted 2900 MiB exceeds the memory budget"},
+              "machine": MACHINE, "time": "2026-11-30T00:00:00Z"}
     text = budget_experiment.render(result)
-    assert "from 3.0 min of training on" in text and "mezo-gemma from step 200" in text
+    assert "from 3.0 min of training on" in text and "mezo from step 200" in text
+    assert "**BP wins on the test split**" in text and "(-2.0 points)" in text
     assert "1500 MiB fits" in text and "2000 MiB |" in text and "exceeds the memory budget" in text
+    assert "0.810 (1000)" in text  # the zero-shot table
 
 
 def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
@@ -226,11 +234,11 @@ def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(
         if out is not None:
             evals = [{"step": 8, "valid_accuracy": 0.8, "train_seconds": 8.0}, {"step": 8, "seconds": 1.0}]
             (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-            return {"train_seconds": 8.0, "_process": {"peak_rss_bytes": MiB}}
-        return {"accuracy": 0.8, "loss": 0.4}
+            return {"train_seconds": 8.0, "steps": 8, "_process": {"peak_rss_bytes": MiB}}
+        return {"accuracy": 0.8, "loss": 0.4, "n_examples": 1000}
 
     monkeypatch.setattr(budget_experiment, "run_json", fake_run_json)
-    args = ("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, [])
+    args = ("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, ["--max-train-seconds", "60"])
     out = tmp_path / "mezo"
     out.mkdir()
     (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
@@ -246,8 +254,9 @@ def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(
     assert budget_experiment.train(*args) == resumed and len(calls) == n_calls  # finished: reused, nothing ran
 
     (out / "state.json").write_text(json.dumps({"step": 8, "checkpoint": "checkpoint-000008.gguf"}))
-    longer = budget_experiment.train("mezo", "finetune", "tiny", 16, 2, 100 * MiB, tmp_path, 1, [])
-    assert calls[-2][-1] == "--resume" and longer["resumed_from_step"] == 8  # extended: the same run, continued
+    longer = budget_experiment.train("mezo", "finetune", "tiny", 16, 2, 100 * MiB, tmp_path, 1,
+                                     ["--max-train-seconds", "120"])
+    assert calls[-2][-1] == "--resume" and longer["resumed_from_step"] == 8  # more time: the same run, continued
     shorter = budget_experiment.train("mezo", "finetune", "tiny", 4, 2, 100 * MiB, tmp_path, 1, [])
     assert "--resume" not in calls[-2] and shorter["resumed_from_step"] is None  # the checkpoint is past step 4
     (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))

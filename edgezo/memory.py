@@ -423,6 +423,9 @@ TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 # HEAP_RETENTION). Machine-dependent; capped by the table's size.
 EMBEDDING_READ_WINDOW_BYTES = 1 << 20
 TORCH_METHODS = ("bp", "bp-ckpt", "bp-quant", "bp-quant-ckpt")
+# A quantized base's dequantization buffers per weight of each distinct linear shape: the float32 weight, and the
+# scratch its dequantization reuses (a uint8 code and a float32 scale per 32-weight block; quant_torch.Scratch).
+DEQUANT_BYTES_PER_WEIGHT = F32_BYTES + 1 + F32_BYTES / 32
 NORMS_PER_LAYER = {"llama": 2, "qwen2": 2, "gemma3": 4}  # RMSNorms on the residual width in one block
 # Which input each LoRA target reads: targets in one group share one input tensor.
 LORA_INPUT_GROUP = {"attn_q": "attn_in", "attn_k": "attn_in", "attn_v": "attn_in", "attn_output": "attn_out",
@@ -520,14 +523,15 @@ def quantized_base_terms(shape: ModelShape, full_vocab_logits: bool) -> dict[str
     An untied output layer is read whole only when the loss needs logits over the vocabulary (language modelling);
     a classification loss dequantizes only the label words' rows. Embeddings, norms and biases are float32 copies
     (the embedding's blocks are read once and their pages dropped). Each matmul dequantizes its weight into a
-    float32 buffer shared by every layer of that shape (quant_torch._Workspace)."""
+    float32 buffer (and scratch) shared by every layer of that shape (quant_torch._Workspace)."""
     blocks = [n for n in shape.linear_shapes
               if n != "token_embd.weight" and (n != "output.weight" or full_vocab_logits)]
     floats = [n for n, dims in shape.tensor_numel.items() if n not in shape.linear_shapes] + ["token_embd.weight"]
     return {
         "quant_blocks_bytes": sum(shape.tensor_bytes[n] for n in blocks),
         "float_weights_bytes": sum(shape.tensor_numel[n] for n in floats) * F32_BYTES,
-        "dequant_buffers_bytes": sum(n_out * n_in for n_out, n_in in {shape.linear_shapes[n] for n in blocks}) * F32_BYTES,
+        "dequant_buffers_bytes": int(sum(n_out * n_in for n_out, n_in in {shape.linear_shapes[n] for n in blocks})
+                                     * DEQUANT_BYTES_PER_WEIGHT),
     }
 
 

@@ -22,7 +22,7 @@ from edgezo.adapter import LoraAdapter, read_base_model_info  # noqa: E402
 from edgezo.cli import main  # noqa: E402
 from edgezo.engine import Engine, EngineConfig, Vocabulary, quantize_gguf  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
-from edgezo.quant_torch import QuantLinear, causal_lm_from_gguf, dequantize  # noqa: E402
+from edgezo.quant_torch import _WORKSPACE, QuantLinear, causal_lm_from_gguf, dequantize  # noqa: E402
 from edgezo.reference import ReferenceConfig, TorchScorer, batch_loss, load_model, lora_parameters  # noqa: E402
 
 N_IN = 256  # one K-quant super-block, eight 32-weight blocks
@@ -222,7 +222,9 @@ def test_the_accountant_counts_what_the_model_on_blocks_holds(quantized_tiny):
     assert terms["quant_blocks_bytes"] == sum(m.qweight.numel() for m in linears)
     floats = {p.data_ptr(): p.numel() for p in model.parameters()}  # a tied lm_head is the embedding: counted once
     assert terms["float_weights_bytes"] == 4 * sum(floats.values())
-    assert terms["dequant_buffers_bytes"] == 4 * sum(o * i for o, i in {(m.out_features, m.in_features) for m in linears})
+    shapes = {(m.out_features, m.in_features) for m in linears}  # the workspace is shared with other models loaded
+    buffers = [t for shape in shapes for w, scratch in [_WORKSPACE.buffers[shape]] for t in (w, *scratch)]
+    assert terms["dequant_buffers_bytes"] == sum(t.numel() * t.element_size() for t in buffers)
     assert str(path) in Path("/proc/self/maps").read_text()  # the blocks are views of the file, not copies
 
 

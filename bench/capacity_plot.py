@@ -23,7 +23,8 @@ from edgezo.capacity import METHODS, largest_fitting, load_specs, prediction_tab
 from edgezo.memory import PROFILE_DIR, load_device_profile  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-SHOWN = ["mezo-q4_0", "mezo-f16", "bp-f32-lora", "bp-f32-lora-ckpt", "bp-bf16-lora-ckpt", "bp-f32-full", "bp-bf16-full-ckpt"]
+SHOWN = ["mezo-q4_0", "mezo-f16", "bp-f32-lora", "bp-f32-lora-ckpt", "bp-bf16-lora-ckpt", "bp-q4_0-lora",
+         "bp-q4_0-lora-ckpt", "bp-f32-full", "bp-bf16-full-ckpt"]
 MARKED_DEVICES = ["raspberry-pi-zero-2w", "android-4gb", "raspberry-pi-5-8gb", "laptop-16gb"]
 
 

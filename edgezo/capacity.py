@@ -113,7 +113,9 @@ def capacity(budget_bytes: int, specs: list[ModelSpec], batch_size: int = DEFAUL
     mezo_params = methods[REFERENCE_MEZO]["params"]
     ratios = {m.key: (mezo_params / methods[m.key]["params"] if methods[m.key]["params"] else None)
               for m in METHODS if not m.is_mezo}
-    best_bp = max((m.key for m in METHODS if not m.is_mezo), key=lambda k: methods[k]["params"])
+    # the BP variant that fits the largest model; of those that tie, the one with the lowest predicted peak
+    best_bp = max((m.key for m in METHODS if not m.is_mezo),
+                  key=lambda k: (methods[k]["params"], -(methods[k]["predicted_bytes"] or 0)))
     return {"budget_bytes": budget_bytes, "batch_size": batch_size, "seq_len": seq_len, "rank": lora.rank,
             "targets": list(lora.targets), "models": [s.name for s in specs], "methods": methods,
             "mezo_over_bp": ratios, "best_bp": best_bp, "mezo_over_best_bp": ratios[best_bp], "predictions": table}

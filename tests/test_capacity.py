@@ -52,6 +52,7 @@ def test_checkpointing_and_lora_never_fit_less(table):
             for kind in ("lora", "full"):
                 assert row[f"bp-{dtype}-{kind}-ckpt"] <= row[f"bp-{dtype}-{kind}"], (s.name, dtype, kind)
             assert row[f"bp-{dtype}-lora"] < row[f"bp-{dtype}-full"]
+        assert row["bp-q4_0-lora-ckpt"] <= row["bp-q4_0-lora"] < row["bp-f32-lora"]  # the blocks hold less than f32
 
 
 @pytest.mark.parametrize("method", [m.key for m in METHODS])
@@ -74,6 +75,12 @@ def test_capacity_result_and_ratios():
         bp = result["methods"][key]
         assert ratio is None if not bp["params"] else ratio == pytest.approx(mezo["params"] / bp["params"])
     assert result["mezo_over_bp"]["bp-f32-lora"] >= 1  # MeZO on Q4_0 fits at least the model BP f32 fits
+    bp_keys = [m.key for m in METHODS if not m.is_mezo]
+    best = result["methods"][result["best_bp"]]
+    assert best["params"] == max(result["methods"][k]["params"] for k in bp_keys)
+    assert result["mezo_over_best_bp"] == min(r for r in result["mezo_over_bp"].values() if r is not None)
+    tied = [k for k in bp_keys if result["methods"][k]["params"] == best["params"]]
+    assert best["predicted_bytes"] == min(result["methods"][k]["predicted_bytes"] for k in tied)
     small, large = capacity(2**30, SPECS), capacity(16 * 2**30, SPECS)
     for key in small["methods"]:
         assert small["methods"][key]["params"] <= large["methods"][key]["params"], key

@@ -170,3 +170,31 @@ def test_qwen_output_matrix_is_a_requantized_copy_of_the_embedding(qwen):
                  for n in ("token_embd.weight", "output.weight"))
     cos = (embd * out).sum(1) / (np.linalg.norm(embd, axis=1) * np.linalg.norm(out, axis=1))
     assert cos.min() > 0.99
+
+
+@pytest.mark.real_model
+def test_qwen_0_5b_evaluates_and_fine_tunes_with_mezo_and_quantized_bp(tmp_path):
+    """The 0.5B built-in through every path a user takes, on its default Q4_0 requantization: eval, a MeZO run, and
+    BP on the Q4_0 blocks, whose adapter llama.cpp then evaluates (a short run each)."""
+    import contextlib
+    import io
+    import json
+
+    from edgezo.cli import main
+
+    def run(*argv):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert main([*argv, "--json"]) == 0
+        return json.loads(buf.getvalue().strip().splitlines()[-1])
+
+    model = ["--model", "qwen2.5-coder-0.5b", "--data", "movie-reviews", "--threads", "2"]
+    zero = run("eval", *model, "--split", "valid", "--limit", "16")
+    assert zero["n_examples"] == 16 and zero["accuracy"] >= 0.6  # 81.4 % on all 500 (Q4_0, measured)
+    train = [*model, "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--n-valid", "8"]
+    mezo = run("finetune", *train, "--out", str(tmp_path / "mezo"))
+    assert mezo["steps"] == 2 and np.isfinite(mezo["final_loss"])
+    pytest.importorskip("torch")
+    bp = run("reference-bp", *train, "--base-dtype", "q4_0", "--gradient-checkpointing", "--out", str(tmp_path / "bp"))
+    tuned = run("eval", "--adapter", str(tmp_path / "bp"), "--split", "valid", "--limit", "8", "--threads", "2")
+    assert tuned["loss"] == pytest.approx(bp["valid_loss"], abs=5e-3)  # llama.cpp agrees with the run's torch loss

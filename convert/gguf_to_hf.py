@@ -121,8 +121,8 @@ def _write_safetensors(reader, arch, hp: HParams, path: Path, progress: Progress
 
 def dequantize_to_hf(t, arch, hp: HParams, chunk_rows: int = 1024) -> np.ndarray:
     """One tensor (gguf-py's ReaderTensor, or anything with its name, shape, tensor_type and data) as float32 in HF's
-    layout. gguf-py's dequantizers hold several full-size temporaries, so rows
-    are dequantized in chunks into one output array: peak memory ~ the float32 tensor plus a chunk."""
+    layout. gguf-py's dequantizers hold several full-size temporaries, so rows are dequantized in chunks into one
+    output array: peak memory ~ the float32 tensor plus a chunk."""
     from gguf import quants
 
     shape = tuple(int(n) for n in reversed(t.shape))  # numpy order, (n_out, n_in) for a linear weight

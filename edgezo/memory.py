@@ -526,7 +526,7 @@ def quantized_base_terms(shape: ModelShape, full_vocab_logits: bool) -> dict[str
     float32 buffer (and scratch) shared by every layer of that shape (quant_torch._Workspace)."""
     blocks = [n for n in shape.linear_shapes
               if n != "token_embd.weight" and (n != "output.weight" or full_vocab_logits)]
-    floats = [n for n, dims in shape.tensor_numel.items() if n not in shape.linear_shapes] + ["token_embd.weight"]
+    floats = [n for n in shape.tensor_numel if n not in shape.linear_shapes] + ["token_embd.weight"]
     return {
         "quant_blocks_bytes": sum(shape.tensor_bytes[n] for n in blocks),
         "float_weights_bytes": sum(shape.tensor_numel[n] for n in floats) * F32_BYTES,

@@ -214,6 +214,11 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
                 + (f"MeZO's validation accuracy stays at or above BP's final from {t / 60:.1f} min of training on."
                    if t is not None else "MeZO's validation accuracy did not stay at or above BP's final within the "
                    "allowance.") + "\n")
+    if mezo["model"] in zero and bp["model"] in zero:  # what training added to where each model started
+        start = {r["name"]: zero[r["model"]]["test"]["accuracy"] for r in (bp, mezo)}
+        text.append("\nFrom zero-shot (same test examples): " + "; ".join(
+            f"{r['name']} on {r['model']} {start[r['name']]:.3f} -> {r['test_accuracy']:.3f} "
+            f"({100 * (r['test_accuracy'] - start[r['name']]):+.1f} points)" for r in (bp, mezo)) + ".\n")
     resumed = [f"{r['name']} from step {r['resumed_from_step']}" for r in result["runs"] if r.get("resumed_from_step")]
     if resumed:
         text.append(f"\nContinued from a checkpoint (exact resume, the training clock continues): {', '.join(resumed)}.\n")

@@ -223,6 +223,7 @@ def test_budget_experiment_reports_when_mezo_overtakes_for_good_and_who_wins():
     assert "**BP wins on the test split**" in text and "(-2.0 points)" in text
     assert "1500 MiB fits" in text and "2000 MiB |" in text and "exceeds the memory budget" in text
     assert "0.810 (1000)" in text  # the zero-shot table
+    assert "mezo on large 0.810 -> 0.850 (+4.0 points)" in text  # what training added
 
 
 def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch):

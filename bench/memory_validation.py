@@ -9,6 +9,7 @@ Runs, for each model x setting x method, the real command and reads the `peak_rs
     bp-ckpt    edgezo reference-bp --steps S --gradient-checkpointing
     bp-quant   edgezo reference-bp --steps S --base-dtype q4_0 [--gradient-checkpointing: bp-quant-ckpt]
                (torch, the base kept in the Q4_0 file's blocks)
+    bp*-release  the same BP method with --release-freed-memory (freed tensors returned to the kernel at once)
 and predicts the same run with `edgezo memory --json` (the same arguments plus --method), so the table checks the
 command users call. Settings: movie-reviews at batch 8 (padded ~55 tokens), and "long reviews" (eight reviews
 joined per example, ~270 tokens) at batch 2 with --max-seq-len 512. Language-modelling settings (--settings
@@ -38,9 +39,14 @@ import sys
 import time
 from pathlib import Path
 
+from common import cpu_model
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 METHODS = ["inference", "mezo", "bp", "bp-ckpt", "bp-quant", "bp-quant-ckpt"]
+# A BP method with this suffix runs with --release-freed-memory (freed tensors returned to the kernel at once).
+RELEASE = "-release"
+RELEASE_METHODS = [f"{m}{RELEASE}" for m in METHODS if m.startswith("bp")]
 BUILTIN_MODELS = ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 MODELS = [*BUILTIN_MODELS[:2], "random-360m", "random-1b", *BUILTIN_MODELS[2:]]
 # (name, data, batch size, --max-seq-len)
@@ -198,8 +204,9 @@ def commands(args, model: str, data: str, batch_size: int, max_seq_len: int, met
         measured = cli + ["finetune", *common, *train, *threads, "--out", str(out)]
         predicted = cli + ["memory", *common, *train, "--method", "mezo"]
     else:
-        flags = (["--gradient-checkpointing"] if method.endswith("-ckpt") else []) + (
-            ["--base-dtype", "q4_0"] if method.startswith("bp-quant") else [])
+        flags = (["--gradient-checkpointing"] if "-ckpt" in method else []) + (
+            ["--base-dtype", "q4_0"] if method.startswith("bp-quant") else []) + (
+            ["--release-freed-memory"] if method.endswith(RELEASE) else [])
         measured = cli + ["reference-bp", *common, *train, *threads, *flags, "--out", str(out)]
         predicted = cli + ["memory", *common, *train, *flags, "--method", "bp"]
     return measured, predicted
@@ -212,7 +219,7 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
     data_arg = (data if data == "movie-reviews" else str(long_reviews(work)) if data == "long-reviews"
                 else str(tool_data(work, data)))
     out = work / "runs" / f"{model}-{name}-{method}-{time.time_ns()}"
-    if method in ("bp", "bp-ckpt"):  # the first float reference run of a model converts it to HF once; keep that out of the runs
+    if method.removesuffix(RELEASE) in ("bp", "bp-ckpt"):  # the first float reference run of a model converts it to HF once; keep that out of the runs
         warm = "import sys; from edgezo import store, reference; reference.hf_model_dir(store.resolve_model(sys.argv[1], 'q4_0'))"
         subprocess.run([sys.executable, "-c", warm, model_arg], check=True, env=dict(os.environ, EDGEZO_HOME=str(home)), cwd=ROOT)
     measured_cmd, predicted_cmd = commands(args, model_arg, data_arg, batch_size, max_seq_len, method, out)
@@ -224,7 +231,7 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
             "batch_size": batch_size, "max_seq_len": max_seq_len, "method": method,
             "seq_len": predicted.get("seq_len"), "measured_bytes": measured["peak_rss_bytes"],
             "predicted_bytes": predicted["predicted_bytes"], "error": error, "breakdown": predicted["breakdown"],
-            "threads": args.threads, "steps": args.steps, "seed": 0, "lora": "rank 16, alpha 32, attn_k,attn_v",
+            "cpu": cpu_model(), "threads": args.threads, "steps": args.steps, "seed": 0, "lora": "rank 16, alpha 32, attn_k,attn_v",
             "measured_cmd": measured_cmd[3:], "predicted_cmd": predicted_cmd[3:],  # after python -m edgezo.cli
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -258,7 +265,7 @@ def latest_rows() -> list[dict]:
         row = json.loads(line)
         if "predicted_cmd" in row:
             latest[(row["model"], row["setting"], row["method"])] = row
-    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS + LM_SETTINGS)} | {m: i for i, m in enumerate(METHODS)}
+    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS + LM_SETTINGS)} | {m: i for i, m in enumerate(METHODS + RELEASE_METHODS)}
     return sorted(latest.values(), key=lambda r: (order.get(r["setting"], 99) >= len(SETTINGS), order.get(r["model"], 99),
                                                   order.get(r["setting"], 99), order.get(r["method"], 99)))
 
@@ -285,7 +292,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--models", default=",".join(MODELS))
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS), help=f"[%(default)s]; also {','.join(RELEASE_METHODS)}")
     p.add_argument("--settings", default=",".join(s[0] for s in SETTINGS),
                    help=f"[%(default)s]; language modelling: {','.join(s[0] for s in LM_SETTINGS)}")
     p.add_argument("--no-write", action="store_true", help="print the table only (trial runs)")

@@ -8,6 +8,7 @@ Every write goes to a temporary file in the same directory, is fsync'ed, then re
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -85,6 +86,31 @@ def peak_rss_bytes() -> int:
 
 def current_rss_bytes() -> int:
     return _proc_status_kib("VmRSS") * 1024
+
+
+# glibc's mallopt parameter M_MMAP_THRESHOLD (malloc.h): allocations of at least this many bytes get a mapping of
+# their own, unmapped when freed. Setting it also stops glibc from raising the threshold by itself.
+_M_MMAP_THRESHOLD = -3
+# One LoRA tensor of rank 16 (16 x 896 float32 = 56 KiB for Qwen2.5-0.5B) stays on the heap; activations do not.
+TRAINING_MMAP_THRESHOLD_BYTES = 64 * 1024
+
+
+def map_large_allocations(threshold_bytes: int = TRAINING_MMAP_THRESHOLD_BYTES) -> bool:
+    """Make glibc give every allocation of at least `threshold_bytes` its own mapping, returned to the kernel when
+    freed, for a torch training process. By default glibc raises its threshold to the largest mapped block freed
+    (up to 32 MiB), which loading a model does, so a step's activations then come from the heap, and the holes they
+    leave stay resident and are not all reused by later blocks and steps: on Qwen2.5-Coder-0.5B's Q4_0 blocks with
+    checkpointing (batch 16), 18 MiB per block during the first forward and 2169 MiB after step 1, against 1231 MiB
+    with the threshold fixed here. Returns False, changing nothing, where the C library has no mallopt or refuses
+    it, or where the user chose a threshold (MALLOC_MMAP_THRESHOLD_, GLIBC_TUNABLES): theirs wins."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library to load, or one without mallopt (macOS)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_MMAP_THRESHOLD, threshold_bytes) == 1
 
 
 def _proc_status_kib(field: str) -> int:

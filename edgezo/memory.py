@@ -537,7 +537,7 @@ def quantized_base_terms(shape: ModelShape, full_vocab_logits: bool) -> dict[str
 
 def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int, lora: LoraConfig | None = None,
                   dtype: str = "float32", logit_rows: int | None = None, logit_cols: int = 2,
-                  full: bool = False, token_ids=None) -> Prediction:
+                  full: bool = False, token_ids=None, release_freed: bool = False) -> Prediction:
     """Peak RSS of `edgezo reference-bp`: method "bp", "bp-ckpt" (--gradient-checkpointing), "bp-quant" or
     "bp-quant-ckpt" (--base-dtype q8_0 / q4_0: the base stays in `shape`'s GGUF blocks, so `shape` must be read from
     the file of that type).
@@ -547,6 +547,7 @@ def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int,
     full: fine-tune every weight instead of LoRA (not a reference-bp mode; for the capacity analysis): gradients and
     two AdamW moments for every parameter, in the weights' dtype as torch keeps them.
     token_ids: the distinct token ids the run reads (its batches and the label words); None: every row (worst case).
+    release_freed: the run returns freed tensors to the kernel at once (--release-freed-memory): no heap retention.
     """
     if method not in TORCH_METHODS:
         raise EdgezoError(f"unknown method {method!r} for the torch reference; choose {', '.join(TORCH_METHODS)}")
@@ -580,7 +581,7 @@ def predict_torch(shape: ModelShape, method: str, batch_size: int, seq_len: int,
         "backward_bytes": int(BACKWARD_BLOCKS * per_block),
         # the lm_head rows and columns the loss reads: float32 logits, their log-softmax and its gradient
         "logits_bytes": 3 * rows * logit_cols * F32_BYTES,
-        "heap_retention_bytes": int(HEAP_RETENTION * shape.n_layers * per_block),
+        "heap_retention_bytes": 0 if release_freed else int(HEAP_RETENTION * shape.n_layers * per_block),
     }
     # bfloat16 load: from_pretrained reads every float32 page of the mapped file while it converts, and the file
     # stays mapped until loading ends: baseline + 4 + 2 bytes per parameter at once (measured 1202 MiB for SmolLM2

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from . import store
 from .adapter import BaseModelInfo, LoraAdapter
 from .data import Example, Task, batch_indices
-from .files import EdgezoError, current_rss_bytes, peak_rss_bytes, sha256_file
+from .files import EdgezoError, current_rss_bytes, map_large_allocations, peak_rss_bytes, sha256_file
 from .formats import QUANTIZED_BASES, check_base_file, read_header
 from .mezo import MezoConfig, direction_seed, learning_rate_at
 from .objective import Totals, evaluate
@@ -50,6 +50,9 @@ class ReferenceConfig:
     dtype: str = "float32"  # base weights (the LoRA tensors stay float32, as PEFT keeps them)
     gradient_checkpointing: bool = False  # bp: recompute each layer's activations in backward instead of storing them
     base_dtype: str = "float"  # bp: "q8_0" / "q4_0" keeps the linear layers in the GGUF's blocks (QLoRA-style)
+    # Freed tensors go back to the kernel at once (edgezo.files.map_large_allocations): a lower peak RSS that the
+    # accountant predicts without its heap-retention term, for slower steps (every large tensor is mapped afresh).
+    release_freed_memory: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -239,6 +242,9 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, 
     """Train as edgezo.trainer.train does (same batches, validation points, metrics lines), but in torch."""
     if not run_spec.train_set:
         raise EdgezoError("the training split is empty")
+    if config.release_freed_memory and not map_large_allocations():  # before the model exists
+        log("--release-freed-memory: the C library's allocator keeps its own rule here (not glibc, or "
+            "MALLOC_MMAP_THRESHOLD_ / GLIBC_TUNABLES set)")
     model = load_model(run_spec.gguf_path, run_spec.adapter, run_spec.base, config, log)
     scorer = TorchScorer(model)
     sched = run_spec.schedule

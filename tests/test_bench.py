@@ -3,6 +3,7 @@
 Nothing here measures speed; the benchmarks themselves are run by hand (bench/README.md).
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -233,7 +234,7 @@ def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(
         calls.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else None
         if out is not None:
-            evals = [{"step": 8, "valid_accuracy": 0.8, "train_seconds": 8.0}, {"step": 8, "seconds": 1.0}]
+            evals = [{"step": 8, "valid_accuracy": 0.8, "valid_loss": 0.4, "train_seconds": 8.0}, {"step": 8, "seconds": 1.0}]
             (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
             return {"train_seconds": 8.0, "steps": 8, "_process": {"peak_rss_bytes": MiB}}
         return {"accuracy": 0.8, "loss": 0.4, "n_examples": 1000}
@@ -263,6 +264,26 @@ def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(
     (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
     other = budget_experiment.train("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, ["--learning-rate", "1"])
     assert "--resume" not in calls[-2] and other["resumed_from_step"] is None  # another learning rate: a new run
+
+
+def test_budget_experiment_sweep_takes_the_best_validation_rate_and_never_the_test_split(tmp_path, monkeypatch):
+    final = {"0.0001": (0.80, 0.45), "0.0003": (0.85, 0.40), "0.001": (0.85, 0.38)}  # lr -> (valid acc, valid loss)
+    calls = []
+
+    def fake_run_json(cmd, what):
+        calls.append(cmd)
+        accuracy, loss = final[cmd[cmd.index("--learning-rate") + 1]]
+        evals = [{"step": 3, "valid_accuracy": accuracy, "valid_loss": loss, "train_seconds": 3.0}, {"step": 3, "seconds": 1.0}]
+        (Path(cmd[cmd.index("--out") + 1]) / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
+        return {"train_seconds": 3.0, "steps": 3, "_process": {"peak_rss_bytes": MiB}}
+
+    monkeypatch.setattr(budget_experiment, "run_json", fake_run_json)
+    args = argparse.Namespace(sweep_steps=3, work=tmp_path, threads=1, n_valid=16)
+    lr, runs = budget_experiment.sweep("bp-quant-ckpt", [1e-4, 3e-4, 1e-3], args, 100 * MiB, [], "reference-bp", "tiny")
+    assert lr == 1e-3  # tied on accuracy with 3e-4, lower loss
+    assert [r["learning_rate"] for r in runs] == [1e-4, 3e-4, 1e-3] and all(r["n_test"] == 0 for r in runs)
+    assert len(calls) == 3 and not any("test" in c for c in calls)  # three training runs, no evaluation on test
+    assert budget_experiment.sweep("mezo", [2e-3], args, 100 * MiB, [], "finetune", "tiny") == (2e-3, [])
 
 
 # ---- time to accuracy -----------------------------------------------------------------------------------------

@@ -316,6 +316,9 @@ def test_memory_cli_predicts_the_runs_own_batches(tiny_gguf, sentiment_dir):
     assert data["seq_len"] < 64  # the tiny reviews are a few tokens long
     assert data["predicted_bytes"] < worst["predicted_bytes"]
     assert run("--method", "bp", "--gradient-checkpointing", "--max-seq-len", "64")["method"] == "bp-ckpt"
+    released = run("--method", "bp", "--max-seq-len", "64", "--release-freed-memory")  # no heap retention, else the same
+    assert worst["breakdown"]["heap_retention_bytes"] > 0 and released["breakdown"]["heap_retention_bytes"] == 0
+    assert released["predicted_bytes"] == worst["predicted_bytes"] - worst["breakdown"]["heap_retention_bytes"]
     assert run("--method", "mezo", "--max-seq-len", "64")["predicted_bytes"] < worst["predicted_bytes"]
     # an f32 file has no blocks to train BP on
     assert main(["memory", "--model", str(tiny_gguf), "--quant", "none", "--method", "bp-quant"]) == 1
@@ -429,3 +432,41 @@ def test_prefix_reuse_counts_both_parts_and_the_hidden_states(tmp_path):
     assert split.breakdown["split_hidden_bytes"] == 3 * 4 * 32 * shape.n_embd * 4
     assert split.total_bytes > full.total_bytes  # a second model and context: prefix reuse costs memory
     assert set(full.breakdown) < set(split.breakdown)
+
+
+# ---- freed training memory goes back to the kernel (edgezo.files.map_large_allocations) --------------------------
+FREED_ARRAY_PROBE = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    from edgezo.files import current_rss_bytes, map_large_allocations
+    mapped = map_large_allocations() if sys.argv[1] == "map" else None
+    np.ones(24 << 20, np.uint8)  # freed at once: glibc raises its mmap threshold to it (up to 32 MiB), as a model load does
+    before = current_rss_bytes()
+    array = np.ones(16 << 20, np.uint8)  # 16 MiB, every page touched
+    held = current_rss_bytes()
+    del array
+    print(mapped, (held - before) >> 20, (held - current_rss_bytes()) >> 20)
+""")
+
+
+def freed_array_probe(mode: str, env=None) -> tuple[str, int, int]:
+    """(what map_large_allocations returned, MiB a 16 MiB array added, MiB its free gave back) in a fresh process."""
+    out = subprocess.run([sys.executable, "-c", FREED_ARRAY_PROBE, mode], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
+    return out[0], int(out[1]), int(out[2])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and /proc")
+def test_freed_arrays_return_to_the_kernel_once_large_allocations_are_mapped():
+    assert freed_array_probe("map")[0] == "True"
+    _, added, returned = freed_array_probe("map")
+    assert added >= 15 and returned >= 15
+    _, added, returned = freed_array_probe("default")  # glibc's own rule: the heap keeps the freed array
+    assert added >= 15 and returned < 8
+
+
+def test_a_threshold_the_user_chose_is_left_alone():
+    import os
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432")
+    assert freed_array_probe("map", env)[0] == "False"

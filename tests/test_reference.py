@@ -122,6 +122,23 @@ def test_reference_time_limit_ends_the_run_validated(tiny_gguf, sentiment_dir, t
     assert [r["step"] for r in lines if "loss" in r] == [1] and [r["step"] for r in lines if "valid_loss" in r] == [0, 1]
 
 
+@pytest.mark.parametrize("flag", [[], ["--release-freed-memory"]])
+def test_release_freed_memory_maps_large_allocations_before_the_model_loads(flag, tiny_gguf, sentiment_dir, tmp_path,
+                                                                            capsys, monkeypatch):
+    """The flag reaches edgezo.files.map_large_allocations (replaced here: it would change this test process's
+    allocator; tests/test_memory.py checks what it does in a fresh one) before load_model, and the run records it."""
+    from edgezo import reference
+
+    calls = []
+    monkeypatch.setattr(reference, "map_large_allocations", lambda: calls.append("mapped") or True)
+    load = reference.load_model
+    monkeypatch.setattr(reference, "load_model", lambda *a, **k: calls.append("loaded") or load(*a, **k))
+    out = tmp_path / "run"
+    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, out, "--steps", "1", *flag)]) == 0
+    assert calls == (["mapped", "loaded"] if flag else ["loaded"])
+    assert json.loads((out / "config.json").read_text())["reference"]["release_freed_memory"] is bool(flag)
+
+
 @pytest.mark.parametrize("method,extra", [("bp", ["--gradient-checkpointing"]), ("mezo", [])])
 def test_reference_run_writes_a_run_dir_llama_cpp_evaluates_identically(method, extra, tiny_gguf, sentiment_dir,
                                                                           tmp_path, capsys):

@@ -3,8 +3,8 @@ biggest model BP can fit, BP including a quantized base (QLoRA / MeBP style).
 
 1. Zero-shot accuracy of every built-in model with the same prompt (llama.cpp, Q4_0): the validation examples the
    runs validate on and the test split. A bigger model that starts higher is the paper's point, and shows here.
-2. Predict (edgezo memory) the peak RSS of MeZO and of four BP variants (float32 or Q4_0-blocks base, with or
-   without gradient checkpointing) on every model at the runs' settings, and pick a budget at which a BP variant
+2. Predict (edgezo memory) the peak RSS of MeZO and of eight BP variants (float32 or Q4_0-blocks base, with or
+   without gradient checkpointing, with or without --release-freed-memory) on every model at the runs' settings, and pick a budget at which a BP variant
    fits --bp-model but none fits --mezo-model, while MeZO fits --mezo-model (or check the one given with --budget).
 3. Show the budget is enforced: every BP variant on --mezo-model under --max-memory BUDGET refuses to start.
 4. Choose each method's learning rate on the validation split when several are given (--bp-lrs, --mezo-lrs): a
@@ -39,11 +39,15 @@ TITLE = "The paper's experiment: MeZO on a bigger model vs the best BP on the bi
 EDGEZO = [sys.executable, "-m", "edgezo.cli"]
 COMMON = ["--data", "movie-reviews", "--batch-size", "16", "--seed", "0", "--json"]
 ZERO_SHOT_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")  # smallest first
-# The run takes the first variant that fits: without checkpointing first (it recomputes the forward: 3.3-4.2 against
-# 6.3-6.8 s/step on SmolLM2 at batch 16), and in each pair the quantized base, which is about as fast (dequantizing
-# costs about what reading float32 weights saves: 6.3 against 6.8 s/step with checkpointing) with the lower peak.
-BP_VARIANTS = {"bp-quant": ["--base-dtype", "q4_0"], "bp": [],
-               "bp-quant-ckpt": ["--base-dtype", "q4_0", "--gradient-checkpointing"], "bp-ckpt": ["--gradient-checkpointing"]}
+# The run takes the first variant that fits, fastest first: without checkpointing (it recomputes the forward: 3.3-4.2
+# against 6.3-6.8 s/step on SmolLM2 at batch 16), then with; in each group the default heap before
+# --release-freed-memory (freed tensors returned to the kernel: 9.0 against 6.8 s/step on Qwen2.5-Coder-0.5B with
+# checkpointing), and in each pair the quantized base, about as fast (dequantizing costs about what reading float32
+# weights saves: 6.3 against 6.8 s/step with checkpointing) with the lower peak.
+_QUANT, _CKPT, _RELEASE = ["--base-dtype", "q4_0"], ["--gradient-checkpointing"], ["--release-freed-memory"]
+BP_VARIANTS = {"bp-quant": _QUANT, "bp": [], "bp-quant-release": _QUANT + _RELEASE, "bp-release": _RELEASE,
+               "bp-quant-ckpt": _QUANT + _CKPT, "bp-ckpt": _CKPT,
+               "bp-quant-ckpt-release": _QUANT + _CKPT + _RELEASE, "bp-ckpt-release": _CKPT + _RELEASE}
 MAX_STEPS = 100_000  # an upper bound: the runs end by their training-time allowance
 # The predictions take the longest training batch of this many steps (more than either run reaches here).
 PREDICTED_STEPS = 2000
@@ -57,10 +61,15 @@ def predict(model: str, method: str, n_valid: int) -> int:
     return int(result["predicted_bytes"])
 
 
+def variants(predictions: dict) -> list[str]:
+    """The BP variants `predictions` holds, in BP_VARIANTS' order (a result written before a variant existed lacks it)."""
+    return [v for v in BP_VARIANTS if all(v in per_model for per_model in predictions.values())]
+
+
 def choose_budget(predictions: dict, bp_model: str, mezo_model: str) -> int:
     """Midway between the cheapest BP on the BP model and the cheapest BP on the MeZO model, if MeZO fits there."""
-    bp_small = min(predictions[bp_model][m] for m in BP_VARIANTS)
-    bp_large = min(predictions[mezo_model][m] for m in BP_VARIANTS)
+    bp_small = min(predictions[bp_model][m] for m in variants(predictions))
+    bp_large = min(predictions[mezo_model][m] for m in variants(predictions))
     if not bp_small < bp_large:
         sys.exit(f"no budget separates BP on the two models (predicted {mib(bp_small)} vs {mib(bp_large)})")
     budget = (bp_small + bp_large) // 2 // 2**20 * 2**20
@@ -71,7 +80,8 @@ def choose_budget(predictions: dict, bp_model: str, mezo_model: str) -> int:
 
 def check_budget(predictions: dict, budget: int, bp_model: str, mezo_model: str) -> None:
     fits = {model: {method: p <= budget for method, p in per_model.items()} for model, per_model in predictions.items()}
-    ok = (any(fits[bp_model][m] for m in BP_VARIANTS) and not any(fits[mezo_model][m] for m in BP_VARIANTS)
+    ok = (any(fits[bp_model][m] for m in variants(predictions))
+          and not any(fits[mezo_model][m] for m in variants(predictions))
           and fits[mezo_model]["mezo"])
     if not ok:
         sys.exit(f"budget {mib(budget)} does not separate the methods: {fits}")
@@ -196,7 +206,7 @@ def plot(runs: list[dict], budget: int, cores: int, n_valid: int, path: Path) ->
 
 def render(result: dict, image: str = "budget_experiment.png") -> str:
     """Markdown (also used by bench/report.py, which links the plot from the README's directory)."""
-    p, budget, methods = result["predictions"], result["budget_bytes"], ["mezo", *BP_VARIANTS]
+    p, budget, methods = result["predictions"], result["budget_bytes"], ["mezo", *variants(result["predictions"])]
     bp, mezo = result["runs"][0], result["runs"][1]
     rates = ", ".join(f"{m} {lr:g}" for m, lr in result["mezo_learning_rates"].items())
     zero = result["zero_shot"]

@@ -4,7 +4,8 @@
 
 For budgets from 256 MiB to 32 GiB, edgezo.capacity picks the largest model of the known families
 (edgezo/model_families.toml) whose predicted peak RSS (edgezo.memory, the functions `edgezo memory` uses) fits; the
-y axis is its parameter count. Device profiles are marked on the x axis. Needs matplotlib (the `bench` extra).
+y axis is its parameter count; BP as `reference-bp --release-freed-memory` runs it (edgezo.capacity). Device
+profiles are marked on the x axis. Needs matplotlib (the `bench` extra).
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ read from edgezo/model_families.toml (ModelSpec -> ModelShape without a GGUF fil
                 with or without gradient checkpointing
     BP, quantized base   LoRA on the Q4_0 GGUF's blocks (QLoRA /      predict_torch(..., "bp-quant" | "bp-quant-ckpt")
                 MeBP style), with or without checkpointing
+Every BP row is the lean form, as `reference-bp --release-freed-memory` runs it (freed tensors returned to the kernel
+at once, no heap retention): the question is the largest model, and that costs BP speed, not memory.
 A model "fits" when its predicted peak RSS is at most the device profile's usable RAM. The MeZO/BP ratio is the
 parameter count of the largest model MeZO (Q4_0) fits over that of the largest model a BP variant fits; the honest
 one is over the best BP, whichever variant fits the largest model.
@@ -83,7 +85,7 @@ def predicted_bytes(spec: ModelSpec, method: Method, batch_size: int, seq_len: i
     quantized = method.base != "float"
     return predict_torch(shape_from_spec(spec, method.base if quantized else "f32"),
                          torch_method(method.checkpointing, quantized), batch_size, seq_len, lora, dtype=method.dtype,
-                         full=method.full).total_bytes
+                         full=method.full, release_freed=True).total_bytes
 
 
 def prediction_table(specs: list[ModelSpec], batch_size: int, seq_len: int, lora: LoraConfig) -> dict[str, dict[str, int]]:

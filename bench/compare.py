@@ -2,7 +2,7 @@
 
     python bench/compare.py [--steps 40] [--warmup-steps 5] [--threads 0] [--configs all] [--quick] [--json]
 
-Five configurations train the same LoRA (rank 16, alpha 32 on attn_k,attn_v, edgezo's initial adapter for the
+Seven configurations train the same LoRA (rank 16, alpha 32 on attn_k,attn_v, edgezo's initial adapter for the
 seed) of the same model (SmolLM2-135M) on the same movie-review batches (batch 16, same seed, --max-seq-len 256),
 each as its own fresh `python -m edgezo.cli ... --json` process:
   mezo_q4_0      edgezo finetune --quant q4_0          MeZO through llama.cpp on the Q4_0 GGUF
@@ -10,11 +10,13 @@ each as its own fresh `python -m edgezo.cli ... --json` process:
   torch_mezo     edgezo reference-mezo                 MeZO on the torch model (the Q4_0 GGUF dequantized to f32)
   torch_bp       edgezo reference-bp                   PEFT LoRA, AdamW, float32
   torch_bp_ckpt  edgezo reference-bp --gradient-checkpointing
+  torch_bp_quant_ckpt          edgezo reference-bp --base-dtype q4_0 --gradient-checkpointing (the Q4_0 blocks)
+  torch_bp_quant_ckpt_release  the same with --release-freed-memory
 Columns: peak RSS (the process's ru_maxrss from wait4, the kernel's high-water mark, the same for every tool),
 median step time (the `seconds` of the step lines of metrics.jsonl, after --warmup-steps steps), steps/s =
 1 / median step time, tokens/s = mean real (unpadded) tokens per measured step / median step time; a MeZO step
 reads its batch twice, a BP step once forward and once backward, the count is of the batch either way.
-Validation runs only once, at the end, on 16 examples (--n-valid). Before the five, a one-step torch run fills
+Validation runs only once, at the end, on 16 examples (--n-valid). Before them, a one-step torch run fills
 the cache of the GGUF -> HF conversion so that no measured process includes the conversion.
 Ratios (targets): rss_torch_bp_over_mezo_q4_0 >= 5, step_torch_mezo_over_mezo_q4_0 >= 1.5.
 Writes bench/results/compare.jsonl (appended) and bench/results/compare.md; --json prints the result.
@@ -52,6 +54,11 @@ CONFIGS = (
     Config("torch_bp", "torch BP + AdamW, f32", ("reference-bp", "--quant", "q4_0", "--dtype", "float32")),
     Config("torch_bp_ckpt", "torch BP + AdamW, f32, gradient checkpointing",
            ("reference-bp", "--quant", "q4_0", "--dtype", "float32", "--gradient-checkpointing")),
+    Config("torch_bp_quant_ckpt", "torch BP + AdamW, Q4_0 blocks, gradient checkpointing",
+           ("reference-bp", "--quant", "q4_0", "--base-dtype", "q4_0", "--gradient-checkpointing")),
+    Config("torch_bp_quant_ckpt_release", "the same, --release-freed-memory",
+           ("reference-bp", "--quant", "q4_0", "--base-dtype", "q4_0", "--gradient-checkpointing",
+            "--release-freed-memory")),
 )
 
 
@@ -127,7 +134,10 @@ def ratios(rows: dict) -> dict:
             "rss_torch_bp_ckpt_over_mezo_q4_0": r("torch_bp_ckpt", "mezo_q4_0", "peak_rss_bytes"),
             "rss_torch_mezo_over_mezo_q4_0": r("torch_mezo", "mezo_q4_0", "peak_rss_bytes"),
             "step_torch_bp_over_mezo_q4_0": r("torch_bp", "mezo_q4_0", "step_seconds"),
-            "step_mezo_q8_0_over_mezo_q4_0": r("mezo_q8_0", "mezo_q4_0", "step_seconds")}
+            "step_mezo_q8_0_over_mezo_q4_0": r("mezo_q8_0", "mezo_q4_0", "step_seconds"),
+            # what the lean heap trades: peak RSS and step time of BP on the Q4_0 blocks, with over without it
+            "rss_release_over_heap": r("torch_bp_quant_ckpt_release", "torch_bp_quant_ckpt", "peak_rss_bytes"),
+            "step_release_over_heap": r("torch_bp_quant_ckpt_release", "torch_bp_quant_ckpt", "step_seconds")}
 
 
 def run(args) -> dict:
@@ -177,6 +187,10 @@ def render(result: dict) -> str:
         value = result.get(name)
         checks.append([f"`{name}`", common.fmt(value, 2), f">= {target:g}"])
     lines.append("\n" + common.table(["ratio", "value", "target"], checks))
+    if result.get("rss_release_over_heap") is not None:
+        lines.append(f"\n`--release-freed-memory` (freed tensors returned to the kernel at once) on BP with the Q4_0 "
+                     f"blocks and checkpointing: peak RSS x{result['rss_release_over_heap']:.2f}, step time "
+                     f"x{result['step_release_over_heap']:.2f}.\n")
     lora = result["lora"]
     lines.append(f"\n{result['model']}, movie-reviews, batch {result['batch_size']} (mean {result['mean_tokens_per_step']:.0f} "
                  f"real tokens per batch, longest sequence {result['mean_longest_per_step']:.0f} on average; torch pads to "

@@ -446,8 +446,11 @@ BACKWARD_BLOCKS = 1.1
 # (MALLOC_MMAP_THRESHOLD_=65536) the anonymous RSS after a forward was exactly the saved tensors (402 MiB for 398.5
 # predicted, SmolLM2 batch 8 x 55) and fell back after backward; unpinned it carried more, modelled as this fraction
 # of one full forward's saved activations (what a step allocates, with or without checkpointing). Chosen with
-# EMBEDDING_READ_WINDOW_BYTES on the SmolLM2-135M and Gemma-3-270M runs of bench/memory_validation.py (2 steps); it would be 0
-# in a process that pins the threshold.
+# EMBEDDING_READ_WINDOW_BYTES on the SmolLM2-135M and Gemma-3-270M runs of bench/memory_validation.py (2 steps). It
+# is 0 under --release-freed-memory, which pins the threshold (edgezo.files.map_large_allocations). The heap's holes
+# depend on the CPU's kernels and on the order of batch lengths: Qwen2.5-Coder-0.5B on its Q4_0 blocks with
+# checkpointing at batch 16 peaked at 2138 MiB in 2 steps on an Intel Xeon and at 2660 MiB on an AMD EPYC, 2007
+# predicted; under --release-freed-memory the same run peaks at 1426 MiB over 12 steps.
 HEAP_RETENTION = 0.35
 
 

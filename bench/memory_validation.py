@@ -56,6 +56,7 @@ LM_SETTINGS = [("calls-b16", "tool-calls", 16, 256), ("plans-b16", "tool-plans",
 # Random llama models: (layers, hidden, intermediate, heads, kv heads) of SmolLM2-360M and Llama-3.2-1B.
 RANDOM_SHAPES = {"random-360m": (32, 960, 2560, 15, 5), "random-1b": (16, 2048, 8192, 32, 8)}
 TARGET_ERROR = 0.10
+TABLE_TITLE = "# Peak RSS: edgezo.memory prediction vs measurement\n\n"
 
 
 # ---- inputs ------------------------------------------------------------------------------------------------------
@@ -238,17 +239,27 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
 
 def row_line(r: dict) -> str:
     return (f"| {r['model']} | {r['setting']} | {r['method']} | {r.get('seq_len') or ''} "
-            f"| {r['predicted_bytes'] / 2**20:.1f} | {r['measured_bytes'] / 2**20:.1f} | {100 * r['error']:+.1f} % |")
+            f"| {r['predicted_bytes'] / 2**20:.1f} | {r['measured_bytes'] / 2**20:.1f} | {100 * r['error']:+.1f} % "
+            f"| {short_cpu(r.get('cpu'))} |")
+
+
+def short_cpu(name: str | None) -> str:
+    """'AMD EPYC 7B13' -> 'AMD EPYC', 'Intel(R) Xeon(R) Processor' -> 'Intel Xeon'; rows before 2026-12-02 did not
+    record it."""
+    if not name:
+        return "not recorded"
+    return " ".join(name.replace("(R)", "").replace("(TM)", "").split()[:2])
 
 
 def markdown(rows: list[dict], steps: int, kept: list[str] = ()) -> str:
     """The table of `rows`, after the lines `kept` of an earlier table (configurations not run this time)."""
-    lines = ["| model (Q4_0) | setting | method | tokens/seq | predicted MiB | measured MiB | error |",
-             "|---|---|---|---|---|---|---|", *kept, *map(row_line, rows)]
-    worst = max([abs(r["error"]) for r in rows] + [abs(float(line.split("|")[-2].strip(" %"))) / 100 for line in kept])
+    kept = [line if line.count("|") == 9 else line + " not recorded |" for line in kept]  # tables before the CPU column
+    lines = ["| model (Q4_0) | setting | method | tokens/seq | predicted MiB | measured MiB | error | CPU |",
+             "|---|---|---|---|---|---|---|---|", *kept, *map(row_line, rows)]
+    worst = max([abs(r["error"]) for r in rows] + [abs(float(line.split("|")[7].strip(" %"))) / 100 for line in kept])
     lines.append(f"\nWorst error {100 * worst:.1f} % (target {100 * TARGET_ERROR:.0f} %). Peak RSS = VmHWM of a fresh "
                  f"process running the command; {steps} training steps, seed 0, LoRA rank 16 on attn_k,attn_v, "
-                 f"torch float32 (bp-quant: float32 compute on the Q4_0 file's blocks). reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
+                 f"torch float32 (bp-quant: float32 compute on the Q4_0 file's blocks; -release: with --release-freed-memory). reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
                  f"per example, batch 2, --max-seq-len 512. Language modelling (loss on every completion / assistant "
                  f"token; synthetic tool calls from tool_data, 64 train / 32 valid records): calls-b16, one JSON call "
                  f"per completion (~28 tokens), plans-b16, {PLAN_CALLS} calls per completion (~111 tokens), chat-b16, "
@@ -281,7 +292,7 @@ def repredict(args, work: Path) -> int:
         rows.append(row)
     table = markdown(rows, rows[0]["steps"])
     if not args.no_write:
-        (RESULTS / "memory_validation.md").write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + table)
+        (RESULTS / "memory_validation.md").write_text(TABLE_TITLE + table)
     print(table)
     return 0 if all(abs(r["error"]) <= TARGET_ERROR for r in rows) else 1
 
@@ -324,7 +335,7 @@ def main() -> int:
         kept = [line for line in (md.read_text().splitlines() if md.exists() else [])
                 if line.startswith("| ") and not line.startswith("| model")
                 and tuple(c.strip() for c in line.split("|")[1:4]) not in run_keys]
-        md.write_text("# Peak RSS: edgezo.memory prediction vs measurement\n\n" + markdown(rows, args.steps, kept))
+        md.write_text(TABLE_TITLE + markdown(rows, args.steps, kept))
     print(table)
     return 0 if all(abs(r["error"]) <= TARGET_ERROR for r in rows) else 1
 

@@ -18,7 +18,7 @@ biggest model BP can fit, BP including a quantized base (QLoRA / MeBP style).
    it stopped when rerun with the same --work (finished runs and zero-shot evaluations are reused; a MeZO run
    continues from its checkpoint, also when --minutes grows).
 
-    python bench/budget_experiment.py            # ~2 h on the 2-core CI machine; rerun it to continue
+    python bench/budget_experiment.py            # ~2.5 h on the 2-core CI machine; rerun it to continue
     python bench/budget_experiment.py --quick    # SmolLM2 vs Gemma, a few seconds each: checks the pipeline
 """
 

@@ -1088,8 +1088,8 @@ def add_generation_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> Non
 
 
 RELEASE_HELP = ("return freed tensors to the kernel at once (glibc: allocations >= 64 KiB mapped): a lower peak RSS, "
-                "predicted without heap retention, for slower steps (Qwen2.5-Coder-0.5B, Q4_0 blocks + checkpointing, "
-                "batch 16: 1426 against 2032-2084 MiB, 9.0 against 6.8 s/step)")
+                "predicted without heap retention, for 1.3-1.6x slower steps (Q4_0 blocks + checkpointing, batch 16, "
+                "Intel Xeon: Qwen2.5-Coder-0.5B 1426 against 2032-2084 MiB; SmolLM2-135M 773 against 1248 MiB)")
 LR_HELP = ("MeZO learning rate [the built-in model's tuned rate: "
            + ", ".join(f"{m.name} {m.mezo_learning_rate:g}" for m in store.MODELS.values())
            + f"; a GGUF path: {MezoConfig().learning_rate:g}]")

@@ -4,8 +4,9 @@ biggest model BP can fit, BP including a quantized base (QLoRA / MeBP style).
 1. Zero-shot accuracy of every built-in model with the same prompt (llama.cpp, Q4_0): the validation examples the
    runs validate on and the test split. A bigger model that starts higher is the paper's point, and shows here.
 2. Predict (edgezo memory) the peak RSS of MeZO and of eight BP variants (float32 or Q4_0-blocks base, with or
-   without gradient checkpointing, with or without --release-freed-memory) on every model at the runs' settings, and pick a budget at which a BP variant
-   fits --bp-model but none fits --mezo-model, while MeZO fits --mezo-model (or check the one given with --budget).
+   without gradient checkpointing, with or without --release-freed-memory) on every model at the runs' settings,
+   and pick a budget at which a BP variant fits --bp-model but none fits --mezo-model, while MeZO fits --mezo-model
+   (or check the one given with --budget).
 3. Show the budget is enforced: every BP variant on --mezo-model under --max-memory BUDGET refuses to start.
 4. Choose each method's learning rate on the validation split when several are given (--bp-lrs, --mezo-lrs): a
    --sweep-steps run per rate under the budget, the best final validation accuracy wins; the test split is not used.
@@ -62,7 +63,7 @@ def predict(model: str, method: str, n_valid: int) -> int:
 
 
 def variants(predictions: dict) -> list[str]:
-    """The BP variants `predictions` holds, in BP_VARIANTS' order (a result written before a variant existed lacks it)."""
+    """The BP variants `predictions` holds, in BP_VARIANTS' order (an older result lacks the newer variants)."""
     return [v for v in BP_VARIANTS if all(v in per_model for per_model in predictions.values())]
 
 
@@ -129,9 +130,10 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
     result = run_json(cmd + (["--resume"] if resumed_from is not None else []), name)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     curve = [[e["train_seconds"], e["valid_accuracy"], e["step"]] for e in lines if "valid_accuracy" in e]
+    limit = ["--limit", str(test_limit)] if test_limit else []
     test = {"accuracy": None, "loss": None, "n_examples": 0} if test_limit is None else run_json(
         [*EDGEZO, "eval", "--model", model, "--adapter", str(out), "--data", "movie-reviews", "--split", "test",
-         "--threads", str(threads), "--json", *(["--limit", str(test_limit)] if test_limit else [])], f"{name} test eval")
+         "--threads", str(threads), "--json", *limit], f"{name} test eval")
     record = {"name": name, "command": command, "model": model, "steps": result["steps"], "run_dir": str(out),
               "command_line": cmd[2:], "resumed_from_step": resumed_from,
               "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "train_seconds": result["train_seconds"],
@@ -263,7 +265,8 @@ def sweep_text(result: dict) -> list[str]:
     sweeps = {k: v for k, v in result.get("sweeps", {}).items() if k != "steps" and v}
     if not sweeps:
         return []
-    chosen = {result["bp_variant"]: result["bp_learning_rate"], "mezo": result["mezo_learning_rates"][result["mezo_model"]]}
+    chosen = {result["bp_variant"]: result["bp_learning_rate"],
+              "mezo": result["mezo_learning_rates"][result["mezo_model"]]}
     rows = [[method, r["model"], f"{r['learning_rate']:g}", r["steps"], f"{r['final_valid_accuracy']:.3f}",
              f"{r['final_valid_loss']:.4f}", "chosen" if r["learning_rate"] == chosen[method] else ""]
             for method, runs in sweeps.items() for r in runs]

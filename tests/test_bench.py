@@ -234,7 +234,8 @@ def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(
         calls.append(cmd)
         out = Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else None
         if out is not None:
-            evals = [{"step": 8, "valid_accuracy": 0.8, "valid_loss": 0.4, "train_seconds": 8.0}, {"step": 8, "seconds": 1.0}]
+            evals = [{"step": 8, "valid_accuracy": 0.8, "valid_loss": 0.4, "train_seconds": 8.0},
+                     {"step": 8, "seconds": 1.0}]
             (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
             return {"train_seconds": 8.0, "steps": 8, "_process": {"peak_rss_bytes": MiB}}
         return {"accuracy": 0.8, "loss": 0.4, "n_examples": 1000}
@@ -273,7 +274,8 @@ def test_budget_experiment_sweep_takes_the_best_validation_rate_and_never_the_te
     def fake_run_json(cmd, what):
         calls.append(cmd)
         accuracy, loss = final[cmd[cmd.index("--learning-rate") + 1]]
-        evals = [{"step": 3, "valid_accuracy": accuracy, "valid_loss": loss, "train_seconds": 3.0}, {"step": 3, "seconds": 1.0}]
+        evals = [{"step": 3, "valid_accuracy": accuracy, "valid_loss": loss, "train_seconds": 3.0},
+                 {"step": 3, "seconds": 1.0}]
         (Path(cmd[cmd.index("--out") + 1]) / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
         return {"train_seconds": 3.0, "steps": 3, "_process": {"peak_rss_bytes": MiB}}
 

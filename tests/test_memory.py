@@ -440,7 +440,7 @@ FREED_ARRAY_PROBE = textwrap.dedent("""
     import numpy as np
     from edgezo.files import current_rss_bytes, map_large_allocations
     mapped = map_large_allocations() if sys.argv[1] == "map" else None
-    np.ones(24 << 20, np.uint8)  # freed at once: glibc raises its mmap threshold to it (up to 32 MiB), as a model load does
+    np.ones(24 << 20, np.uint8)  # freed at once: glibc raises its mmap threshold to it, as a model load does
     before = current_rss_bytes()
     array = np.ones(16 << 20, np.uint8)  # 16 MiB, every page touched
     held = current_rss_bytes()

@@ -189,12 +189,20 @@ def test_qwen_0_5b_evaluates_and_fine_tunes_with_mezo_and_quantized_bp(tmp_path)
         return json.loads(buf.getvalue().strip().splitlines()[-1])
 
     model = ["--model", "qwen2.5-coder-0.5b", "--data", "movie-reviews", "--threads", "2"]
-    zero = run("eval", *model, "--split", "valid", "--limit", "16")
-    assert zero["n_examples"] == 16 and zero["accuracy"] >= 0.6  # 81.4 % on all 500 (Q4_0, measured)
-    train = [*model, "--steps", "2", "--batch-size", "4", "--eval-every", "0", "--n-valid", "8"]
-    mezo = run("finetune", *train, "--out", str(tmp_path / "mezo"))
+    zero = run("eval", *model, "--split", "valid", "--limit", "8")
+    assert zero["n_examples"] == 8 and zero["accuracy"] >= 0.6  # 81.4 % on all 500 (Q4_0, measured)
+    train = [*model, "--steps", "2", "--batch-size", "4", "--n-valid", "8"]
+    mezo = run("finetune", *train, "--eval-every", "0", "--out", str(tmp_path / "mezo"))
     assert mezo["steps"] == 2 and np.isfinite(mezo["final_loss"])
     pytest.importorskip("torch")
-    bp = run("reference-bp", *train, "--base-dtype", "q4_0", "--gradient-checkpointing", "--out", str(tmp_path / "bp"))
-    tuned = run("eval", "--adapter", str(tmp_path / "bp"), "--split", "valid", "--limit", "8", "--threads", "2")
-    assert tuned["loss"] == pytest.approx(bp["valid_loss"], abs=5e-3)  # llama.cpp agrees with the run's torch loss
+    bp_dir = tmp_path / "bp"
+    bp = run("reference-bp", *train, "--eval-every", "2", "--base-dtype", "q4_0", "--gradient-checkpointing",
+             "--out", str(bp_dir))
+    tuned = run("eval", "--adapter", str(bp_dir), "--split", "valid", "--limit", "8", "--threads", "2")
+    # llama.cpp and the torch run agree on the base model (the step-0 validation, B = 0) and on what the adapter does.
+    # Measured on these 8 reviews, Intel Xeon (AVX-512): base 0.37877 / 0.37892, after 2 steps 0.5567 / 0.5626: llama.cpp
+    # sees 3 % less of the adapter's effect there (within 5e-3 absolute on the AMD EPYC; cause not known). A missing
+    # or mis-scaled adapter (alpha / rank) would change the effect by 100 % or 2x.
+    torch_base = json.loads((bp_dir / "metrics.jsonl").read_text().splitlines()[0])["valid_loss"]
+    assert zero["loss"] == pytest.approx(torch_base, abs=1e-3)
+    assert tuned["loss"] - zero["loss"] == pytest.approx(bp["valid_loss"] - torch_base, rel=0.05)

@@ -152,8 +152,8 @@ def sweep(method: str, learning_rates: list[float], args, budget: int, extra: li
     if len(learning_rates) == 1:
         return learning_rates[0], []
     runs = [train(f"sweep-{method}-lr{lr:g}", command, model, args.sweep_steps, 0, budget, args.work, args.threads,
-                  [*extra, "--n-valid", str(args.n_valid), "--learning-rate", str(lr)], test_limit=None) | {"learning_rate": lr}
-            for lr in learning_rates]
+                  [*extra, "--n-valid", str(args.n_valid), "--learning-rate", str(lr)], test_limit=None)
+            | {"learning_rate": lr} for lr in learning_rates]
     best = max(runs, key=lambda r: (r["final_valid_accuracy"], -r["final_valid_loss"]))
     return best["learning_rate"], runs
 
@@ -262,7 +262,7 @@ def learning_rates(text: str) -> list[float]:
 
 def sweep_text(result: dict) -> list[str]:
     """The learning-rate sweeps, if any: which rate each run took and why."""
-    sweeps = {k: v for k, v in result.get("sweeps", {}).items() if k != "steps" and v}
+    sweeps = {method: runs for method, runs in result.get("sweeps", {}).items() if runs}
     if not sweeps:
         return []
     chosen = {result["bp_variant"]: result["bp_learning_rate"],
@@ -270,7 +270,7 @@ def sweep_text(result: dict) -> list[str]:
     rows = [[method, r["model"], f"{r['learning_rate']:g}", r["steps"], f"{r['final_valid_accuracy']:.3f}",
              f"{r['final_valid_loss']:.4f}", "chosen" if r["learning_rate"] == chosen[method] else ""]
             for method, runs in sweeps.items() for r in runs]
-    return [f"\nLearning rates chosen on validation ({result['sweeps']['steps']} steps each, the same batches and "
+    return [f"\nLearning rates chosen on validation ({result['sweep_steps']} steps each, the same batches and "
             f"budget; the test split is not used):\n\n",
             table(["run", "model", "lr", "steps", "valid acc", "valid loss", ""], rows)]
 
@@ -330,7 +330,8 @@ def main() -> None:
               "minutes": args.minutes, "n_valid": args.n_valid, "zero_shot": zero, "predictions": predictions,
               "refusals": refusals, "bp_variant": bp_variant, "runs": runs,
               "bp_learning_rate": bp_lr, "mezo_learning_rates": {args.mezo_model: mezo_lr},
-              "sweeps": {"steps": args.sweep_steps, bp_variant: bp_sweep, "mezo": mezo_sweep}, "quick": args.quick,
+              "sweep_steps": args.sweep_steps, "sweeps": {bp_variant: bp_sweep, "mezo": mezo_sweep},
+              "quick": args.quick,
               "note": "pipeline check (--quick)" if args.quick else ""}
     plot(runs, budget, result["machine"]["cores"], args.n_valid, RESULTS / f"{name}.png")
     publish(name, TITLE, result, render(result, f"{name}.png"), as_json=False)

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 
 from edgezo.adapter import LoraConfig  # noqa: E402
 from edgezo.capacity import METHODS, largest_fitting, load_specs, prediction_table  # noqa: E402
-from edgezo.memory import PROFILE_DIR, load_device_profile  # noqa: E402
+from edgezo.memory import load_device_profile  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SHOWN = ["mezo-q4_0", "mezo-f16", "bp-f32-lora", "bp-f32-lora-ckpt", "bp-bf16-lora-ckpt", "bp-q4_0-lora",
@@ -55,7 +55,7 @@ def main() -> int:
         ax.step([b / 2**30 for b in budgets], y, where="post", label=labels[key],
                 linestyle="-" if key.startswith("mezo") else "--", linewidth=2 if key.startswith("mezo") else 1.4)
     for name in MARKED_DEVICES:
-        prof = load_device_profile(name, PROFILE_DIR)
+        prof = load_device_profile(name)
         ax.axvline(prof.usable_ram_bytes / 2**30, color="grey", linewidth=0.6, linestyle=":")
         ax.text(prof.usable_ram_bytes / 2**30, 0.6, prof.key, rotation=90, fontsize=7, va="center", ha="right",
                 color="grey", transform=ax.get_xaxis_transform())

@@ -142,8 +142,8 @@ def random_model(work: Path, name: str) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from convert.gguf_to_hf import convert_gguf_to_hf
-    from convert.hf_to_gguf import convert_hf_to_gguf
+    from edgezo.convert.gguf_to_hf import convert_gguf_to_hf
+    from edgezo.convert.hf_to_gguf import convert_hf_to_gguf
     from edgezo.engine import quantize_gguf
 
     tokenizer_dir = work / "smollm2-hf"

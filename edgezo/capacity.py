@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from .adapter import LoraConfig
 from .files import EdgezoError
 from .memory import ModelSpec, predict_llama_cpp, predict_torch, shape_from_spec, torch_method
 
-FAMILIES_FILE = Path(__file__).resolve().with_name("model_families.toml")
+# Package data (importlib.resources), so an installed wheel has it as well as a checkout.
+FAMILIES_FILE = resources.files("edgezo") / "model_families.toml"
 DEFAULT_BATCH_SIZE = 16  # MeZO's default batch
 DEFAULT_SEQ_LEN = 64  # a classification prompt: movie-review batches pad to ~55-60 tokens
 
@@ -63,7 +66,7 @@ REFERENCE_MEZO = "mezo-q4_0"  # the numerator of the ratios: edgezo's default ba
 DEFAULT_FAMILIES = ("smollm2", "qwen2.5", "llama3.2", "gemma3")
 
 
-def load_specs(families: list[str] | None = None, path: Path = FAMILIES_FILE) -> list[ModelSpec]:
+def load_specs(families: list[str] | None = None, path: Path | Traversable = FAMILIES_FILE) -> list[ModelSpec]:
     """The models of `families` (DEFAULT_FAMILIES when None), smallest first."""
     try:
         entries = tomllib.loads(path.read_text())["model"]

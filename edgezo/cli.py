@@ -777,11 +777,11 @@ def cmd_export(args) -> tuple[dict, str]:
     if args.to == "gguf-lora":
         adapter.save(out)
     elif args.to == "peft":
-        from convert.peft import adapter_to_peft
+        from edgezo.convert.peft import adapter_to_peft
 
         adapter_to_peft(adapter, out, base)
     else:  # merged-gguf
-        from convert.merge import merge_adapter
+        from edgezo.convert.merge import merge_adapter
 
         with TensorProgress("merge") as progress:
             merge_adapter(model_path, adapter, out, outtype=args.outtype, progress=progress)
@@ -817,12 +817,12 @@ class TensorProgress:
 def cmd_convert(args) -> tuple[dict, str]:
     out = Path(args.output)
     if args.direction == "hf-to-gguf":
-        from convert.hf_to_gguf import convert_hf_to_gguf
+        from edgezo.convert.hf_to_gguf import convert_hf_to_gguf
 
         with TensorProgress("hf-to-gguf") as progress:
             convert_hf_to_gguf(args.input, out, outtype=args.outtype, progress=progress)
     elif args.direction == "gguf-to-hf":
-        from convert.gguf_to_hf import convert_gguf_to_hf
+        from edgezo.convert.gguf_to_hf import convert_gguf_to_hf
 
         with TensorProgress("gguf-to-hf") as progress:
             convert_gguf_to_hf(args.input, out, progress=progress)
@@ -830,7 +830,7 @@ def cmd_convert(args) -> tuple[dict, str]:
         if not args.base:
             raise EdgezoError(f"convert {args.direction} needs --base BASE.gguf (the model the adapter belongs to)")
         base = store.resolve_model(args.base, None, log=say)
-        from convert.peft import gguf_to_peft, peft_to_gguf
+        from edgezo.convert.peft import gguf_to_peft, peft_to_gguf
 
         (peft_to_gguf if args.direction == "peft-to-gguf" else gguf_to_peft)(args.input, base, out)
     return {"input": args.input, "output": str(out), "direction": args.direction}, f"wrote {out}"
@@ -1066,7 +1066,7 @@ def add_run_args(p: argparse.ArgumentParser) -> dict:
     g = groups["memory budget"]
     g.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
                    "exceeds it, stop with a checkpoint if the measured RSS does")
-    g.add_argument("--device", help="device profile (device_profiles/NAME.toml): its usable RAM is the memory budget")
+    g.add_argument("--device", help="device profile (a NAME in edgezo/device_profiles, or a .toml file): its usable RAM is the memory budget")
     return groups
 
 
@@ -1222,7 +1222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("capacity", help="the largest model of known families each method fine-tunes on a device")
-    p.add_argument("--device", required=True, help="device profile (device_profiles/NAME.toml)")
+    p.add_argument("--device", required=True, help="device profile (a NAME in edgezo/device_profiles, or a .toml file)")
     p.add_argument("--family", help="comma-separated families (smollm2, qwen2.5, llama3.2, gemma3; qwen2.5-coder: "
                    "the built-in Qwen2.5-Coder GGUFs) [smollm2,qwen2.5,llama3.2,gemma3]")
     p.add_argument("--batch-size", type=int, default=16, help="[%(default)s]")

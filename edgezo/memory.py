@@ -30,6 +30,8 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, replace
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from .adapter import BaseModelInfo, LoraConfig, target_tensor_names
@@ -659,7 +661,8 @@ def run_batches(train: list[tuple[int, ...]], batch_size: int, seed: int, steps:
 
 
 # ---- device profiles -------------------------------------------------------------------------------------------
-PROFILE_DIR = Path(__file__).resolve().parent.parent / "device_profiles"
+# Package data (importlib.resources): an installed wheel has the profiles as well as a checkout.
+PROFILE_DIR = resources.files("edgezo") / "device_profiles"
 
 
 @dataclass(frozen=True)
@@ -672,17 +675,17 @@ class DeviceProfile:
     cores: int
 
 
-def load_device_profile(name: str, directory: Path = PROFILE_DIR) -> DeviceProfile:
-    """device_profiles/NAME.toml (or a path to a .toml file)."""
+def load_device_profile(name: str, directory: Path | Traversable = PROFILE_DIR) -> DeviceProfile:
+    """A profile of edgezo's device_profiles/ by NAME, or a path to a .toml file."""
     import tomllib
 
     path = Path(name) if name.endswith(".toml") else directory / f"{name}.toml"
     if not path.is_file():
-        known = sorted(p.stem for p in directory.glob("*.toml"))
+        known = sorted(p.name.removesuffix(".toml") for p in directory.iterdir() if p.name.endswith(".toml"))
         raise EdgezoError(f"unknown device profile {name!r}; known: {', '.join(known)}")
     try:
         d = tomllib.loads(path.read_text())
-        return DeviceProfile(key=path.stem, name=d["name"], total_ram_bytes=int(d["total_ram_bytes"]),
+        return DeviceProfile(key=path.name.removesuffix(".toml"), name=d["name"], total_ram_bytes=int(d["total_ram_bytes"]),
                              usable_ram_bytes=int(d["usable_ram_bytes"]), usable_ram_source=d["usable_ram_source"],
                              cores=int(d["cores"]))
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:

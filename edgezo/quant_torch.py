@@ -279,8 +279,8 @@ def causal_lm_from_gguf(gguf_path: Path, log: Callable[[str], None] = lambda msg
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from convert.architectures import HParams
-    from convert.gguf_to_hf import dequantize_to_hf, hf_config
+    from edgezo.convert.architectures import HParams
+    from edgezo.convert.gguf_to_hf import dequantize_to_hf, hf_config
 
     header = read_header(Path(gguf_path))
     # what convert's _metadata keeps: scalars and strings, and of the arrays only the sliding-window pattern

@@ -75,7 +75,7 @@ class ReferenceConfig:
 # ---- model ---------------------------------------------------------------------------------------------------
 def hf_model_dir(gguf_path: Path, log: Callable[[str], None] = lambda msg: None) -> Path:
     """The GGUF as a transformers directory, converted once and cached by content hash in $EDGEZO_HOME/hf/."""
-    from convert.gguf_to_hf import convert_gguf_to_hf
+    from edgezo.convert.gguf_to_hf import convert_gguf_to_hf
 
     target = store.home() / "hf" / sha256_file(gguf_path)[:16]
     if (target / "config.json").exists():
@@ -98,7 +98,7 @@ def load_model(gguf_path: Path, adapter: LoraAdapter, base: BaseModelInfo, confi
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from convert.peft import adapter_to_peft
+    from edgezo.convert.peft import adapter_to_peft
 
     if config.quantized_base:
         from .quant_torch import causal_lm_from_gguf
@@ -309,7 +309,7 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, 
 
 def save_adapter(model, base: BaseModelInfo, run: RunDir) -> None:
     """The adapter as PEFT writes it (run/peft/) and as GGUF LoRA (run/adapter.gguf) for llama.cpp and edgezo eval."""
-    from convert.peft import peft_to_adapter
+    from edgezo.convert.peft import peft_to_adapter
 
     peft_dir = run.path / "peft"
     model.save_pretrained(peft_dir)

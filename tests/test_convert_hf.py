@@ -16,8 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from convert.gguf_to_hf import convert_gguf_to_hf  # noqa: E402
-from convert.hf_to_gguf import convert_hf_to_gguf  # noqa: E402
+from edgezo.convert.gguf_to_hf import convert_gguf_to_hf  # noqa: E402
+from edgezo.convert.hf_to_gguf import convert_hf_to_gguf  # noqa: E402
 from edgezo.engine import Engine, EngineConfig, quantize_gguf  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
 

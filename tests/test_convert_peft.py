@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from convert.peft import (CONFIG_FILE, HF_TO_GGUF, WEIGHTS_FILE, adapter_to_peft, gguf_to_peft,  # noqa: E402
+from edgezo.convert.peft import (CONFIG_FILE, HF_TO_GGUF, WEIGHTS_FILE, adapter_to_peft, gguf_to_peft,  # noqa: E402
                           peft_to_adapter, peft_to_gguf)
 from edgezo.adapter import read_base_model_info, read_lora_gguf  # noqa: E402
 from edgezo.engine import Engine, EngineConfig  # noqa: E402
@@ -182,7 +182,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("arch, modules", [("llama", ("q_proj", "k_proj", "v_proj", "o_proj")), ("qwen2", ALL_MODULES)])
 def test_llama_cpp_with_converted_adapter_matches_transformers_peft(arch, modules, tokenizer_dir, tmp_path):
-    from convert.hf_to_gguf import convert_hf_to_gguf
+    from edgezo.convert.hf_to_gguf import convert_hf_to_gguf
 
     n_vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
     model_dir = tmp_path / "hf"

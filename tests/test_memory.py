@@ -16,7 +16,7 @@ from edgezo.memory import (F16_BYTES, F32_BYTES, kv_cache_bytes, kv_cells, predi
                            weights_bytes)
 
 ROOT = Path(__file__).parent.parent
-PROFILES = ROOT / "device_profiles"
+PROFILES = ROOT / "edgezo" / "device_profiles"
 REQUIRED_PROFILES = ["android-4gb", "android-8gb", "iphone-8gb", "raspberry-pi-5-4gb", "raspberry-pi-5-8gb",
                      "raspberry-pi-zero-2w", "jetson-orin-nano-8gb", "laptop-8gb", "laptop-16gb", "ci-2core-24gb"]
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from convert.merge import merge_adapter, merge_report
+from edgezo.convert.merge import merge_adapter, merge_report
 from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
 from edgezo.engine import Engine, EngineConfig, quantize_gguf
 from edgezo.files import EdgezoError

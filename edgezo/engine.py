@@ -179,7 +179,7 @@ class EngineConfig:
     n_ctx_per_seq: int = 128  # KV cells per sequence: the longest sequence the context can score
     n_ubatch: int = 1024  # tokens per llama.cpp micro-batch; compute buffers are reserved for this many
     n_threads: int = 0  # 0: all cores
-    flash_attn: bool = True  # faster on CPU when measured early on (no bench/ figure); results depend slightly on batch composition
+    flash_attn: bool = True  # faster on CPU (an early measurement); results vary slightly with batch composition
     kv_f32: bool = False  # F32 KV cache instead of llama.cpp's F16 (which rounds K, V to 11 bits): for parity tests
 
     @property

@@ -6,13 +6,18 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+
 from .files import EdgezoError
 
-# Quantization types `--quant` offers, by llama.cpp's file-type enum (llama.h LLAMA_FTYPE_*, also
-# gguf.LlamaFileType); the same number is stored in a GGUF's general.file_type.
-QUANT_FTYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9,
-                "q4_k_m": 15, "q5_k_m": 17, "q6_k": 18, "bf16": 32}
-
+# Quantization types `--quant` offers. Each is a llama.cpp file type (gguf.LlamaFileType = llama.h LLAMA_FTYPE_*,
+# the number a GGUF stores in general.file_type); the single-type ones are also a ggml tensor type.
+QUANT_NAMES = ("f32", "f16", "q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k", "bf16")
+QUANT_FTYPES = {name: int(LlamaFileType.ALL_F32 if name == "f32" else LlamaFileType[f"MOSTLY_{name.upper()}"])
+                for name in QUANT_NAMES}
+# --quant name -> the ggml type llama.cpp's quantizer gives 2-D weights. The k-quant types (q4_k_m, q6_k, ...)
+# choose types per tensor by rules not modelled here.
+GGML_TYPE_OF_QUANT = {name: int(GGMLQuantizationType[name.upper()]) for name in QUANT_NAMES if "_k" not in name}
 
 QUANTIZED_BASES = ("q4_0", "q8_0")  # file types whose blocks BP on a quantized base trains on (edgezo.quant_torch)
 
@@ -37,8 +42,11 @@ def check_base_file(gguf_path: Path, base_dtype: str | None = None) -> str:
 # machine ran out of memory (24 GB seen in tests/test_fuzz.py). This walk checks every count and length against
 # the bytes that remain, in time and memory proportional to the header, before any reader sees the file.
 GGUF_MAGIC = b"GGUF"
-_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUFValueType -> bytes
-_STRING, _ARRAY = 8, 9
+_V = GGUFValueType
+_SCALAR_FORMATS = {_V.UINT8: "<B", _V.INT8: "<b", _V.UINT16: "<H", _V.INT16: "<h", _V.UINT32: "<I", _V.INT32: "<i",
+                   _V.FLOAT32: "<f", _V.BOOL: "<?", _V.UINT64: "<Q", _V.INT64: "<q", _V.FLOAT64: "<d"}
+_SCALAR_SIZES = {value_type: struct.calcsize(fmt) for value_type, fmt in _SCALAR_FORMATS.items()}
+_STRING, _ARRAY = _V.STRING, _V.ARRAY
 MAX_DIMS = 4
 
 
@@ -120,8 +128,6 @@ def read_gguf_header(path: str | os.PathLike) -> GgufHeader:
 def tensor_nbytes(dims: tuple[int, ...], ggml_type: int) -> int:
     """Bytes of a tensor's data: (elements / block size) x bytes per block, from gguf's GGML_QUANT_SIZES table.
     ValueError for an unknown type or a row that is not a whole number of blocks."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
     try:
         block, type_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
     except (ValueError, KeyError):
@@ -146,9 +152,6 @@ def _check_tensor_data(extents, header_end: int, alignment: int, size: int) -> i
         if end > size:
             raise ValueError(f"tensor {name!r} ends at byte {end}, the file has {size} (truncated?)")
     return data_start
-
-
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
 SMALL_ARRAY = 4096  # numeric arrays up to this length (per-layer head counts, ...) are read; longer ones skipped

@@ -34,9 +34,11 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from gguf.constants import QK_K, GGMLQuantizationType
+
 from .adapter import BaseModelInfo, LoraConfig, target_tensor_names
 from .files import EdgezoError
-from .formats import GgufHeader, read_header, tensor_nbytes
+from .formats import GGML_TYPE_OF_QUANT, GgufHeader, read_header, tensor_nbytes
 from .objective import chunk_rows
 from .split import PREFIX_CACHE_BYTES, part_name, ubatch_layout
 
@@ -74,7 +76,7 @@ DEFAULT_N_UBATCH = 1024  # edgezo.engine.EngineConfig.n_ubatch
 # buffer equals the Q4_0 tensor bytes (56.95 MiB for SmolLM2 Q4_0, 53.79 MiB for Gemma 3 Q4_0) and the mapped
 # pages stay resident, so both count; a Q8_0 SmolLM2 got no repack buffer on this build (AVX-512 CPU).
 # token_embd is only read by get_rows, which the repacked layout does not serve, so it is never repacked.
-REPACKED_TYPES = {2}  # GGMLQuantizationType.Q4_0
+REPACKED_TYPES = {GGMLQuantizationType.Q4_0}
 NOT_REPACKED = {"token_embd.weight"}
 F16_BYTES, F32_BYTES, F64_BYTES = 2, 4, 8
 
@@ -168,10 +170,7 @@ class ModelSpec:
 
 
 SPEC_ARCHITECTURES = ("llama", "qwen2", "gemma3")
-# --quant name -> the ggml type llama.cpp's quantizer gives 2-D weights (gguf.GGMLQuantizationType numbers).
-# K-quant mixes (q4_k_m, ...) choose types per layer by rules not modelled here.
-GGML_TYPE_OF_QUANT = {"f32": 0, "f16": 1, "bf16": 30, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8}
-GGML_F32, GGML_Q8_0, GGML_Q6_K, QK_K = 0, 8, 14, 256
+GGML_F32, GGML_Q8_0, GGML_Q6_K = GGMLQuantizationType.F32, GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q6_K
 
 
 def gguf_tensor_dims(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

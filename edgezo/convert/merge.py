@@ -25,12 +25,11 @@ from edgezo.adapter import LoraAdapter
 from edgezo.files import EdgezoError, atomic_path
 from edgezo.formats import QUANT_FTYPES, copy_gguf_fields, gguf_field
 
-# Output types gguf.quants can produce, by name (values are gguf.GGMLQuantizationType names).
-NUMPY_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0",
-               "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
+# Output types gguf.quants can produce (--quant names; upper-cased, gguf.GGMLQuantizationType names).
+NUMPY_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # Everything else llama.cpp's quantizer offers goes through an f16 merge first.
 LLAMA_CPP_TYPES = tuple(t for t in QUANT_FTYPES if t not in NUMPY_TYPES)
-OUTTYPES = tuple(NUMPY_TYPES) + LLAMA_CPP_TYPES
+OUTTYPES = NUMPY_TYPES + LLAMA_CPP_TYPES
 # Where the requested type cannot hold a tensor, the type used instead and why it is this one.
 ROW_FALLBACK = "F16"  # convert_hf_to_gguf.py falls back to F16 when a row is not a whole number of blocks
 # llama.cpp keeps the output projection (or tied token_embd) at Q6_K in its 4/5-bit files because its error costs
@@ -98,7 +97,7 @@ def _merge_numpy(base_path: Path, adapter: LoraAdapter, out_path: Path, outtype:
     reader = _open(base_path)
     arch = gguf_field(reader, "general.architecture")
     _check_adapter(base_path, reader, arch, adapter)
-    plans = _plan(reader, GGMLQuantizationType[NUMPY_TYPES[outtype]], adapter)
+    plans = _plan(reader, GGMLQuantizationType[outtype.upper()], adapter)
 
     writer = GGUFWriter(out_path, arch)
     _copy_metadata(reader, writer, outtype, adapter, plans)

@@ -15,6 +15,7 @@ from .files import EdgezoError
 QUANT_NAMES = ("f32", "f16", "q4_0", "q4_1", "q8_0", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k", "bf16")
 QUANT_FTYPES = {name: int(LlamaFileType.ALL_F32 if name == "f32" else LlamaFileType[f"MOSTLY_{name.upper()}"])
                 for name in QUANT_NAMES}
+QUANT_OF_FTYPE = {ftype: name for name, ftype in QUANT_FTYPES.items()}
 # --quant name -> the ggml type llama.cpp's quantizer gives 2-D weights. The k-quant types (q4_k_m, q6_k, ...)
 # choose types per tensor by rules not modelled here.
 GGML_TYPE_OF_QUANT = {name: int(GGMLQuantizationType[name.upper()]) for name in QUANT_NAMES if "_k" not in name}
@@ -27,7 +28,7 @@ def check_base_file(gguf_path: Path, base_dtype: str | None = None) -> str:
     the same --quant); it is not requantized behind the run's recorded model_path. base_dtype None: either of
     QUANTIZED_BASES. Returns the file's type."""
     file_type = read_header(Path(gguf_path)).metadata.get("general.file_type")
-    name = next((k for k, v in QUANT_FTYPES.items() if v == file_type), f"file type {file_type}")
+    name = QUANT_OF_FTYPE.get(file_type, f"file type {file_type}")
     wanted = (base_dtype,) if base_dtype else QUANTIZED_BASES
     if name not in wanted:
         want = " or ".join(wanted)

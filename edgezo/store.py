@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import QUANT_FTYPES, read_header
+from .formats import QUANT_OF_FTYPE, read_header
 from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, write_text_atomic
 
 Log = Callable[[str], None]
@@ -177,9 +177,6 @@ def _fetch_model(model: BuiltinModel, log: Log) -> Path:
     return target
 
 
-_QUANT_NAME_OF_FTYPE = {ftype: name for name, ftype in QUANT_FTYPES.items()}
-
-
 def effective_quant(spec: str, quant: str | None) -> str | None:
     """The quant a command uses for `spec`: `quant` if given, else BUILTIN_QUANT for a built-in name, else None
     (a user's GGUF is used as it is: requantizing a Q4_K_M file to Q4_0 behind the user's back loses accuracy)."""
@@ -220,7 +217,7 @@ def resolve_model(spec: str, quant: str | None = None, log: Log = lambda msg: No
 def _file_type_name(path: Path) -> str | None:
     """The file's general.file_type as an --quant name (q4_0, f32, ...), None if unknown."""
     file_type = read_header(path).metadata.get("general.file_type")
-    return _QUANT_NAME_OF_FTYPE.get(file_type) if isinstance(file_type, int) else None
+    return QUANT_OF_FTYPE.get(file_type) if isinstance(file_type, int) else None
 
 
 # ---- datasets ------------------------------------------------------------------------------------------------

@@ -112,6 +112,56 @@ _libggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
 GGML_BACKEND_DEVICE_TYPE_CPU = 0
 
 
+# ---- GgmlTensor checked against the loaded libggml ----
+class _GgmlInitParams(ctypes.Structure):  # struct ggml_init_params (ggml.h)
+    _fields_ = [("mem_size", ctypes.c_size_t), ("mem_buffer", ctypes.c_void_p), ("no_alloc", ctypes.c_bool)]
+
+
+# sizeof(struct ggml_object) (ggml.c: offs, size, next, type, 4 bytes padding): ggml_tensor_overhead() is it plus
+# sizeof(struct ggml_tensor).
+GGML_OBJECT_SIZE = 32
+PROBE_SHAPE = (3, 5)  # ne0, ne1 of the probe tensors: small, distinct, F32
+for _fn, _args, _res in (("ggml_init", [_GgmlInitParams], ctypes.c_void_p), ("ggml_free", [ctypes.c_void_p], None),
+                         ("ggml_new_tensor_2d", [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64],
+                          ctypes.c_void_p),
+                         ("ggml_add", [ctypes.c_void_p] * 3, ctypes.c_void_p),
+                         ("ggml_set_name", [ctypes.c_void_p, ctypes.c_char_p], ctypes.c_void_p),
+                         ("ggml_get_name", [ctypes.c_void_p], ctypes.c_void_p),
+                         ("ggml_tensor_overhead", [], ctypes.c_size_t)):
+    getattr(_libggml_base, _fn).argtypes, getattr(_libggml_base, _fn).restype = _args, _res
+
+
+def check_tensor_layout(mirror: type[ctypes.Structure] = GgmlTensor) -> None:
+    """`mirror` (GgmlTensor) read against ggml itself: ggml builds a = b + c in a metadata-only context and the fields
+    edgezo reads (type, ne, nb, src, name) must come back as ggml wrote them, and the struct's size must match. A
+    different libggml (another llama-cpp-python) raises here instead of reading garbage from live graphs."""
+    lib = _libggml_base
+    ctx = lib.ggml_init(_GgmlInitParams(mem_size=4 * lib.ggml_tensor_overhead(), mem_buffer=None, no_alloc=True))
+    if not ctx:
+        raise EdgezoError("ggml_init failed while checking struct ggml_tensor")
+    try:
+        b, c = (lib.ggml_new_tensor_2d(ctx, GGML_TYPE_F32, *PROBE_SHAPE) for _ in range(2))
+        a = lib.ggml_set_name(lib.ggml_add(ctx, b, c), b"edgezo-probe")
+        t = mirror.from_address(a)
+        width, rows = PROBE_SHAPE
+        found = {"sizeof": ctypes.sizeof(mirror), "type": t.type, "ne": tuple(t.ne), "nb": tuple(t.nb)[:2],
+                 "src": [ctypes.cast(s, ctypes.c_void_p).value for s in t.src[:2]], "name": t.name,
+                 "name offset": mirror.name.offset}
+        expected = {"sizeof": lib.ggml_tensor_overhead() - GGML_OBJECT_SIZE, "type": GGML_TYPE_F32,
+                    "ne": (width, rows, 1, 1), "nb": (4, 4 * width), "src": [b, c], "name": b"edgezo-probe",
+                    "name offset": lib.ggml_get_name(a) - a}
+    finally:
+        lib.ggml_free(ctx)
+    wrong = [f"{k} {found[k]} (ggml: {expected[k]})" for k in expected if found[k] != expected[k]]
+    if wrong:
+        raise EdgezoError(f"edgezo.engine.GgmlTensor, written for llama-cpp-python==0.3.36, does not match the loaded "
+                          f"ggml (llama-cpp-python {llama_cpp.__version__}): {'; '.join(wrong)}. Install the pinned "
+                          "llama-cpp-python==0.3.36 (make install-llama-cpp)")
+
+
+check_tensor_layout()
+
+
 class TensorBuftOverride(ctypes.Structure):  # struct llama_model_tensor_buft_override (llama.h; not in llama_cpp)
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 

@@ -1,10 +1,12 @@
 """The llama.cpp engine on a tiny generated model: in-place adapter updates, output positions, batching, export."""
 
+import ctypes
+
 import numpy as np
 import pytest
 
 from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
-from edgezo.engine import Engine, EngineConfig, quantize_gguf
+from edgezo.engine import Engine, EngineConfig, GgmlTensor, check_tensor_layout, quantize_gguf
 from edgezo.files import EdgezoError
 
 CONFIG = EngineConfig(n_seq_max=4, n_ctx_per_seq=256, n_threads=1, flash_attn=False)
@@ -143,3 +145,14 @@ def test_missing_and_invalid_model_files(tmp_path):
     junk.write_bytes(b"GGUF" + b"\0" * 64)
     with pytest.raises(EdgezoError, match="could not load"):
         Engine(junk, CONFIG)
+
+
+def test_ggml_tensor_mirror_matches_the_loaded_ggml_and_a_shifted_one_is_refused():
+    check_tensor_layout(GgmlTensor)  # also run at import: a mismatch would have failed the import above
+
+    class Shifted(ctypes.Structure):  # as if ggml had dropped a field before `data` and `name`
+        _fields_ = [f for f in GgmlTensor._fields_ if f[0] != "view_offs"]
+
+    with pytest.raises(EdgezoError) as err:
+        check_tensor_layout(Shifted)
+    assert "name offset 248 (ggml: 256)" in str(err.value) and "llama-cpp-python==0.3.36" in str(err.value)

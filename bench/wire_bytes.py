@@ -17,7 +17,6 @@ Writes bench/results/wire_bytes.jsonl (appended) and bench/results/wire_bytes.md
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

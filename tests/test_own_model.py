@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from edgezo import store
+from edgezo import files, store
 from edgezo.adapter import LoraAdapter
 from edgezo.cli import main
 from test_cli import finetune_args, run_json
@@ -75,8 +75,8 @@ def test_resume_without_model_flags_continues_on_the_runs_base(tiny_gguf, sentim
 
 def test_sha256_is_cached_by_size_mtime_and_inode(tmp_path, monkeypatch):
     calls = []
-    real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda path: calls.append(path) or real(path))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path: calls.append(path) or real(path))
     f = tmp_path / "model.gguf"
     f.write_bytes(b"a" * 1000)
     first = store.cached_sha256(f)
@@ -95,8 +95,8 @@ def test_sha256_is_cached_by_size_mtime_and_inode(tmp_path, monkeypatch):
 
 def test_a_requantized_user_gguf_is_hashed_once(tiny_gguf, tmp_path, monkeypatch):
     calls = []
-    real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda path: calls.append(str(path)) or real(path))
+    real = files.sha256_file
+    monkeypatch.setattr(files, "sha256_file", lambda path: calls.append(str(path)) or real(path))
     first = store.resolve_model(str(tiny_gguf), "q8_0")
     n_after_first = calls.count(str(tiny_gguf.resolve()))
     assert store.resolve_model(str(tiny_gguf), "q8_0") == first

@@ -67,10 +67,10 @@ EVAL_FIELDS = {f.name for f in fields(EvalResult)} | {"peak_rss_bytes"}  # eval 
 
 def _command_args(command: str, options: dict) -> argparse.Namespace:
     """The command's parsed defaults with `options` set on top, checked against its flags."""
-    from .cli import build_parser
+    from .cli import build_parser, subcommand_parser
 
     parser = build_parser()
-    sub = parser._subparsers._group_actions[0].choices[command]
+    sub = subcommand_parser(parser, command)
     known = {a.dest for a in sub._actions} - {"help", "config", "json", "func"}
     unknown = sorted(set(options) - known)
     if unknown:

@@ -267,7 +267,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
     model_path = resolve_base(args, saved, log=say if os.environ.get("RANK", "0") == "0" else lambda msg: None)
     args.data = args.data or (saved or {}).get("data") or DEFAULT_DATA
     if args.workers > 1 and not distributed.launched():
-        return distributed.launch_local(args, say)  # N local ranks of this same command; rank 0's result
+        # N local ranks of this same command (as `edgezo finetune` flags, so a rank is an ordinary CLI process)
+        return distributed.launch_local(args, command_line("finetune", args), say)
     t0 = time.perf_counter()
     # A rank of a distributed run (torchrun, or launched above): only rank 0 writes the run directory and talks.
     group = (distributed.Group.from_env(distributed.DistConfig(args.parallel, args.peer_timeout), args.workers)
@@ -1272,6 +1273,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def command_line(command: str, args: argparse.Namespace) -> list[str]:
+    """`args`, a parsed (maybe since adjusted) Namespace of `command`, as the flags that parse back to it: the
+    command line of a rank process. Options at their default are left out; -c and --json too."""
+    argv = [command]
+    for action in subcommand_parser(build_parser(), command)._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or action.dest in ("help", "config", "json") or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:  # store_true
+            argv.append(flag)
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def config_flags(parser: argparse.ArgumentParser, path: str) -> list[str]:
     """The flags a config file stands for, for this command's parser (placed before the user's own flags, which
     therefore win). Keys are long flag names or their aliases, with _ or -; an unknown key is an error naming it,
@@ -1339,16 +1362,18 @@ def main(argv: list[str] | None = None) -> int:
     if not library_log.handlers:
         library_log.addHandler(SayHandler())
         library_log.propagate = False
+    # a rank of a distributed run (edgezo.distributed.launch_local, torchrun) says which it is
+    name = f"edgezo {args.command}" + (f": rank {os.environ['RANK']}" if "RANK" in os.environ else "")
     try:
         result, text = args.func(args)
     except TrainingInterrupted as exc:
-        say(f"edgezo {args.command}: {exc}")
+        say(f"{name}: {exc}")
         return 130
     except EdgezoError as exc:
-        say(f"edgezo {args.command}: error: {exc}")
+        say(f"{name}: error: {exc}")
         return 1
     except KeyboardInterrupt:
-        say(f"edgezo {args.command}: interrupted")
+        say(f"{name}: interrupted")
         return 130
     if args.json:
         emit_json(result)

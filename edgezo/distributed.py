@@ -52,7 +52,6 @@ from .objective import Totals, evaluate, score
 from .trainer import RunDir, TrainingInterrupted
 
 MODES = ("data", "direction")
-ARGS_ENV = "EDGEZO_WORKER_ARGS"  # the finetune arguments of a rank started by launch_local (JSON)
 STARTUP_TIMEOUT_S = 600  # rendezvous and handshake: a rank may still be fetching or tokenizing
 PHASES = ("setup", "join", "step", "eval", "end")
 
@@ -443,9 +442,10 @@ class ReplicaRun(RunDir):
 
 
 # ---- edgezo finetune --workers N: N local ranks of the same command ----------------------------------------------
-def launch_local(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[dict, str]:
-    """Start args.workers rank processes on 127.0.0.1 (each with --threads // N threads, at least 1), wait for
-    them, and return rank 0's result. SIGINT / SIGTERM are forwarded as SIGTERM: every rank stops cleanly."""
+def launch_local(args: argparse.Namespace, argv: list[str], log: Callable[[str], None]) -> tuple[dict, str]:
+    """Start args.workers rank processes on 127.0.0.1, each `edgezo <argv>` (the command's own flags) with --threads
+    // N threads (at least 1) and RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set as torchrun sets them; wait for
+    them and return rank 0's result. SIGINT / SIGTERM are forwarded as SIGTERM: every rank stops cleanly."""
     from . import store
 
     n = args.workers
@@ -453,14 +453,14 @@ def launch_local(args: argparse.Namespace, log: Callable[[str], None]) -> tuple[
     threads = max(1, (args.threads or os.cpu_count() or 1) // n)
     store.resolve_model(args.model, args.quant, log=log)  # fetch / requantize once, before the ranks look for it
     port = _free_port()
-    spec = {k: v for k, v in vars(args).items() if k != "func"} | {"threads": threads}
+    command = [sys.executable, "-m", "edgezo.cli", *argv, "--threads", str(threads), "--json"]
     log(f"{n} local ranks ({args.parallel}-parallel, {threads} thread(s) each), process group on 127.0.0.1:{port}")
     with tempfile.TemporaryFile("w+") as out:
         procs = []
         for rank in range(n):
             env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), ARGS_ENV: json.dumps(spec)}
-            procs.append(subprocess.Popen([sys.executable, "-m", "edgezo.distributed"], env=env,
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen(command, env=env,
                                           stdout=out if rank == 0 else subprocess.DEVNULL, start_new_session=True))
         with _forward_stop_signals(procs):
             codes = [p.wait() for p in procs]
@@ -504,30 +504,3 @@ def _forward_stop_signals(procs: list[subprocess.Popen]):
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def worker_main() -> int:
-    """A rank started by launch_local: run `edgezo finetune` with the launcher's arguments (main()'s exit codes)."""
-    from . import cli
-
-    args = argparse.Namespace(**json.loads(os.environ[ARGS_ENV]))
-    prefix = f"edgezo finetune: rank {os.environ['RANK']}:"
-    try:
-        result, _ = cli.cmd_finetune(args)
-    except TrainingInterrupted as exc:
-        cli.say(f"{prefix} {exc}")
-        return 130
-    except EdgezoError as exc:
-        cli.say(f"{prefix} error: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        cli.say(f"{prefix} interrupted")
-        return 130
-    cli.emit_json(result)
-    return 0
-
-
-if __name__ == "__main__":
-    from edgezo.distributed import worker_main as _main  # the package's module, not this __main__ copy
-
-    sys.exit(_main())

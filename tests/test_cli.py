@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edgezo.adapter import LoraAdapter
-from edgezo.cli import main
+from edgezo.cli import build_parser, command_line, main
 
 
 def run_json(capsys, argv) -> dict:
@@ -244,3 +244,14 @@ def test_a_config_written_before_the_new_keys_still_resumes(tiny_gguf, sentiment
 def test_distributed_refuses_the_new_estimators(tiny_gguf, sentiment_dir, tmp_path, capsys):
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "d", 2, "--workers", "2", "--lora-fa")) == 1
     assert "distributed MeZO runs the two-sided estimator" in capsys.readouterr().err
+
+
+def test_command_line_parses_back_to_the_same_arguments():
+    """What a local rank process is started with (edgezo.distributed.launch_local): the same Namespace."""
+    parser = build_parser()
+    argv = ["finetune", "--model", "m.gguf", "--steps", "7", "--learning-rate", "0.0003", "--no-mask-prompt",
+            "--lora-fa", "--workers", "2", "--max-memory", "2G", "--targets", "attn_q,attn_v", "--alpha", "8"]
+    args = parser.parse_args(argv)
+    line = command_line("finetune", args)
+    assert vars(parser.parse_args(line)) == vars(args)
+    assert "--json" not in line and "--seed" not in line  # defaults are left to the rank's own parser

@@ -1,0 +1,89 @@
+"""The package's import graph, read from the source of the installed package (every import, also those inside
+functions): no cycle between edgezo's modules, llama_cpp only in the engine, torch only in the torch extra."""
+import ast
+import importlib.util
+from pathlib import Path
+
+PACKAGE = "edgezo"
+LLAMA_CPP_IMPORTERS = {  # module -> the part of llama_cpp it may import
+    "edgezo.engine": "llama_cpp",
+    "edgezo.serve": "llama_cpp.server",  # `edgezo serve` runs llama-cpp-python's own OpenAI-compatible server
+}
+# The torch extra: the BP reference, BP on quantized blocks, distributed MeZO (torch.distributed), the HF side of
+# conversion, and tensorboard's writer when tensorboardX is missing. Nothing else may import them.
+TORCH_EXTRA = {"edgezo.reference", "edgezo.quant_torch", "edgezo.distributed", "edgezo.report",
+               "edgezo.convert.peft", "edgezo.convert.tokenizer", "edgezo.convert.gguf_to_hf"}
+TORCH_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
+
+
+def package_modules() -> dict[str, Path]:
+    root = Path(importlib.util.find_spec(PACKAGE).submodule_search_locations[0])
+    return {".".join((PACKAGE, *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+            for p in root.rglob("*.py")}
+
+
+def imported_names(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Absolute names `module` imports anywhere in its source: a submodule of the package where one is named."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, *([node.module] if node.module else [])])
+            names |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+    return names
+
+
+def import_graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(edges between the package's modules, every name each module imports)."""
+    modules = package_modules()
+    imports = {m: imported_names(m, p, modules) for m, p in modules.items()}
+    # Every submodule import runs the package's __init__ first; an edge back to it is Python's structure, not a cycle
+    # of design (edgezo/__init__ only re-exports edgezo.api on first use).
+    edges = {m: {n for n in names if n in modules and n not in (m, PACKAGE)} for m, names in imports.items()}
+    return edges, imports
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state, path = {}, []  # state: 1 on the current path, 2 done
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    return next((c for node in sorted(edges) if node not in state and (c := visit(node))), None)
+
+
+def test_no_import_cycle_between_modules():
+    edges, _ = import_graph()
+    assert {"edgezo.cli", "edgezo.engine", "edgezo.convert.merge"} <= set(edges)  # the walk sees the package
+    cycle = find_cycle(edges)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_only_the_engine_imports_llama_cpp_and_only_the_torch_extra_imports_torch():
+    _, imports = import_graph()
+    llama = {m: {n for n in names if n.split(".")[0] == "llama_cpp"} for m, names in imports.items()}
+    allowed = {m: {n for n in names if n == LLAMA_CPP_IMPORTERS.get(m) or n.startswith(f"{LLAMA_CPP_IMPORTERS.get(m)}.")}
+               for m, names in llama.items()}
+    assert {m: names - allowed[m] for m, names in llama.items() if names - allowed[m]} == {}
+    torch = {m for m, names in imports.items() if any(n.split(".")[0] in TORCH_LIBRARIES for n in names)}
+    assert torch <= TORCH_EXTRA, sorted(torch - TORCH_EXTRA)
+    assert "llama_cpp" in llama["edgezo.engine"]

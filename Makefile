@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP = $(PYTHON) -m pip --disable-pip-version-check
 
-.PHONY: install install-llama-cpp install-torch demo test bench
+.PHONY: install install-llama-cpp install-torch demo test lint bench
 
 # llama.cpp is built from source for this CPU (-march=native), but without its AMX kernels: on Intel Xeons with AMX,
 # -march=native compiles ggml's AMX buffer type in and it crashed in ggml_backend_amx_mul_mat (README, "The llama.cpp
@@ -28,6 +28,9 @@ install-torch: install-llama-cpp  # the torch extra (conversion from HF, PEFT, B
 test: install-torch  # plus the serve extra, so tests/test_serve.py runs (it skips without it)
 	$(PIP) install -e ".[dev,torch,serve]"
 	$(PYTHON) -m pytest -q
+
+lint:  # pyflakes and pycodestyle through ruff (the dev extra); tests/test_lint.py runs the same
+	$(PYTHON) -m ruff check edgezo tests bench
 
 demo: install
 	$(PYTHON) -m edgezo.cli demo

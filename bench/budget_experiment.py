@@ -173,7 +173,8 @@ def refused(model: str, variant: str, n_valid: int, budget: int, work: Path) -> 
     done = run_fresh(cmd)
     message = done["stderr"].strip().splitlines()[-1] if done["stderr"].strip() else ""
     if done["returncode"] != 1 or "exceeds the memory budget" not in message:
-        sys.exit(f"BP {variant} on {model} was not refused under {mib(budget)}: exit {done['returncode']}\n{done['stderr'][-2000:]}")
+        sys.exit(f"BP {variant} on {model} was not refused under {mib(budget)}: exit {done['returncode']}\n"
+                 f"{done['stderr'][-2000:]}")
     return message
 
 

@@ -43,7 +43,8 @@ def main() -> int:
     specs = load_specs()
     lora = LoraConfig(rank=args.rank)
     table = prediction_table(specs, args.batch_size, args.seq_len, lora)
-    budgets = sorted({int(256 * 2**20 * 2 ** (i / 16)) for i in range(0, 16 * 7 + 1)} | {b for row in table.values() for b in row.values()})
+    budgets = sorted({int(256 * 2**20 * 2 ** (i / 16)) for i in range(0, 16 * 7 + 1)}
+                     | {b for row in table.values() for b in row.values()})
     budgets = [b for b in budgets if 256 * 2**20 <= b <= 32 * 2**30]
     curves = {}
     for key in SHOWN:

@@ -220,7 +220,8 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
     data_arg = (data if data == "movie-reviews" else str(long_reviews(work)) if data == "long-reviews"
                 else str(tool_data(work, data)))
     out = work / "runs" / f"{model}-{name}-{method}-{time.time_ns()}"
-    if method.removesuffix(RELEASE) in ("bp", "bp-ckpt"):  # the first float reference run of a model converts it to HF once; keep that out of the runs
+    # the first float reference run of a model converts it to HF once; keep that out of the runs
+    if method.removesuffix(RELEASE) in ("bp", "bp-ckpt"):
         warm = "import sys; from edgezo import store, reference; reference.hf_model_dir(store.resolve_model(sys.argv[1], 'q4_0'))"
         subprocess.run([sys.executable, "-c", warm, model_arg], check=True, env=dict(os.environ, EDGEZO_HOME=str(home)), cwd=ROOT)
     measured_cmd, predicted_cmd = commands(args, model_arg, data_arg, batch_size, max_seq_len, method, out)
@@ -232,7 +233,8 @@ def validate(args, work: Path, model: str, setting: tuple, method: str) -> dict:
             "batch_size": batch_size, "max_seq_len": max_seq_len, "method": method,
             "seq_len": predicted.get("seq_len"), "measured_bytes": measured["peak_rss_bytes"],
             "predicted_bytes": predicted["predicted_bytes"], "error": error, "breakdown": predicted["breakdown"],
-            "cpu": cpu_model(), "threads": args.threads, "steps": args.steps, "seed": 0, "lora": "rank 16, alpha 32, attn_k,attn_v",
+            "cpu": cpu_model(), "threads": args.threads, "steps": args.steps, "seed": 0,
+            "lora": "rank 16, alpha 32, attn_k,attn_v",
             "measured_cmd": measured_cmd[3:], "predicted_cmd": predicted_cmd[3:],  # after python -m edgezo.cli
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -259,11 +261,13 @@ def markdown(rows: list[dict], steps: int, kept: list[str] = ()) -> str:
     worst = max([abs(r["error"]) for r in rows] + [abs(float(line.split("|")[7].strip(" %"))) / 100 for line in kept])
     lines.append(f"\nWorst error {100 * worst:.1f} % (target {100 * TARGET_ERROR:.0f} %). Peak RSS = VmHWM of a fresh "
                  f"process running the command; {steps} training steps, seed 0, LoRA rank 16 on attn_k,attn_v, "
-                 f"torch float32 (bp-quant: float32 compute on the Q4_0 file's blocks; -release: with --release-freed-memory). reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
+                 f"torch float32 (bp-quant: float32 compute on the Q4_0 file's blocks; -release: with "
+                 f"--release-freed-memory). reviews-b8: movie-reviews, batch 8, --max-seq-len 256; long-b2: eight reviews "
                  f"per example, batch 2, --max-seq-len 512. Language modelling (loss on every completion / assistant "
                  f"token; synthetic tool calls from tool_data, 64 train / 32 valid records): calls-b16, one JSON call "
                  f"per completion (~28 tokens), plans-b16, {PLAN_CALLS} calls per completion (~111 tokens), chat-b16, "
-                 f"two user/assistant turns in the GGUF's chat template; batch 16, --max-seq-len 256. tokens/seq: BP, the longest padded training batch; "
+                 f"two user/assistant turns in the GGUF's chat template; batch 16, --max-seq-len 256. tokens/seq: BP, "
+                 f"the longest padded training batch; "
                  f"llama.cpp, the mean length in the fullest batch. Predictions: `edgezo memory` with the same "
                  f"arguments; the GGUF -> HF conversion of a model's first reference run was done beforehand.")
     return "\n".join(lines) + "\n"
@@ -276,7 +280,8 @@ def latest_rows() -> list[dict]:
         row = json.loads(line)
         if "predicted_cmd" in row:
             latest[(row["model"], row["setting"], row["method"])] = row
-    order = {m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS + LM_SETTINGS)} | {m: i for i, m in enumerate(METHODS + RELEASE_METHODS)}
+    order = ({m: i for i, m in enumerate(MODELS)} | {s[0]: i for i, s in enumerate(SETTINGS + LM_SETTINGS)}
+             | {m: i for i, m in enumerate(METHODS + RELEASE_METHODS)})
     return sorted(latest.values(), key=lambda r: (order.get(r["setting"], 99) >= len(SETTINGS), order.get(r["model"], 99),
                                                   order.get(r["setting"], 99), order.get(r["method"], 99)))
 

@@ -73,7 +73,8 @@ def measure_k(args, model_path, base, task, batch, k: int) -> dict:
             "prefix_over_forward": med["prefix"] / forward, "prefix_ideal": first / base.n_layers,
             "eval_over_forward": med["eval"] / forward, "eval_ideal": k / base.n_layers,
             "eval_over_ideal": med["eval"] / forward / (k / base.n_layers),
-            "step_speedup": med["step_full"] / med["step_split"], "step_speedup_ideal": 2 / (first / base.n_layers + 2 * k / base.n_layers)}
+            "step_speedup": med["step_full"] / med["step_split"],
+            "step_speedup_ideal": 2 / (first / base.n_layers + 2 * k / base.n_layers)}
 
 
 def run(args) -> dict:

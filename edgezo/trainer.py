@@ -199,8 +199,8 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
     `objective(engine, batch, task)` gives the function of the parameters MeZO minimises on a batch (default
     objective.loss_function; edgezo.rewards gives a negated reward). `step_fn(theta, batch, step) -> StepRecord`
     replaces the MeZO step on the whole batch and `evaluate_fn` (same signature as objective.evaluate) the
-    validation: edgezo.distributed plugs its exchanges in here. An evaluator whose totals carry `metrics` (edgezo.rewards) logs each as
-    valid_<name>."""
+    validation: edgezo.distributed plugs its exchanges in here. An evaluator whose totals carry `metrics`
+    (edgezo.rewards) logs each as valid_<name>."""
     if not train_set:
         raise EdgezoError("the training split is empty")
     valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set

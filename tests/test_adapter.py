@@ -55,7 +55,10 @@ def test_missing_alpha_and_non_gguf(tmp_path, tiny_gguf):
     w.add_string("adapter.type", "lora")
     w.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((2, 64), np.float32))
     w.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 2), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     with pytest.raises(EdgezoError, match="missing adapter.lora.alpha"):
         read_lora_gguf(path)
     junk = tmp_path / "junk.gguf"

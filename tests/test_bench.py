@@ -161,7 +161,9 @@ def test_throughput_sides_alternate_which_goes_first_and_drop_the_warmup():
 
 
 def test_wire_bytes_per_step_is_the_difference_of_two_runs():
-    link = lambda tx, rx: {"tx_bytes": tx, "rx_bytes": rx, "tx_packets": tx // 100, "rx_packets": rx // 100}
+    def link(tx, rx):
+        return {"tx_bytes": tx, "rx_bytes": rx, "tx_packets": tx // 100, "rx_packets": rx // 100}
+
     short, long = {"steps": 5, "link": link(10_500, 9_500)}, {"steps": 25, "link": link(14_500, 13_500)}
     assert wire_bytes.per_step(short, long) == {"tx_bytes": 200, "rx_bytes": 200, "tx_packets": 2, "rx_packets": 2}
     result = {"modes": [{"parallel": "data", "runs": [short, long], "per_step": wire_bytes.per_step(short, long),
@@ -326,7 +328,8 @@ def test_time_to_accuracy_plot_writes_a_png(tmp_path):
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
-README_TEXT = f"# project\n\nintro\n\n## Benchmarks\n\nhand-written text\n\n{report.BEGIN}\nold table\n{report.END}\n\n## Status\nkept\n"
+README_TEXT = (f"# project\n\nintro\n\n## Benchmarks\n\nhand-written text\n\n{report.BEGIN}\nold table\n"
+               f"{report.END}\n\n## Status\nkept\n")
 
 
 def test_replace_block_changes_only_the_text_between_the_markers():
@@ -431,7 +434,8 @@ def test_layer_gradients_weighs_energy_density_against_the_step_cost():
                                       {"name": "bottom6", "layers": [0, 6], "energy": 0.6},
                                       {"name": "top6", "layers": [24, 30], "energy": 0.06}])
     by = {r["name"]: r for r in rows}
-    assert by["bottom6"]["density_vs_all"] == pytest.approx(3.0) and by["bottom6"]["progress_per_second_vs_all"] == pytest.approx(3.0)
+    assert by["bottom6"]["density_vs_all"] == pytest.approx(3.0)
+    assert by["bottom6"]["progress_per_second_vs_all"] == pytest.approx(3.0)
     assert by["top6"]["progress_per_second_vs_all"] == pytest.approx(0.3 * 2 / 1.2)
     assert layer_gradients.statistics_se([1.0, 1.0, 1.0]) == 0.0
 

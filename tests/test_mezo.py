@@ -135,7 +135,7 @@ def test_fzoo_step_follows_its_formula_and_replays_bit_exactly():
     assert record.loss_center == pytest.approx(quadratic(make_theta())) and record.loss == record.loss_center
     assert len(record.losses_plus) == 4 and not record.losses_minus
     sigma = np.std(record.losses_plus)
-    assert record.projected_grads == pytest.approx([(l - record.loss_center) / sigma for l in record.losses_plus])
+    assert record.projected_grads == pytest.approx([(loss - record.loss_center) / sigma for loss in record.losses_plus])
     # theta <- theta - lr * sum_k (l_k - l_0) / (n sigma) u_k
     expected = {k: v.copy() for k, v in before.items()}
     for seed, g in zip(record.seeds, record.projected_grads):

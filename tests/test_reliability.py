@@ -119,10 +119,14 @@ def test_unsupported_architecture(tmp_path):
     path = tmp_path / "alien.gguf"
     w = GGUFWriter(path, "alien-arch")
     w.add_tensor("blk.0.attn_q.weight", np.zeros((4, 4), np.float32))
-    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
     from edgezo.engine import Engine
 
-    with pytest.raises(EdgezoError, match=r"alien.gguf: llama.cpp could not load this model .*unknown model architecture: 'alien-arch'"):
+    with pytest.raises(EdgezoError,
+                       match=r"alien.gguf: llama.cpp could not load this model .*unknown model architecture: 'alien-arch'"):
         Engine(path)
 
 

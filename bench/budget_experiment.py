@@ -31,6 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import common
 from common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, summary, table, utc_now
 
 from edgezo.store import MODELS  # after common, which puts this checkout on the path
@@ -293,7 +294,7 @@ def main() -> None:
                         help="MeZO learning rate(s), as --bp-lrs [the MeZO model's default in edgezo.store]")
     parser.add_argument("--sweep-steps", type=int, default=40, help="steps of each sweep run [%(default)s]")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=Path, help="run directories [runs/budget, runs/budget-quick with --quick]")
+    parser.add_argument("--work", type=common.work_dir, help="run directories [runs/budget, runs/budget-quick with --quick]")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 vs Gemma, seconds each (pipeline check)")
     args = parser.parse_args()
     models = ZERO_SHOT_MODELS
@@ -339,4 +340,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(common.run_main(main))

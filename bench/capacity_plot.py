@@ -13,17 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import common
 
 from edgezo.adapter import LoraConfig  # noqa: E402
 from edgezo.capacity import METHODS, largest_fitting, load_specs, prediction_table  # noqa: E402
 from edgezo.memory import load_device_profile  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results"
+RESULTS = common.RESULTS
 SHOWN = ["mezo-q4_0", "mezo-f16", "bp-f32-lora", "bp-f32-lora-ckpt", "bp-bf16-lora-ckpt", "bp-q4_0-lora",
          "bp-q4_0-lora-ckpt", "bp-f32-full", "bp-bf16-full-ckpt"]
 MARKED_DEVICES = ["raspberry-pi-zero-2w", "android-4gb", "raspberry-pi-5-8gb", "laptop-16gb"]
@@ -78,4 +75,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_main(main))

@@ -9,6 +9,7 @@ load average before and after, so a figure measured under load can be told apart
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -111,6 +112,32 @@ def utc_now() -> str:
 # ---- fresh processes ------------------------------------------------------------------------------------------
 class ChildFailed(RuntimeError):
     pass
+
+
+# ---- the scripts' shared command-line layer ----
+def work_dir(text: str) -> Path:
+    """argparse type of a --work / --workdir option: a directory, created (with its parents) if missing."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_main(main: Callable[[], int | None]) -> int:
+    """A script's main() with the CLI's exit codes: a failed child command, an edgezo error or a file problem ends
+    in one line `bench/SCRIPT: error: ...` and exit 1 (no traceback), an interrupt in exit 130."""
+    from edgezo.files import EdgezoError
+
+    name = f"bench/{Path(sys.argv[0]).name}"
+    try:
+        return main() or 0
+    except (ChildFailed, EdgezoError, OSError) as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
 
 
 # Linux keeps ru_maxrss across fork and exec: a child starts with the high-water mark of the process that forked it

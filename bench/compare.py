@@ -213,7 +213,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default="all", help=f"comma-separated subset of {','.join(c.key for c in CONFIGS)} [all]")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per process [%(default)s]")
-    p.add_argument("--workdir", help="where the temporary run directories go [system temp]")
+    p.add_argument("--workdir", type=common.work_dir, help="where the temporary run directories go [system temp]")
     p.add_argument("--keep-runs", action="store_true", help="keep the run directories")
     p.add_argument("--quick", action="store_true", help="8 steps per configuration, 2 of them warm-up (< 10 min)")
     p.add_argument("--note", default="", help="free text stored with the result (e.g. 'measured under load')")
@@ -244,4 +244,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_main(main))

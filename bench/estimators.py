@@ -145,7 +145,7 @@ def render(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, required=True, help="directory of the runs (created; reused to continue)")
+    p.add_argument("--work", type=common.work_dir, required=True, help="directory of the runs (created; reused to continue)")
     p.add_argument("--only", help="comma-separated configuration names [all]: " + ", ".join(CONFIGS))
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--time-steps", type=int, default=0,
@@ -156,7 +156,6 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
-    args.work.mkdir(parents=True, exist_ok=True)
     machine = common.machine_info()
     runs = []
     for name in names:
@@ -172,4 +171,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_main(main))

@@ -89,12 +89,11 @@ def render(result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", type=Path, required=True, help="directory of the runs (created; reused to continue)")
+    p.add_argument("--work", type=common.work_dir, required=True, help="directory of the runs (created; reused to continue)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    args.work.mkdir(parents=True, exist_ok=True)
     machine = common.machine_info()
     rows = [run_range(name, args.work, args.steps, args.threads) for name in RANGES]
     result = {"benchmark": NAME, "time": common.utc_now(), "machine": machine, "steps": args.steps,
@@ -104,4 +103,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_main(main))

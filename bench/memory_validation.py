@@ -39,10 +39,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import cpu_model
+import common
+from common import RESULTS, ROOT, cpu_model
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 METHODS = ["inference", "mezo", "bp", "bp-ckpt", "bp-quant", "bp-quant-ckpt"]
 # A BP method with this suffix runs with --release-freed-memory (freed tensors returned to the kernel at once).
 RELEASE = "-release"
@@ -304,7 +303,8 @@ def repredict(args, work: Path) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work-dir", default="/tmp/edgezo-memory-validation", help="models, data and runs [%(default)s]")
+    p.add_argument("--work-dir", type=common.work_dir, default="/tmp/edgezo-memory-validation",
+                   help="models, data and runs [%(default)s]")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--models", default=",".join(MODELS))
@@ -315,7 +315,7 @@ def main() -> int:
     p.add_argument("--repredict", action="store_true",
                    help="keep the measurements of the latest rows in memory_validation.jsonl, predict them again")
     args = p.parse_args()
-    work = Path(args.work_dir)
+    work = args.work_dir
     if args.repredict:
         return repredict(args, work)
     (work / "home").mkdir(parents=True, exist_ok=True)
@@ -346,4 +346,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(common.run_main(main))

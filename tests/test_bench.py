@@ -470,3 +470,21 @@ def test_generative_compares_step_costs_and_test_gains_over_zero_shot(tmp_path):
     assert summary["exact_match_gain"]["mezo-reward"] == pytest.approx({"seen": 0.0, "unseen": -0.05})
     text = generative.render({"runs": runs, "summary": summary, "machine": MACHINE, "time": "t"})
     assert "costs 1.25x a step on the NLL" in text and "2.000 -> 1.500" in text and "0.75" in text
+
+
+def test_work_dir_is_created_and_a_file_is_refused(tmp_path):
+    assert common.work_dir(str(tmp_path / "a" / "b")).is_dir()
+    (tmp_path / "f").write_text("")
+    with pytest.raises(argparse.ArgumentTypeError, match="not a directory"):
+        common.work_dir(str(tmp_path / "f"))
+
+
+def test_run_main_turns_errors_into_one_line_and_exit_codes(capsys, tmp_path):
+    def child_failed():
+        raise common.ChildFailed("edgezo finetune failed (exit 1)")
+
+    assert common.run_main(child_failed) == 1
+    assert common.run_main(lambda: open(tmp_path / "missing")) == 1
+    assert common.run_main(lambda: None) == 0 and common.run_main(lambda: 3) == 3
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].endswith("error: edgezo finetune failed (exit 1)") and "missing" in lines[1]

@@ -1,4 +1,3 @@
-import json
 import sys
 from pathlib import Path
 
@@ -6,6 +5,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from helpers import write_jsonl  # noqa: E402
 from tiny_model import write_tiny_llama  # noqa: E402
 
 
@@ -19,11 +19,6 @@ def isolated_home(tmp_path, monkeypatch, request):
     """Each test gets its own empty $EDGEZO_HOME, except real-model tests, which share the user's cache."""
     if "real_model" not in request.keywords:
         monkeypatch.setenv("EDGEZO_HOME", str(tmp_path / "edgezo-home"))
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import edgezo
 from edgezo.adapter import LoraAdapter
 from edgezo.files import EdgezoError
-from test_cli import finetune_args, run_json
+from helpers import finetune_args, run_json
 
 README = Path(__file__).parent.parent / "README.md"
 

@@ -8,19 +8,7 @@ import pytest
 from edgezo.adapter import LoraAdapter
 from edgezo.cli import build_parser, command_line, main
 
-
-def run_json(capsys, argv) -> dict:
-    code = main(argv)
-    captured = capsys.readouterr()
-    out = captured.out.strip().splitlines()
-    assert code == 0, captured.err[-2000:]
-    return json.loads(out[-1])  # the last stdout line is one JSON object
-
-
-def finetune_args(model, data, out, steps, *extra):
-    return ["finetune", "--model", str(model), "--quant", "f32", "--data", str(data), "--out", str(out),
-            "--steps", str(steps), "--batch-size", "4", "--threads", "1", "--eval-every", "3", "--save-every", "2",
-            "--template", "{text}\nLabel:", "--learning-rate", "0.01", "--json", *extra]
+from helpers import finetune_args, run_json
 
 
 def test_finetune_writes_run_and_reports_json(tiny_gguf, sentiment_dir, tmp_path, capsys):

@@ -5,22 +5,7 @@ import pytest
 from edgezo.data import Format, batch_indices, build_examples, build_task, detect_format, read_jsonl, resolve_files
 from edgezo.files import EdgezoError
 
-from conftest import write_jsonl
-
-
-class CharTokenizer:
-    """One token per character (ord), ' good'/' bad' as single words: enough to test the data logic exactly."""
-
-    words = {" good": [1000], " bad": [1001], " so so": [1002, 1003]}
-
-    def tokenize(self, text, add_special):
-        if text in self.words:
-            return list(self.words[text])
-        return ([1] if add_special else []) + [ord(c) for c in text]
-
-    def apply_chat_template(self, messages, add_generation_prompt):
-        text = "".join(f"<{m['role']}>{m['content']}</>" for m in messages)
-        return text + ("<assistant>" if add_generation_prompt else "")
+from helpers import CharTokenizer, write_jsonl
 
 
 TOK = CharTokenizer()

@@ -23,7 +23,7 @@ from edgezo.adapter import LoraAdapter  # noqa: E402
 from edgezo.distributed import DistConfig, Group, adapter_sha256  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
 
-from test_cli import finetune_args, run_json  # noqa: E402
+from helpers import finetune_args, run_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import netns  # noqa: E402

@@ -8,34 +8,14 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info  # noqa: E402
+from edgezo.adapter import read_base_model_info  # noqa: E402
 from edgezo.cli import main  # noqa: E402
-from edgezo.data import Example, Format, Task  # noqa: E402
 from edgezo.engine import Engine, EngineConfig, Vocabulary  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
 from edgezo.objective import score  # noqa: E402
 from edgezo.reference import (BackpropStep, ReferenceConfig, TorchMezoStep, TorchScorer, batch_loss,  # noqa: E402
                               load_model, lora_parameters)
-
-LORA = LoraConfig(rank=4, alpha=8, targets=("attn_q", "attn_k", "attn_v", "ffn_down"))
-
-
-def trained_adapter(tiny_gguf, seed=0) -> LoraAdapter:
-    """An adapter with non-zero B, so the LoRA path changes the logits (a fresh adapter has B = 0)."""
-    adapter = LoraAdapter.init(read_base_model_info(tiny_gguf), LORA, seed=seed)
-    rng = np.random.default_rng(seed)
-    for name, t in adapter.tensors.items():
-        if name.endswith("lora_b"):
-            t[...] = rng.normal(0, 0.1, t.shape)
-    return adapter
-
-
-def classification_batch(vocab) -> tuple[list[Example], Task]:
-    good, bad = (vocab.tokenize(w, add_special=False)[0] for w in (" good", " bad"))
-    task = Task(format=Format.CLASSIFICATION, labels=("bad", "good"), label_token_ids=(bad, good))
-    texts = ["a fine movie\nLabel:", "an awful, dull and boring movie of some length\nLabel:", "weak\nLabel:"]
-    batch = [Example(tuple(vocab.tokenize(t, add_special=True)), 0, label=i % 2) for i, t in enumerate(texts)]
-    return [Example(ex.tokens, len(ex.tokens), ex.label) for ex in batch], task
+from helpers import classification_batch, reference_args, trained_adapter  # noqa: E402
 
 
 @pytest.fixture
@@ -108,10 +88,7 @@ def test_only_lora_tensors_are_trainable(model_and_adapter):
     assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) == adapter.n_params
 
 
-def reference_args(tiny_gguf, sentiment_dir, out, *extra):
-    return ["--model", str(tiny_gguf), "--quant", "none", "--data", str(sentiment_dir), "--steps", "4",
-            "--batch-size", "4", "--eval-every", "2", "--targets", "attn_q,attn_v", "--rank", "4",
-            "--out", str(out), "--json", *extra]
+
 
 
 def test_reference_time_limit_ends_the_run_validated(tiny_gguf, sentiment_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import write_jsonl
+from helpers import write_jsonl
 
 from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
 from edgezo.cli import main

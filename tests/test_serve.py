@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from test_cli import finetune_args, run_json
+from helpers import finetune_args, run_json
 
 for module in ("fastapi", "uvicorn", "sse_starlette", "starlette_context"):
     pytest.importorskip(module)

@@ -1,6 +1,7 @@
 """What several test modules use: CLI runners and argument lists, small data writers, a character tokenizer, and the
 torch reference's adapter and batch (torch-free, so core-only tests can import this module)."""
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,30 @@ def finetune_args(model, data, out, steps, *extra):
     return ["finetune", "--model", str(model), "--quant", "f32", "--data", str(data), "--out", str(out),
             "--steps", str(steps), "--batch-size", "4", "--threads", "1", "--eval-every", "3", "--save-every", "2",
             "--template", "{text}\nLabel:", "--learning-rate", "0.01", "--json", *extra]
+
+
+# `python -m edgezo.cli ARGV` that SIGKILLs itself as its KILL_AT-th training step begins (counted in this process;
+# the trainer draws each step's batch first): a crash at a chosen step, with no poll loop racing a fast machine.
+_DYING_CLI = """
+import os, signal, sys
+from edgezo import trainer
+from edgezo.cli import main
+
+kill_at, batch_indices, started = int(sys.argv[1]), trainer.batch_indices, []
+
+def dying_batch_indices(*args, **kwargs):
+    started.append(None)
+    if len(started) == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return batch_indices(*args, **kwargs)
+
+trainer.batch_indices = dying_batch_indices
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def dying_cli(kill_at_step: int, argv) -> list[str]:
+    return [sys.executable, "-c", _DYING_CLI, str(kill_at_step), *map(str, argv)]
 
 
 def write_jsonl(path: Path, records) -> Path:

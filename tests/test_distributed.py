@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from edgezo.adapter import LoraAdapter  # noqa: E402
 from edgezo.distributed import DistConfig, Group, adapter_sha256  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
 
-from helpers import finetune_args, run_json  # noqa: E402
+from helpers import dying_cli, finetune_args, run_json  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import netns  # noqa: E402
@@ -35,14 +34,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_ranks(argvs, logs):
-    """One `python -m edgezo.cli` per argv, as torchrun would start them; stdout/stderr to files in `logs`."""
+def start_ranks(argvs, logs, commands=None):
+    """One `python -m edgezo.cli` per argv (or the given command, where not None), as torchrun would start them;
+    stdout/stderr to files in `logs`."""
     port, procs = free_port(), []
-    for rank, argv in enumerate(argvs):
+    for rank, (argv, command) in enumerate(zip(argvs, commands or [None] * len(argvs))):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(len(argvs)), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port)}
         with open(logs / f"rank{rank}.out", "w") as out, open(logs / f"rank{rank}.err", "w") as err:
-            procs.append(subprocess.Popen([sys.executable, "-m", "edgezo.cli", *argv], env=env, stdout=out, stderr=err))
+            procs.append(subprocess.Popen(command or [sys.executable, "-m", "edgezo.cli", *argv], env=env, stdout=out,
+                                          stderr=err))
     return procs
 
 
@@ -111,24 +112,19 @@ def test_direction_parallel_is_bit_identical_to_one_worker_with_n_directions(tin
     assert two["valid_loss"] == one["valid_loss"]  # the sharded validation adds up to the same totals
 
 
+KILL_AT = 4  # rank 1 SIGKILLs itself as this step begins
+
+
 def test_a_dead_rank_stops_the_other_with_a_checkpoint_and_the_restart_is_exact(tiny_gguf, sentiment_dir, tmp_path, capsys):
     run = tmp_path / "run"
     argv = finetune_args(tiny_gguf, sentiment_dir, run, 2000, "--eval-every", "0", "--save-every", "1000")
-    procs = start_ranks([argv, argv], tmp_path)
-    deadline = time.time() + 60
-    while time.time() < deadline and procs[0].poll() is None:
-        if (run / "metrics.jsonl").exists() and len(step_lines(run)) >= 3:
-            procs[1].send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
+    procs = start_ranks([argv, argv], tmp_path, commands=[None, dying_cli(KILL_AT, argv)])  # rank 1 dies at step 4
     codes, _, errors = finish(procs, tmp_path)
     assert codes == [130, -signal.SIGKILL], errors[0][-2000:]
     assert "lost contact with another rank after step" in errors[0] and "continue with --resume" in errors[0]
     state = json.loads((run / "state.json").read_text())
     done = state["step"]
-    assert done == len(step_lines(run)) >= 3  # the checkpoint is the last completed step
-    if done >= 12:
-        pytest.skip("the machine ran too many steps before the kill landed")
+    assert done == len(step_lines(run)) == KILL_AT - 1  # the checkpoint is the last step both ranks completed
     # The restarted rank 1 comes back with nothing (an empty --out, as on a new machine): it rebuilds the
     # adapter from the seed init and the step log that rank 0 sends, no weights.
     argvs = [finetune_args(tiny_gguf, sentiment_dir, out, 12, "--resume") for out in (run, tmp_path / "empty")]

@@ -5,8 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,33 +14,24 @@ from edgezo.adapter import LoraAdapter
 from edgezo.cli import main
 from edgezo.files import EdgezoError, write_text_atomic
 
-from helpers import finetune_args, run_json
+from helpers import dying_cli, finetune_args, run_json
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_gguf, sentiment_dir, tmp_path, capsys):
     steps = 40
     argv = finetune_args(tiny_gguf, sentiment_dir, tmp_path / "killed", steps, "--save-every", "1")
-    kill_after = int(np.random.default_rng().integers(3, 30))  # a random step, different on every run
-    proc = subprocess.Popen([sys.executable, "-m", "edgezo.cli", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and sum('"loss"' in line for line in metrics.read_text().splitlines()) >= kill_after:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before it could be killed")  # machine too fast for the polling loop
+    kill_at = int(np.random.default_rng().integers(3, 30))  # a random step, different on every run
+    proc = subprocess.run(dying_cli(kill_at, argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
     assert proc.returncode == -signal.SIGKILL
     state = json.loads((tmp_path / "killed" / "state.json").read_text())
-    assert 0 < state["step"] < steps
+    assert state["step"] == kill_at - 1  # every step before the crash was checkpointed (--save-every 1)
     run_json(capsys, [*argv, "--resume"])
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "whole", steps, "--save-every", "1"))
     killed = LoraAdapter.load(tmp_path / "killed" / "adapter.gguf").tensors
     whole = LoraAdapter.load(tmp_path / "whole" / "adapter.gguf").tensors
     assert all(np.array_equal(killed[k], whole[k]) for k in whole)
-    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"loss"' in line]
+    metrics = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["step"] for line in metrics if '"loss"' in line]
     assert logged == list(range(1, steps + 1))
 
 

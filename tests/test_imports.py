@@ -35,6 +35,8 @@ def imported_names(module: str, path: Path, modules: dict[str, Path]) -> set[str
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parts, *([node.module] if node.module else [])])
             names |= {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names}
+            if node.level and base not in modules:
+                names.add(f"unresolved:{base}")  # a relative import of nothing (a module moved into a subpackage)
     return names
 
 
@@ -71,6 +73,12 @@ def test_no_import_cycle_between_modules():
     assert {"edgezo.cli", "edgezo.engine", "edgezo.convert.merge"} <= set(edges)  # the walk sees the package
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_every_relative_import_names_a_module_of_the_package():
+    _, imports = import_graph()
+    assert {m: sorted(n for n in names if n.startswith("unresolved:")) for m, names in imports.items()
+            if any(n.startswith("unresolved:") for n in names)} == {}
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -1,0 +1,84 @@
+"""What the command line shows: messages on stderr, the JSON result on stdout, progress lines."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def emit_json(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+class SayHandler(logging.Handler):
+    """Library log records to stderr through `say` (which finds sys.stderr at each call)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        say(f"edgezo: {record.getMessage()}")
+
+
+class ConsoleProgress:
+    """tqdm bar over training steps (loss, valid accuracy, s/step, RSS); evaluation shown on its own bar."""
+
+    def __init__(self, total_steps: int, start_step: int, desc: str = "finetune"):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", file=sys.stderr,
+                        dynamic_ncols=True)
+        self.eval_bar = None
+        self.postfix = {}
+
+    def __call__(self, event: dict) -> None:
+        kind = event["kind"]
+        if kind == "step":
+            self.postfix.update(loss=f"{event['loss']:.4f}", s_step=f"{event['seconds']:.2f}",
+                                rss=f"{event['rss_bytes'] / 2**20:.0f}MiB")
+            self.bar.set_postfix(self.postfix, refresh=False)
+            self.bar.update(1)
+        elif kind == "eval_start":
+            self.eval_bar = self._tqdm(total=event["n"], desc=f"  validate @{event['step']}", unit="ex",
+                                       file=sys.stderr, leave=False, dynamic_ncols=True)
+        elif kind == "eval_batch" and self.eval_bar is not None:
+            self.eval_bar.update(event["n"])
+        elif kind == "eval":
+            if self.eval_bar is not None:
+                self.eval_bar.close()
+            self.postfix["val_acc"] = f"{event['valid_accuracy']:.3f}"
+            self.bar.set_postfix(self.postfix)
+            generated = "".join(f", {key.removeprefix('valid_')} {event[key]:.4f}"
+                                for key in ("valid_exact_match", "valid_reward") if key in event)
+            self.bar.write(f"step {event['step']}: valid loss {event['valid_loss']:.4f}, "
+                           f"accuracy {event['valid_accuracy']:.4f}{generated} ({event['n_valid']} examples)",
+                           file=sys.stderr)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class TensorProgress:
+    """A tqdm bar for the converters' progress(done, total, ...) callbacks."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __call__(self, done: int, total: int, *rest) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

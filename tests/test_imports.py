@@ -95,3 +95,10 @@ def test_only_the_engine_imports_llama_cpp_and_only_the_torch_extra_imports_torc
     torch = {m for m, names in imports.items() if any(n.split(".")[0] in TORCH_LIBRARIES for n in names)}
     assert torch <= TORCH_EXTRA, sorted(torch - TORCH_EXTRA)
     assert "llama_cpp" in llama["edgezo.engine"]
+
+
+def test_the_library_does_not_import_the_command_line():
+    """edgezo.cli is a layer on the library; only edgezo.api (which runs its commands from Python) may import it."""
+    edges, _ = import_graph()
+    users = {m for m, targets in edges.items() if any(t == "edgezo.cli" or t.startswith("edgezo.cli.") for t in targets)}
+    assert {m for m in users if not m.startswith("edgezo.cli")} == {"edgezo.api"}

@@ -11,7 +11,7 @@ LLAMA_CPP_IMPORTERS = {  # module -> the part of llama_cpp it may import
 }
 # The torch extra: the BP reference, BP on quantized blocks, distributed MeZO (torch.distributed), the HF side of
 # conversion, and tensorboard's writer when tensorboardX is missing. Nothing else may import them.
-TORCH_EXTRA = {"edgezo.reference", "edgezo.quant_torch", "edgezo.distributed", "edgezo.report",
+TORCH_EXTRA = {"edgezo.reference", "edgezo.quant_torch", "edgezo.distributed.group", "edgezo.report",
                "edgezo.convert.peft", "edgezo.convert.tokenizer", "edgezo.convert.gguf_to_hf"}
 TORCH_LIBRARIES = ("torch", "transformers", "peft", "accelerate")
 

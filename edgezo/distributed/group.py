@@ -1,58 +1,34 @@
-"""MeZO across processes and machines on torch.distributed (gloo: TCP, CPU), exchanging seeds and scalars only.
-
-A MeZO update is (seeds, projected gradients, lr): every rank regenerates z from the seed and applies the same
-float32 update in the same order, so the replicas stay bit-identical without ever sending weights. Two modes:
-
-  data       every rank uses the step's seeds and scores its contiguous shard of the step's batch; the ranks
-             all-gather their loss sums (L+, L- per direction: 16 bytes) and each adds them in rank order, an
-             all-reduce whose summation order is fixed, so every rank computes the same projected gradient of the
-             whole batch. It equals one worker's up to float64 summation order and llama.cpp's batch-composition
-             effects (each rank decodes a batch of batch_size / W).
-  direction  every rank scores the whole step's batch along its own direction(s) k = rank * n + j; the ranks
-             all-gather (seed, L+, L-) (24 bytes per direction) and every rank applies all W * n updates in the
-             order of k: bit-identical to one worker with --n-directions W * n (same batch, same seeds).
-
-Start: a new run builds the adapter from the seed on every rank; on --resume every rank loads the checkpoint if
-its --out holds one of this run. A handshake compares digests of the configuration, the training data and the
-adapter; a rank that is behind (another machine, an older copy, or none: the seed init is step 0) catches up by
-replaying the step log that rank 0 sends (lr, seeds, projected gradients per step), again without weights.
-A dead rank: gloo raises at the next exchange (a closed connection at once, a hung peer after --peer-timeout);
-rank 0 saves a checkpoint at the last completed step and every survivor exits with code 130, like an interrupt.
-Only rank 0 writes the run directory. Payload bytes are counted per phase as the nbytes of the tensors a rank
-hands to gloo (its own contribution; with gloo's ring all-gather each rank also forwards W - 2 peers' payloads).
-"""
+"""The process group of a distributed run: identity, the handshake, the two step strategies (data- and
+direction-parallel) and sharded validation, over gloo collectives that count their bytes."""
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
-import hashlib
-import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 
-from .adapter import LoraAdapter
-from .data import Example, Task
-from .files import EdgezoError
-from .mezo import (MezoConfig, NonFiniteLoss, PerturbedParams, StepRecord, apply_update, direction_seed,
+from ..adapter import LoraAdapter
+from ..data import Example, Task
+from ..files import EdgezoError
+from ..mezo import (MezoConfig, NonFiniteLoss, PerturbedParams, StepRecord, apply_update, direction_seed,
                    learning_rate_at)
-from .objective import Totals, evaluate, score
-from .trainer import RunDir, TrainingInterrupted
+from ..objective import Totals, evaluate, score
+from ..trainer import RunDir, TrainingInterrupted
+from .catchup import adapter_sha256, read_step_log, replay
+
 
 MODES = ("data", "direction")
+
+
 STARTUP_TIMEOUT_S = 600  # rendezvous and handshake: a rank may still be fetching or tokenizing
+
+
 PHASES = ("setup", "join", "step", "eval", "end")
 
 
@@ -63,27 +39,6 @@ class PeerLost(TrainingInterrupted):
 def launched() -> bool:
     """True in a rank process: started by torchrun or by launch_local (both set RANK and WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def adapter_sha256(adapter: LoraAdapter) -> str:
-    """sha256 over the adapter's tensors (names, shapes, float32 bytes, in order): the replica identity."""
-    h = hashlib.sha256()
-    for name, t in adapter.tensors.items():
-        h.update(f"{name}{t.shape}".encode())
-        h.update(np.ascontiguousarray(t, dtype=np.float32).tobytes())
-    return h.hexdigest()
-
-
-RANK_LOCAL = {"model", "model_path", "data", "threads"}  # may differ between machines (paths, cores)
-
-
-def run_digest(config: dict, train_set: Sequence[Example]) -> str:
-    """What every rank must share: the configuration (less local paths and threads) and the training tokens."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in RANK_LOCAL}, sort_keys=True).encode())
-    for ex in train_set:
-        h.update(np.asarray(ex.tokens, dtype=np.int64).tobytes())
-        h.update(f"|{ex.label}|{getattr(ex, 'target_start', '')}|{getattr(ex, 'target_spans', '')};".encode())
-    return h.hexdigest()
 
 
 # ---- the exchanges -------------------------------------------------------------------------------------------
@@ -375,132 +330,3 @@ def _record(record: StepRecord, seed: int, loss_plus: float, loss_minus: float, 
     record.projected_grads.append((loss_plus - loss_minus) / (2.0 * mezo.eps))  # mezo_step's expression
     record.losses_plus.append(loss_plus)
     record.losses_minus.append(loss_minus)
-
-
-# ---- the step log: what a late rank replays --------------------------------------------------------------------
-def read_step_log(run: RunDir, first: int, target: int, n_dir: int) -> np.ndarray:
-    """Rows (lr, seeds..., projected_grads...) of steps first+1..target from the run's metrics.jsonl."""
-    found = {}
-    if run.metrics.exists():
-        for line in run.metrics.read_text().splitlines():
-            event = json.loads(line) if line else {}
-            if "loss" in event and first < event["step"] <= target and len(event["seeds"]) == n_dir:
-                found[event["step"]] = [event["lr"], *event["seeds"], *event["projected_grads"]]
-    missing = [s for s in range(first + 1, target + 1) if s not in found]
-    if missing:
-        raise EdgezoError(f"{run.metrics}: the step log lacks steps {missing[0]}..{missing[-1]} "
-                          f"({len(missing)} of {target - first}), so a rank cannot catch up to step {target}")
-    return np.array([found[s] for s in range(first + 1, target + 1)], dtype=np.float64)
-
-
-def replay(adapter: LoraAdapter, rows: np.ndarray, first: int, mezo: MezoConfig) -> None:
-    """Apply the logged updates of steps first+1.. in order: bit-identical to training (float32, same order)."""
-    for i, row in enumerate(rows):
-        n_dir = (len(row) - 1) // 2
-        apply_update(adapter.tensors, StepRecord(step=first + i, lr=float(row[0]),
-                                                 seeds=[int(s) for s in row[1:1 + n_dir]],
-                                                 projected_grads=[float(g) for g in row[1 + n_dir:]]), mezo)
-
-
-# ---- ranks > 0 -------------------------------------------------------------------------------------------------
-def local_state(run: RunDir, config: dict, base, fresh: Callable[[], LoraAdapter]) -> tuple[LoraAdapter, int]:
-    """A replica's starting point: the checkpoint in its --out if that holds this run (on one machine: rank 0's),
-    else the seed init at step 0; synchronize() brings it to rank 0's step."""
-    def essentials(c: dict) -> str:  # what --resume may not change (steps, eval and save intervals may)
-        train = {k: c.get("train", {}).get(k) for k in ("seed", "batch_size", "n_valid")}
-        return run_digest({**c, "train": train}, [])
-
-    try:
-        if essentials(json.loads(run.config.read_text())) == essentials(config):
-            return run.load_checkpoint(base)
-    except (OSError, ValueError, EdgezoError):
-        pass
-    return fresh(), 0
-
-
-class ReplicaRun(RunDir):
-    """What train() needs of a run directory, on ranks > 0: rank 0 owns the real one. Metrics go to /dev/null,
-    checkpoints are skipped, and the final adapter goes to a scratch directory (removed by the caller)."""
-
-    def __init__(self):
-        super().__init__(tempfile.mkdtemp(prefix="edgezo-replica-"))
-        self.metrics = Path(os.devnull)
-
-    def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
-        pass
-
-    def save_best(self, adapter: LoraAdapter) -> None:
-        pass
-
-    def train_seconds_at(self, step: int) -> float:
-        return 0.0
-
-    def remove(self) -> None:
-        self.adapter.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):
-            self.path.rmdir()
-
-
-# ---- edgezo finetune --workers N: N local ranks of the same command ----------------------------------------------
-def launch_local(args: argparse.Namespace, argv: list[str], log: Callable[[str], None]) -> tuple[dict, str]:
-    """Start args.workers rank processes on 127.0.0.1, each `edgezo <argv>` (the command's own flags) with --threads
-    // N threads (at least 1) and RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT set as torchrun sets them; wait for
-    them and return rank 0's result. SIGINT / SIGTERM are forwarded as SIGTERM: every rank stops cleanly."""
-    from . import store
-
-    n = args.workers
-    Group(DistConfig(args.parallel, args.peer_timeout), 0, n).engine_batch_size(args.batch_size)  # once, not N times
-    threads = max(1, (args.threads or os.cpu_count() or 1) // n)
-    store.resolve_model(args.model, args.quant, log=log)  # fetch / requantize once, before the ranks look for it
-    port = _free_port()
-    command = [sys.executable, "-m", "edgezo.cli", *argv, "--threads", str(threads), "--json"]
-    log(f"{n} local ranks ({args.parallel}-parallel, {threads} thread(s) each), process group on 127.0.0.1:{port}")
-    with tempfile.TemporaryFile("w+") as out:
-        procs = []
-        for rank in range(n):
-            env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            procs.append(subprocess.Popen(command, env=env,
-                                          stdout=out if rank == 0 else subprocess.DEVNULL, start_new_session=True))
-        with _forward_stop_signals(procs):
-            codes = [p.wait() for p in procs]
-        out.seek(0)
-        lines = [line for line in out.read().splitlines() if line.strip()]
-    if all(code == 0 for code in codes) and lines:
-        result = json.loads(lines[-1])
-        result["threads_per_worker"] = threads
-        return result, (f"adapter: {result['adapter']}  final loss {result['final_loss']:.4f}  "
-                        f"{n} workers, {result['bytes_per_step_per_worker']:.0f} bytes per step per worker, "
-                        f"replicas {'identical' if result['replicas_identical'] else 'DIFFER'}")
-    causes = [f"rank {r} " + (f"was killed by signal {-c}" if c < 0 else "stopped" if c == 130 else f"failed (exit {c})")
-              for r, c in enumerate(codes) if c != 0]
-    if any(c not in (0, 130) and c > 0 for c in codes):
-        raise EdgezoError("; ".join(causes) + " (the ranks' errors are above)")
-    state = RunDir(args.out).state
-    where = (f"{args.out} holds the checkpoint of step {json.loads(state.read_text())['step']}" if state.exists()
-             else f"{args.out} holds no checkpoint yet")
-    raise TrainingInterrupted("; ".join(causes) + f"; {where}, continue with --resume")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def _forward_stop_signals(procs: list[subprocess.Popen]):
-    def forward(signum, frame):
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-
-    try:
-        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: no handlers, the ranks are still stopped by their own signals
-        previous = {}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)

@@ -1,0 +1,105 @@
+"""What a rank starts from: its own checkpoint or the seed init, caught up by replaying the step log; rank > 0
+writes nothing (ReplicaRun)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..adapter import LoraAdapter
+from ..data import Example
+from ..files import EdgezoError
+from ..mezo import (MezoConfig, StepRecord, apply_update)
+from ..trainer import RunDir
+
+
+def adapter_sha256(adapter: LoraAdapter) -> str:
+    """sha256 over the adapter's tensors (names, shapes, float32 bytes, in order): the replica identity."""
+    h = hashlib.sha256()
+    for name, t in adapter.tensors.items():
+        h.update(f"{name}{t.shape}".encode())
+        h.update(np.ascontiguousarray(t, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+RANK_LOCAL = {"model", "model_path", "data", "threads"}  # may differ between machines (paths, cores)
+
+
+def run_digest(config: dict, train_set: Sequence[Example]) -> str:
+    """What every rank must share: the configuration (less local paths and threads) and the training tokens."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in RANK_LOCAL}, sort_keys=True).encode())
+    for ex in train_set:
+        h.update(np.asarray(ex.tokens, dtype=np.int64).tobytes())
+        h.update(f"|{ex.label}|{getattr(ex, 'target_start', '')}|{getattr(ex, 'target_spans', '')};".encode())
+    return h.hexdigest()
+
+
+# ---- the step log: what a late rank replays --------------------------------------------------------------------
+def read_step_log(run: RunDir, first: int, target: int, n_dir: int) -> np.ndarray:
+    """Rows (lr, seeds..., projected_grads...) of steps first+1..target from the run's metrics.jsonl."""
+    found = {}
+    if run.metrics.exists():
+        for line in run.metrics.read_text().splitlines():
+            event = json.loads(line) if line else {}
+            if "loss" in event and first < event["step"] <= target and len(event["seeds"]) == n_dir:
+                found[event["step"]] = [event["lr"], *event["seeds"], *event["projected_grads"]]
+    missing = [s for s in range(first + 1, target + 1) if s not in found]
+    if missing:
+        raise EdgezoError(f"{run.metrics}: the step log lacks steps {missing[0]}..{missing[-1]} "
+                          f"({len(missing)} of {target - first}), so a rank cannot catch up to step {target}")
+    return np.array([found[s] for s in range(first + 1, target + 1)], dtype=np.float64)
+
+
+def replay(adapter: LoraAdapter, rows: np.ndarray, first: int, mezo: MezoConfig) -> None:
+    """Apply the logged updates of steps first+1.. in order: bit-identical to training (float32, same order)."""
+    for i, row in enumerate(rows):
+        n_dir = (len(row) - 1) // 2
+        apply_update(adapter.tensors, StepRecord(step=first + i, lr=float(row[0]),
+                                                 seeds=[int(s) for s in row[1:1 + n_dir]],
+                                                 projected_grads=[float(g) for g in row[1 + n_dir:]]), mezo)
+
+
+# ---- ranks > 0 -------------------------------------------------------------------------------------------------
+def local_state(run: RunDir, config: dict, base, fresh: Callable[[], LoraAdapter]) -> tuple[LoraAdapter, int]:
+    """A replica's starting point: the checkpoint in its --out if that holds this run (on one machine: rank 0's),
+    else the seed init at step 0; synchronize() brings it to rank 0's step."""
+    def essentials(c: dict) -> str:  # what --resume may not change (steps, eval and save intervals may)
+        train = {k: c.get("train", {}).get(k) for k in ("seed", "batch_size", "n_valid")}
+        return run_digest({**c, "train": train}, [])
+
+    try:
+        if essentials(json.loads(run.config.read_text())) == essentials(config):
+            return run.load_checkpoint(base)
+    except (OSError, ValueError, EdgezoError):
+        pass
+    return fresh(), 0
+
+
+class ReplicaRun(RunDir):
+    """What train() needs of a run directory, on ranks > 0: rank 0 owns the real one. Metrics go to /dev/null,
+    checkpoints are skipped, and the final adapter goes to a scratch directory (removed by the caller)."""
+
+    def __init__(self):
+        super().__init__(tempfile.mkdtemp(prefix="edgezo-replica-"))
+        self.metrics = Path(os.devnull)
+
+    def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
+        pass
+
+    def save_best(self, adapter: LoraAdapter) -> None:
+        pass
+
+    def train_seconds_at(self, step: int) -> float:
+        return 0.0
+
+    def remove(self) -> None:
+        self.adapter.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.path.rmdir()

@@ -10,7 +10,6 @@ a comma-separated list (`targets=["attn_q", "attn_v"]`) and a dict for `label_wo
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -38,7 +37,9 @@ class FinetuneResult:
 
     def metrics(self) -> list[dict]:
         """The run's metrics.jsonl: one dict per step and per evaluation."""
-        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+        from .rundir import RunDir
+
+        return RunDir(self.run_dir).events()
 
     def plot(self, output: str | Path | None = None):
         """Training curves (the plot extra); written to `output` (default RUN/curves.png). Returns the Figure."""

@@ -11,13 +11,13 @@ a notebook can find a run's data in the returned Figure.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .files import EdgezoError, atomic_path
+from .rundir import RunDir
 
 PANELS = (("train_loss", "training loss"), ("valid_loss", "validation loss"), ("valid_accuracy", "validation accuracy"))
 X_AXES = (("step", "step"), ("train_seconds", "training wall-clock (s, evaluations excluded)"))
@@ -39,13 +39,7 @@ def read_curves(run_dir: str | os.PathLike, label: str | None = None) -> RunCurv
     if not path.is_file():
         raise EdgezoError(f"{run_dir}: no metrics.jsonl (not a run directory of finetune / reference-*)")
     curves = RunCurves(label or str(Path(run_dir)))  # the path as the user wrote it: unique among the runs
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            event = json.loads(line)
-        except ValueError:
-            raise EdgezoError(f"{path}:{n}: not JSON") from None
+    for event in RunDir(run_dir).events():
         if "valid_loss" in event:
             curves.evals.append(event)
         elif "loss" in event:

@@ -37,7 +37,8 @@ from .files import EdgezoError, current_rss_bytes, map_large_allocations, peak_r
 from .formats import QUANTIZED_BASES, check_base_file
 from .mezo import MezoConfig, direction_seed, learning_rate_at
 from .objective import Totals, evaluate
-from .trainer import RunDir, TrainingInterrupted, TrainResult, stop_requests
+from .rundir import RunDir
+from .trainer import TrainingInterrupted, TrainResult, stop_requests
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = ("bp", "mezo")

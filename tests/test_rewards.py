@@ -244,7 +244,7 @@ def test_python_api_evaluate_returns_the_generation_metrics(tiny_gguf, completio
 
 
 def test_the_best_evaluation_is_the_highest_reward_or_the_lowest_loss(tmp_path):
-    from edgezo.trainer import RunDir
+    from edgezo.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     run.create()

@@ -18,7 +18,8 @@ from ..files import EdgezoError, write_json_atomic
 from ..formats import check_base_file
 from ..memory import torch_method
 from ..mezo import Estimator, MezoConfig
-from ..trainer import RunDir, TrainConfig
+from ..rundir import RunDir
+from ..trainer import TrainConfig
 from .generate import generation_metrics
 from .output import ConsoleProgress, say
 from .parser import command_line
@@ -281,8 +282,7 @@ def cmd_reference(args) -> tuple[dict, str]:
         result = reference.train_reference(spec, config, train_cfg, run, callback=progress, log=say)
     finally:
         progress.close()
-    step_seconds = [json.loads(line)["seconds"] for line in run.metrics.read_text().splitlines()
-                    if "seconds" in json.loads(line)]
+    step_seconds = [event["seconds"] for event in run.events() if "seconds" in event]
     summary = {"adapter": str(result.adapter_path), "steps": result.steps, "final_loss": result.final_loss,
                "seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
                "median_step_seconds": float(np.median(step_seconds)) if step_seconds else None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .. import store
 from ..formats import check_base_file
 from ..memory import TORCH_METHODS, torch_method
-from ..trainer import RunDir
+from ..rundir import RunDir
 from .finetune import cmd_finetune
 from .generate import cmd_eval
 from .output import say

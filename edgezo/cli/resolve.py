@@ -12,7 +12,7 @@ from ..adapter import LoraConfig, read_base_model_info
 from ..data import Task, build_examples, build_task, read_jsonl
 from ..files import EdgezoError
 from ..memory import TORCH_METHODS
-from ..trainer import RunDir
+from ..rundir import RunDir
 from .output import say
 
 

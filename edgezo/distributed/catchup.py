@@ -17,7 +17,7 @@ from ..adapter import LoraAdapter
 from ..data import Example
 from ..files import EdgezoError
 from ..mezo import (MezoConfig, StepRecord, apply_update)
-from ..trainer import RunDir
+from ..rundir import RunDir
 
 
 def adapter_sha256(adapter: LoraAdapter) -> str:
@@ -45,11 +45,9 @@ def run_digest(config: dict, train_set: Sequence[Example]) -> str:
 def read_step_log(run: RunDir, first: int, target: int, n_dir: int) -> np.ndarray:
     """Rows (lr, seeds..., projected_grads...) of steps first+1..target from the run's metrics.jsonl."""
     found = {}
-    if run.metrics.exists():
-        for line in run.metrics.read_text().splitlines():
-            event = json.loads(line) if line else {}
-            if "loss" in event and first < event["step"] <= target and len(event["seeds"]) == n_dir:
-                found[event["step"]] = [event["lr"], *event["seeds"], *event["projected_grads"]]
+    for event in run.events():
+        if "loss" in event and first < event["step"] <= target and len(event["seeds"]) == n_dir:
+            found[event["step"]] = [event["lr"], *event["seeds"], *event["projected_grads"]]
     missing = [s for s in range(first + 1, target + 1) if s not in found]
     if missing:
         raise EdgezoError(f"{run.metrics}: the step log lacks steps {missing[0]}..{missing[-1]} "

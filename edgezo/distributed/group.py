@@ -19,7 +19,8 @@ from ..files import EdgezoError
 from ..mezo import (MezoConfig, NonFiniteLoss, PerturbedParams, StepRecord, apply_update, direction_seed,
                    learning_rate_at)
 from ..objective import Totals, evaluate, score
-from ..trainer import RunDir, TrainingInterrupted
+from ..rundir import RunDir
+from ..trainer import TrainingInterrupted
 from .catchup import adapter_sha256, read_step_log, replay
 
 

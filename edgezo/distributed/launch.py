@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 
 from ..files import EdgezoError
-from ..trainer import RunDir, TrainingInterrupted
+from ..rundir import RunDir
+from ..trainer import TrainingInterrupted
 from .group import DistConfig, Group
 
 

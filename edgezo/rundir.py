@@ -1,0 +1,117 @@
+"""A run directory: its files, written atomically, and the readers of its metrics log.
+
+It holds
+    config.json        the resolved configuration (written once; --resume refuses if it would change)
+    metrics.jsonl      one line per step {step, seeds, projected_grads, losses, lr, seconds, train_seconds, rss_bytes}
+                       and per evaluation {step, valid_loss, valid_accuracy, train_seconds}: the step lines replay
+                       the run; train_seconds is cumulative wall-clock of training steps (evaluations excluded)
+    checkpoint-NNNNNN.gguf  the adapter after step NNNNNN: written first, then state.json points at it, then
+                       the previous checkpoint is removed, so a kill at any instant leaves a consistent pair
+    state.json         {step, checkpoint, sha256}: the last consistent checkpoint
+    adapter.gguf       the final adapter (GGUF LoRA, loadable by llama.cpp --lora)
+    adapter.best.gguf  the adapter at the evaluation with the lowest validation loss so far (with a validation split)
+Direction seeds and batch order are pure functions of (seed, step), so the checkpoint needs no RNG state.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .adapter import LoraAdapter
+from .files import EdgezoError, sha256_file, write_json_atomic, write_text_atomic
+
+BEST_BY = {"valid_loss": 1.0, "valid_reward": -1.0}  # the sign that makes lower better
+
+
+def is_better(event: dict, best: dict | None, key: str) -> bool:
+    """Whether evaluation `event` beats `best` on `key` (the earlier one wins a tie)."""
+    return best is None or BEST_BY[key] * event[key] < BEST_BY[key] * best[key]
+
+
+class RunDir:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.config = self.path / "config.json"
+        self.metrics = self.path / "metrics.jsonl"
+        self.state = self.path / "state.json"
+        self.adapter = self.path / "adapter.gguf"
+        self.best = self.path / "adapter.best.gguf"
+
+    def create(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EdgezoError(f"cannot create the run directory {self.path}: {exc.strerror or exc}") from None
+
+    def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
+        path = self.path / f"checkpoint-{step:06d}.gguf"
+        adapter.save(path)
+        write_json_atomic(self.state, {"step": step, "checkpoint": path.name, "sha256": sha256_file(path)})
+        # Only now is the previous checkpoint no longer needed; also drop temp files of a write a kill cut short.
+        for old in [*self.path.glob("checkpoint-*.gguf"), *self.path.glob(".checkpoint-*.tmp")]:
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def _state(self) -> dict:
+        try:
+            state = json.loads(self.state.read_text())
+            return {"step": int(state["step"]), "checkpoint": str(state["checkpoint"]), "sha256": str(state["sha256"])}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise EdgezoError(f"{self.state}: corrupted or missing checkpoint state ({exc})") from None
+
+    @property
+    def checkpoint(self) -> Path:
+        """The checkpoint state.json points at (state.json itself if there is none yet, for messages)."""
+        try:
+            return self.path / self._state()["checkpoint"]
+        except EdgezoError:
+            return self.state
+
+    def load_checkpoint(self, base_info) -> tuple[LoraAdapter, int]:
+        state = self._state()
+        path = self.path / state["checkpoint"]
+        if not path.exists() or sha256_file(path) != state["sha256"]:
+            raise EdgezoError(f"{path}: checkpoint missing or does not match {self.state.name} (corrupted)")
+        return LoraAdapter.load(path, base_info), state["step"]
+
+    def save_best(self, adapter: LoraAdapter) -> None:
+        adapter.save(self.best)
+
+    def best_eval(self, up_to_step: int, key: str = "valid_loss") -> dict | None:
+        """The logged evaluation best on `key` (see BEST_BY) at or before `up_to_step` (the first on a tie), if
+        adapter.best.gguf holds it; None for a new run or one from before best adapters were kept."""
+        if not self.metrics.exists() or not self.best.exists():
+            return None
+        best = None
+        for event in self.events():
+            if key in event and event["step"] <= up_to_step and is_better(event, best, key):
+                best = event
+        return best
+
+    def train_seconds_at(self, step: int) -> float:
+        """Cumulative training seconds logged up to `step` (0.0 for a new run), so a resumed run's clock continues."""
+        if not self.metrics.exists():
+            return 0.0
+        return max((e.get("train_seconds", 0.0) for e in self.events() if e["step"] <= step), default=0.0)
+
+    def events(self) -> list[dict]:
+        """metrics.jsonl, one dict per step and per evaluation ([] before the first); a line that is not JSON is an
+        error naming it."""
+        if not self.metrics.exists():
+            return []
+        events = []
+        for n, line in enumerate(self.metrics.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    raise EdgezoError(f"{self.metrics}:{n}: not JSON") from None
+        return events
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop log lines of steps after the checkpoint (they will be recomputed identically)."""
+        if not self.metrics.exists():
+            return
+        keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+        write_text_atomic(self.metrics, "".join(line + "\n" for line in keep))

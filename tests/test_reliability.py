@@ -183,3 +183,16 @@ def test_rss_does_not_grow_over_2000_steps(tiny_gguf, sentiment_dir, tmp_path, c
     rss = {r["step"]: r["rss_bytes"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
            if "rss_bytes" in r}
     assert rss[2000] < 1.01 * rss[200], (rss[200], rss[2000])
+
+
+def test_the_metrics_log_reader_skips_blank_lines_and_names_a_broken_one(tmp_path):
+    from edgezo.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    assert run.events() == []  # no log yet
+    run.create()
+    run.metrics.write_text('{"step": 1, "loss": 0.5}\n\n{"step": 2, "valid_loss": 0.4}\n')
+    assert [e["step"] for e in run.events()] == [1, 2]
+    run.metrics.write_text('{"step": 1, "loss": 0.5}\n\n{"step": 2, "lo')  # a write cut short
+    with pytest.raises(EdgezoError, match=r"metrics.jsonl:3: not JSON"):
+        run.events()

@@ -98,20 +98,30 @@ class RunDir:
     def events(self) -> list[dict]:
         """metrics.jsonl, one dict per step and per evaluation ([] before the first); a line that is not JSON is an
         error naming it."""
+        return [event for _, event in self._lines()]
+
+    def _lines(self, torn_tail_ok: bool = False) -> list[tuple[str, dict]]:
+        """(line, event) pairs; with torn_tail_ok a last line that is not JSON (an append a kill cut short) is left
+        out instead of being an error."""
         if not self.metrics.exists():
             return []
-        events = []
-        for n, line in enumerate(self.metrics.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    raise EdgezoError(f"{self.metrics}:{n}: not JSON") from None
-        return events
+        lines = self.metrics.read_text().splitlines()
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+        pairs = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                pairs.append((line, json.loads(line)))
+            except ValueError:
+                if torn_tail_ok and i == last:
+                    break
+                raise EdgezoError(f"{self.metrics}:{i + 1}: not JSON") from None
+        return pairs
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop log lines of steps after the checkpoint (they will be recomputed identically)."""
-        if not self.metrics.exists():
-            return
-        keep = [line for line in self.metrics.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-        write_text_atomic(self.metrics, "".join(line + "\n" for line in keep))
+        """Drop log lines of steps after the checkpoint (they will be recomputed identically), and a last line a kill
+        cut short."""
+        keep = [line for line, event in self._lines(torn_tail_ok=True) if event["step"] <= after_step]
+        if self.metrics.exists():
+            write_text_atomic(self.metrics, "".join(line + "\n" for line in keep))

@@ -196,3 +196,8 @@ def test_the_metrics_log_reader_skips_blank_lines_and_names_a_broken_one(tmp_pat
     run.metrics.write_text('{"step": 1, "loss": 0.5}\n\n{"step": 2, "lo')  # a write cut short
     with pytest.raises(EdgezoError, match=r"metrics.jsonl:3: not JSON"):
         run.events()
+    run.truncate_metrics(after_step=1)  # on resume: the torn last line goes with the steps after the checkpoint
+    assert run.metrics.read_text() == '{"step": 1, "loss": 0.5}\n'
+    run.metrics.write_text('{"st\n{"step": 2, "loss": 0.4}\n')  # a broken line that is not the last stays an error
+    with pytest.raises(EdgezoError, match=r"metrics.jsonl:1: not JSON"):
+        run.truncate_metrics(after_step=2)

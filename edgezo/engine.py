@@ -686,8 +686,8 @@ class SplitEngine(Engine):
     """An Engine for an adapter on blocks [a, L) that runs only those blocks per evaluation.
 
     The prefix (this Engine, on split.split_files' prefix GGUF, capture_block=a) embeds each batch and runs blocks
-    [0, a) once; the hidden states entering block a are kept for the last batch seen, so every perturbed evaluation of a MeZO
-    step on that batch runs only the suffix GGUF (blocks [a, L), norm, head), which holds the adapter under its
+    [0, a) once; the hidden states entering block a are kept for the last batch seen, so every perturbed evaluation
+    of a MeZO step on that batch runs only the suffix GGUF (blocks [a, L), norm, head), which holds the adapter under its
     renumbered block names. A batch seen a second time (the validation batches, from the second validation on)
     keeps its hidden states in memory, up to `cache_bytes`. Hidden states are only reused for the identical
     batch (llama.cpp's CPU kernels depend slightly on batch composition), so the logits are always exactly the

@@ -72,7 +72,7 @@ def _command_args(command: str, options: dict) -> argparse.Namespace:
 
     parser = build_parser()
     sub = subcommand_parser(parser, command)
-    known = {a.dest for a in sub._actions} - {"help", "config", "json", "func"}
+    known = {a.dest for a in sub._actions} - {"help", "config", "json"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"{command}() got unexpected keyword argument(s) {', '.join(unknown)}; "

@@ -35,17 +35,17 @@ class RunCurves:
 
 def read_curves(run_dir: str | os.PathLike, label: str | None = None) -> RunCurves:
     """A run directory's metrics.jsonl as curves; an error naming the file if it is missing or unreadable."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
         raise EdgezoError(f"{run_dir}: no metrics.jsonl (not a run directory of finetune / reference-*)")
     curves = RunCurves(label or str(Path(run_dir)))  # the path as the user wrote it: unique among the runs
-    for event in RunDir(run_dir).events():
+    for event in run.events():
         if "valid_loss" in event:
             curves.evals.append(event)
         elif "loss" in event:
             curves.steps.append(event)
     if not curves.steps and not curves.evals:
-        raise EdgezoError(f"{path}: no step or evaluation lines yet")
+        raise EdgezoError(f"{run.metrics}: no step or evaluation lines yet")
     return curves
 
 

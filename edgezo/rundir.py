@@ -81,7 +81,7 @@ class RunDir:
     def best_eval(self, up_to_step: int, key: str = "valid_loss") -> dict | None:
         """The logged evaluation best on `key` (see BEST_BY) at or before `up_to_step` (the first on a tie), if
         adapter.best.gguf holds it; None for a new run or one from before best adapters were kept."""
-        if not self.metrics.exists() or not self.best.exists():
+        if not self.best.exists():
             return None
         best = None
         for event in self.events():
@@ -91,8 +91,6 @@ class RunDir:
 
     def train_seconds_at(self, step: int) -> float:
         """Cumulative training seconds logged up to `step` (0.0 for a new run), so a resumed run's clock continues."""
-        if not self.metrics.exists():
-            return 0.0
         return max((e.get("train_seconds", 0.0) for e in self.events() if e["step"] <= step), default=0.0)
 
     def events(self) -> list[dict]:

@@ -322,8 +322,6 @@ def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
     return new[0]
 
 
-
-
 def _verify(path: Path, expected: str, shown: Path | None = None, cached: bool = True) -> None:
     actual = cached_sha256(path) if cached else sha256_file(path)
     if actual != expected:

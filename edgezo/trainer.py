@@ -19,7 +19,7 @@ import numpy as np
 
 from .adapter import LoraAdapter
 from .data import Example, Task, batch_indices
-from .files import (EdgezoError, current_rss_bytes, peak_rss_bytes)
+from .files import EdgezoError, current_rss_bytes, peak_rss_bytes
 from .mezo import MezoConfig, NonFiniteLoss, StepRecord, zo_step
 from .objective import Totals, evaluate, loss_function
 from .rewards import RewardError

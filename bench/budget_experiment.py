@@ -34,6 +34,8 @@ from pathlib import Path
 import common
 from common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, summary, table, utc_now
 
+from edgezo.rundir import RunDir  # after common, which puts this checkout on the path
+
 NAME = "budget_experiment"
 TITLE = "The paper's experiment: MeZO on a bigger model vs the best BP on the biggest that fits, one memory budget"
 EDGEZO = [sys.executable, "-m", "edgezo.cli"]
@@ -127,7 +129,7 @@ def train(name: str, command: str, model: str, steps: int, eval_every: int, budg
     print(f"== {name}: {' '.join(cmd[2:])}" + (f" (resuming from step {resumed_from})" if resumed_from else ""),
           file=sys.stderr, flush=True)
     result = run_json(cmd + (["--resume"] if resumed_from is not None else []), name)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = RunDir(out).events()
     curve = [[e["train_seconds"], e["valid_accuracy"], e["step"]] for e in lines if "valid_accuracy" in e]
     limit = ["--limit", str(test_limit)] if test_limit else []
     test = {"accuracy": None, "loss": None, "n_examples": 0} if test_limit is None else run_json(

@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
+from edgezo.rundir import RunDir  # noqa: E402
+
 NAME = "compare"
 TITLE = "Side by side: edgezo MeZO vs torch MeZO vs torch BP"
 TARGETS = {"rss_torch_bp_over_mezo_q4_0": 5.0, "step_torch_mezo_over_mezo_q4_0": 1.5}
@@ -98,8 +100,7 @@ def child_tokens(args) -> dict:
 
 # ---- measurement ----------------------------------------------------------------------------------------------
 def step_lines(run_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [e for e in lines if "loss" in e and "seconds" in e]
+    return [e for e in RunDir(run_dir).events() if "loss" in e and "seconds" in e]
 
 
 def measure(config: Config, args, tokens_per_step: list[int], workdir: Path) -> dict:

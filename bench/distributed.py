@@ -35,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
+from edgezo.rundir import RunDir  # noqa: E402
+
 NAME = "distributed"
 TITLE = "Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads"
 CONFIGS = {
@@ -53,7 +55,7 @@ def train_run(args, name: str, out: Path) -> dict:
            "--seed", str(args.seed), "--eval-every", str(args.eval_every), "--n-valid", str(args.n_valid),
            "--save-every", str(args.steps), "--out", str(out / name), "--json", *CONFIGS[name]]
     summary = common.run_json(cmd, name)
-    events = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line]
+    events = RunDir(out / name).events()
     steps = [e for e in events if "loss" in e]
     step_seconds = [e["seconds"] for e in steps[args.skip_steps:]] or [e["seconds"] for e in steps]
     train_seconds = steps[-1]["train_seconds"] if steps else 0.0

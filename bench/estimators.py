@@ -13,12 +13,13 @@ Rademacher directions around the unperturbed loss, step normalised by the losses
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+
+from edgezo.rundir import RunDir  # noqa: E402
 from time_to_accuracy import read_curve  # noqa: E402
 
 NAME, TITLE = "estimators", "Fast MeZO levers: accuracy against steps and training time, torch BP alongside"
@@ -84,7 +85,7 @@ def time_config(name: str, work: Path, threads: int, steps: int) -> dict:
         argv = ["-m", "edgezo.cli", command, *COMMON, "--steps", str(steps), "--eval-every", "0", "--n-valid", "16",
                 "--threads", str(threads), "--out", str(out), *extra]
         common.run_json([sys.executable, *argv], f"{name} timing", timeout=3600)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = RunDir(out).events()
     seconds = [e["seconds"] for e in lines if "loss" in e][1:]  # the first step warms caches and thread pools
     return common.summary(seconds)
 

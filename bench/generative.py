@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 
+from edgezo.rundir import RunDir  # noqa: E402
+
 NAME, TITLE = "generative", "MeZO on a generative task (tool calls): NLL against a reward of its own generations, BP alongside"
 N_VALID, N_TEST = 64, 80  # validation examples per evaluation; test examples per template kind
 COMMON = ["--model", "smollm2-135m", "--quant", "q4_0", "--data", "tool-calls", "--batch-size", "16", "--json"]
@@ -60,7 +62,7 @@ def train(name: str, work: Path, threads: int) -> dict:
         if command == "finetune":
             argv += ["--save-every", "10"] + (["--resume"] if (out / "state.json").exists() else [])
         common.run_json([sys.executable, *argv], name, timeout=4 * 3600)
-    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    log = RunDir(out).events()
     steps_logged = [e for e in log if "loss" in e]
     step_seconds = [e["seconds"] for e in steps_logged][1:]  # the first step warms caches and thread pools
     run = {"name": name, "command": f"edgezo {command} " + " ".join(extra), "steps": steps,

@@ -17,7 +17,6 @@ forwards, and density / cost relative to all blocks (> 1: more progress per seco
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -25,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+
+from edgezo.rundir import RunDir  # noqa: E402
 
 NAME, TITLE = "layer_gradients", "Which blocks carry MeZO's gradient: LoRA-FA gradient energy by block range"
 N_LAYERS = 30  # SmolLM2-135M
@@ -41,7 +42,7 @@ def run_range(name: str, work: Path, steps: int, threads: int) -> dict:
         argv = ["-m", "edgezo.cli", "finetune", *COMMON, "--layers", f"{start}:{stop}", "--steps", str(steps),
                 "--threads", str(threads), "--out", str(out)]
         common.run_json([sys.executable, *argv], name, timeout=3600)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    lines = RunDir(out).events()
     squares = [g * g for e in lines if "loss" in e for g in e["projected_grads"]]
     return {"name": name, "layers": [start, stop], "n_steps": len(squares), "energy": sum(squares) / len(squares),
             "energy_se": statistics_se(squares)}

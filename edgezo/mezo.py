@@ -144,7 +144,7 @@ class NonFiniteLoss(EdgezoError):
     pass
 
 
-def _check_finite(step: int, **losses: float) -> None:
+def check_finite(step: int, **losses: float) -> None:
     if not all(math.isfinite(v) for v in losses.values()):
         shown = ", ".join(f"{name} = {value}" for name, value in losses.items())
         raise NonFiniteLoss(f"step {step + 1}: loss is not finite ({shown})")
@@ -160,11 +160,11 @@ def fzoo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
     """One FZOO step (module docstring): l_0, then n one-sided Rademacher evaluations, then the normalised update."""
     record = StepRecord(step=step, lr=learning_rate_at(config, step, total_steps))
     record.loss_center = float(loss_fn(theta))
-    _check_finite(step, L0=record.loss_center)
+    check_finite(step, L0=record.loss_center)
     for k in range(config.n_directions):
         seed = direction_seed(run_seed, step, k)
         loss = float(loss_fn(PerturbedParams(theta, seed, config.eps, rademacher=True)))
-        _check_finite(step, **{f"L{k + 1}": loss})
+        check_finite(step, **{f"L{k + 1}": loss})
         record.seeds.append(seed)
         record.losses_plus.append(loss)
     sigma = float(np.std(record.losses_plus))
@@ -181,13 +181,19 @@ def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
         seed = direction_seed(run_seed, step, k)
         loss_plus = float(loss_fn(PerturbedParams(theta, seed, +config.eps)))
         loss_minus = float(loss_fn(PerturbedParams(theta, seed, -config.eps)))
-        _check_finite(step, **{"L+": loss_plus, "L-": loss_minus})
-        record.seeds.append(seed)
-        record.projected_grads.append((loss_plus - loss_minus) / (2.0 * config.eps))
-        record.losses_plus.append(loss_plus)
-        record.losses_minus.append(loss_minus)
+        add_two_sided(record, seed, loss_plus, loss_minus, config.eps)
     apply_update(theta, record, config)
     return record
+
+
+def add_two_sided(record: StepRecord, seed: int, loss_plus: float, loss_minus: float, eps: float) -> None:
+    """Direction `seed`'s two losses into `record`, with its projected gradient; NonFiniteLoss on NaN/inf.
+    The one expression of MeZO's estimate: a distributed step gathers the losses and adds them here too."""
+    check_finite(record.step, **{"L+": loss_plus, "L-": loss_minus})
+    record.seeds.append(seed)
+    record.projected_grads.append((loss_plus - loss_minus) / (2.0 * eps))
+    record.losses_plus.append(loss_plus)
+    record.losses_minus.append(loss_minus)
 
 
 def apply_update(theta: Params, record: StepRecord, config: MezoConfig) -> None:

@@ -16,12 +16,9 @@ torch, transformers and peft come from the `torch` extra and are imported here o
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +29,13 @@ import torch.nn.functional as F
 
 from . import store
 from .adapter import BaseModelInfo, LoraAdapter
-from .data import Example, Task, batch_indices
-from .files import EdgezoError, current_rss_bytes, map_large_allocations, peak_rss_bytes, sha256_file
+from .data import Example, Task
+from .files import EdgezoError, map_large_allocations, sha256_file
 from .formats import QUANTIZED_BASES, check_base_file
-from .mezo import MezoConfig, direction_seed, learning_rate_at
+from .mezo import MezoConfig, NonFiniteLoss, check_finite, direction_seed, learning_rate_at
 from .objective import Totals, evaluate
 from .rundir import RunDir
-from .trainer import TrainingInterrupted, TrainResult, stop_requests
+from .trainer import StepFailed, TrainConfig, TrainingEvents, TrainResult, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = ("bp", "mezo")
@@ -173,32 +170,52 @@ def lora_parameters(model) -> list[torch.Tensor]:
     return [p for name, p in sorted(model.named_parameters()) if "lora_" in name]
 
 
-# ---- optimizers ------------------------------------------------------------------------------------------------
-class BackpropStep:
+# ---- steppers (edgezo.trainer) ---------------------------------------------------------------------------------
+class TorchStepper:
+    """A torch method on the PEFT model: the adapter is the model's LoRA tensors, saved through PEFT. Reference
+    runs do not resume (a stop keeps the adapter so far)."""
+
+    resumable = False
+
+    def __init__(self, model, scorer: TorchScorer, task: Task, base: BaseModelInfo, schedule: MezoConfig,
+                 total_steps: int):
+        self.model, self.scorer, self.task, self.base = model, scorer, task, base
+        self.schedule, self.total_steps = schedule, total_steps
+
+    def save(self, path: Path) -> None:
+        """The adapter as PEFT writes it (peft/ beside `path`) and as GGUF LoRA at `path`."""
+        save_adapter(self.model, self.base, Path(path).parent / "peft", path)
+
+    def checkpoint(self, run: RunDir, step: int) -> None:
+        pass
+
+
+class BackpropStepper(TorchStepper):
     """One AdamW step on the LoRA tensors (the gradient of the batch loss by autograd)."""
 
-    def __init__(self, model, scorer: TorchScorer, weight_decay: float):
-        self.model, self.scorer = model, scorer
-        self.optimizer = torch.optim.AdamW(lora_parameters(model), lr=1.0, weight_decay=weight_decay)
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.optimizer = torch.optim.AdamW(lora_parameters(self.model), lr=1.0, weight_decay=self.schedule.weight_decay)
 
-    def __call__(self, batch, task, lr: float, step: int) -> dict:
+    def step(self, batch, step: int) -> dict:
+        lr = learning_rate_at(self.schedule, step, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        loss = batch_loss(self.scorer, batch, task)
+        loss = batch_loss(self.scorer, batch, self.task)
         if not torch.isfinite(loss):
-            raise EdgezoError(f"step {step + 1}: loss is not finite ({loss.item()})")
+            raise StepFailed(f"step {step + 1}: loss is not finite ({loss.item()})")
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.item(), "lr": lr}
 
 
-class TorchMezoStep:
+class TorchMezoStepper(TorchStepper):
     """MeZO as in Malladi et al.'s reference code: z from a generator seeded per step, applied in place."""
 
-    def __init__(self, model, scorer: TorchScorer, eps: float, weight_decay: float, run_seed: int):
-        self.params, self.scorer = lora_parameters(model), scorer
-        self.eps, self.weight_decay, self.run_seed = eps, weight_decay, run_seed
+    def __init__(self, *args, run_seed: int):
+        super().__init__(*args)
+        self.params, self.run_seed = lora_parameters(self.model), run_seed
 
     def _add_z(self, seed: int, scale: float) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -206,24 +223,27 @@ class TorchMezoStep:
             p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype), alpha=scale)
 
     @torch.no_grad()
-    def __call__(self, batch, task, lr: float, step: int) -> dict:
+    def step(self, batch, step: int) -> dict:
+        lr, eps = learning_rate_at(self.schedule, step, self.total_steps), self.schedule.eps
         seed = direction_seed(self.run_seed, step, 0)
-        self._add_z(seed, self.eps)
-        loss_plus = batch_loss(self.scorer, batch, task).item()
-        self._add_z(seed, -2 * self.eps)
-        loss_minus = batch_loss(self.scorer, batch, task).item()
-        self._add_z(seed, self.eps)  # restore (to rounding, as in the reference code)
-        if not (math.isfinite(loss_plus) and math.isfinite(loss_minus)):
-            raise EdgezoError(f"step {step + 1}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
-        grad = (loss_plus - loss_minus) / (2 * self.eps)
-        if self.weight_decay:
+        self._add_z(seed, eps)
+        loss_plus = batch_loss(self.scorer, batch, self.task).item()
+        self._add_z(seed, -2 * eps)
+        loss_minus = batch_loss(self.scorer, batch, self.task).item()
+        self._add_z(seed, eps)  # restore (to rounding, as in the reference code)
+        try:
+            check_finite(step, **{"L+": loss_plus, "L-": loss_minus})
+        except NonFiniteLoss as exc:
+            raise StepFailed(str(exc)) from None
+        grad = (loss_plus - loss_minus) / (2 * eps)
+        if self.schedule.weight_decay:
             for p in self.params:
-                p.mul_(1 - lr * self.weight_decay)
+                p.mul_(1 - lr * self.schedule.weight_decay)
         self._add_z(seed, -lr * grad)
-        return {"loss": (loss_plus + loss_minus) / 2, "seeds": [seed], "projected_grads": [grad]}
+        return {"loss": (loss_plus + loss_minus) / 2, "seeds": [seed], "projected_grads": [grad], "lr": lr}
 
 
-# ---- training loop ---------------------------------------------------------------------------------------------
+# ---- a reference run -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ReferenceRun:
     """What a reference run trains on: the model, its adapter and data, and the schedule shared with MeZO."""
@@ -237,10 +257,9 @@ class ReferenceRun:
     schedule: MezoConfig  # learning rate, schedule, warmup, weight decay (and eps for mezo)
 
 
-def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, run: RunDir,
-                    callback: Callable[[dict], None] = lambda event: None,
-                    log: Callable[[str], None] = lambda msg: None) -> TrainResult:
-    """Train as edgezo.trainer.train does (same batches, validation points, metrics lines), but in torch."""
+def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg: TrainConfig, run: RunDir,
+                    events: TrainingEvents | None = None, log: Callable[[str], None] = lambda msg: None) -> TrainResult:
+    """Train with edgezo.trainer.train (same batches, validation points, metrics lines as MeZO), in torch."""
     if not run_spec.train_set:
         raise EdgezoError("the training split is empty")
     if config.release_freed_memory and not map_large_allocations():  # before the model exists
@@ -248,70 +267,18 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg, 
             "MALLOC_MMAP_THRESHOLD_ / GLIBC_TUNABLES set)")
     model = load_model(run_spec.gguf_path, run_spec.adapter, run_spec.base, config, log)
     scorer = TorchScorer(model)
-    sched = run_spec.schedule
-    if config.method == "bp":
-        step_fn = BackpropStep(model, scorer, sched.weight_decay)
-    else:
-        step_fn = TorchMezoStep(model, scorer, sched.eps, sched.weight_decay, train_cfg.seed)
-    valid_set = run_spec.valid_set[: train_cfg.n_valid] if train_cfg.n_valid else run_spec.valid_set
-    train_seconds, recent, valid = 0.0, [], None
+    parts = (model, scorer, run_spec.task, run_spec.base, run_spec.schedule, train_cfg.steps)
+    stepper = BackpropStepper(*parts) if config.method == "bp" else TorchMezoStepper(*parts, run_seed=train_cfg.seed)
 
-    with open(run.metrics, "w") as metrics, stop_requests() as stop:
+    def validate(examples, on_batch) -> Totals:
+        return evaluate(scorer, examples, run_spec.task, train_cfg.batch_size, on_batch=on_batch)
 
-        def write(event: dict) -> None:
-            metrics.write(json.dumps(event) + "\n")
-            metrics.flush()
-
-        def validate(step: int) -> Totals:
-            callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
-            totals = evaluate(scorer, valid_set, run_spec.task, train_cfg.batch_size,
-                              on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
-            event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
-                     "n_valid": totals.n_examples, "train_seconds": train_seconds}
-            write(event)
-            callback({"kind": "eval", **event})
-            return totals
-
-        if valid_set and train_cfg.eval_every:
-            valid = validate(0)
-        done = 0
-        for step in range(train_cfg.steps):
-            if train_cfg.out_of_time(train_seconds):
-                break
-            t0 = time.perf_counter()
-            batch = [run_spec.train_set[i] for i in
-                     batch_indices(len(run_spec.train_set), train_cfg.batch_size, train_cfg.seed, step)]
-            lr = learning_rate_at(sched, step, train_cfg.steps)
-            record = step_fn(batch, run_spec.task, lr, step)
-            seconds = time.perf_counter() - t0
-            train_seconds += seconds
-            recent = (recent + [record["loss"]])[-50:]
-            event = {"step": step + 1, **record, "lr": lr, "seconds": seconds, "train_seconds": train_seconds,
-                     "rss_bytes": current_rss_bytes()}
-            write(event)
-            callback({"kind": "step", **event})
-            done = step + 1
-            over_budget = train_cfg.max_memory_bytes and event["rss_bytes"] > train_cfg.max_memory_bytes
-            if (over_budget or stop["requested"]) and done < train_cfg.steps:
-                save_adapter(model, run_spec.base, run)
-                why = (f"memory budget exceeded at step {done}: RSS {event['rss_bytes'] / 2**20:.0f} MiB > "
-                       f"{train_cfg.max_memory_bytes / 2**20:.0f} MiB" if over_budget else f"stopped at step {done}")
-                raise TrainingInterrupted(f"{why}; the adapter so far is in {run.adapter} "
-                                          f"(reference runs do not resume)")
-            if valid_set and train_cfg.eval_every and done % train_cfg.eval_every == 0 and done < train_cfg.steps:
-                valid = validate(done)
-        if valid_set:
-            valid = validate(done)
-    save_adapter(model, run_spec.base, run)
-    return TrainResult(adapter_path=run.adapter, steps=done,
-                       final_loss=float(np.mean(recent)) if recent else math.nan, valid=valid,
-                       train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes())
+    return train(stepper, validate, run_spec.train_set, run_spec.valid_set, train_cfg, run, events=events)
 
 
-def save_adapter(model, base: BaseModelInfo, run: RunDir) -> None:
-    """The adapter as PEFT writes it (run/peft/) and as GGUF LoRA (run/adapter.gguf) for llama.cpp and edgezo eval."""
+def save_adapter(model, base: BaseModelInfo, peft_dir: Path, gguf_path: Path) -> None:
+    """The adapter as PEFT writes it (`peft_dir`) and as GGUF LoRA (`gguf_path`) for llama.cpp and edgezo eval."""
     from edgezo.convert.peft import peft_to_adapter
 
-    peft_dir = run.path / "peft"
     model.save_pretrained(peft_dir)
-    peft_to_adapter(peft_dir, base).save(run.adapter)
+    peft_to_adapter(peft_dir, base).save(gguf_path)

@@ -1,8 +1,8 @@
-"""Optional experiment trackers for the training callback: TensorBoard and Weights & Biases.
+"""Optional experiment trackers for the training loop: TensorBoard and Weights & Biases.
 
 Off unless asked for (`finetune --report-to tensorboard|wandb`) and installed; asking for one that is not installed
-is an error naming the package, before training starts. Each reporter is a training callback (trainer.Callback):
-it receives the same events as the console progress bar and logs
+is an error naming the package, before training starts. Each reporter is a trainer.TrainingEvents: it receives the
+same events as the console progress bar and logs
     per step:        train/loss, train/lr, train/seconds_per_step, train/rss_bytes   (x = step)
     per evaluation:  valid/loss, valid/accuracy                                      (x = step)
 """
@@ -12,11 +12,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .files import EdgezoError
+from .trainer import TrainingEvents
 
 REPORTERS = ("tensorboard", "wandb")
+STEP_SCALARS = {"train/loss": "loss", "train/lr": "lr", "train/seconds_per_step": "seconds", "train/rss_bytes": "rss_bytes"}
+EVAL_SCALARS = {"valid/loss": "valid_loss", "valid/accuracy": "valid_accuracy"}
 
 
-class TensorBoardReporter:
+class TensorBoardReporter(TrainingEvents):
     """Event files in RUN/tensorboard (`tensorboard --logdir RUN/tensorboard`). tensorboardX writes them without
     torch; torch.utils.tensorboard is used if tensorboardX is missing and torch is there."""
 
@@ -31,15 +34,21 @@ class TensorBoardReporter:
         self.log_dir = Path(run_dir) / "tensorboard"
         self.writer = SummaryWriter(str(self.log_dir))
 
-    def __call__(self, event: dict) -> None:
-        for tag, value in _scalars(event):
-            self.writer.add_scalar(tag, value, event["step"])
+    def step(self, fields: dict) -> None:
+        self._add(fields, STEP_SCALARS)
+
+    def evaluated(self, fields: dict) -> None:
+        self._add(fields, EVAL_SCALARS)
+
+    def _add(self, fields: dict, scalars: dict) -> None:
+        for tag, key in scalars.items():
+            self.writer.add_scalar(tag, fields[key], fields["step"])
 
     def close(self) -> None:
         self.writer.close()
 
 
-class WandbReporter:
+class WandbReporter(TrainingEvents):
     """A wandb run (online or offline as wandb is configured: WANDB_MODE=offline keeps it local)."""
 
     def __init__(self, run_dir: Path, project: str | None, config: dict):
@@ -50,21 +59,14 @@ class WandbReporter:
         self.run = wandb.init(project=project or "edgezo", name=Path(run_dir).name, dir=str(run_dir), config=config,
                               resume="allow")
 
-    def __call__(self, event: dict) -> None:
-        scalars = dict(_scalars(event))
-        if scalars:
-            self.run.log(scalars, step=event["step"])
+    def step(self, fields: dict) -> None:
+        self.run.log({tag: fields[key] for tag, key in STEP_SCALARS.items()}, step=fields["step"])
+
+    def evaluated(self, fields: dict) -> None:
+        self.run.log({tag: fields[key] for tag, key in EVAL_SCALARS.items()}, step=fields["step"])
 
     def close(self) -> None:
         self.run.finish()
-
-
-def _scalars(event: dict):
-    if event.get("kind") == "step":
-        yield from (("train/loss", event["loss"]), ("train/lr", event["lr"]),
-                    ("train/seconds_per_step", event["seconds"]), ("train/rss_bytes", event["rss_bytes"]))
-    elif event.get("kind") == "eval":
-        yield from (("valid/loss", event["valid_loss"]), ("valid/accuracy", event["valid_accuracy"]))
 
 
 def make_reporter(kind: str, run_dir: Path, project: str | None = None, config: dict | None = None):
@@ -75,17 +77,28 @@ def make_reporter(kind: str, run_dir: Path, project: str | None = None, config: 
     raise EdgezoError(f"--report-to: unknown reporter {kind!r}; choose from {', '.join(REPORTERS)}")
 
 
-class Callbacks:
-    """Several training callbacks as one (the progress bar first, then the reporters)."""
+class Fanout(TrainingEvents):
+    """Several TrainingEvents as one (the progress bar first, then the reporters)."""
 
-    def __init__(self, *callbacks):
-        self.callbacks = [c for c in callbacks if c is not None]
+    def __init__(self, *receivers: TrainingEvents):
+        self.receivers = receivers
 
-    def __call__(self, event: dict) -> None:
-        for callback in self.callbacks:
-            callback(event)
+    def step(self, fields: dict) -> None:
+        for receiver in self.receivers:
+            receiver.step(fields)
+
+    def eval_start(self, step: int, n_examples: int) -> None:
+        for receiver in self.receivers:
+            receiver.eval_start(step, n_examples)
+
+    def eval_batch(self, n_examples: int) -> None:
+        for receiver in self.receivers:
+            receiver.eval_batch(n_examples)
+
+    def evaluated(self, fields: dict) -> None:
+        for receiver in self.receivers:
+            receiver.evaluated(fields)
 
     def close(self) -> None:
-        for callback in self.callbacks:
-            if hasattr(callback, "close"):
-                callback.close()
+        for receiver in self.receivers:
+            receiver.close()

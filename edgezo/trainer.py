@@ -1,10 +1,14 @@
-"""The MeZO training loop: steps, periodic validation, the metrics log, atomic checkpoints and exact resume
-(the run directory's layout: edgezo.rundir).
+"""The training loop, one for every method: batches, the training clock, periodic validation, the metrics log,
+checkpoints, stops and the best adapter (the run directory's layout: edgezo.rundir).
+
+The loop receives its parts, as mlx-lm's tuner does: a Stepper (one optimisation step on a batch, and the adapter
+it trains) and a validation function. MeZO and FZOO on llama.cpp (edgezo.steppers), data- and direction-parallel
+MeZO (edgezo.distributed.steppers) and torch BP / MeZO (edgezo.reference) are steppers. What happens is reported
+to a TrainingEvents object (the progress bar, the trackers of edgezo.report).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import json
 import math
@@ -14,21 +18,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
-
-from .adapter import LoraAdapter
-from .data import Example, Task, batch_indices
+from .data import Example, batch_indices
 from .files import EdgezoError, current_rss_bytes, peak_rss_bytes
-from .mezo import MezoConfig, NonFiniteLoss, StepRecord, zo_step
-from .objective import Totals, evaluate, loss_function
-from .rewards import RewardError
+from .objective import Totals
 from .rundir import BEST_BY, RunDir, is_better
 
-Event = dict
-Callback = Callable[[Event], None]
-StepFn = Callable[[dict, Sequence[Example], int], StepRecord]
-ObjectiveFn = Callable[..., Callable]  # (engine, batch, task) -> the step's loss function of the parameters
+RECENT_STEPS = 50  # TrainResult.final_loss averages the training loss of this many last steps
 
 
 @dataclass(frozen=True)
@@ -59,7 +56,7 @@ class TrainConfig:
 class TrainResult:
     adapter_path: Path
     steps: int
-    final_loss: float  # mean training loss (L+ and L-) over the last min(50, steps) steps
+    final_loss: float  # mean training loss over the last min(RECENT_STEPS, steps) steps
     valid: Totals | None
     train_seconds: float  # cumulative wall-clock of training steps over the whole run (resumes included, evaluations excluded)
     peak_rss_bytes: int
@@ -69,6 +66,48 @@ class TrainResult:
 
 class TrainingInterrupted(EdgezoError):
     pass
+
+
+class StepFailed(EdgezoError):
+    """A step could not be taken (a non-finite loss, a failing reward): the run stops, its last checkpoint kept."""
+
+
+class Stepper(Protocol):
+    """One method's optimisation step, and the adapter it trains."""
+
+    resumable: bool  # checkpoint() writes state --resume continues from; else a stop keeps only the adapter so far
+
+    def step(self, batch: Sequence[Example], step: int) -> dict:
+        """Update the adapter on `batch` (0-based `step`); the step's metrics line ('loss' and 'lr' at least).
+        Raises StepFailed, the adapter unchanged, when the step cannot be taken."""
+
+    def save(self, path: Path) -> None:
+        """The current adapter as GGUF LoRA."""
+
+    def checkpoint(self, run: RunDir, step: int) -> None:
+        """What --resume needs to continue after `step` (nothing for a stepper that does not resume)."""
+
+
+Validate = Callable[[Sequence[Example], Callable[[int], None]], Totals]  # (examples, on_batch(n)) -> totals
+
+
+class TrainingEvents:
+    """What the loop reports as it goes; each method does nothing unless overridden. `fields` are the metrics line."""
+
+    def step(self, fields: dict) -> None:
+        pass
+
+    def eval_start(self, step: int, n_examples: int) -> None:
+        pass
+
+    def eval_batch(self, n_examples: int) -> None:
+        pass
+
+    def evaluated(self, fields: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @contextlib.contextmanager
@@ -93,54 +132,50 @@ def stop_requests():
             signal.signal(sig, old)
 
 
-def trainable_tensors(adapter: LoraAdapter, freeze_lora_a: bool) -> dict:
-    """The adapter tensors the optimizer perturbs and updates (all, or only the .lora_b ones for LoRA-FA)."""
-    return {name: t for name, t in adapter.tensors.items() if not (freeze_lora_a and name.endswith(".lora_a"))}
-
-
-def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example], valid_set: Sequence[Example],
-          mezo: MezoConfig, config: TrainConfig, run: RunDir, start_step: int = 0,
-          callback: Callback = lambda event: None, step_fn: StepFn | None = None,
-          evaluate_fn: Callable = evaluate, objective: ObjectiveFn | None = None) -> TrainResult:
-    """Train `adapter` in place from `start_step` to `config.steps`; the engine must hold it with set_adapter().
-
-    `objective(engine, batch, task)` gives the function of the parameters MeZO minimises on a batch (default
-    objective.loss_function; edgezo.rewards gives a negated reward). `step_fn(theta, batch, step) -> StepRecord`
-    replaces the MeZO step on the whole batch and `evaluate_fn` (same signature as objective.evaluate) the
-    validation: edgezo.distributed plugs its exchanges in here. An evaluator whose totals carry `metrics`
-    (edgezo.rewards) logs each as valid_<name>."""
+def train(stepper: Stepper, validate: Validate, train_set: Sequence[Example], valid_set: Sequence[Example],
+          config: TrainConfig, run: RunDir, start_step: int = 0, events: TrainingEvents | None = None) -> TrainResult:
+    """Train from `start_step` to `config.steps`. An evaluator whose totals carry `metrics` (edgezo.rewards) logs
+    each as valid_<name>."""
     if not train_set:
         raise EdgezoError("the training split is empty")
+    events = events or TrainingEvents()
     valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set
-    theta = trainable_tensors(adapter, config.freeze_lora_a)  # the same arrays: updates land in adapter.tensors
     recent_losses: list[float] = []
     valid = None
     best = run.best_eval(start_step, config.best_by)
     train_seconds = run.train_seconds_at(start_step)
     with open(run.metrics, "a") as log, stop_requests() as stop:
 
-        def validate(step: int) -> Totals:
+        def write(fields: dict) -> None:
+            log.write(json.dumps(fields) + "\n")
+            log.flush()
+
+        def evaluate(step: int) -> Totals:
             nonlocal best
-            engine.update_adapter(adapter.tensors)
-            callback({"kind": "eval_start", "step": step, "n": len(valid_set)})
-            totals = evaluate_fn(engine, valid_set, task, config.batch_size,
-                                 on_batch=lambda n: callback({"kind": "eval_batch", "n": n}))
-            event = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
-                     "n_valid": totals.n_examples, "train_seconds": train_seconds,
-                     **{f"valid_{name}": value for name, value in getattr(totals, "metrics", {}).items()}}
+            events.eval_start(step, len(valid_set))
+            totals = validate(valid_set, events.eval_batch)
+            fields = {"step": step, "valid_loss": totals.loss, "valid_accuracy": totals.accuracy,
+                      "n_valid": totals.n_examples, "train_seconds": train_seconds,
+                      **{f"valid_{name}": value for name, value in getattr(totals, "metrics", {}).items()}}
             # Best by validation loss (or the reward a reward objective maximises), not accuracy: defined for every
             # data format, and 500 examples tie often on accuracy. Saved before the log line, so a logged best
             # always has its file.
-            if is_better(event, best, config.best_by):
-                run.save_best(adapter)
-                best = event
-            log.write(json.dumps(event) + "\n")
-            log.flush()
-            callback({"kind": "eval", **event})
+            if is_better(fields, best, config.best_by):
+                stepper.save(run.best)
+                best = fields
+            write(fields)
+            events.evaluated(fields)
             return totals
 
+        def stopped(why: str, step: int) -> TrainingInterrupted:
+            if stepper.resumable:
+                stepper.checkpoint(run, step)
+                return TrainingInterrupted(f"{why}; checkpoint saved in {run.path}, continue with --resume")
+            stepper.save(run.adapter)
+            return TrainingInterrupted(f"{why}; the adapter so far is in {run.adapter} (this method does not resume)")
+
         if valid_set and start_step == 0 and config.eval_every:
-            valid = validate(0)
+            valid = evaluate(0)
         done = start_step
         for step in range(start_step, config.steps):
             if config.out_of_time(train_seconds):
@@ -148,48 +183,31 @@ def train(engine, adapter: LoraAdapter, task: Task, train_set: Sequence[Example]
             t0 = time.perf_counter()
             batch = [train_set[i] for i in batch_indices(len(train_set), config.batch_size, config.seed, step)]
             try:
-                if step_fn is None:
-                    loss = (objective or loss_function)(engine, batch, task)
-                    # frozen tensors (LoRA-FA's A) come from the adapter, the trained ones from the estimator
-                    record = zo_step(theta, lambda params: loss(collections.ChainMap(params, adapter.tensors)),
-                                     mezo, config.seed, step, config.steps)
-                else:
-                    record = step_fn(theta, batch, step)
-            except (NonFiniteLoss, RewardError) as exc:
-                raise EdgezoError(f"{exc}; training stopped, the last good checkpoint ({run.checkpoint}) is kept") from None
-            if not all(np.isfinite(t).all() for t in theta.values()):
-                raise EdgezoError(f"step {step + 1}: the update made the adapter non-finite (learning rate too high?); "
-                                  f"training stopped, the last good checkpoint ({run.checkpoint}) is kept")
+                record = stepper.step(batch, step)
+            except StepFailed as exc:
+                kept = f"the last good checkpoint ({run.checkpoint}) is kept" if stepper.resumable else "nothing saved"
+                raise EdgezoError(f"{exc}; training stopped, {kept}") from None
             seconds = time.perf_counter() - t0
             train_seconds += seconds
-            recent_losses = (recent_losses + [record.loss])[-50:]
-            event = {"step": step + 1, "loss": record.loss, "lr": record.lr, "seeds": record.seeds,
-                     "projected_grads": record.projected_grads, "losses_plus": record.losses_plus,
-                     "losses_minus": record.losses_minus, "seconds": seconds, "train_seconds": train_seconds,
-                     "rss_bytes": current_rss_bytes()}
-            if record.loss_center is not None:
-                event["loss_0"] = record.loss_center
-            log.write(json.dumps(event) + "\n")
-            log.flush()
-            callback({"kind": "step", **event})
+            recent_losses = (recent_losses + [record["loss"]])[-RECENT_STEPS:]
+            fields = {"step": step + 1, **record, "seconds": seconds, "train_seconds": train_seconds,
+                      "rss_bytes": current_rss_bytes()}
+            write(fields)
+            events.step(fields)
             done = step + 1
-            if config.max_memory_bytes and event["rss_bytes"] > config.max_memory_bytes:
-                run.save_checkpoint(adapter, done)
-                raise TrainingInterrupted(
-                    f"memory budget exceeded at step {done}: RSS {event['rss_bytes'] / 2**20:.0f} MiB > "
-                    f"{config.max_memory_bytes / 2**20:.0f} MiB; checkpoint saved in {run.path}, continue with --resume")
+            if config.max_memory_bytes and fields["rss_bytes"] > config.max_memory_bytes:
+                raise stopped(f"memory budget exceeded at step {done}: RSS {fields['rss_bytes'] / 2**20:.0f} MiB > "
+                              f"{config.max_memory_bytes / 2**20:.0f} MiB", done)
             if stop["requested"] and done < config.steps:
-                run.save_checkpoint(adapter, done)
-                raise TrainingInterrupted(f"stopped at step {done} of {config.steps}; checkpoint saved in {run.path}, "
-                                          f"continue with --resume")
-            if config.save_every and done % config.save_every == 0 and done < config.steps:
-                run.save_checkpoint(adapter, done)
+                raise stopped(f"stopped at step {done} of {config.steps}", done)
+            if stepper.resumable and config.save_every and done % config.save_every == 0 and done < config.steps:
+                stepper.checkpoint(run, done)
             if valid_set and config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                valid = validate(done)
+                valid = evaluate(done)
         if valid_set:
-            valid = validate(done)
-    run.save_checkpoint(adapter, done)
-    adapter.save(run.adapter)
+            valid = evaluate(done)
+    stepper.checkpoint(run, done)
+    stepper.save(run.adapter)
     return TrainResult(adapter_path=run.adapter, steps=done,
                        final_loss=float(sum(recent_losses) / len(recent_losses)) if recent_losses else math.nan,
                        valid=valid, train_seconds=train_seconds, peak_rss_bytes=peak_rss_bytes(),

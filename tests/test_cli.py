@@ -115,10 +115,10 @@ def test_sigint_stops_between_steps_with_a_checkpoint_and_resume_completes_exact
     import os
     import signal
 
-    from edgezo import trainer
+    from edgezo import steppers
 
     calls = {"n": 0}
-    original = trainer.zo_step
+    original = steppers.zo_step
 
     def interrupted_mezo_step(*args, **kwargs):  # SIGINT arrives in the middle of step 3
         calls["n"] += 1
@@ -126,11 +126,11 @@ def test_sigint_stops_between_steps_with_a_checkpoint_and_resume_completes_exact
             os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    trainer.zo_step = interrupted_mezo_step
+    steppers.zo_step = interrupted_mezo_step
     try:
         code = main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "cut", 6, "--save-every", "100"))
     finally:
-        trainer.zo_step = original
+        steppers.zo_step = original
     assert code == 130 and "stopped at step 3 of 6" in capsys.readouterr().err
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["step"] == 3
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "cut", 6, "--resume"))

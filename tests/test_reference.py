@@ -12,8 +12,9 @@ from edgezo.adapter import read_base_model_info  # noqa: E402
 from edgezo.cli import main  # noqa: E402
 from edgezo.engine import Engine, EngineConfig, Vocabulary  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
+from edgezo.mezo import MezoConfig  # noqa: E402
 from edgezo.objective import score  # noqa: E402
-from edgezo.reference import (BackpropStep, ReferenceConfig, TorchMezoStep, TorchScorer, batch_loss,  # noqa: E402
+from edgezo.reference import (BackpropStepper, ReferenceConfig, TorchMezoStepper, TorchScorer, batch_loss,  # noqa: E402
                               load_model, lora_parameters)
 from helpers import classification_batch, reference_args, trained_adapter  # noqa: E402
 
@@ -59,8 +60,8 @@ def test_torch_mezo_projected_gradient_matches_autograd(tiny_gguf, model_and_ada
     loss = batch_loss(scorer, batch, task)
     grads = torch.autograd.grad(loss, params)
     before = [p.detach().clone() for p in params]
-    mezo = TorchMezoStep(model, scorer, eps=1e-3, weight_decay=0.0, run_seed=0)
-    record = mezo(batch, task, lr=1e-2, step=0)
+    mezo = TorchMezoStepper(model, scorer, task, None, MezoConfig(learning_rate=1e-2, eps=1e-3), 1, run_seed=0)
+    record = mezo.step(batch, 0)
     generator = torch.Generator().manual_seed(record["seeds"][0])
     zs = [torch.randn(p.shape, generator=generator) for p in params]
     directional = sum((g * z).sum() for g, z in zip(grads, zs)).item()
@@ -74,10 +75,10 @@ def test_backprop_step_lowers_the_batch_loss(tiny_gguf, model_and_adapter):
     model, _ = model_and_adapter
     batch, task = classification_batch(Vocabulary(tiny_gguf))
     scorer = TorchScorer(model)
-    step = BackpropStep(model, scorer, weight_decay=0.0)
-    first = step(batch, task, lr=1e-2, step=0)["loss"]
+    stepper = BackpropStepper(model, scorer, task, None, MezoConfig(learning_rate=1e-2), 5)
+    first = stepper.step(batch, 0)["loss"]
     for i in range(1, 5):
-        last = step(batch, task, lr=1e-2, step=i)["loss"]
+        last = stepper.step(batch, i)["loss"]
     assert last < first - 1e-3
 
 

@@ -131,16 +131,16 @@ def test_same_config_twice_and_across_thread_counts_is_bit_identical(tiny_gguf, 
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys, monkeypatch):
-    from edgezo import trainer
+    from edgezo import steppers
 
-    real = trainer.loss_function
+    real = steppers.loss_function
     calls = {"n": 0}
 
     def nan_at_step_3(engine, batch, task):
         calls["n"] += 1
         return (lambda params: float("nan")) if calls["n"] == 3 else real(engine, batch, task)
 
-    monkeypatch.setattr(trainer, "loss_function", nan_at_step_3)
+    monkeypatch.setattr(steppers, "loss_function", nan_at_step_3)
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 10, "--save-every", "1")) == 1
     err = capsys.readouterr().err
     assert "step 3: loss is not finite" in err and "the last good checkpoint" in err

@@ -19,7 +19,8 @@ from ..formats import check_base_file
 from ..memory import torch_method
 from ..mezo import Estimator, MezoConfig
 from ..rundir import RunDir
-from ..trainer import TrainConfig
+from ..objective import evaluate
+from ..trainer import TrainConfig, TrainingEvents, train
 from .generate import generation_metrics
 from .output import ConsoleProgress, say
 from .parser import command_line
@@ -47,7 +48,7 @@ def mezo_learning_rate(args) -> float:
 
 def cmd_finetune(args) -> tuple[dict, str]:
     from .. import distributed
-    from ..trainer import train
+    from ..steppers import EngineStepper, engine_validation
 
     if args.workers < 1:
         raise EdgezoError(f"--workers must be >= 1, got {args.workers}")
@@ -102,7 +103,7 @@ def cmd_finetune(args) -> tuple[dict, str]:
     task, examples, label_words = load_task_and_splits(engine, args.data, args, ["train", "valid"], optional={"valid"})
     if "valid" not in examples:
         log("no validation split: training without periodic evaluation")
-    hooks = {}
+    objective, evaluate_fn = None, evaluate
     if args.eval_generation:
         metrics = generation_metrics(task, args.data, None)
         if metrics is None:
@@ -110,8 +111,8 @@ def cmd_finetune(args) -> tuple[dict, str]:
                               "with the prompt masked")
         if reward:
             metrics["reward"] = reward
-            hooks["objective"] = functools.partial(rewards.reward_loss_function, reward=reward)
-        hooks["evaluate_fn"] = functools.partial(rewards.evaluate_with_generation, metrics=metrics)
+            objective = functools.partial(rewards.reward_loss_function, reward=reward)
+        evaluate_fn = functools.partial(rewards.evaluate_with_generation, metrics=metrics)
     config = {
         "model": args.model, "model_path": str(model_path), "quant": args.quant, "data": args.data,
         "valid": args.valid, "test": args.test, "template": task.template, "mask_prompt": args.mask_prompt,
@@ -151,7 +152,10 @@ def cmd_finetune(args) -> tuple[dict, str]:
                 return f"checkpoint of step {step} saved in {run.path}"
 
             group.on_lost = on_lost
-        hooks = {"step_fn": group.step_fn(engine, task, mezo, args.seed, train_cfg.steps), "evaluate_fn": group.evaluate_fn}
+        stepper = distributed.group_stepper(group, engine, task, adapter, mezo, args.seed, train_cfg.steps)
+        evaluate_fn = group.evaluate_fn
+    else:
+        stepper = EngineStepper(engine, task, adapter, mezo, args.seed, train_cfg.steps, args.lora_fa, objective)
     if not root:
         run = distributed.ReplicaRun()  # rank 0 owns the run directory
     else:
@@ -160,19 +164,19 @@ def cmd_finetune(args) -> tuple[dict, str]:
     log(f"MeZO on {model_path.name}: {adapter.n_params:,} LoRA parameters, {len(examples['train'])} training examples, "
         f"{train_cfg.steps} steps of batch {train_cfg.batch_size}"
         + (f", {group.world} workers ({args.parallel}-parallel)" if group else ""))
-    progress = ConsoleProgress(train_cfg.steps, start_step) if root else (lambda event: None)
+    progress = ConsoleProgress(train_cfg.steps, start_step) if root else TrainingEvents()
     if root and args.report_to:
-        from ..report import Callbacks, make_reporter
+        from ..report import Fanout, make_reporter
 
-        progress = Callbacks(progress, make_reporter(args.report_to, run.path, args.project_name, config))
+        progress = Fanout(progress, make_reporter(args.report_to, run.path, args.project_name, config))
+    validate = engine_validation(engine, adapter, task, train_cfg.batch_size, evaluate_fn)
     try:
-        result = train(engine, adapter, task, examples["train"], examples.get("valid", []), mezo,
-                       train_cfg, run, start_step=start_step, callback=progress, **hooks)
+        result = train(stepper, validate, examples["train"], examples.get("valid", []), train_cfg, run,
+                       start_step=start_step, events=progress)
         report = group.finish(adapter) if group else {}
     finally:
-        if root:
-            progress.close()
-        else:
+        progress.close()
+        if not root:
             run.remove()
     summary = {"adapter": str(result.adapter_path) if root else None, "steps": result.steps,
                "final_loss": result.final_loss, "seconds": time.perf_counter() - t0, "train_seconds": result.train_seconds,
@@ -279,7 +283,7 @@ def cmd_reference(args) -> tuple[dict, str]:
         f"{args.steps} steps of batch {args.batch_size}")
     progress = ConsoleProgress(args.steps, 0, desc=f"reference-{args.method}")
     try:
-        result = reference.train_reference(spec, config, train_cfg, run, callback=progress, log=say)
+        result = reference.train_reference(spec, config, train_cfg, run, events=progress, log=say)
     finally:
         progress.close()
     step_seconds = [event["seconds"] for event in run.events() if "seconds" in event]

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-
+from ..trainer import TrainingEvents
 
 
 def say(msg: str) -> None:
@@ -24,7 +24,7 @@ class SayHandler(logging.Handler):
         say(f"edgezo: {record.getMessage()}")
 
 
-class ConsoleProgress:
+class ConsoleProgress(TrainingEvents):
     """tqdm bar over training steps (loss, valid accuracy, s/step, RSS); evaluation shown on its own bar."""
 
     def __init__(self, total_steps: int, start_step: int, desc: str = "finetune"):
@@ -36,28 +36,30 @@ class ConsoleProgress:
         self.eval_bar = None
         self.postfix = {}
 
-    def __call__(self, event: dict) -> None:
-        kind = event["kind"]
-        if kind == "step":
-            self.postfix.update(loss=f"{event['loss']:.4f}", s_step=f"{event['seconds']:.2f}",
-                                rss=f"{event['rss_bytes'] / 2**20:.0f}MiB")
-            self.bar.set_postfix(self.postfix, refresh=False)
-            self.bar.update(1)
-        elif kind == "eval_start":
-            self.eval_bar = self._tqdm(total=event["n"], desc=f"  validate @{event['step']}", unit="ex",
-                                       file=sys.stderr, leave=False, dynamic_ncols=True)
-        elif kind == "eval_batch" and self.eval_bar is not None:
-            self.eval_bar.update(event["n"])
-        elif kind == "eval":
-            if self.eval_bar is not None:
-                self.eval_bar.close()
-            self.postfix["val_acc"] = f"{event['valid_accuracy']:.3f}"
-            self.bar.set_postfix(self.postfix)
-            generated = "".join(f", {key.removeprefix('valid_')} {event[key]:.4f}"
-                                for key in ("valid_exact_match", "valid_reward") if key in event)
-            self.bar.write(f"step {event['step']}: valid loss {event['valid_loss']:.4f}, "
-                           f"accuracy {event['valid_accuracy']:.4f}{generated} ({event['n_valid']} examples)",
-                           file=sys.stderr)
+    def step(self, fields: dict) -> None:
+        self.postfix.update(loss=f"{fields['loss']:.4f}", s_step=f"{fields['seconds']:.2f}",
+                            rss=f"{fields['rss_bytes'] / 2**20:.0f}MiB")
+        self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(1)
+
+    def eval_start(self, step: int, n_examples: int) -> None:
+        self.eval_bar = self._tqdm(total=n_examples, desc=f"  validate @{step}", unit="ex", file=sys.stderr,
+                                   leave=False, dynamic_ncols=True)
+
+    def eval_batch(self, n_examples: int) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.update(n_examples)
+
+    def evaluated(self, fields: dict) -> None:
+        if self.eval_bar is not None:
+            self.eval_bar.close()
+        self.postfix["val_acc"] = f"{fields['valid_accuracy']:.3f}"
+        self.bar.set_postfix(self.postfix)
+        generated = "".join(f", {key.removeprefix('valid_')} {fields[key]:.4f}"
+                            for key in ("valid_exact_match", "valid_reward") if key in fields)
+        self.bar.write(f"step {fields['step']}: valid loss {fields['valid_loss']:.4f}, "
+                       f"accuracy {fields['valid_accuracy']:.4f}{generated} ({fields['n_valid']} examples)",
+                       file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -27,3 +27,4 @@ from .catchup import (  # noqa: F401 (re-exported: `from edgezo.distributed impo
 from .group import (  # noqa: F401
     MODES, PHASES, STARTUP_TIMEOUT_S, Collective, DistConfig, Group, PeerLost, launched)
 from .launch import launch_local  # noqa: F401
+from .steppers import group_stepper  # noqa: F401

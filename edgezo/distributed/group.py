@@ -1,5 +1,5 @@
-"""The process group of a distributed run: identity, the handshake, the two step strategies (data- and
-direction-parallel) and sharded validation, over gloo collectives that count their bytes."""
+"""The process group of a distributed run: identity, the handshake and sharded validation, over gloo collectives
+that count their bytes (the two step strategies: edgezo.distributed.steppers)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,8 @@ import numpy as np
 from ..adapter import LoraAdapter
 from ..data import Example, Task
 from ..files import EdgezoError
-from ..mezo import (MezoConfig, NonFiniteLoss, PerturbedParams, StepRecord, apply_update, direction_seed,
-                   learning_rate_at)
-from ..objective import Totals, evaluate, score
+from ..mezo import MezoConfig
+from ..objective import Totals, evaluate
 from ..rundir import RunDir
 from ..trainer import TrainingInterrupted
 from .catchup import adapter_sha256, read_step_log, replay
@@ -232,55 +231,6 @@ class Group:
             self.collective.group = dist.new_group(list(range(self.world)), backend="gloo",
                                                    timeout=timedelta(seconds=self.config.peer_timeout_s))
 
-    def step_fn(self, engine, task: Task, mezo: MezoConfig, run_seed: int, total_steps: int):
-        """The distributed replacement of mezo_step for trainer.train(step_fn=...)."""
-        mode_step = self._data_step if self.config.mode == "data" else self._direction_step
-
-        def step_fn(theta, batch: Sequence[Example], step: int) -> StepRecord:
-            self.collective.phase = "step"
-            record = StepRecord(step=step, lr=learning_rate_at(mezo, step, total_steps))
-            mode_step(record, theta, engine, task, batch, mezo, run_seed)
-            # The losses are the same on every rank, so every rank stops here or none does.
-            for loss_plus, loss_minus in zip(record.losses_plus, record.losses_minus, strict=True):
-                if not (np.isfinite(loss_plus) and np.isfinite(loss_minus)):
-                    raise NonFiniteLoss(f"step {step + 1}: loss is not finite (L+ = {loss_plus}, L- = {loss_minus})")
-            apply_update(theta, record, mezo)
-            self.completed, self.steps_run = step + 1, self.steps_run + 1
-            return record
-
-        return step_fn
-
-    def _data_step(self, record, theta, engine, task, batch, mezo, run_seed) -> None:
-        size = len(batch) // self.world
-        shards = [batch[r * size:(r + 1) * size] for r in range(self.world)]
-        n_targets = sum(_n_targets(shard, task) for shard in shards)
-        seeds = [direction_seed(run_seed, record.step, k) for k in range(mezo.n_directions)]
-        local = []
-        for seed in seeds:
-            for sign in (+1, -1):
-                engine.update_adapter(PerturbedParams(theta, seed, sign * mezo.eps))
-                local.append(score(engine, shards[self.rank], task).loss_sum)
-        sums = self.exchange(np.array(local, dtype=np.float64))  # [world, 2n]
-        for j, seed in enumerate(seeds):
-            # Python's sum adds in rank order: the same float64 result on every rank.
-            loss_plus = sum(float(x) for x in sums[:, 2 * j]) / n_targets
-            loss_minus = sum(float(x) for x in sums[:, 2 * j + 1]) / n_targets
-            _record(record, seed, loss_plus, loss_minus, mezo)
-
-    def _direction_step(self, record, theta, engine, task, batch, mezo, run_seed) -> None:
-        n = mezo.n_directions
-        local = []
-        for k in range(self.rank * n, (self.rank + 1) * n):
-            seed = direction_seed(run_seed, record.step, k)
-            losses = []
-            for sign in (+1, -1):
-                engine.update_adapter(PerturbedParams(theta, seed, sign * mezo.eps))
-                losses.append(score(engine, batch, task).loss)
-            local += [seed, *losses]
-        got = self.exchange(np.array(local, dtype=np.float64)).reshape(self.world * n, 3)  # k order
-        for seed, loss_plus, loss_minus in got:
-            _record(record, int(seed), float(loss_plus), float(loss_minus), mezo)
-
     def evaluate_fn(self, engine, examples: Sequence[Example], task: Task, batch_size: int, on_batch=None) -> Totals:
         """Each rank evaluates a contiguous slice; the totals (4 numbers) are gathered and added in rank order."""
         self.collective.phase = "eval"
@@ -317,17 +267,3 @@ def _destroy_process_group() -> None:
     with contextlib.suppress(Exception):
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _n_targets(batch: Sequence[Example], task: Task) -> int:
-    """The loss's denominator for `batch`, as objective.score counts it (known to every rank for every shard)."""
-    if task.is_classification:
-        return len(batch)
-    return sum(len(ex.target_indices) for ex in batch)
-
-
-def _record(record: StepRecord, seed: int, loss_plus: float, loss_minus: float, mezo: MezoConfig) -> None:
-    record.seeds.append(seed)
-    record.projected_grads.append((loss_plus - loss_minus) / (2.0 * mezo.eps))  # mezo_step's expression
-    record.losses_plus.append(loss_plus)
-    record.losses_minus.append(loss_minus)

@@ -136,6 +136,13 @@ def test_reference_run_writes_a_run_dir_llama_cpp_evaluates_identically(method, 
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["loss"] == pytest.approx(summary["valid_loss"], abs=5e-3)
     assert evaluated["accuracy"] == summary["valid_accuracy"]
+    # the one training loop keeps the best adapter by validation loss for reference runs too
+    best = min(evals, key=lambda e: e["valid_loss"])
+    assert summary["best_step"] == best["step"] and summary["best_adapter"] == str(out / "adapter.best.gguf")
+    assert main(["eval", "--model", str(tiny_gguf), "--quant", "none", "--adapter", summary["best_adapter"],
+                 "--data", str(sentiment_dir), "--split", "valid", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["loss"] == pytest.approx(best["valid_loss"], abs=5e-3)
 
 
 def test_reference_starts_from_finetunes_initial_adapter(tiny_gguf, sentiment_dir, tmp_path, capsys):

@@ -293,6 +293,7 @@ def cmd_reference(args) -> tuple[dict, str]:
                "peak_rss_bytes": result.peak_rss_bytes, "run_dir": str(run.path)}
     if result.valid is not None:
         summary.update(valid_accuracy=result.valid.accuracy, valid_loss=result.valid.loss)
+    summary.update(best_adapter(result))
     return summary, (f"adapter: {result.adapter_path}  final loss {result.final_loss:.4f}"
                      + (f"  valid accuracy {result.valid.accuracy:.4f}" if result.valid else "")
                      + f"  ({summary['seconds']:.0f} s, peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB)")

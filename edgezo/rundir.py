@@ -23,6 +23,47 @@ from .files import EdgezoError, sha256_file, write_json_atomic, write_text_atomi
 
 BEST_BY = {"valid_loss": 1.0, "valid_reward": -1.0}  # the sign that makes lower better
 
+# config.json fields outside a run's identity: how long it runs and how it is watched, and where this machine keeps
+# its base file. --resume may change them.
+FREE_ON_RESUME = {"model_path", "threads", "eval_generation", "train.steps", "train.eval_every", "train.save_every",
+                  "train.max_memory_bytes", "train.max_train_seconds"}
+# Names that are paths on one machine: across machines the digest of the training tokens stands for them.
+PER_MACHINE = {"model", "data"}
+# Fields config.json gained later, so that older runs still resume: those whose value an older run implies (it had
+# no choice), and those it did not record (compared only when the saved configuration has them).
+ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False,
+                            "objective": "loss", "train.best_by": "valid_loss"}
+ADDED_UNRECORDED = {"valid", "test", "mask_prompt"}
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """{"train": {"seed": 0}} -> {"train.seed": 0} (label_words stays one value)."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict) and k != "label_words":
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def identity(config: dict, across_machines: bool = False) -> dict:
+    """The fields of a run's configuration that decide its adapter at every step, flattened: --resume must keep
+    them, and the ranks of a distributed run share them (across_machines: less the paths of PER_MACHINE)."""
+    drop = FREE_ON_RESUME | (PER_MACHINE if across_machines else set())
+    return {k: v for k, v in flatten(config).items() if k not in drop}
+
+
+def identity_changes(saved: dict, config: dict) -> list[str]:
+    """What `config` changes of the saved run's identity, as 'field: old -> new' (empty: --resume may continue)."""
+    new, old = identity(config), {**ADDED_WITH_IMPLIED_VALUE, **identity(saved)}
+    changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(new) | set(old))
+               if not (k in ADDED_UNRECORDED and k not in old) and new.get(k) != old.get(k)]
+    schedule = config.get("mezo", {}).get("schedule", "constant")
+    if schedule != "constant" and config.get("train", {}).get("steps") != saved.get("train", {}).get("steps"):
+        changes.append("train.steps (the learning-rate schedule depends on it)")
+    return changes
+
 
 def is_better(event: dict, best: dict | None, key: str) -> bool:
     """Whether evaluation `event` beats `best` on `key` (the earlier one wins a tie)."""
@@ -74,9 +115,6 @@ class RunDir:
         if not path.exists() or sha256_file(path) != state["sha256"]:
             raise EdgezoError(f"{path}: checkpoint missing or does not match {self.state.name} (corrupted)")
         return LoraAdapter.load(path, base_info), state["step"]
-
-    def save_best(self, adapter: LoraAdapter) -> None:
-        adapter.save(self.best)
 
     def best_eval(self, up_to_step: int, key: str = "valid_loss") -> dict | None:
         """The logged evaluation best on `key` (see BEST_BY) at or before `up_to_step` (the first on a tie), if

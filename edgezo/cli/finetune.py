@@ -18,7 +18,7 @@ from ..files import EdgezoError, write_json_atomic
 from ..formats import check_base_file
 from ..memory import torch_method
 from ..mezo import Estimator, MezoConfig
-from ..rundir import RunDir
+from ..rundir import RunDir, identity_changes
 from ..objective import evaluate
 from ..trainer import TrainConfig, TrainingEvents, train
 from .generate import generation_metrics
@@ -29,15 +29,6 @@ from .resolve import (DEFAULT_DATA, FZOO_DEFAULT_DIRECTIONS, load_task_and_split
 
 
 # ---- finetune ----------------------------------------------------------------------------------------------------
-RESUME_IGNORED = {"model_path", "train.steps", "train.eval_every", "train.save_every", "train.max_memory_bytes", "threads",
-                  "eval_generation", "train.max_train_seconds"}
-# Fields config.json gained later, so that older runs still resume: those whose value an older run implies (it had
-# no choice), and those it did not record (compared only when the saved configuration has them).
-ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False,
-                            "objective": "loss", "train.best_by": "valid_loss"}
-ADDED_UNRECORDED = {"valid", "test", "mask_prompt"}
-
-
 def mezo_learning_rate(args) -> float:
     """--learning-rate if given, else the built-in model's tuned MeZO rate, else MezoConfig's default."""
     if args.learning_rate is not None:
@@ -208,26 +199,9 @@ def _check_resume_config(run: RunDir, config: dict) -> None:
         saved = json.loads(run.config.read_text())
     except (OSError, ValueError) as exc:
         raise EdgezoError(f"{run.config}: cannot read the saved configuration ({exc})") from None
-    flat_new, flat_old = _flatten(config), {**ADDED_WITH_IMPLIED_VALUE, **_flatten(saved)}
-    differ = sorted(k for k in set(flat_new) | set(flat_old)
-                    if k not in RESUME_IGNORED and not (k in ADDED_UNRECORDED and k not in flat_old)
-                    and flat_new.get(k) != flat_old.get(k))
-    steps_changed = "train.steps" in flat_new and flat_new["train.steps"] != flat_old.get("train.steps")
-    if steps_changed and config["mezo"]["schedule"] != "constant":
-        differ.append("train.steps (the learning-rate schedule depends on it)")
-    if differ:
-        details = ", ".join(f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}" if "(" not in k else k for k in differ)
-        raise EdgezoError(f"--resume: the configuration differs from {run.config}: {details}")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k not in ("label_words",):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    changes = identity_changes(saved, config)
+    if changes:
+        raise EdgezoError(f"--resume: the configuration differs from {run.config}: {', '.join(changes)}")
 
 
 # ---- reference-bp / reference-mezo -------------------------------------------------------------------------------

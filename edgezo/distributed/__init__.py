@@ -23,7 +23,7 @@ hands to gloo (its own contribution; with gloo's ring all-gather each rank also 
 """
 
 from .catchup import (  # noqa: F401 (re-exported: `from edgezo.distributed import X`)
-    RANK_LOCAL, ReplicaRun, adapter_sha256, local_state, read_step_log, replay, run_digest)
+    COLLECTIVE_SCHEDULE, ReplicaRun, adapter_sha256, local_state, read_step_log, replay, run_digest)
 from .group import (  # noqa: F401
     MODES, PHASES, STARTUP_TIMEOUT_S, Collective, DistConfig, Group, PeerLost, launched)
 from .launch import launch_local  # noqa: F401

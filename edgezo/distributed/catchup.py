@@ -16,8 +16,8 @@ import numpy as np
 from ..adapter import LoraAdapter
 from ..data import Example
 from ..files import EdgezoError
-from ..mezo import (MezoConfig, StepRecord, apply_update)
-from ..rundir import RunDir
+from ..mezo import MezoConfig, StepRecord, apply_update
+from ..rundir import RunDir, flatten, identity
 
 
 def adapter_sha256(adapter: LoraAdapter) -> str:
@@ -29,12 +29,14 @@ def adapter_sha256(adapter: LoraAdapter) -> str:
     return h.hexdigest()
 
 
-RANK_LOCAL = {"model", "model_path", "data", "threads"}  # may differ between machines (paths, cores)
+# Ranks evaluate together: besides the run's identity they must agree on when (and so how long they run).
+COLLECTIVE_SCHEDULE = ("train.steps", "train.eval_every")
 
 
 def run_digest(config: dict, train_set: Sequence[Example]) -> str:
-    """What every rank must share: the configuration (less local paths and threads) and the training tokens."""
-    h = hashlib.sha256(json.dumps({k: v for k, v in config.items() if k not in RANK_LOCAL}, sort_keys=True).encode())
+    """What every rank must share: the run's identity across machines, when it validates, and the training tokens."""
+    shared = {**identity(config, across_machines=True), **{k: flatten(config).get(k) for k in COLLECTIVE_SCHEDULE}}
+    h = hashlib.sha256(json.dumps(shared, sort_keys=True).encode())
     for ex in train_set:
         h.update(np.asarray(ex.tokens, dtype=np.int64).tobytes())
         h.update(f"|{ex.label}|{getattr(ex, 'target_start', '')}|{getattr(ex, 'target_spans', '')};".encode())
@@ -68,12 +70,8 @@ def replay(adapter: LoraAdapter, rows: np.ndarray, first: int, mezo: MezoConfig)
 def local_state(run: RunDir, config: dict, base, fresh: Callable[[], LoraAdapter]) -> tuple[LoraAdapter, int]:
     """A replica's starting point: the checkpoint in its --out if that holds this run (on one machine: rank 0's),
     else the seed init at step 0; synchronize() brings it to rank 0's step."""
-    def essentials(c: dict) -> str:  # what --resume may not change (steps, eval and save intervals may)
-        train = {k: c.get("train", {}).get(k) for k in ("seed", "batch_size", "n_valid")}
-        return run_digest({**c, "train": train}, [])
-
     try:
-        if essentials(json.loads(run.config.read_text())) == essentials(config):
+        if identity(json.loads(run.config.read_text()), across_machines=True) == identity(config, across_machines=True):
             return run.load_checkpoint(base)
     except (OSError, ValueError, EdgezoError):
         pass
@@ -89,9 +87,6 @@ class ReplicaRun(RunDir):
         self.metrics = Path(os.devnull)
 
     def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
-        pass
-
-    def save_best(self, adapter: LoraAdapter) -> None:
         pass
 
     def train_seconds_at(self, step: int) -> float:

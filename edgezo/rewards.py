@@ -25,6 +25,7 @@ from typing import Protocol
 from .data import Example, Format, Task, chunks
 from .files import EdgezoError
 from .objective import Totals, score
+from . import toolcalls
 from .toolcalls import call_reward, score_call
 
 # A chat turn that has not ended this many tokens past its reference's length is cut there: it cannot match any
@@ -195,3 +196,16 @@ def evaluate_with_generation(engine, examples: Sequence[Example], task: Task, ba
         if on_batch:
             on_batch(len(batch))
     return totals
+
+
+def generation_metrics(task: Task, data_spec: str, reward: str | None) -> dict | None:
+    """The metrics of greedy generations eval reports on `task` (exact_match comes always; `reward` as "reward";
+    the built-in tool-calls data's call metrics), or None for data without completions to generate."""
+    if not has_completions(task):
+        if reward:
+            raise EdgezoError("--reward needs prompt/completion or chat data with the prompt masked")
+        return None
+    metrics = tool_call_metrics() if data_spec == toolcalls.NAME else {}
+    if reward:
+        metrics["reward"] = load_reward(reward)
+    return metrics

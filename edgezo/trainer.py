@@ -94,6 +94,9 @@ Validate = Callable[[Sequence[Example], Callable[[int], None]], Totals]  # (exam
 class TrainingEvents:
     """What the loop reports as it goes; each method does nothing unless overridden. `fields` are the metrics line."""
 
+    def start(self, step: int, total_steps: int) -> None:
+        """Training starts (or resumes) after `step` of `total_steps`."""
+
     def step(self, fields: dict) -> None:
         pass
 
@@ -139,6 +142,7 @@ def train(stepper: Stepper, validate: Validate, train_set: Sequence[Example], va
     if not train_set:
         raise EdgezoError("the training split is empty")
     events = events or TrainingEvents()
+    events.start(start_step, config.steps)
     valid_set = valid_set[: config.n_valid] if config.n_valid else valid_set
     recent_losses: list[float] = []
     valid = None

@@ -243,3 +243,20 @@ def test_command_line_parses_back_to_the_same_arguments():
     line = command_line("finetune", args)
     assert vars(parser.parse_args(line)) == vars(args)
     assert "--json" not in line and "--seed" not in line  # defaults are left to the rank's own parser
+
+
+def test_finetune_spec_defaults_are_the_command_lines():
+    """edgezo.session.FinetuneSpec (the library's options) and `edgezo finetune`'s parser agree on every default,
+    and a parsed command line converts to the spec field for field."""
+    import dataclasses
+
+    from edgezo.cli import build_parser
+    from edgezo.session import FinetuneSpec
+
+    parsed = vars(build_parser().parse_args(["finetune"]))
+    fields = {f.name for f in dataclasses.fields(FinetuneSpec)}
+    assert fields == set(parsed) - {"command", "config", "json"}
+    assert {name: getattr(FinetuneSpec(), name) for name in fields} == {name: parsed[name] for name in fields}
+    args = build_parser().parse_args(["finetune", "--steps", "7", "--lora-fa", "--layers", "2:4"])
+    spec = FinetuneSpec.from_options(args)
+    assert (spec.steps, spec.lora_fa, spec.layers) == (7, True, "2:4")

@@ -14,7 +14,8 @@ import sys
 from ..files import EdgezoError
 from ..trainer import TrainingInterrupted
 from .files import cmd_convert, cmd_export, cmd_fetch, cmd_plot
-from .finetune import cmd_finetune, cmd_reference, mezo_learning_rate
+from ..session import mezo_learning_rate
+from .finetune import cmd_finetune, cmd_reference
 from .generate import cmd_chat, cmd_eval, cmd_generate, cmd_serve
 from .info import cmd_capacity, cmd_demo, cmd_doctor, cmd_memory
 from .output import SayHandler, emit_json, say

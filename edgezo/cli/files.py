@@ -9,7 +9,7 @@ from .. import store
 from ..adapter import LoraAdapter, read_base_model_info
 from ..files import EdgezoError
 from .output import say, TensorProgress
-from .resolve import resolve_adapter, resolve_base
+from ..resolve import resolve_adapter, resolve_base
 
 
 # ---- fetch -------------------------------------------------------------------------------------------------------
@@ -24,7 +24,7 @@ def cmd_export(args) -> tuple[dict, str]:
     if adapter_path is None:
         raise EdgezoError("export needs --adapter")
     # the base the adapter was trained on (merged-gguf folds it into exactly those weights), unless --model/--quant
-    model_path = resolve_base(args, saved)
+    model_path = resolve_base(args, saved, log=say)
     base = read_base_model_info(model_path)
     adapter = LoraAdapter.load(adapter_path, base)  # validates every tensor against the base
     out = Path(args.output)

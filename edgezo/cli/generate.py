@@ -8,12 +8,11 @@ import time
 from pathlib import Path
 
 
-from .. import rewards, toolcalls
+from .. import rewards
 from ..adapter import LoraAdapter, read_base_model_info
-from ..data import Task
 from ..files import EdgezoError, peak_rss_bytes
 from .output import say
-from .resolve import DEFAULT_DATA, load_task_and_splits, open_engine, resolve_adapter, resolve_base
+from ..resolve import DEFAULT_DATA, load_task_and_splits, open_engine, resolve_adapter, resolve_base
 
 
 def cmd_eval(args) -> tuple[dict, str]:
@@ -22,15 +21,15 @@ def cmd_eval(args) -> tuple[dict, str]:
     t0 = time.perf_counter()
     adapter_path, saved = resolve_adapter(args.adapter)
     data_spec = args.data or (saved or {}).get("data") or DEFAULT_DATA
-    model_path = resolve_base(args, saved)
-    engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads)
+    model_path = resolve_base(args, saved, log=say)
+    engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads, log=say)
     if adapter_path:
         engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
-    task, examples, _ = load_task_and_splits(engine, data_spec, args, [args.split], saved)
+    task, examples, _ = load_task_and_splits(engine, data_spec, args, [args.split], saved, log=say)
     subset = examples[args.split][: args.limit] if args.limit else examples[args.split]
     from tqdm import tqdm
 
-    metrics = generation_metrics(task, data_spec, args.reward)
+    metrics = rewards.generation_metrics(task, data_spec, args.reward)
     with tqdm(total=len(subset), desc=f"eval {args.split}", unit="ex", file=sys.stderr, dynamic_ncols=True) as bar:
         if metrics is None:
             totals = evaluate(engine, subset, task, args.batch_size, on_batch=bar.update)
@@ -46,19 +45,6 @@ def cmd_eval(args) -> tuple[dict, str]:
                     + f"  ({totals.n_examples} examples)")
 
 
-def generation_metrics(task: Task, data_spec: str, reward: str | None) -> dict | None:
-    """The metrics of greedy generations eval reports on `task` (exact_match comes always; `reward` as "reward";
-    the built-in tool-calls data's call metrics), or None for data without completions to generate."""
-    if not rewards.has_completions(task):
-        if reward:
-            raise EdgezoError("--reward needs prompt/completion or chat data with the prompt masked")
-        return None
-    metrics = rewards.tool_call_metrics() if data_spec == toolcalls.NAME else {}
-    if reward:
-        metrics["reward"] = rewards.load_reward(reward)
-    return metrics
-
-
 # ---- generate ----------------------------------------------------------------------------------------------------
 def sampling(args):
     from ..engine import Sampling
@@ -71,8 +57,8 @@ def open_generator(args):
     """(engine, base path) for generate / chat: the run's own base, the adapter validated in Python before
     llama.cpp sees it, a one-sequence context of --ctx tokens."""
     adapter_path, saved = resolve_adapter(args.adapter)
-    model_path = resolve_base(args, saved)
-    engine, base = open_engine(model_path, 1, args.ctx, args.threads)
+    model_path = resolve_base(args, saved, log=say)
+    engine, base = open_engine(model_path, 1, args.ctx, args.threads, log=say)
     if adapter_path:
         engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)
     return engine, adapter_path
@@ -185,7 +171,7 @@ def cmd_serve(args) -> tuple[dict, str]:
         raise EdgezoError(f"serve needs llama-cpp-python's server extra (missing: {', '.join(missing)}): "
                           f"pip install 'edgezo[serve]'")
     adapter_path, saved = resolve_adapter(args.adapter)
-    model_path = resolve_base(args, saved)
+    model_path = resolve_base(args, saved, log=say)
     if adapter_path:
         LoraAdapter.load(adapter_path, read_base_model_info(model_path))  # every tensor checked against the base
     alias = args.name or (Path(args.adapter.removesuffix(":best")).name if args.adapter else Path(args.model).stem)

@@ -12,7 +12,7 @@ from .finetune import cmd_finetune
 from .generate import cmd_eval
 from .output import say
 from .parser import build_parser
-from .resolve import DEFAULT_DATA, lora_from_args, predict_run, resolve_base
+from ..resolve import DEFAULT_DATA, lora_from_args, predict_run, resolve_base
 
 
 def cmd_memory(args) -> tuple[dict, str]:
@@ -27,10 +27,10 @@ def cmd_memory(args) -> tuple[dict, str]:
     if method.startswith("bp"):
         quantized = method.startswith("bp-quant") or args.base_dtype != "float"
         method = torch_method(args.gradient_checkpointing or method.endswith("-ckpt"), quantized)
-    model_path = resolve_base(args)
+    model_path = resolve_base(args, log=say)
     if method.startswith("bp-quant"):
         check_base_file(model_path, None if args.base_dtype == "float" else args.base_dtype)
-    prediction, seq_len = predict_run(model_path, method, args)
+    prediction, seq_len = predict_run(model_path, method, args, log=say)
     result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": method,
               "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
               "seq_len": seq_len, "data": args.data}
@@ -70,7 +70,7 @@ def cmd_doctor(args) -> tuple[dict, str]:
 
     result = environment(store.home(), args.threads)
     if args.probe:
-        model_path = resolve_base(args)
+        model_path = resolve_base(args, log=say)
         say(f"probing a decode of {model_path.name} in a child process ...")
         result["probe"] = {"model": str(model_path), **probe_in_child(model_path, args.threads)}
     return result, format_doctor(result)
@@ -110,7 +110,7 @@ def cmd_demo(args) -> tuple[dict, str]:
     Runs exactly the documented commands; an earlier demo run in --out is resumed (a finished one is reused).
     """
     parser = build_parser()
-    resolve_base(args)  # fetch / requantize once, and name what the three steps run on
+    resolve_base(args, log=say)  # fetch / requantize once, and name what the three steps run on
     common = ["--model", args.model, "--quant", args.quant or "none", "--threads", str(args.threads)]
     say("== 1/3 zero-shot accuracy on the test split")
     zero, text = cmd_eval(parser.parse_args(["eval", *common, "--data", DEFAULT_DATA, "--split", "test"]))

@@ -27,14 +27,15 @@ class SayHandler(logging.Handler):
 class ConsoleProgress(TrainingEvents):
     """tqdm bar over training steps (loss, valid accuracy, s/step, RSS); evaluation shown on its own bar."""
 
-    def __init__(self, total_steps: int, start_step: int, desc: str = "finetune"):
+    def __init__(self, desc: str = "finetune"):
+        self.desc, self.bar, self.eval_bar, self.postfix = desc, None, None, {}
+
+    def start(self, step: int, total_steps: int) -> None:
         from tqdm import tqdm
 
         self._tqdm = tqdm
-        self.bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", file=sys.stderr,
+        self.bar = tqdm(total=total_steps, initial=step, desc=self.desc, unit="step", file=sys.stderr,
                         dynamic_ncols=True)
-        self.eval_bar = None
-        self.postfix = {}
 
     def step(self, fields: dict) -> None:
         self.postfix.update(loss=f"{fields['loss']:.4f}", s_step=f"{fields['seconds']:.2f}",
@@ -62,7 +63,8 @@ class ConsoleProgress(TrainingEvents):
                        file=sys.stderr)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class TensorProgress:

@@ -11,7 +11,7 @@ from ..files import EdgezoError
 from ..mezo import Estimator, MezoConfig, Schedule
 from ..trainer import TrainConfig
 from .output import say
-from .resolve import DEFAULT_DATA, DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL, DEFAULT_QUANT, FZOO_DEFAULT_DIRECTIONS
+from ..resolve import DEFAULT_DATA, DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL, DEFAULT_QUANT, FZOO_DEFAULT_DIRECTIONS
 
 
 # ---- shared setup ------------------------------------------------------------------------------------------------

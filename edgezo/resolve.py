@@ -1,5 +1,6 @@
-"""From parsed arguments to what a command runs on: the model file, engine, task and splits, adapter, LoRA
-config, memory budget, and a run directory's recorded config."""
+"""From a command's options (an argparse Namespace or edgezo.session.FinetuneSpec: the long flag names as
+attributes) to what it runs on: the model file, engine, task and splits, adapter, LoRA config, memory budget and
+prediction, and a run directory's recorded config. `log` receives one-line notices (the CLI prints them)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import json
 from pathlib import Path
 
 
-from .. import store
-from ..adapter import LoraConfig, read_base_model_info
-from ..data import Task, build_examples, build_task, read_jsonl
-from ..files import EdgezoError
-from ..memory import TORCH_METHODS
-from ..rundir import RunDir
-from .output import say
+from . import store
+from .adapter import LoraConfig, read_base_model_info
+from .data import Task, build_examples, build_task, read_jsonl
+from .files import EdgezoError
+from .memory import TORCH_METHODS
+from .rundir import RunDir
+
+
+def _quiet(msg: str) -> None:
+    pass
 
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -63,7 +67,7 @@ def parse_label_words(text: str | None) -> dict[str, str] | None:
     return pairs
 
 
-def resolve_base(args, saved: dict | None = None, log=say) -> Path:
+def resolve_base(args, saved: dict | None = None, log=_quiet) -> Path:
     """The base GGUF a command runs on, filling args.model / args.quant with what was used.
 
     --model if given, else the run's own base (`saved` = its config.json), else DEFAULT_MODEL. --quant if given;
@@ -84,12 +88,12 @@ def resolve_base(args, saved: dict | None = None, log=say) -> Path:
 
 
 def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int,
-                split_for: LoraConfig | None = None, log=say):
+                split_for: LoraConfig | None = None, log=_quiet):
     """(engine, base model info). The info is read first: gguf's reader holds ~160 MB of Python objects for
     SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later.
     With `split_for` (an adapter config whose blocks end at the top), evaluations run only those blocks."""
-    from ..engine import Engine, EngineConfig, SplitEngine  # imported late: `edgezo fetch --help` should not load llama.cpp
-    from ..split import split_files, split_point
+    from .engine import Engine, EngineConfig, SplitEngine  # imported late: `edgezo fetch --help` should not load llama.cpp
+    from .split import split_files, split_point
 
     base = read_base_model_info(model_path)
     config = EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads)
@@ -101,10 +105,10 @@ def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: in
 
 
 def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved: dict | None = None,
-                         optional: set[str] = frozenset()):
+                         optional: set[str] = frozenset(), log=_quiet):
     """The task (format, labels, template) is fixed by the training split; then tokenize the requested splits
     (those in `optional` only if the dataset has them)."""
-    files, builtin_template = store.resolve_data(data_spec, args.valid, args.test, log=say)
+    files, builtin_template = store.resolve_data(data_spec, args.valid, args.test, log=log)
     template = args.template or (saved or {}).get("template") or builtin_template
     label_words = parse_label_words(args.label_words) or (saved or {}).get("label_words")
     if args.mask_prompt is None:
@@ -130,16 +134,16 @@ def memory_budget(args) -> int:
     if args.max_memory:
         return parse_bytes(args.max_memory)
     if args.device:
-        from ..memory import load_device_profile
+        from .memory import load_device_profile
 
         return load_device_profile(args.device).usable_ram_bytes
     return 0
 
 
-def refuse_over_budget(model_path: Path, method: str, args, budget_bytes: int, prediction=None) -> None:
+def refuse_over_budget(model_path: Path, method: str, args, budget_bytes: int, prediction=None, log=_quiet) -> None:
     """Refuse to start a run whose predicted peak RSS (edgezo.memory, on the run's own batches; `prediction` if
     already made) exceeds the budget."""
-    prediction = prediction or predict_run(model_path, method, args)[0]
+    prediction = prediction or predict_run(model_path, method, args, log)[0]
     if prediction.total_bytes > budget_bytes:
         top = sorted(prediction.breakdown.items(), key=lambda kv: -kv[1])[:3]
         raise EdgezoError(
@@ -204,30 +208,30 @@ def resolve_adapter(spec: str | None) -> tuple[Path | None, dict | None]:
 
 
 # ---- memory ------------------------------------------------------------------------------------------------------
-def run_sequences(model_path: Path, method: str, args) -> tuple[dict, object, dict]:
+def run_sequences(model_path: Path, method: str, args, log=_quiet) -> tuple[dict, object, dict]:
     """The run's data tokenized by llama.cpp's vocabulary (no weights loaded): (token sequences by split, task,
     the positions each sequence is scored at by split)."""
-    from ..engine import Vocabulary
-    from ..objective import output_positions
+    from .engine import Vocabulary
+    from .objective import output_positions
 
     splits = [args.split] if method == "inference" else ["train", "valid"]
     with Vocabulary(model_path) as vocab:
-        task, examples, _ = load_task_and_splits(vocab, args.data, args, splits, optional={"valid"})
+        task, examples, _ = load_task_and_splits(vocab, args.data, args, splits, optional={"valid"}, log=log)
     outputs = {split: [output_positions(ex, task) for ex in exs] for split, exs in examples.items()}
     return {split: [ex.tokens for ex in exs] for split, exs in examples.items()}, task, outputs
 
 
-def predict_run(model_path: Path, method: str, args) -> tuple:
+def predict_run(model_path: Path, method: str, args, log=_quiet) -> tuple:
     """(Prediction, sequence length used) for the run `args` describes (finetune, reference-*, memory or eval flags):
     with --data its own batches, else the worst case of --max-seq-len tokens per sequence."""
-    from ..memory import predict_llama_cpp, predict_torch, read_model_shape, run_batches
-    from ..split import split_point
+    from .memory import predict_llama_cpp, predict_torch, read_model_shape, run_batches
+    from .split import split_point
 
     lora = lora_from_args(args)
     seq_len = getattr(args, "tokens_per_seq", None) or args.max_seq_len
     logit_rows, logit_cols, token_ids, outputs = None, 2, None, {}
     if args.data:
-        seqs, task, scored = run_sequences(model_path, method, args)
+        seqs, task, scored = run_sequences(model_path, method, args, log)
         if method == "inference":
             n = args.limit or None
             split, split_scored = seqs.get(args.split, [])[:n], scored.get(args.split, [])[:n]

@@ -71,6 +71,14 @@ def write_json_atomic(target: str | os.PathLike, obj) -> None:
     write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_npz_atomic(target: str | os.PathLike, arrays: dict) -> None:
+    """Named arrays as one .npz (numpy's own format; through a file object, so numpy adds no suffix)."""
+    import numpy as np
+
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

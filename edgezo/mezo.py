@@ -15,6 +15,14 @@ FZOO (Dang et al., arXiv 2506.09034) is the second estimator: n one-sided Radema
     g_k = (L(theta + eps u_k) - l_0) / std_k(L(theta + eps u_k))
     theta <- theta - lr_t * (1/n) sum_k g_k u_k
 n + 1 evaluations per step instead of 2n; the update is the same expression as MeZO's, so the same replay holds.
+
+ConMeZO (Behric et al., arXiv 2511.02757) is MeZO with its directions drawn in a cone around a momentum m of its
+past estimates, so the search concentrates where the gradient has been (u_k ~ N(0, I) from the seed as above):
+    z_k = cos(angle) sqrt(d) m / |m| + sin(angle) u_k          (z_k = u_k while m = 0, i.e. on the first step)
+    theta <- theta - lr_t * (1/n) sum_k g_k z_k
+    m     <- beta m + (1 - beta) (1/n) sum_k g_k z_k
+m is the only state (the shapes of theta, float32), checkpointed with the adapter; it is a function of the step
+log, so a run stays replayable from (seed_k, g_k) in order.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ LossFn = Callable[[Mapping[str, np.ndarray]], float]
 class Estimator(str, Enum):
     MEZO = "mezo"  # two-sided, Gaussian directions
     FZOO = "fzoo"  # one-sided around l_0, Rademacher directions, step normalised by the losses' std
+    CONMEZO = "conmezo"  # two-sided, Gaussian directions in a cone around the momentum of past estimates
 
 
 class Schedule(str, Enum):
@@ -52,6 +61,9 @@ class MezoConfig:
     schedule: Schedule = Schedule.CONSTANT
     warmup_steps: int = 0
     estimator: Estimator = Estimator.MEZO
+    # ConMeZO: the cone's half-angle in radians and the momentum's decay (the paper's OPT settings)
+    cone_angle: float = 1.35
+    cone_momentum: float = 0.99
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", Schedule(self.schedule))
@@ -67,6 +79,9 @@ class MezoConfig:
             raise EdgezoError(f"n_directions must be >= 1, got {self.n_directions}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise EdgezoError("weight decay and warmup steps must be >= 0")
+        if not (0 <= self.cone_angle <= math.pi / 2 and 0 <= self.cone_momentum < 1):
+            raise EdgezoError(f"the cone's angle must be in [0, pi/2] and its momentum in [0, 1), got "
+                              f"{self.cone_angle} and {self.cone_momentum}")
 
 
 def learning_rate_at(config: MezoConfig, step: int, total_steps: int) -> float:
@@ -99,16 +114,46 @@ def direction(seed: int, tensor_index: int, shape: tuple[int, ...], rademacher: 
     return rng.standard_normal(shape, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class Cone:
+    """ConMeZO's directions at one step: z = along * m + across * u(seed), with along = cos(angle) sqrt(d) / |m|."""
+
+    momentum: Params
+    along: np.float32
+    across: np.float32
+
+    @classmethod
+    def around(cls, momentum: Params, config: MezoConfig) -> Cone | None:
+        """The cone of this step, None while the momentum is zero (then z = u)."""
+        norm = math.sqrt(sum(float(np.dot(m.ravel().astype(np.float64), m.ravel())) for m in momentum.values()))
+        if norm == 0.0:
+            return None
+        d = sum(m.size for m in momentum.values())
+        return cls(momentum, np.float32(math.cos(config.cone_angle) * math.sqrt(d) / norm),
+                   np.float32(math.sin(config.cone_angle)))
+
+
+def step_direction(seed: int, index: int, name: str, shape: tuple[int, ...], rademacher: bool = False,
+                   cone: Cone | None = None) -> np.ndarray:
+    """z of tensor `name` (position `index` in theta) for direction `seed`: direction(), or its cone version."""
+    z = direction(seed, index, shape, rademacher)
+    if cone is not None:
+        z *= cone.across
+        z += cone.along * cone.momentum[name]
+    return z
+
+
 class PerturbedParams(Mapping):
     """Read-only view theta + scale * z(seed); each access builds one tensor (nothing else is materialised)."""
 
-    def __init__(self, theta: Params, seed: int, scale: float, rademacher: bool = False):
+    def __init__(self, theta: Params, seed: int, scale: float, rademacher: bool = False, cone: Cone | None = None):
         self._theta, self._seed, self._scale, self._rademacher = theta, seed, np.float32(scale), rademacher
+        self._cone = cone
         self._index = {name: i for i, name in enumerate(theta)}
 
     def __getitem__(self, name: str) -> np.ndarray:
         t = self._theta[name]
-        z = direction(self._seed, self._index[name], t.shape, self._rademacher)
+        z = step_direction(self._seed, self._index[name], name, t.shape, self._rademacher, self._cone)
         z *= self._scale  # in place: one tensor-sized allocation per access, not three
         z += t
         return z
@@ -150,10 +195,13 @@ def check_finite(step: int, **losses: float) -> None:
         raise NonFiniteLoss(f"step {step + 1}: loss is not finite ({shown})")
 
 
-def zo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
-    """One step of the configured estimator, updating `theta` in place; NonFiniteLoss (theta untouched) on NaN/inf."""
-    step_fn = fzoo_step if config.estimator is Estimator.FZOO else mezo_step
-    return step_fn(theta, loss_fn, config, run_seed, step, total_steps)
+def zo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int,
+            momentum: Params | None = None) -> StepRecord:
+    """One step of the configured estimator, updating `theta` (and ConMeZO's `momentum`) in place; NonFiniteLoss
+    (both untouched) on NaN/inf."""
+    if config.estimator is Estimator.FZOO:
+        return fzoo_step(theta, loss_fn, config, run_seed, step, total_steps)
+    return mezo_step(theta, loss_fn, config, run_seed, step, total_steps, momentum)
 
 
 def fzoo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
@@ -174,16 +222,24 @@ def fzoo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
     return record
 
 
-def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
-    """One MeZO step, updating `theta` in place. Raises NonFiniteLoss (theta untouched) on a NaN/inf loss."""
+def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int,
+              momentum: Params | None = None) -> StepRecord:
+    """One MeZO (or ConMeZO: `momentum` given) step, updating `theta` in place. Raises NonFiniteLoss (theta
+    untouched) on a NaN/inf loss."""
     record = StepRecord(step=step, lr=learning_rate_at(config, step, total_steps))
+    cone = Cone.around(momentum, config) if momentum is not None else None
     for k in range(config.n_directions):
         seed = direction_seed(run_seed, step, k)
-        loss_plus = float(loss_fn(PerturbedParams(theta, seed, +config.eps)))
-        loss_minus = float(loss_fn(PerturbedParams(theta, seed, -config.eps)))
+        loss_plus = float(loss_fn(PerturbedParams(theta, seed, +config.eps, cone=cone)))
+        loss_minus = float(loss_fn(PerturbedParams(theta, seed, -config.eps, cone=cone)))
         add_two_sided(record, seed, loss_plus, loss_minus, config.eps)
-    apply_update(theta, record, config)
+    apply_update(theta, record, config, momentum)
     return record
+
+
+def initial_momentum(theta: Params) -> Params:
+    """ConMeZO's momentum before the first step: zeros shaped as theta."""
+    return {name: np.zeros_like(t) for name, t in theta.items()}
 
 
 def add_two_sided(record: StepRecord, seed: int, loss_plus: float, loss_minus: float, eps: float) -> None:
@@ -196,15 +252,25 @@ def add_two_sided(record: StepRecord, seed: int, loss_plus: float, loss_minus: f
     record.losses_minus.append(loss_minus)
 
 
-def apply_update(theta: Params, record: StepRecord, config: MezoConfig) -> None:
-    """theta -= lr * (mean_k g_k z_k + wd * theta), regenerating each z_k; float32 throughout, so replay is bit-exact."""
+def apply_update(theta: Params, record: StepRecord, config: MezoConfig, momentum: Params | None = None) -> None:
+    """theta -= lr * (mean_k g_k z_k + wd * theta), regenerating each z_k; float32 throughout, so replay is bit-exact.
+    With ConMeZO's `momentum` (the z_k in its cone), also momentum <- beta * momentum + (1 - beta) * mean_k g_k z_k."""
     n = len(record.seeds)
     rademacher = config.estimator is Estimator.FZOO
+    cone = Cone.around(momentum, config) if momentum is not None else None  # before any tensor of m changes
     lr = np.float32(record.lr)
+    beta = np.float32(config.cone_momentum)
     for index, (name, t) in enumerate(theta.items()):
         if config.weight_decay:
             t -= lr * np.float32(config.weight_decay) * t
+        estimate = np.zeros_like(t) if momentum is not None else None
         for seed, g in zip(record.seeds, record.projected_grads):
-            z = direction(seed, index, t.shape, rademacher)
+            z = step_direction(seed, index, name, t.shape, rademacher, cone)
+            if estimate is not None:
+                estimate += np.float32(g / n) * z
             z *= lr * np.float32(g / n)
             t -= z
+        if momentum is not None:
+            m = momentum[name]
+            m *= beta
+            m += (np.float32(1) - beta) * estimate

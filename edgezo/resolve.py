@@ -266,5 +266,6 @@ def predict_run(model_path: Path, method: str, args, log=_quiet) -> tuple:
             n_cached = sum(len(s) for s in valid) if args.data else 0
         prediction = predict_llama_cpp(shape, method, args.batch_size, args.max_seq_len, lora=lora,
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len), split_at=split_at,
-                                       n_cached_tokens=n_cached, **outputs)
+                                       n_cached_tokens=n_cached,
+                                       momentum=getattr(args, "estimator", "mezo") == "conmezo", **outputs)
     return prediction, seq_len

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .adapter import LoraAdapter
-from .files import EdgezoError, sha256_file, write_json_atomic, write_text_atomic
+from .files import EdgezoError, sha256_file, write_json_atomic, write_npz_atomic, write_text_atomic
 
 BEST_BY = {"valid_loss": 1.0, "valid_reward": -1.0}  # the sign that makes lower better
 
@@ -32,7 +34,8 @@ PER_MACHINE = {"model", "data"}
 # Fields config.json gained later, so that older runs still resume: those whose value an older run implies (it had
 # no choice), and those it did not record (compared only when the saved configuration has them).
 ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False,
-                            "objective": "loss", "train.best_by": "valid_loss"}
+                            "objective": "loss", "train.best_by": "valid_loss", "mezo.cone_angle": 1.35,
+                            "mezo.cone_momentum": 0.99}
 ADDED_UNRECORDED = {"valid", "test", "mask_prompt"}
 
 
@@ -85,14 +88,31 @@ class RunDir:
         except OSError as exc:
             raise EdgezoError(f"cannot create the run directory {self.path}: {exc.strerror or exc}") from None
 
-    def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
+    def save_checkpoint(self, adapter: LoraAdapter, step: int, optimizer: dict[str, np.ndarray] | None = None) -> None:
+        """The adapter after `step` (and the optimizer's state, e.g. ConMeZO's momentum), then state.json names them."""
         path = self.path / f"checkpoint-{step:06d}.gguf"
         adapter.save(path)
-        write_json_atomic(self.state, {"step": step, "checkpoint": path.name, "sha256": sha256_file(path)})
+        state = {"step": step, "checkpoint": path.name, "sha256": sha256_file(path)}
+        if optimizer is not None:
+            extra = self.path / f"checkpoint-{step:06d}.optimizer.npz"
+            write_npz_atomic(extra, optimizer)
+            state.update(optimizer=extra.name, optimizer_sha256=sha256_file(extra))
+        write_json_atomic(self.state, state)
         # Only now is the previous checkpoint no longer needed; also drop temp files of a write a kill cut short.
-        for old in [*self.path.glob("checkpoint-*.gguf"), *self.path.glob(".checkpoint-*.tmp")]:
-            if old != path:
+        for old in [*self.path.glob("checkpoint-*"), *self.path.glob(".checkpoint-*.tmp")]:
+            if old not in (path, self.path / state.get("optimizer", path.name)):
                 old.unlink(missing_ok=True)
+
+    def load_optimizer_state(self) -> dict[str, np.ndarray]:
+        """The optimizer state saved with the last checkpoint (its sha256 checked)."""
+        state = json.loads(self.state.read_text())
+        if "optimizer" not in state:
+            raise EdgezoError(f"{self.state}: the checkpoint has no optimizer state (a run of another estimator?)")
+        path = self.path / state["optimizer"]
+        if not path.exists() or sha256_file(path) != state.get("optimizer_sha256"):
+            raise EdgezoError(f"{path}: missing or changed since it was written (sha256 differs); cannot resume exactly")
+        with np.load(path) as arrays:
+            return {name: arrays[name] for name in arrays.files}
 
     def _state(self) -> dict:
         try:

@@ -66,6 +66,8 @@ class FinetuneSpec:
     eps: float = _MEZO.eps
     estimator: str = Estimator.MEZO.value
     n_directions: int | None = None  # None: 1 for mezo, FZOO_DEFAULT_DIRECTIONS for fzoo
+    cone_angle: float = _MEZO.cone_angle  # conmezo
+    cone_momentum: float = _MEZO.cone_momentum  # conmezo
     weight_decay: float = _MEZO.weight_decay
     schedule: str = _MEZO.schedule.value
     warmup_steps: int = _MEZO.warmup_steps
@@ -133,7 +135,7 @@ def mezo_config(spec: FinetuneSpec) -> MezoConfig:
     n_directions = spec.n_directions or (FZOO_DEFAULT_DIRECTIONS if estimator is Estimator.FZOO else 1)
     return MezoConfig(learning_rate=mezo_learning_rate(spec), eps=spec.eps, n_directions=n_directions,
                       weight_decay=spec.weight_decay, schedule=spec.schedule, warmup_steps=spec.warmup_steps,
-                      estimator=estimator)
+                      estimator=estimator, cone_angle=spec.cone_angle, cone_momentum=spec.cone_momentum)
 
 
 def plan_memory(spec: FinetuneSpec, model_path: Path, budget_bytes: int, log=_quiet) -> None:
@@ -241,6 +243,8 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
         evaluate_fn = group.evaluate_fn
     else:
         stepper = EngineStepper(engine, task, adapter, mezo, spec.seed, train_cfg.steps, spec.lora_fa, objective)
+        if start_step:
+            stepper.resume(run)
     if root:
         write_json_atomic(run.config, config)
     else:

@@ -13,7 +13,8 @@ import numpy as np
 
 from .adapter import LoraAdapter
 from .data import Example, Task
-from .mezo import MezoConfig, NonFiniteLoss, StepRecord, zo_step
+from .files import EdgezoError
+from .mezo import Estimator, MezoConfig, NonFiniteLoss, StepRecord, initial_momentum, zo_step
 from .objective import Totals, evaluate, loss_function
 from .rewards import RewardError
 from .rundir import RunDir
@@ -48,6 +49,16 @@ class ZoStepper:
                  freeze_lora_a: bool = False):
         self.adapter, self.mezo, self.run_seed, self.total_steps = adapter, mezo, run_seed, total_steps
         self.theta = trainable_tensors(adapter, freeze_lora_a)  # the same arrays: updates land in adapter.tensors
+        # ConMeZO's state, checkpointed with the adapter; None for the stateless estimators
+        self.momentum = initial_momentum(self.theta) if mezo.estimator is Estimator.CONMEZO else None
+
+    def resume(self, run: RunDir) -> None:
+        """Take the optimizer state saved with the run's last checkpoint (the adapter is loaded by the caller)."""
+        if self.momentum is not None:
+            saved = run.load_optimizer_state()
+            if saved.keys() != self.momentum.keys() or any(saved[k].shape != m.shape for k, m in self.momentum.items()):
+                raise EdgezoError(f"{run.path}: the checkpoint's momentum does not fit this adapter")
+            self.momentum = {name: saved[name].astype(np.float32) for name in self.momentum}
 
     def estimate(self, batch: Sequence[Example], step: int) -> StepRecord:
         """Estimate and apply one step to self.theta (mezo.zo_step's contract)."""
@@ -66,7 +77,7 @@ class ZoStepper:
         self.adapter.save(path)
 
     def checkpoint(self, run: RunDir, step: int) -> None:
-        run.save_checkpoint(self.adapter, step)
+        run.save_checkpoint(self.adapter, step, optimizer=self.momentum)
 
 
 class EngineStepper(ZoStepper):
@@ -82,7 +93,7 @@ class EngineStepper(ZoStepper):
         loss = (self.objective or loss_function)(self.engine, batch, self.task)
         # frozen tensors (LoRA-FA's A) come from the adapter, the trained ones from the estimator
         return zo_step(self.theta, lambda params: loss(collections.ChainMap(params, self.adapter.tensors)),
-                       self.mezo, self.run_seed, step, self.total_steps)
+                       self.mezo, self.run_seed, step, self.total_steps, self.momentum)
 
 
 def engine_validation(engine, adapter: LoraAdapter, task: Task, batch_size: int, evaluate_fn: Callable = evaluate):

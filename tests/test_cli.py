@@ -7,6 +7,7 @@ import pytest
 
 from edgezo.adapter import LoraAdapter
 from edgezo.cli import build_parser, command_line, main
+from edgezo.files import sha256_file
 
 from helpers import finetune_args, run_json
 
@@ -220,6 +221,37 @@ def test_fzoo_resume_reproduces_the_uninterrupted_run_bit_for_bit(tiny_gguf, sen
     assert "mezo.estimator: 'fzoo' -> 'mezo'" in capsys.readouterr().err
 
 
+def test_conmezo_resume_with_its_momentum_reproduces_the_uninterrupted_run_bit_for_bit(tiny_gguf, sentiment_dir,
+                                                                                      tmp_path, capsys):
+    extra = ("--estimator", "conmezo", "--cone-momentum", "0.5", "--save-every", "1")
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "full", 6, *extra))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 3, *extra))
+    state = json.loads((tmp_path / "split" / "state.json").read_text())
+    assert state["optimizer"] == "checkpoint-000003.optimizer.npz"
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == [state["checkpoint"], state["optimizer"]]
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 6, "--resume", *extra))
+    full = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").tensors
+    split = LoraAdapter.load(tmp_path / "split" / "adapter.gguf").tensors
+    for k in full:
+        np.testing.assert_array_equal(full[k], split[k])
+    # a changed momentum file is refused; one with the momentum zeroed (and its hash updated) resumes to another
+    # adapter: the momentum carries the run
+    cold = tmp_path / "cold"
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, cold, 3, *extra))
+    saved = cold / "checkpoint-000003.optimizer.npz"
+    with np.load(saved) as arrays:
+        zeros = {k: np.zeros_like(arrays[k]) for k in arrays.files}
+    with open(saved, "wb") as f:
+        np.savez(f, **zeros)
+    assert main(finetune_args(tiny_gguf, sentiment_dir, cold, 6, "--resume", *extra)) == 1
+    assert "changed since it was written" in capsys.readouterr().err
+    state = json.loads((cold / "state.json").read_text())
+    (cold / "state.json").write_text(json.dumps({**state, "optimizer_sha256": sha256_file(saved)}))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, cold, 6, "--resume", *extra))
+    restarted = LoraAdapter.load(cold / "adapter.gguf").tensors
+    assert any(not np.array_equal(full[k], restarted[k]) for k in full)
+
+
 def test_a_config_written_before_the_new_keys_still_resumes(tiny_gguf, sentiment_dir, tmp_path, capsys):
     out = tmp_path / "old"
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, out, 2))
@@ -230,8 +262,9 @@ def test_a_config_written_before_the_new_keys_still_resumes(tiny_gguf, sentiment
 
 
 def test_distributed_refuses_the_new_estimators(tiny_gguf, sentiment_dir, tmp_path, capsys):
-    assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "d", 2, "--workers", "2", "--lora-fa")) == 1
-    assert "distributed MeZO runs the two-sided estimator" in capsys.readouterr().err
+    for flags in (["--lora-fa"], ["--estimator", "conmezo"], ["--estimator", "fzoo"]):
+        assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "d", 2, "--workers", "2", *flags)) == 1
+        assert "distributed MeZO runs the two-sided estimator" in capsys.readouterr().err
 
 
 def test_command_line_parses_back_to_the_same_arguments():

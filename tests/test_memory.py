@@ -67,6 +67,9 @@ def test_mezo_prediction_is_inference_plus_adapter_terms(tiny_gguf):
     extra_compute = mezo.breakdown["compute_bytes"] - inference.breakdown["compute_bytes"]
     assert mezo.total_bytes == inference.total_bytes + sum(adapter_terms.values()) + extra_compute
     assert sum(mezo.breakdown.values()) == mezo.total_bytes
+    # ConMeZO keeps one more float32 copy of the adapter: its momentum
+    conmezo = predict_llama_cpp(tiny_gguf, "mezo", 4, 64, lora, n_tokens_per_seq=20, momentum=True)
+    assert conmezo.total_bytes - mezo.total_bytes == conmezo.breakdown["momentum_bytes"] == 4 * n_params
 
 
 def test_worst_case_is_the_default_and_larger(tiny_gguf):

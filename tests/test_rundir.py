@@ -7,7 +7,8 @@ from edgezo.rundir import identity, identity_changes
 
 CONFIG = {"model": "smollm2-135m", "model_path": "/a/smollm2.gguf", "quant": "q4_0", "data": "movie-reviews",
           "threads": 2, "eval_generation": False, "objective": "loss", "lora": {"rank": 16, "alpha": 32.0, "layers": None},
-          "mezo": {"learning_rate": 1e-3, "schedule": "constant", "estimator": "mezo"},
+          "mezo": {"learning_rate": 1e-3, "schedule": "constant", "estimator": "mezo", "cone_angle": 1.35,
+                   "cone_momentum": 0.99},
           "train": {"steps": 400, "seed": 0, "batch_size": 16, "eval_every": 100, "save_every": 50, "n_valid": 500,
                     "max_memory_bytes": 0, "max_train_seconds": 0, "freeze_lora_a": False, "best_by": "valid_loss"}}
 

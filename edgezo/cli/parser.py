@@ -131,9 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     groups["optimizer"].add_argument(
         "--estimator", choices=[e.value for e in Estimator], default=m.estimator.value,
         help="mezo: two-sided Gaussian SPSA; fzoo: one-sided Rademacher around the unperturbed loss, step "
-        "normalised by the losses' std (arXiv 2506.09034) [%(default)s]")
+        "normalised by the losses' std (arXiv 2506.09034); conmezo: mezo with directions in a cone around the "
+        "momentum of its past estimates (arXiv 2511.02757) [%(default)s]")
     groups["optimizer"].add_argument("--n-directions", type=int,
                                      help=f"random directions per step [mezo {m.n_directions}, fzoo {FZOO_DEFAULT_DIRECTIONS}]")
+    groups["optimizer"].add_argument("--cone-angle", type=float, default=m.cone_angle,
+                                     help="conmezo: the cone's half-angle around the momentum, radians [%(default)s]")
+    groups["optimizer"].add_argument("--cone-momentum", type=float, default=m.cone_momentum,
+                                     help="conmezo: the momentum's decay per step [%(default)s]")
     groups["optimizer"].add_argument(
         "--objective", default="loss",
         help="what MeZO minimises: loss (the data's NLL), or minus a reward of the greedy generations of "

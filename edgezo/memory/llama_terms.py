@@ -120,7 +120,7 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
                       lora: LoraConfig | None = None, n_tokens_per_seq: int | None = None,
                       n_outputs_per_seq: int = 1, n_ubatch: int = DEFAULT_N_UBATCH, kv_f32: bool = False,
                       split_at: int = 0, n_cached_tokens: int = 0, n_outputs: int | None = None,
-                      n_ubatch_outputs: int | None = None, lm_loss: bool = False) -> Prediction:
+                      n_ubatch_outputs: int | None = None, lm_loss: bool = False, momentum: bool = False) -> Prediction:
     """Peak RSS of an edgezo process running `method` ("inference" or "mezo") through llama.cpp.
 
     model_path: a GGUF, or a ModelShape (shape_from_spec: a model known only by its architecture).
@@ -131,7 +131,7 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     n_outputs: most positions with logits in one decode (default batch_size x n_outputs_per_seq); n_ubatch_outputs:
     most in one llama.cpp micro-batch (default: all of them, up to the micro-batch's tokens). RunBatches gives both
     for a run's data. lm_loss: the loss is the language-modelling one (text, completions, chat), which scores every
-    target token on the host.
+    target token on the host. momentum: ConMeZO (--estimator conmezo) keeps a momentum the size of the adapter.
     lora: the adapter MeZO trains (default LoraConfig()); ignored for inference.
     split_at: prefix reuse (engine.SplitEngine) from this block; n_cached_tokens: tokens of the repeated (validation)
     batches whose hidden states it keeps.
@@ -168,6 +168,8 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
         breakdown["lm_loss_bytes"] = lm_loss_bytes(shape, n_outputs)
     if adapter is not None:
         breakdown.update(adapter_terms(shape, adapter, breakdown["compute_bytes"]))
+        if momentum:  # ConMeZO's state: one float32 copy of the adapter (the per-tensor estimate is transient)
+            breakdown["momentum_bytes"] = lora_params(shape, adapter) * F32_BYTES
     if split_at:
         suffix_compute = compute_touched_bytes(shape, ubatch_tokens, n_ubatch_outputs, adapter)
         breakdown.update(split_terms(full_shape, split_at, batch_size, n_ctx_per_seq, n_tokens, suffix_compute,

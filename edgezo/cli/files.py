@@ -8,8 +8,8 @@ from pathlib import Path
 from .. import store
 from ..adapter import LoraAdapter, read_base_model_info
 from ..files import EdgezoError
-from .output import say, TensorProgress
 from ..resolve import resolve_adapter, resolve_base
+from .output import say, TensorProgress
 
 
 # ---- fetch -------------------------------------------------------------------------------------------------------

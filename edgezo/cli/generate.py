@@ -11,8 +11,8 @@ from pathlib import Path
 from .. import rewards
 from ..adapter import LoraAdapter, read_base_model_info
 from ..files import EdgezoError, peak_rss_bytes
-from .output import say
 from ..resolve import DEFAULT_DATA, load_task_and_splits, open_engine, resolve_adapter, resolve_base
+from .output import say
 
 
 def cmd_eval(args) -> tuple[dict, str]:

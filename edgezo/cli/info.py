@@ -8,11 +8,11 @@ from .. import store
 from ..formats import check_base_file
 from ..memory import TORCH_METHODS, torch_method
 from ..rundir import RunDir
+from ..resolve import DEFAULT_DATA, lora_from_args, predict_run, resolve_base
 from .finetune import cmd_finetune
 from .generate import cmd_eval
 from .output import say
 from .parser import build_parser
-from ..resolve import DEFAULT_DATA, lora_from_args, predict_run, resolve_base
 
 
 def cmd_memory(args) -> tuple[dict, str]:

@@ -86,7 +86,7 @@ class ReplicaRun(RunDir):
         super().__init__(tempfile.mkdtemp(prefix="edgezo-replica-"))
         self.metrics = Path(os.devnull)
 
-    def save_checkpoint(self, adapter: LoraAdapter, step: int) -> None:
+    def save_checkpoint(self, adapter: LoraAdapter, step: int, optimizer=None) -> None:
         pass
 
     def train_seconds_at(self, step: int) -> float:

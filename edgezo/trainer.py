@@ -2,7 +2,7 @@
 checkpoints, stops and the best adapter (the run directory's layout: edgezo.rundir).
 
 The loop receives its parts, as mlx-lm's tuner does: a Stepper (one optimisation step on a batch, and the adapter
-it trains) and a validation function. MeZO and FZOO on llama.cpp (edgezo.steppers), data- and direction-parallel
+it trains) and a validation function. MeZO, FZOO and ConMeZO on llama.cpp (edgezo.steppers), data- and direction-parallel
 MeZO (edgezo.distributed.steppers) and torch BP / MeZO (edgezo.reference) are steppers. What happens is reported
 to a TrainingEvents object (the progress bar, the trackers of edgezo.report).
 """

@@ -93,31 +93,37 @@ class RunDir:
         path = self.path / f"checkpoint-{step:06d}.gguf"
         adapter.save(path)
         state = {"step": step, "checkpoint": path.name, "sha256": sha256_file(path)}
+        keep = {path}
         if optimizer is not None:
             extra = self.path / f"checkpoint-{step:06d}.optimizer.npz"
             write_npz_atomic(extra, optimizer)
             state.update(optimizer=extra.name, optimizer_sha256=sha256_file(extra))
+            keep.add(extra)
         write_json_atomic(self.state, state)
         # Only now is the previous checkpoint no longer needed; also drop temp files of a write a kill cut short.
         for old in [*self.path.glob("checkpoint-*"), *self.path.glob(".checkpoint-*.tmp")]:
-            if old not in (path, self.path / state.get("optimizer", path.name)):
+            if old not in keep:
                 old.unlink(missing_ok=True)
 
     def load_optimizer_state(self) -> dict[str, np.ndarray]:
         """The optimizer state saved with the last checkpoint (its sha256 checked)."""
-        state = json.loads(self.state.read_text())
+        state = self._state()
         if "optimizer" not in state:
             raise EdgezoError(f"{self.state}: the checkpoint has no optimizer state (a run of another estimator?)")
         path = self.path / state["optimizer"]
-        if not path.exists() or sha256_file(path) != state.get("optimizer_sha256"):
+        if not path.exists() or sha256_file(path) != state["optimizer_sha256"]:
             raise EdgezoError(f"{path}: missing or changed since it was written (sha256 differs); cannot resume exactly")
         with np.load(path) as arrays:
             return {name: arrays[name] for name in arrays.files}
 
     def _state(self) -> dict:
+        """state.json's fields, checked: step, checkpoint, sha256, and optimizer / optimizer_sha256 if it has them."""
         try:
             state = json.loads(self.state.read_text())
-            return {"step": int(state["step"]), "checkpoint": str(state["checkpoint"]), "sha256": str(state["sha256"])}
+            checked = {"step": int(state["step"]), "checkpoint": str(state["checkpoint"]), "sha256": str(state["sha256"])}
+            if "optimizer" in state:
+                checked.update(optimizer=str(state["optimizer"]), optimizer_sha256=str(state["optimizer_sha256"]))
+            return checked
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EdgezoError(f"{self.state}: corrupted or missing checkpoint state ({exc})") from None
 

@@ -149,9 +149,11 @@ def plan_memory(spec: FinetuneSpec, model_path: Path, budget_bytes: int, log=_qu
     refuse_over_budget(model_path, "mezo", spec, budget_bytes, prediction, log)
 
 
-def check_resume(run: RunDir, config: dict) -> None:
-    saved = read_run_config(run)
-    changes = identity_changes(saved or {}, config)
+def check_resume(run: RunDir, saved: dict | None, config: dict) -> None:
+    """Refuse to continue `run` (its config.json: `saved`) with a configuration of another identity."""
+    if saved is None:
+        raise EdgezoError(f"--resume: {run.config} is missing, so the run's configuration cannot be checked")
+    changes = identity_changes(saved, config)
     if changes:
         raise EdgezoError(f"--resume: the configuration differs from {run.config}: {', '.join(changes)}")
 
@@ -220,7 +222,7 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
     elif spec.resume:
         if not run.state.exists():
             raise EdgezoError(f"--resume: {run.path} holds no checkpoint (state.json)")
-        check_resume(run, config)
+        check_resume(run, saved, config)
         adapter, start_step = run.load_checkpoint(base)
         run.truncate_metrics(start_step)
         log(f"resuming {run.path} at step {start_step}")

@@ -1,4 +1,4 @@
-"""MeZO and FZOO on an engine as steppers of the training loop (edgezo.trainer), and the engine's validation.
+"""MeZO, FZOO and ConMeZO on an engine as steppers of the training loop (edgezo.trainer), and the engine's validation.
 
 The optimizer (edgezo.mezo) sees only a function from parameters to a loss; here that function is the objective on
 one batch through the engine, which holds the adapter (Engine.set_adapter) and receives each perturbation.

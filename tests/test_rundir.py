@@ -50,3 +50,18 @@ def test_ranks_share_the_identity_and_when_they_validate_but_not_paths_or_cores(
     for field, value in (("train.seed", 1), ("train.steps", 10), ("train.eval_every", 5), ("lora.rank", 8)):
         assert run_digest(changed(**{field: value}), data) != digest, field
     assert run_digest(CONFIG, [Example(tokens=(1, 2, 4), target_start=3, label=0)]) != digest
+
+
+def test_a_corrupted_state_file_is_an_error_naming_it_for_the_optimizer_state_too(tmp_path):
+    import pytest
+
+    from edgezo.files import EdgezoError
+    from edgezo.rundir import RunDir
+
+    run = RunDir(tmp_path)
+    run.state.write_text("{not json")
+    with pytest.raises(EdgezoError, match="corrupted or missing checkpoint state"):
+        run.load_optimizer_state()
+    run.state.write_text('{"step": 3, "checkpoint": "checkpoint-000003.gguf", "sha256": "00"}')
+    with pytest.raises(EdgezoError, match="has no optimizer state"):
+        run.load_optimizer_state()

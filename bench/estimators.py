@@ -2,9 +2,11 @@
 
     python bench/estimators.py --work runs/estimators            # every configuration below, one after another
     python bench/estimators.py --work runs/estimators --only fzoo-fa,bp
+    python bench/estimators.py --work runs/intents --task intents --only bp,mezo   # the held-out-style check
 
 Each configuration is one `edgezo finetune` (or `edgezo reference-bp`) in a fresh process on SmolLM2-135M Q4_0,
-movie-reviews, batch 16, seed 0, validated on the same 500 reviews; a finished run in --work is reused (rerun to
+movie-reviews (or --task intents: bench/intents_data.py's synthetic requests), batch 16, seed 0, validated on
+the same 500 reviews (200 requests); a finished run in --work is reused (rerun to
 continue an interrupted sweep). Training seconds exclude evaluations, so they compare across evaluation schedules.
 Levers (issue "Fast MeZO"): LoRA-FA (B only), LoRA on the last K blocks only (--num-layers), and FZOO (one-sided
 Rademacher directions around the unperturbed loss, step normalised by the losses' std).
@@ -14,19 +16,47 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
+import intents_data  # noqa: E402
 
 from edgezo.rundir import RunDir  # noqa: E402
 from time_to_accuracy import read_curve  # noqa: E402
 
 NAME, TITLE = "estimators", "Fast MeZO levers: accuracy against steps and training time, torch BP alongside"
-THRESHOLDS = (0.80, 0.82, 0.84, 0.86)
 AT_SECONDS = (60, 120, 300)
-COMMON = ["--model", "smollm2-135m", "--quant", "q4_0", "--data", "movie-reviews", "--batch-size", "16", "--seed", "0",
-          "--n-valid", "500", "--json"]
+COMMON = ["--model", "smollm2-135m", "--quant", "q4_0", "--batch-size", "16", "--seed", "0", "--json"]
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """The data a sweep trains on, and the validation accuracies it reports the time to (the last but one is the
+    target whose time is compared with BP's)."""
+    name: str
+    n_valid: int
+    thresholds: tuple[float, ...]
+
+    @property
+    def target(self) -> float:
+        return self.thresholds[-2]
+
+    @property
+    def result_name(self) -> str:
+        return NAME if self.name == "movie-reviews" else f"{NAME}-{self.name}"
+
+    def data_flags(self, work: Path) -> list[str]:
+        if self.name == "movie-reviews":
+            return ["--data", "movie-reviews", "--n-valid", str(self.n_valid)]
+        return ["--data", str(intents_data.write(work / "data")), "--template", intents_data.TEMPLATE,
+                "--n-valid", str(self.n_valid)]
+
+
+TASKS = {"movie-reviews": BenchTask("movie-reviews", 500, (0.80, 0.82, 0.84, 0.86)),
+         # four intents answered by a letter: zero-shot is near chance, so the thresholds span the whole climb
+         "intents": BenchTask("intents", intents_data.N["valid"], (0.50, 0.70, 0.90, 0.95))}
 # name -> (command, steps, eval every, extra flags); MeZO's defaults (lr 1e-3, eps 1e-2, rank 16 on k,v) unless given
 CONFIGS = {
     "mezo": ("finetune", 400, 25, []),  # today's defaults: first reached 84 % at step 350 on the AVX-512 machine
@@ -38,6 +68,13 @@ CONFIGS = {
     "mezo-cosine-lr2e-3": ("finetune", 400, 25, ["--learning-rate", "2e-3", "--schedule", "cosine"]),
     "conmezo-cosine-lr2e-3": ("finetune", 400, 25, ["--estimator", "conmezo", "--learning-rate", "2e-3",
                                                     "--schedule", "cosine"]),
+    # Larger rates, decayed over a shorter horizon (200 steps), validated every 10 steps: at 2e-3 over 400 nothing
+    # diverged, and the issue's target is 84 % within about 70 steps on this machine
+    "mezo-cosine200-lr4e-3": ("finetune", 200, 10, ["--learning-rate", "4e-3", "--schedule", "cosine"]),
+    "conmezo-cosine200-lr4e-3": ("finetune", 200, 10, ["--estimator", "conmezo", "--learning-rate", "4e-3",
+                                                       "--schedule", "cosine"]),
+    "conmezo-cosine200-lr8e-3": ("finetune", 200, 10, ["--estimator", "conmezo", "--learning-rate", "8e-3",
+                                                       "--schedule", "cosine"]),
     "mezo-fa": ("finetune", 200, 20, ["--lora-fa", "--learning-rate", "4e-3"]),
     "mezo-fa-top6": ("finetune", 200, 20, ["--lora-fa", "--num-layers", "6", "--learning-rate", "4e-3"]),
     # FZOO's expected step is lr along the unit gradient direction (its g is normalised by the losses' std): at
@@ -68,10 +105,10 @@ def best_by(points: list[dict], seconds: float, key: str = "valid_accuracy", clo
     return pick(seen) if seen and points[-1][clock] >= seconds else None
 
 
-def run_config(name: str, work: Path, threads: int) -> dict:
+def run_config(name: str, task: BenchTask, work: Path, threads: int) -> dict:
     command, steps, every, extra = CONFIGS[name]
     out = work / name
-    argv = ["-m", "edgezo.cli", command, *COMMON, "--steps", str(steps), "--eval-every", str(every),
+    argv = ["-m", "edgezo.cli", command, *COMMON, *task.data_flags(work), "--steps", str(steps), "--eval-every", str(every),
             "--threads", str(threads), "--out", str(out), *extra]
     finished = (out / "adapter.gguf").exists()
     if not finished:
@@ -83,14 +120,15 @@ def run_config(name: str, work: Path, threads: int) -> dict:
             "points": points, "reused": finished}
 
 
-def time_config(name: str, work: Path, threads: int, steps: int) -> dict:
+def time_config(name: str, task: BenchTask, work: Path, threads: int, steps: int) -> dict:
     """Median seconds per training step of a configuration, from a short run without evaluations (fresh process).
     On a shared machine the sweep's own clock is only as good as its load; these short runs, one configuration
     after another on an otherwise idle machine, give the per-step cost that converts steps into seconds."""
     command, _, _, extra = CONFIGS[name]
     out = work / "timing" / name
     if not (out / "adapter.gguf").exists():
-        argv = ["-m", "edgezo.cli", command, *COMMON, "--steps", str(steps), "--eval-every", "0", "--n-valid", "16",
+        argv = ["-m", "edgezo.cli", command, *COMMON, *task.data_flags(work), "--steps", str(steps), "--eval-every", "0",
+                "--n-valid", "16",
                 "--threads", str(threads), "--out", str(out), *extra]
         common.run_json([sys.executable, *argv], f"{name} timing", timeout=3600)
     lines = RunDir(out).events()
@@ -98,12 +136,12 @@ def time_config(name: str, work: Path, threads: int, steps: int) -> dict:
     return common.summary(seconds)
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], thresholds: tuple[float, ...]) -> dict:
     """Per run: best accuracy, steps and training seconds to each threshold, best accuracy within each time budget;
     with timing runs, the projected time (steps x median step seconds) and its ratio to BP's."""
     out = {}
     for r in runs:
-        reach = {f"{t:.2f}": first_reaching(r["points"], t) for t in THRESHOLDS}
+        reach = {f"{t:.2f}": first_reaching(r["points"], t) for t in thresholds}
         row = {"best": max(p["valid_accuracy"] for p in r["points"]),
                "time_to": {k: (p and p["train_seconds"]) for k, p in reach.items()},
                "steps_to": {k: (p and p["step"]) for k, p in reach.items()},
@@ -127,24 +165,27 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def render(result: dict) -> str:
+    task = TASKS[result.get("task", "movie-reviews")]
+    target = f"{task.target:.2f}"
     rows = []
     for r in result["runs"]:
         s = result["summary"][r["name"]]
         reached = [f"{s['steps_to'][k]} / {common.fmt(s['time_to'][k], 0)} s" if s["time_to"][k] is not None else "-"
                    for k in s["time_to"]]
         step = common.spread(r["step_seconds"], 2) if "step_seconds" in r else "-"
-        projected = s.get("projected_time_to", {}).get("0.84")
+        projected = s.get("projected_time_to", {}).get(target)
         at = [f"{common.fmt(s['projected_best_by'][str(t)])} / {common.fmt(s['projected_best_loss_by'][str(t)], 4)}"
               if "projected_best_by" in s else "-" for t in AT_SECONDS]
         rows.append([r["name"], r["command"], r["steps"], f"{s['best']:.3f}", *at, *reached, step,
-                     common.fmt(projected, 0), common.fmt(s.get("time_over_bp", {}).get("0.84"), 1)])
+                     common.fmt(projected, 0), common.fmt(s.get("time_over_bp", {}).get(target), 1)])
     header = ["run", "command (extra flags)", "steps", "best valid",
               *[f"by {t} s: best acc / loss" for t in AT_SECONDS],
-              *[f"step / s to {float(t) * 100:.0f} %" for t in THRESHOLDS], "s per step (timing run)",
-              "84 %: steps x s/step", "84 %: time / BP's"]
+              *[f"step / s to {float(t) * 100:.0f} %" for t in task.thresholds], "s per step (timing run)",
+              f"{task.target:.0%}: steps x s/step", f"{task.target:.0%}: time / BP's"]
     text = common.table(header, rows)
-    text += ("\nsmollm2-135m q4_0, movie-reviews, batch 16, seed 0, LoRA rank 16 alpha 32 on attn_k,attn_v unless the "
-             "flags say otherwise; validation on the same 500 reviews (every `eval_every` steps, and at step 0); "
+    text += (f"\nsmollm2-135m q4_0, {task.name}, batch 16, seed 0, LoRA rank 16 alpha 32 on attn_k,attn_v unless the "
+             f"flags say otherwise; validation on the same {task.n_valid} examples (every `eval_every` steps, and at "
+             "step 0); "
              "training seconds exclude evaluations. Each run a fresh process, one after another. The sweep's seconds "
              "(the step / s columns) are as loaded as the machine was; the timing runs (short, no evaluation, one "
              "configuration at a time) give seconds per step, and the 'by N s' columns (best validation accuracy / "
@@ -156,6 +197,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", type=common.work_dir, required=True, help="directory of the runs (created; reused to continue)")
     p.add_argument("--only", help="comma-separated configuration names [all]: " + ", ".join(CONFIGS))
+    p.add_argument("--task", choices=list(TASKS), default="movie-reviews",
+                   help="movie-reviews, or intents: bench/intents_data.py's held-out-style task [%(default)s]")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--time-steps", type=int, default=0,
                    help="also time each configuration over this many steps without evaluations (work/timing/)")
@@ -165,17 +208,18 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    task = TASKS[args.task]
     machine = common.machine_info()
     runs = []
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
-        runs.append(run_config(name, args.work, args.threads))
+        runs.append(run_config(name, task, args.work, args.threads))
     for run in runs if args.time_steps else []:
         print(f"== timing {run['name']}", file=sys.stderr, flush=True)
-        run["step_seconds"] = time_config(run["name"], args.work, args.threads, args.time_steps)
-    result = {"benchmark": NAME, "time": common.utc_now(), "machine": machine, "runs": runs, "summary": summarize(runs),
-              "load_average_end": common.load_average()}
-    common.publish(NAME, TITLE, result, render(result), args.json)
+        run["step_seconds"] = time_config(run["name"], task, args.work, args.threads, args.time_steps)
+    result = {"benchmark": NAME, "task": task.name, "time": common.utc_now(), "machine": machine, "runs": runs,
+              "summary": summarize(runs, task.thresholds), "load_average_end": common.load_average()}
+    common.publish(task.result_name, TITLE, result, render(result), args.json)
     return 0
 
 

@@ -382,7 +382,8 @@ def test_estimators_times_thresholds_against_bp_and_best_by_budget():
     bp = {"name": "bp", "command": "edgezo reference-bp ", "steps": 10, "points": [
         {"step": 0, "train_seconds": 0.0, "valid_accuracy": 0.79, "valid_loss": 0.5},
         {"step": 5, "train_seconds": 10.0, "valid_accuracy": 0.848, "valid_loss": 0.35}]}
-    summary = estimators.summarize([mezo, bp])
+    reviews = estimators.TASKS["movie-reviews"].thresholds
+    summary = estimators.summarize([mezo, bp], reviews)
     assert summary["mezo"]["steps_to"] == {"0.80": 20, "0.82": 20, "0.84": 40, "0.86": None}
     assert summary["mezo"]["time_over_bp"]["0.84"] == pytest.approx(13.0)
     assert summary["mezo"]["best_by"] == {"60": 0.821, "120": 0.821, "300": None}  # 300 s: the run was shorter
@@ -390,9 +391,24 @@ def test_estimators_times_thresholds_against_bp_and_best_by_budget():
     assert "| mezo |" in text and "40 / 130 s" in text and "13.0" in text
     mezo["step_seconds"] = {"median": 1.5, "min": 1.4, "max": 1.6, "n": 9}  # timing runs on a quiet machine
     bp["step_seconds"] = {"median": 2.0, "min": 1.9, "max": 2.2, "n": 9}
-    timed = estimators.summarize([mezo, bp])
+    timed = estimators.summarize([mezo, bp], reviews)
     assert timed["mezo"]["projected_time_to"]["0.84"] == pytest.approx(60.0)  # 40 steps x 1.5 s
     assert timed["mezo"]["time_over_bp"]["0.84"] == pytest.approx(6.0)  # over BP's 5 steps x 2.0 s
+
+
+def test_estimators_intents_task_writes_its_data_and_reports_its_own_target(tmp_path):
+    task = estimators.TASKS["intents"]
+    flags = task.data_flags(tmp_path)
+    data = Path(flags[flags.index("--data") + 1])
+    assert (data / "valid.jsonl").read_text().count("\n") == task.n_valid
+    assert flags[flags.index("--template") + 1] == intents_data.TEMPLATE and task.result_name == "estimators-intents"
+    bp = {"name": "bp", "command": "edgezo reference-bp ", "steps": 10, "points": [
+        {"step": 0, "train_seconds": 0.0, "valid_accuracy": 0.3, "valid_loss": 1.3},
+        {"step": 5, "train_seconds": 10.0, "valid_accuracy": 0.92, "valid_loss": 0.3}]}
+    summary = estimators.summarize([bp], task.thresholds)
+    assert summary["bp"]["steps_to"] == {"0.50": 5, "0.70": 5, "0.90": 5, "0.95": None}
+    text = estimators.render({"task": "intents", "runs": [bp], "summary": summary, "machine": MACHINE, "time": "t"})
+    assert "90%: time / BP's" in text and "intents" in text and "200 examples" in text
 
 
 def test_kernels_render_shows_ratios_and_whether_logits_matched():

@@ -104,10 +104,10 @@ def check(spec: FinetuneSpec) -> None:
     if spec.workers < 1:
         raise EdgezoError(f"--workers must be >= 1, got {spec.workers}")
     if spec.workers > 1 or distributed.launched():
-        if spec.estimator != Estimator.MEZO.value or spec.lora_fa or spec.objective != "loss" or spec.eval_generation:
-            raise EdgezoError("distributed MeZO runs the two-sided estimator on every LoRA tensor with the loss only: "
-                              "drop --estimator fzoo / --lora-fa / --objective / --eval-generation, or train with "
-                              "one worker")
+        if spec.estimator == Estimator.FZOO.value or spec.lora_fa or spec.objective != "loss" or spec.eval_generation:
+            raise EdgezoError("distributed MeZO runs a two-sided estimator (mezo, conmezo) on every LoRA tensor with "
+                              "the loss only: drop --estimator fzoo / --lora-fa / --objective / --eval-generation, or "
+                              "train with one worker")
         if spec.max_train_seconds:
             raise EdgezoError("--max-train-seconds: each worker's clock differs, so workers would stop at different "
                               "steps; bound a distributed run with --steps")
@@ -232,21 +232,22 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
         adapter = fresh()
         run.create()
         run.metrics.unlink(missing_ok=True)
-    if group:  # same config, data and adapter on every rank (a rank behind replays rank 0's step log); no weights sent
-        adapter, start_step = group.synchronize(adapter, start_step, distributed.run_digest(config, examples["train"]),
-                                                run, mezo, fresh)
+    if group:
+        stepper = distributed.group_stepper(group, engine, task, adapter, mezo, spec.seed, train_cfg.steps)
+    else:
+        stepper = EngineStepper(engine, task, adapter, mezo, spec.seed, train_cfg.steps, spec.lora_fa, objective)
+    if start_step:
+        stepper.resume(run)  # the optimizer state saved with the checkpoint (ConMeZO's momentum)
+    if group:  # same config, data and state on every rank (a rank behind replays rank 0's step log); no weights sent
+        start_step = group.synchronize(stepper, start_step, distributed.run_digest(config, examples["train"]), run,
+                                       mezo, fresh)
         if root:
             def on_lost(step: int) -> str:  # the update of the step in flight was not applied: theta is `step`'s
-                run.save_checkpoint(adapter, step)
+                stepper.checkpoint(run, step)
                 return f"checkpoint of step {step} saved in {run.path}"
 
             group.on_lost = on_lost
-        stepper = distributed.group_stepper(group, engine, task, adapter, mezo, spec.seed, train_cfg.steps)
         evaluate_fn = group.evaluate_fn
-    else:
-        stepper = EngineStepper(engine, task, adapter, mezo, spec.seed, train_cfg.steps, spec.lora_fa, objective)
-        if start_step:
-            stepper.resume(run)
     if root:
         write_json_atomic(run.config, config)
     else:

@@ -52,6 +52,13 @@ class ZoStepper:
         # ConMeZO's state, checkpointed with the adapter; None for the stateless estimators
         self.momentum = initial_momentum(self.theta) if mezo.estimator is Estimator.CONMEZO else None
 
+    def reset(self, adapter: LoraAdapter) -> None:
+        """Start again from `adapter` (the seed init), in place: theta's arrays are the ones the caller holds."""
+        for name, t in adapter.tensors.items():
+            self.adapter.tensors[name][...] = t
+        if self.momentum is not None:
+            self.momentum = initial_momentum(self.theta)
+
     def resume(self, run: RunDir) -> None:
         """Take the optimizer state saved with the run's last checkpoint (the adapter is loaded by the caller)."""
         if self.momentum is not None:

@@ -99,13 +99,19 @@ def test_data_parallel_on_one_rank_is_bit_identical_to_the_single_process_run(ti
     assert untimed(tmp_path / "rank") == untimed(tmp_path / "plain")  # seeds, losses, projected gradients
 
 
-def test_direction_parallel_is_bit_identical_to_one_worker_with_n_directions(tiny_gguf, sentiment_dir, tmp_path, capsys):
-    steps = 5
+# ConMeZO with a short momentum (0.5) so that its cone moves every direction from step 2 on
+ESTIMATORS = {"mezo": (), "conmezo": ("--estimator", "conmezo", "--cone-momentum", "0.5")}
+
+
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_direction_parallel_is_bit_identical_to_one_worker_with_n_directions(tiny_gguf, sentiment_dir, tmp_path, capsys,
+                                                                              estimator):
+    steps, flags = 5, ESTIMATORS[estimator]
     two = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "two", steps, "--workers", "2",
-                                         "--parallel", "direction"))
+                                         "--parallel", "direction", *flags))
     assert two["replicas_identical"]
     assert two["bytes_per_step_per_worker"] == 24  # (seed, L+, L-) as float64
-    one = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "one", steps, "--n-directions", "2"))
+    one = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "one", steps, "--n-directions", "2", *flags))
     assert two["replica_sha256"][0] == adapter_hash(tmp_path / "one")
     assert [(r["seeds"], r["projected_grads"]) for r in step_lines(tmp_path / "two")] == \
            [(r["seeds"], r["projected_grads"]) for r in step_lines(tmp_path / "one")]
@@ -115,9 +121,11 @@ def test_direction_parallel_is_bit_identical_to_one_worker_with_n_directions(tin
 KILL_AT = 4  # rank 1 SIGKILLs itself as this step begins
 
 
-def test_a_dead_rank_stops_the_other_with_a_checkpoint_and_the_restart_is_exact(tiny_gguf, sentiment_dir, tmp_path, capsys):
-    run = tmp_path / "run"
-    argv = finetune_args(tiny_gguf, sentiment_dir, run, 2000, "--eval-every", "0", "--save-every", "1000")
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_a_dead_rank_stops_the_other_with_a_checkpoint_and_the_restart_is_exact(tiny_gguf, sentiment_dir, tmp_path, capsys,
+                                                                                estimator):
+    run, flags = tmp_path / "run", ESTIMATORS[estimator]
+    argv = finetune_args(tiny_gguf, sentiment_dir, run, 2000, "--eval-every", "0", "--save-every", "1000", *flags)
     procs = start_ranks([argv, argv], tmp_path, commands=[None, dying_cli(KILL_AT, argv)])  # rank 1 dies at step 4
     codes, _, errors = finish(procs, tmp_path)
     assert codes == [130, -signal.SIGKILL], errors[0][-2000:]
@@ -125,21 +133,24 @@ def test_a_dead_rank_stops_the_other_with_a_checkpoint_and_the_restart_is_exact(
     state = json.loads((run / "state.json").read_text())
     done = state["step"]
     assert done == len(step_lines(run)) == KILL_AT - 1  # the checkpoint is the last step both ranks completed
+    assert ("optimizer" in state) == (estimator == "conmezo")  # ConMeZO's momentum is saved with it
     # The restarted rank 1 comes back with nothing (an empty --out, as on a new machine): it rebuilds the
     # adapter from the seed init and the step log that rank 0 sends, no weights.
-    argvs = [finetune_args(tiny_gguf, sentiment_dir, out, 12, "--resume") for out in (run, tmp_path / "empty")]
+    argvs = [finetune_args(tiny_gguf, sentiment_dir, out, 12, "--resume", *flags) for out in (run, tmp_path / "empty")]
     codes, results, errors = finish(start_ranks(argvs, tmp_path), tmp_path)
     assert codes == [0, 0], "\n".join(e[-1500:] for e in errors)
     assert results[0]["replicas_identical"] and results[0]["join_bytes"] == 8 + done * 3 * 8
     assert not (tmp_path / "empty").exists()  # ranks > 0 write nothing
-    whole = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "whole", 12, "--workers", "2"))
+    whole = run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "whole", 12, "--workers", "2", *flags))
     assert results[0]["replica_sha256"] == whole["replica_sha256"]
     assert [r["step"] for r in step_lines(run)] == list(range(1, 13))
 
 
-def test_a_late_rank_catches_up_from_its_older_checkpoint_and_the_step_log(tiny_gguf, sentiment_dir, tmp_path, capsys):
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
+def test_a_late_rank_catches_up_from_its_older_checkpoint_and_the_step_log(tiny_gguf, sentiment_dir, tmp_path, capsys,
+                                                                           estimator):
     def args(out, steps, *extra):
-        return finetune_args(tiny_gguf, sentiment_dir, out, steps, "--workers", "2", *extra)
+        return finetune_args(tiny_gguf, sentiment_dir, out, steps, "--workers", "2", *ESTIMATORS[estimator], *extra)
 
     first, old = tmp_path / "first", tmp_path / "old"
     run_json(capsys, args(first, 4))

@@ -16,14 +16,15 @@ import numpy as np
 from ..adapter import LoraAdapter
 from ..data import Example
 from ..files import EdgezoError
-from ..mezo import MezoConfig, StepRecord, apply_update
+from ..mezo import MezoConfig, Params, StepRecord, apply_update
 from ..rundir import RunDir, flatten, identity
 
 
-def adapter_sha256(adapter: LoraAdapter) -> str:
-    """sha256 over the adapter's tensors (names, shapes, float32 bytes, in order): the replica identity."""
+def adapter_sha256(adapter: LoraAdapter, momentum: Params | None = None) -> str:
+    """sha256 over the adapter's tensors (names, shapes, float32 bytes, in order): the replica identity; with
+    ConMeZO's `momentum`, over it too (a rank's whole optimizer state)."""
     h = hashlib.sha256()
-    for name, t in adapter.tensors.items():
+    for name, t in [*adapter.tensors.items(), *(momentum or {}).items()]:
         h.update(f"{name}{t.shape}".encode())
         h.update(np.ascontiguousarray(t, dtype=np.float32).tobytes())
     return h.hexdigest()
@@ -57,13 +58,13 @@ def read_step_log(run: RunDir, first: int, target: int, n_dir: int) -> np.ndarra
     return np.array([found[s] for s in range(first + 1, target + 1)], dtype=np.float64)
 
 
-def replay(adapter: LoraAdapter, rows: np.ndarray, first: int, mezo: MezoConfig) -> None:
-    """Apply the logged updates of steps first+1.. in order: bit-identical to training (float32, same order)."""
+def replay(theta: Params, rows: np.ndarray, first: int, mezo: MezoConfig, momentum: Params | None = None) -> None:
+    """Apply the logged updates of steps first+1.. to `theta` (and ConMeZO's `momentum`) in order: bit-identical to
+    training (float32, same order)."""
     for i, row in enumerate(rows):
         n_dir = (len(row) - 1) // 2
-        apply_update(adapter.tensors, StepRecord(step=first + i, lr=float(row[0]),
-                                                 seeds=[int(s) for s in row[1:1 + n_dir]],
-                                                 projected_grads=[float(g) for g in row[1 + n_dir:]]), mezo)
+        apply_update(theta, StepRecord(step=first + i, lr=float(row[0]), seeds=[int(s) for s in row[1:1 + n_dir]],
+                                       projected_grads=[float(g) for g in row[1 + n_dir:]]), mezo, momentum)
 
 
 # ---- ranks > 0 -------------------------------------------------------------------------------------------------

@@ -167,19 +167,22 @@ class Group:
                            f"({exc}); {self.on_lost(self.completed)}, continue with --resume") from None
 
     # ---- start: same configuration and data everywhere, the same adapter without sending it ----
-    def synchronize(self, adapter: LoraAdapter, step: int, digest: str, run: RunDir, mezo: MezoConfig,
-                    fresh: Callable[[], LoraAdapter]) -> tuple[LoraAdapter, int]:
-        """(adapter, step) equal on every rank: rank 0's. A rank that is behind, or holds something else,
-        replays rank 0's step log from its own state (or from `fresh()`, the seed init at step 0)."""
+    def synchronize(self, stepper, step: int, digest: str, run: RunDir, mezo: MezoConfig,
+                    fresh: Callable[[], LoraAdapter]) -> int:
+        """Bring `stepper`'s state (a ZoStepper's adapter, and ConMeZO's momentum) at `step` to rank 0's, in place;
+        returns rank 0's step. A rank that is behind, or holds something else, replays rank 0's step log from its
+        own state (or from `fresh()`, the seed init at step 0)."""
         try:
-            return self._synchronize(adapter, step, digest, run, mezo, fresh)
+            return self._synchronize(stepper, step, digest, run, mezo, fresh)
         except PeerLost as exc:
             raise PeerLost(f"lost contact with another rank before training started ({exc}); start again") from None
 
-    def _synchronize(self, adapter, step, digest, run, mezo, fresh) -> tuple[LoraAdapter, int]:
+    def _synchronize(self, stepper, step, digest, run, mezo, fresh) -> int:
+        def state_sha256() -> bytes:
+            return bytes.fromhex(adapter_sha256(stepper.adapter, stepper.momentum))
+
         self.collective.phase = "setup"
-        mine = np.frombuffer(bytes.fromhex(digest) + bytes.fromhex(adapter_sha256(adapter))
-                             + int(step).to_bytes(8, "little"), dtype=np.uint8)
+        mine = np.frombuffer(bytes.fromhex(digest) + state_sha256() + int(step).to_bytes(8, "little"), dtype=np.uint8)
         got = self.collective.all_gather(mine)
         others = [r for r in range(self.world) if bytes(got[r, :32]) != bytes(got[0, :32])]
         if others:
@@ -195,17 +198,18 @@ class Group:
             log = self._broadcast_log(run, first, target, mezo)
             if self.rank in behind:
                 if steps[self.rank] >= target:
-                    adapter, step = fresh(), 0  # ahead of rank 0 or not on its trajectory: start from the seed init
-                replay(adapter, log[step - first:], first=step, mezo=mezo)
+                    stepper.reset(fresh())  # ahead of rank 0 or not on its trajectory: start from the seed init
+                    step = 0
+                replay(stepper.theta, log[step - first:], first=step, mezo=mezo, momentum=stepper.momentum)
             self.collective.phase = "setup"
-            check = self.collective.all_gather(np.frombuffer(bytes.fromhex(adapter_sha256(adapter)), dtype=np.uint8))
+            check = self.collective.all_gather(np.frombuffer(state_sha256(), dtype=np.uint8))
             wrong = [r for r in range(self.world) if bytes(check[r]) != bytes(check[0])]
             if wrong:
                 raise EdgezoError(f"rank(s) {wrong} could not rebuild rank 0's adapter at step {target} from the "
                                   f"step log (a local checkpoint of another run in --out?)")
         self.completed = target
         self._connect()
-        return adapter, target
+        return target
 
     def _broadcast_log(self, run: RunDir, first: int, target: int, mezo: MezoConfig) -> np.ndarray:
         """Rows (lr, seeds..., projected_grads...) of steps first+1..target from rank 0's metrics.jsonl."""

@@ -12,6 +12,8 @@ float32 update in the same order, so the replicas stay bit-identical without eve
              all-gather (seed, L+, L-) (24 bytes per direction) and every rank applies all W * n updates in the
              order of k: bit-identical to one worker with --n-directions W * n (same batch, same seeds).
 
+ConMeZO (--estimator conmezo) works in both modes: its momentum is a function of the applied updates, so it is the
+same on every rank, and with it the cone the directions are drawn in; it is replayed and compared with the adapter.
 Start: a new run builds the adapter from the seed on every rank; on --resume every rank loads the checkpoint if
 its --out holds one of this run. A handshake compares digests of the configuration, the training data and the
 adapter; a rank that is behind (another machine, an older copy, or none: the seed init is step 0) catches up by

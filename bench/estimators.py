@@ -169,6 +169,45 @@ def summarize(runs: list[dict], thresholds: tuple[float, ...]) -> dict:
     return out
 
 
+SEED_STEPS = (100, 200)  # the seed runs stop after 320 s of training, a little past step 200 here
+
+
+def seed_groups(runs: list[dict]) -> dict[str, dict[int, dict]]:
+    """{configuration: {seed: run}} for each configuration with `-seedN` runs; its plain run is seed 0."""
+    named = {r["name"]: r for r in runs}
+    groups: dict[str, dict[int, dict]] = {}
+    for name, run in named.items():
+        base, _, seed = name.rpartition("-seed")
+        if base and seed.isdigit():
+            groups.setdefault(base, {0: named[base]} if base in named else {})[int(seed)] = run
+    return {base: dict(sorted(seeds.items())) for base, seeds in groups.items()}
+
+
+def render_seeds(runs: list[dict], target: float) -> str:
+    """Per seed: validation loss at SEED_STEPS, the best loss and accuracy up to the last of them, and the step
+    of the first evaluation at `target`; then the mean best loss of each configuration."""
+    groups = seed_groups(runs)
+    if not groups:
+        return ""
+    last, rows, means = SEED_STEPS[-1], [], []
+    for base, seeds in groups.items():
+        best_losses = []
+        for seed, run in seeds.items():
+            points = {p["step"]: p for p in run["points"]}
+            upto = [p for p in run["points"] if p["step"] <= last]
+            best_loss = min(p["valid_loss"] for p in upto)
+            best_losses.append(best_loss)
+            reached = first_reaching(run["points"], target)
+            rows.append([base, seed, *[common.fmt(points[s]["valid_loss"], 4) if s in points else "-" for s in SEED_STEPS],
+                         f"{best_loss:.4f}", f"{max(p['valid_accuracy'] for p in upto):.3f}",
+                         reached["step"] if reached else "-"])
+        means.append(f"{base} {sum(best_losses) / len(best_losses):.4f} ({len(best_losses)} seeds)")
+    header = ["configuration", "seed", *[f"valid loss at step {s}" for s in SEED_STEPS], f"best loss to step {last}",
+              f"best accuracy to step {last}", f"first step at {target:.0%}"]
+    return (f"\nSeeds (other batches, directions and initial A):\n\n{common.table(header, rows)}\n"
+            f"Mean best validation loss to step {last}: {'; '.join(means)}.\n")
+
+
 def render(result: dict) -> str:
     task = TASKS[result.get("task", "movie-reviews")]
     target = f"{task.target:.2f}"
@@ -194,8 +233,9 @@ def render(result: dict) -> str:
              "training seconds exclude evaluations. Each run a fresh process, one after another. The sweep's seconds "
              "(the step / s columns) are as loaded as the machine was; the timing runs (short, no evaluation, one "
              "configuration at a time) give seconds per step, and the 'by N s' columns (best validation accuracy / "
-             "lowest validation loss among the evaluations at step x s/step <= N) and the time ratio to BP use them.\n\n")
-    return text + common.provenance(result) + "\n"
+             "lowest validation loss among the evaluations at step x s/step <= N) and the time ratio to BP use them.\n")
+    text += render_seeds(result["runs"], task.target)
+    return text + "\n" + common.provenance(result) + "\n"
 
 
 def main(argv=None) -> int:

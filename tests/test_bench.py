@@ -396,6 +396,19 @@ def test_estimators_times_thresholds_against_bp_and_best_by_budget():
     assert timed["mezo"]["time_over_bp"]["0.84"] == pytest.approx(6.0)  # over BP's 5 steps x 2.0 s
 
 
+def test_estimators_sets_seed_runs_beside_their_seed_0_run():
+    def run(name, losses):
+        return {"name": name, "points": [{"step": step, "train_seconds": step * 1.5, "valid_accuracy": 0.9 - loss,
+                                          "valid_loss": loss} for step, loss in zip((0, 100, 200, 300), losses)]}
+
+    runs = [run("mezo", (0.48, 0.45, 0.44, 0.30)), run("bp", (0.48, 0.3, 0.3, 0.3)), run("mezo-seed1", (0.48, 0.40, 0.46, 0.4))]
+    assert {b: list(s) for b, s in estimators.seed_groups(runs).items()} == {"mezo": [0, 1]}
+    text = estimators.render_seeds(runs, 0.46)
+    assert "| mezo | 0 | 0.4500 | 0.4400 | 0.4400 | 0.460 | 200 |" in text  # step 300's 0.30 is past step 200
+    assert "| mezo | 1 | 0.4000 | 0.4600 | 0.4000 | 0.500 | 100 |" in text
+    assert "mezo 0.4200 (2 seeds)" in text and estimators.render_seeds(runs[:2], 0.46) == ""
+
+
 def test_estimators_intents_task_writes_its_data_and_reports_its_own_target(tmp_path):
     task = estimators.TASKS["intents"]
     flags = task.data_flags(tmp_path)

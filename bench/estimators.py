@@ -130,8 +130,7 @@ def time_config(name: str, task: BenchTask, work: Path, threads: int, steps: int
     out = work / "timing" / name
     if not (out / "adapter.gguf").exists():
         argv = ["-m", "edgezo.cli", command, *COMMON, *task.data_flags(work), "--steps", str(steps), "--eval-every", "0",
-                "--n-valid", "16",
-                "--threads", str(threads), "--out", str(out), *extra]
+                "--n-valid", "16", "--threads", str(threads), "--out", str(out), *extra]
         common.run_json([sys.executable, *argv], f"{name} timing", timeout=3600)
     lines = RunDir(out).events()
     seconds = [e["seconds"] for e in lines if "loss" in e][1:]  # the first step warms caches and thread pools

@@ -107,10 +107,10 @@ def best_by(points: list[dict], seconds: float, key: str = "valid_accuracy", clo
     return pick(seen) if seen and points[-1][clock] >= seconds else None
 
 
-def run_config(name: str, task: BenchTask, work: Path, threads: int) -> dict:
+def run_config(name: str, data_flags: list[str], work: Path, threads: int) -> dict:
     command, steps, every, extra = CONFIGS[name]
     out = work / name
-    argv = ["-m", "edgezo.cli", command, *COMMON, *task.data_flags(work), "--steps", str(steps), "--eval-every", str(every),
+    argv = ["-m", "edgezo.cli", command, *COMMON, *data_flags, "--steps", str(steps), "--eval-every", str(every),
             "--threads", str(threads), "--out", str(out), *extra]
     finished = (out / "adapter.gguf").exists()
     if not finished:
@@ -122,14 +122,14 @@ def run_config(name: str, task: BenchTask, work: Path, threads: int) -> dict:
             "points": points, "reused": finished}
 
 
-def time_config(name: str, task: BenchTask, work: Path, threads: int, steps: int) -> dict:
+def time_config(name: str, data_flags: list[str], work: Path, threads: int, steps: int) -> dict:
     """Median seconds per training step of a configuration, from a short run without evaluations (fresh process).
     On a shared machine the sweep's own clock is only as good as its load; these short runs, one configuration
     after another on an otherwise idle machine, give the per-step cost that converts steps into seconds."""
     command, _, _, extra = CONFIGS[name]
     out = work / "timing" / name
     if not (out / "adapter.gguf").exists():
-        argv = ["-m", "edgezo.cli", command, *COMMON, *task.data_flags(work), "--steps", str(steps), "--eval-every", "0",
+        argv = ["-m", "edgezo.cli", command, *COMMON, *data_flags, "--steps", str(steps), "--eval-every", "0",
                 "--n-valid", "16", "--threads", str(threads), "--out", str(out), *extra]
         common.run_json([sys.executable, *argv], f"{name} timing", timeout=3600)
     lines = RunDir(out).events()
@@ -250,14 +250,15 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     task = TASKS[args.task]
+    data_flags = task.data_flags(args.work)  # the intents data is written once, into --work
     machine = common.machine_info()
     runs = []
     for name in names:
         print(f"== {name}", file=sys.stderr, flush=True)
-        runs.append(run_config(name, task, args.work, args.threads))
+        runs.append(run_config(name, data_flags, args.work, args.threads))
     for run in runs if args.time_steps else []:
         print(f"== timing {run['name']}", file=sys.stderr, flush=True)
-        run["step_seconds"] = time_config(run["name"], task, args.work, args.threads, args.time_steps)
+        run["step_seconds"] = time_config(run["name"], data_flags, args.work, args.threads, args.time_steps)
     result = {"benchmark": NAME, "task": task.name, "time": common.utc_now(), "machine": machine, "runs": runs,
               "summary": summarize(runs, task.thresholds), "load_average_end": common.load_average()}
     common.publish(task.result_name, TITLE, result, render(result), args.json)

@@ -205,8 +205,8 @@ class Group:
             check = self.collective.all_gather(np.frombuffer(state_sha256(), dtype=np.uint8))
             wrong = [r for r in range(self.world) if bytes(check[r]) != bytes(check[0])]
             if wrong:
-                raise EdgezoError(f"rank(s) {wrong} could not rebuild rank 0's adapter at step {target} from the "
-                                  f"step log (a local checkpoint of another run in --out?)")
+                raise EdgezoError(f"rank(s) {wrong} could not rebuild rank 0's adapter (and ConMeZO's momentum) at step "
+                                  f"{target} from the step log (a local checkpoint of another run in --out?)")
         self.completed = target
         self._connect()
         return target

@@ -88,6 +88,11 @@ CONFIGS = {
     "mezo-fa-bottom6": ("finetune", 100, 20, ["--lora-fa", "--layers", "0:6", "--learning-rate", "2e-2"]),  # 2e-2 diverged
     "mezo-fa-bottom6-lr1e-2": ("finetune", 200, 20, ["--lora-fa", "--layers", "0:6", "--learning-rate", "1e-2"]),
     "bp": ("reference-bp", 30, 5, []),
+    # MeZO steps lr * (z . g) z, whose expectation is the SGD step lr * g: plain SGD (BP, no momentum) at MeZO's rate
+    # and above shows how much of BP's lead is AdamW's per-coordinate scaling and how much SGD's own rate limit
+    "mezo-100": ("finetune", 100, 25, []),
+    **{f"bp-sgd-lr{lr}": ("reference-bp", 100, 25, ["--optimizer", "sgd", "--learning-rate", lr])
+       for lr in ("1e-3", "1e-2", "1e-1", "1")},
 }
 # Today's defaults and the best schedule on two more seeds (other batches, directions and initial A), stopped after
 # 320 s of training (about 200 steps here; the schedule's horizon stays 400): is a gain more than one seed's luck?
@@ -243,6 +248,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--time-steps", type=int, default=0,
                    help="also time each configuration over this many steps without evaluations (work/timing/)")
+    p.add_argument("--tag", help="publish to results/estimators[-task]-TAG (a study beside the main sweep)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     names = args.only.split(",") if args.only else list(CONFIGS)
@@ -261,7 +267,8 @@ def main(argv=None) -> int:
         run["step_seconds"] = time_config(run["name"], data_flags, args.work, args.threads, args.time_steps)
     result = {"benchmark": NAME, "task": task.name, "time": common.utc_now(), "machine": machine, "runs": runs,
               "summary": summarize(runs, task.thresholds), "load_average_end": common.load_average()}
-    common.publish(task.result_name, TITLE, result, render(result), args.json)
+    name = f"{task.result_name}-{args.tag}" if args.tag else task.result_name
+    common.publish(name, TITLE, result, render(result), args.json)
     return 0
 
 

@@ -35,6 +35,7 @@ SECTIONS = (
     ("prefix_reuse", "Prefix reuse: what the split path's parts cost over one full forward", {}),
     ("layer_gradients", "Which blocks carry MeZO's gradient: LoRA-FA gradient energy by block range", {}),
     ("estimators", "Fast MeZO levers against torch BP: accuracy against steps and training time", {}),
+    ("gradient_noise", "What limits MeZO here: gradient signal-to-noise by LoRA target and block range", {}),
     ("generative", "MeZO on a generative task (tool calls): NLL against a reward of its own generations, BP alongside", {}),
 )
 

@@ -39,12 +39,14 @@ from .trainer import StepFailed, TrainConfig, TrainingEvents, TrainResult, train
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 METHODS = ("bp", "mezo")
+OPTIMIZERS = ("adamw", "sgd")  # bp: sgd is plain SGD (no momentum), the update MeZO's estimate feeds
 BASE_DTYPES = ("float", *QUANTIZED_BASES)  # float: the GGUF dequantized once; q8_0 / q4_0: its blocks, dequantized on use
 
 
 @dataclass(frozen=True)
 class ReferenceConfig:
     method: str = "bp"  # "bp": AdamW on the LoRA tensors; "mezo": MeZO on the same tensors, in place
+    optimizer: str = "adamw"  # bp: "sgd" steps lr * gradient, as MeZO steps lr * its estimate
     dtype: str = "float32"  # base weights (the LoRA tensors stay float32, as PEFT keeps them)
     gradient_checkpointing: bool = False  # bp: recompute each layer's activations in backward instead of storing them
     base_dtype: str = "float"  # bp: "q8_0" / "q4_0" keeps the linear layers in the GGUF's blocks (QLoRA-style)
@@ -57,6 +59,10 @@ class ReferenceConfig:
             raise EdgezoError(f"unknown reference method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.dtype not in DTYPES:
             raise EdgezoError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise EdgezoError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.method == "mezo" and self.optimizer != "adamw":
+            raise EdgezoError("--optimizer is for reference-bp; the torch MeZO baseline steps along its estimate")
         if self.base_dtype not in BASE_DTYPES:
             raise EdgezoError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
         if self.method == "mezo" and (self.dtype != "float32" or self.gradient_checkpointing or self.quantized_base):
@@ -191,11 +197,12 @@ class TorchStepper:
 
 
 class BackpropStepper(TorchStepper):
-    """One AdamW step on the LoRA tensors (the gradient of the batch loss by autograd)."""
+    """One AdamW (or plain SGD) step on the LoRA tensors (the gradient of the batch loss by autograd)."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, optimizer: str = "adamw"):
         super().__init__(*args)
-        self.optimizer = torch.optim.AdamW(lora_parameters(self.model), lr=1.0, weight_decay=self.schedule.weight_decay)
+        kind = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
+        self.optimizer = kind(lora_parameters(self.model), lr=1.0, weight_decay=self.schedule.weight_decay)
 
     def step(self, batch, step: int) -> dict:
         lr = learning_rate_at(self.schedule, step, self.total_steps)
@@ -268,7 +275,8 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg: 
     model = load_model(run_spec.gguf_path, run_spec.adapter, run_spec.base, config, log)
     scorer = TorchScorer(model)
     parts = (model, scorer, run_spec.task, run_spec.base, run_spec.schedule, train_cfg.steps)
-    stepper = BackpropStepper(*parts) if config.method == "bp" else TorchMezoStepper(*parts, run_seed=train_cfg.seed)
+    stepper = (BackpropStepper(*parts, optimizer=config.optimizer) if config.method == "bp"
+               else TorchMezoStepper(*parts, run_seed=train_cfg.seed))
 
     def validate(examples, on_batch) -> Totals:
         return evaluate(scorer, examples, run_spec.task, train_cfg.batch_size, on_batch=on_batch)

@@ -18,6 +18,7 @@ import compare  # noqa: E402
 import estimators  # noqa: E402
 import fleet  # noqa: E402
 import generative  # noqa: E402
+import gradient_noise  # noqa: E402
 import intents_data  # noqa: E402
 import kernels  # noqa: E402
 import layer_gradients  # noqa: E402
@@ -467,6 +468,42 @@ def test_layer_gradients_weighs_energy_density_against_the_step_cost():
     assert by["bottom6"]["progress_per_second_vs_all"] == pytest.approx(3.0)
     assert by["top6"]["progress_per_second_vs_all"] == pytest.approx(0.3 * 2 / 1.2)
     assert layer_gradients.statistics_se([1.0, 1.0, 1.0]) == 0.0
+
+
+def test_gradient_noise_statistics_of_two_examples_are_exact():
+    import numpy as np
+
+    a, b = np.array([1.0, 2.0, 0.0]), np.array([3.0, -1.0, 2.0])
+    noise = gradient_noise.noise_of(np.stack([a, b]))
+    assert noise.signal == pytest.approx(a @ b)  # |mean|^2 - tr(Sigma)/2 = a.b: unbiased for |G|^2
+    assert noise.energy == pytest.approx((a @ a + b @ b) / 2)
+    assert noise.spread == pytest.approx((a - b) @ (a - b) / 2)
+    same = gradient_noise.noise_of(np.stack([a, a, a]))  # no noise: all of the energy is signal
+    assert same.rho == pytest.approx(1.0) and same.noise_scale == pytest.approx(0.0)
+    assert same.progress(16) == pytest.approx(1.0) and same.best_rate(16) == pytest.approx(1 / (a @ a))
+    with pytest.raises(ValueError):
+        gradient_noise.noise_of(a[None])
+
+
+def test_gradient_noise_rows_select_targets_and_ranges_and_render_relative_to_the_default():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    columns, offset = {}, 0
+    for target in gradient_noise.TARGETS:
+        for block in range(8):
+            columns[(target, block)] = np.arange(offset, offset + 3)
+            offset += 3
+    grads = rng.normal(size=(8, offset)) + 1.0
+    result = gradient_noise.measure(grads, columns)
+    by = {r["name"]: r for r in result["whole"] + result["ranges"]}
+    assert by["default (attn_k,attn_v)"]["n_params"] == 2 * 8 * 3 and by["all targets"]["n_params"] == offset
+    assert by["attn_v 6:8"]["n_params"] == 2 * 3  # the last range stops at the last block
+    cols = np.concatenate([columns[("attn_v", b)] for b in (6, 7)])
+    assert by["attn_v 6:8"]["signal"] == pytest.approx(gradient_noise.noise_of(grads[:, cols]).signal)
+    result |= {"model": "m", "task": "movie-reviews", "n_examples": 8, "seed": 0, "seconds": 1.0, "machine": MACHINE, "time": "t"}
+    text = gradient_noise.render(result)
+    assert "| default (attn_k,attn_v) | 48 |" in text and "**1.00**" in text and "| 6:8 |" in text
 
 
 def test_intents_data_is_fixed_balanced_and_tests_unseen_phrasings(tmp_path):

@@ -82,6 +82,27 @@ def test_backprop_step_lowers_the_batch_loss(tiny_gguf, model_and_adapter):
     assert last < first - 1e-3
 
 
+def test_sgd_step_moves_the_lora_tensors_by_the_rate_times_their_gradient(tiny_gguf, model_and_adapter):
+    model, _ = model_and_adapter
+    batch, task = classification_batch(Vocabulary(tiny_gguf))
+    scorer = TorchScorer(model)
+    before = [p.detach().clone() for p in lora_parameters(model)]
+    model.zero_grad()
+    batch_loss(scorer, batch, task).backward()
+    grads = [p.grad.detach().clone() for p in lora_parameters(model)]
+    stepper = BackpropStepper(model, scorer, task, None, MezoConfig(learning_rate=1e-2), 5, optimizer="sgd")
+    stepper.step(batch, 0)
+    for old, grad, new in zip(before, grads, lora_parameters(model), strict=True):
+        assert torch.allclose(new, old - 1e-2 * grad, atol=1e-7)  # AdamW would move every coordinate by ~lr
+
+
+def test_optimizer_is_checked():
+    with pytest.raises(EdgezoError, match="--optimizer"):
+        ReferenceConfig(optimizer="lion")
+    with pytest.raises(EdgezoError, match="reference-bp"):
+        ReferenceConfig(method="mezo", optimizer="sgd")
+
+
 def test_only_lora_tensors_are_trainable(model_and_adapter):
     model, adapter = model_and_adapter
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

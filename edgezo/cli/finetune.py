@@ -54,7 +54,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     model_path = resolve_base(args, log=say)
     if args.threads:
         reference.torch.set_num_threads(args.threads)
-    config = reference.ReferenceConfig(method=args.method, dtype=args.dtype,
+    config = reference.ReferenceConfig(method=args.method, optimizer=args.optimizer, dtype=args.dtype,
                                        gradient_checkpointing=args.gradient_checkpointing, base_dtype=args.base_dtype,
                                        release_freed_memory=args.release_freed_memory)
     if config.quantized_base:  # before anything is written: a wrong file type leaves no run directory behind
@@ -89,7 +89,8 @@ def cmd_reference(args) -> tuple[dict, str]:
     spec = reference.ReferenceRun(model_path, base, LoraAdapter.init(base, lora, seed=args.seed), task,
                                   examples["train"], examples.get("valid", []), schedule)
     weights = f"{config.base_dtype} blocks" if config.quantized_base else args.dtype
-    say(f"torch {args.method} ({weights}{', gradient checkpointing' if args.gradient_checkpointing else ''}) on "
+    method_name = f"{args.method} (SGD)" if config.optimizer == "sgd" else args.method
+    say(f"torch {method_name} ({weights}{', gradient checkpointing' if args.gradient_checkpointing else ''}) on "
         f"{model_path.name}: {spec.adapter.n_params:,} LoRA parameters, {len(spec.train_set)} training examples, "
         f"{args.steps} steps of batch {args.batch_size}")
     progress = ConsoleProgress(desc=f"reference-{args.method}")

@@ -175,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(f"reference-{method}", help=help_text)
         g = add_run_args(p)["optimizer"]
         if method == "bp":
-            g.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW [%(default)s]")
+            g.add_argument("--learning-rate", type=float, default=1e-3, help="[%(default)s]")
+            g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
+                           help="sgd: plain SGD without momentum, the update MeZO's estimate feeds (for comparison; "
+                           "the memory accountant counts AdamW's state) [%(default)s]")
             g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                            help="base weights; the LoRA stays float32 [%(default)s]")
             g.add_argument("--gradient-checkpointing", "--grad-checkpoint", action="store_true",
@@ -188,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             g.add_argument("--learning-rate", type=float, help=LR_HELP)
             g.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
-        p.set_defaults(method=method, dtype="float32", gradient_checkpointing=False, eps=m.eps,
+        p.set_defaults(method=method, optimizer="adamw", dtype="float32", gradient_checkpointing=False, eps=m.eps,
                        base_dtype="float", release_freed_memory=False)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")

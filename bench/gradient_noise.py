@@ -1,0 +1,210 @@
+"""What limits MeZO here: the signal-to-noise of the LoRA gradient, by target and block range, from per-example
+gradients (torch; needs the torch extra).
+
+    python bench/gradient_noise.py                    # every LoRA target of SmolLM2-135M, 512 training reviews
+    python bench/gradient_noise.py --task intents --work runs/intents   # bench/intents_data.py's requests
+
+One process computes the gradient g_i of each of n training examples (batch of 1, the reference's float model and
+loss) with respect to the LoRA B tensors of every target; A's gradient is exactly 0 at init, where B = 0. From them,
+for any set of parameters (a target, a block range, the default k,v):
+
+- |G|^2, the squared norm of the mean gradient (unbiased: |mean g|^2 - tr(Sigma)/n);
+- T = E|g_i|^2, the trace of the empirical Fisher, the curvature proxy of a cross-entropy;
+- rho = |G|^2 / T, the share of one example's gradient energy that is signal;
+- the noise scale B_noise = tr(Sigma) / |G|^2 (McCandlish et al. 2018): a batch of B has E|g_B|^2 = |G|^2 (1 + B_noise/B).
+
+A two-sided MeZO step moves lr (z . g_B) z. On a quadratic model its expected loss change is
+-lr |G|^2 + lr^2/2 tr(H) E|g_B|^2 (the tr(H) term dominates for a high effective rank), so at the best rate it gains
+|G|^4 / (2 tr(H) E|g_B|^2), which with tr(H) ~ T is rho / (2 (1 + B_noise/B)) nats: a set of parameters trains
+fast only if its examples agree (a small B_noise), whatever its size. The table reports that
+progress per step relative to the default (k,v on every block), from all examples and from each half of them (how
+stable the estimate is), and the best rate it implies, also relative to the default's. It is the model's prediction,
+not a training measurement: the rates it implies are far larger than those that train stably (bench/estimators.py),
+so read it as a ranking, and distrust it where the implied rate is many times the default's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
+from estimators import TASKS  # noqa: E402
+
+NAME, TITLE = "gradient_noise", "What limits MeZO here: gradient signal-to-noise by LoRA target and block range"
+TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+DEFAULT_TARGETS = ("attn_k", "attn_v")
+BATCH = 16  # the batch the progress column assumes (finetune's default)
+RANGE_BLOCKS = 6  # block ranges of the second table
+# transformers' module names of the GGUF targets (the reference model is a transformers model)
+MODULE_OF = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+             "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Gradient statistics of one set of parameters over n examples."""
+    n_params: int
+    signal: float  # |G|^2, unbiased
+    energy: float  # T = E|g_i|^2
+    spread: float  # tr(Sigma)
+
+    @property
+    def rho(self) -> float:
+        return self.signal / self.energy
+
+    @property
+    def noise_scale(self) -> float:
+        return self.spread / self.signal if self.signal > 0 else float("inf")
+
+    def progress(self, batch: int = BATCH) -> float:
+        """Loss decrease per MeZO step at the best rate on the quadratic model with tr(H) ~ T, times 2:
+        |G|^4 / (T E|g_B|^2) = rho / (1 + B_noise/B)."""
+        return max(self.rho, 0.0) / (1 + self.noise_scale / batch)
+
+    def best_rate(self, batch: int = BATCH) -> float:
+        """The rate that gains progress(): |G|^2 / (T E|g_B|^2)."""
+        return self.progress(batch) / self.signal if self.signal > 0 else 0.0
+
+
+def noise_of(grads: np.ndarray) -> Noise:
+    """Statistics of the rows of `grads` (one example's gradient per row)."""
+    n = grads.shape[0]
+    if n < 2:
+        raise ValueError("at least two examples are needed")
+    mean = grads.mean(axis=0, dtype=np.float64)
+    spread = float(((grads - mean) ** 2).sum() / (n - 1))
+    return Noise(n_params=grads.shape[1], signal=float(mean @ mean - spread / n),
+                 energy=float((grads.astype(np.float64) ** 2).sum() / n), spread=spread)
+
+
+def per_example_gradients(model_name: str, data_flags: list[str], n: int, seed: int,
+                          threads: int) -> tuple[np.ndarray, dict]:
+    """[n, d] gradients of the LoRA B tensors (every target, rank 16) and {(target, block): columns}."""
+    import torch
+
+    from edgezo import reference
+    from edgezo.adapter import LoraAdapter, read_base_model_info
+    from edgezo.cli.parser import build_parser
+    from edgezo.engine import Vocabulary
+    from edgezo.resolve import load_task_and_splits, lora_from_args, resolve_base
+
+    if threads:
+        torch.set_num_threads(threads)
+    # the options of `edgezo reference-bp`, so model, data and LoRA resolve exactly as a training run's
+    args = build_parser().parse_args(["reference-bp", "--model", model_name, "--quant", "q4_0", *data_flags,
+                                      "--targets", ",".join(TARGETS), "--seed", str(seed), "--out", "unused"])
+    path = resolve_base(args)
+    base = read_base_model_info(path)
+    with Vocabulary(path) as vocab:
+        task, examples, _ = load_task_and_splits(vocab, args.data, args, ["train"])
+    adapter = LoraAdapter.init(base, lora_from_args(args), seed=seed)
+    model = reference.load_model(path, adapter, base, reference.ReferenceConfig())
+    scorer = reference.TorchScorer(model)
+    tensors = [(name, p) for name, p in sorted(model.named_parameters()) if "lora_B" in name]
+    chosen = list(examples["train"])
+    random.Random(seed).shuffle(chosen)
+    grads = np.zeros((n, sum(p.numel() for _, p in tensors)), np.float32)
+    for i, example in enumerate(chosen[:n]):
+        model.zero_grad()
+        reference.batch_loss(scorer, [example], task).backward()
+        grads[i] = torch.cat([p.grad.flatten() for _, p in tensors]).numpy()
+    target_of = {module: target for target, module in MODULE_OF.items()}
+    columns, offset = {}, 0
+    for name, p in tensors:
+        block = int(re.search(r"layers\.(\d+)\.", name).group(1))
+        target = target_of[re.search(r"\.(\w+_proj)\.", name).group(1)]
+        columns[(target, block)] = np.arange(offset, offset + p.numel())
+        offset += p.numel()
+    return grads, columns
+
+
+def select(columns: dict, targets=TARGETS, blocks: range | None = None) -> np.ndarray:
+    return np.concatenate([c for (t, b), c in sorted(columns.items())
+                           if t in targets and (blocks is None or b in blocks)])
+
+
+def measure(grads: np.ndarray, columns: dict) -> dict:
+    """Rows of the two tables: whole targets (and the default and all together), then targets x block ranges."""
+    halves = (slice(0, len(grads) // 2), slice(len(grads) // 2, None))
+
+    def row(name, cols):
+        full, *parts = (noise_of(grads[rows][:, cols]) for rows in (slice(None), *halves))
+        return {"name": name, "n_params": full.n_params, "signal": full.signal, "energy": full.energy,
+                "rho": full.rho, "noise_scale": full.noise_scale, "progress": full.progress(),
+                "best_rate": full.best_rate(),
+                "progress_halves": [p.progress() for p in parts]}
+
+    n_blocks = max(b for _, b in columns) + 1
+    whole = [row("default (attn_k,attn_v)", select(columns, DEFAULT_TARGETS)), row("all targets", select(columns))]
+    whole += [row(t, select(columns, (t,))) for t in TARGETS]
+    ranges = [row(f"{t} {a}:{min(a + RANGE_BLOCKS, n_blocks)}", select(columns, (t,), range(a, a + RANGE_BLOCKS)))
+              for t in TARGETS for a in range(0, n_blocks, RANGE_BLOCKS)]
+    return {"whole": whole, "ranges": ranges, "n_blocks": n_blocks}
+
+
+def render(result: dict) -> str:
+    default = result["whole"][0]
+
+    def relative(x):
+        return x / default["progress"]
+
+    rows = [[r["name"], f"{r['n_params']:,}", f"{r['signal']:.3g}", f"{r['energy']:.3g}", f"{r['rho']:.3f}",
+             f"{r['noise_scale']:.0f}", f"**{relative(r['progress']):.2f}**",
+             " / ".join(f"{relative(p):.2f}" for p in r["progress_halves"]),
+             f"{r['best_rate'] / default['best_rate']:.1f}"] for r in result["whole"]]
+    text = common.table(["parameters (LoRA B, every block)", "d", "\\|G\\|^2", "T = E\\|g_i\\|^2", "rho",
+                         "B_noise", "progress / default", "on each half", "best rate / default's"], rows)
+    by_range = {}
+    for r in result["ranges"]:
+        target, span = r["name"].split(" ")
+        by_range.setdefault(span, {})[target] = r
+    grid = [[span, *[f"{cells[t]['rho']:.3f} / {relative(cells[t]['progress']):.2f} / "
+                     f"{cells[t]['best_rate'] / default['best_rate']:.0f}" for t in TARGETS]]
+            for span, cells in by_range.items()]
+    text += f"\nBy block range, rho / progress over the default's / best rate over the default's:\n\n{common.table(['blocks', *TARGETS], grid)}"
+    return (text + f"\n{result['model']} q4_0, {result['task']}, {result['n_examples']} training examples (seed "
+            f"{result['seed']}), one at a time, through the torch reference (float base), LoRA rank 16 on every "
+            f"target at its init; progress per MeZO step at batch {BATCH} relative to the default, on the quadratic "
+            f"model with the empirical Fisher as curvature (the docstring), at each set's own best rate, so a "
+            f"ranking, not a training measurement; 'on each half' is the same from each half of the examples. The "
+            f"gradients took {result['seconds']:.0f} s.\n\n" + common.provenance(result) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", choices=list(TASKS), default="movie-reviews",
+                   help="movie-reviews, or intents: bench/intents_data.py's held-out-style task [%(default)s]")
+    p.add_argument("--work", type=common.work_dir, help="where --task intents writes its data")
+    p.add_argument("--examples", type=int, default=512, help="training examples, one gradient each [%(default)s]")
+    p.add_argument("--seed", type=int, default=0, help="which examples, and the LoRA A init [%(default)s]")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    task = TASKS[args.task]
+    if task.name != "movie-reviews" and args.work is None:
+        p.error(f"--task {task.name} needs --work (its data is written there)")
+    machine = common.machine_info()
+    start = time.perf_counter()
+    grads, columns = per_example_gradients(args.model, task.data_flags(args.work), args.examples, args.seed,
+                                           args.threads)
+    seconds = time.perf_counter() - start
+    result = {"benchmark": NAME, "task": task.name, "time": common.utc_now(), "machine": machine, "model": args.model,
+              "n_examples": args.examples, "seed": args.seed, "seconds": seconds, **measure(grads, columns),
+              "load_average_end": common.load_average()}
+    result_name = NAME if task.name == "movie-reviews" else f"{NAME}-{task.name}"
+    common.publish(result_name, TITLE, result, render(result), args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(common.run_main(main))

@@ -170,7 +170,8 @@ def render(result: dict) -> str:
     grid = [[span, *[f"{cells[t]['rho']:.3f} / {relative(cells[t]['progress']):.2f} / "
                      f"{cells[t]['best_rate'] / default['best_rate']:.0f}" for t in TARGETS]]
             for span, cells in by_range.items()]
-    text += f"\nBy block range, rho / progress over the default's / best rate over the default's:\n\n{common.table(['blocks', *TARGETS], grid)}"
+    text += ("\nBy block range, rho / progress over the default's / best rate over the default's:\n\n"
+             + common.table(["blocks", *TARGETS], grid))
     return (text + f"\n{result['model']} q4_0, {result['task']}, {result['n_examples']} training examples (seed "
             f"{result['seed']}), one at a time, through the torch reference (float base), LoRA rank 16 on every "
             f"target at its init; progress per MeZO step at batch {BATCH} relative to the default, on the quadratic "

@@ -18,9 +18,10 @@ A two-sided MeZO step moves lr (z . g_B) z. On a quadratic model its expected lo
 |G|^4 / (2 tr(H) E|g_B|^2), which with tr(H) ~ T is rho / (2 (1 + B_noise/B)) nats: a set of parameters trains
 fast only if its examples agree (a small B_noise), whatever its size. The table reports that
 progress per step relative to the default (k,v on every block), from all examples and from each half of them (how
-stable the estimate is), and the best rate it implies, also relative to the default's. It is the model's prediction,
-not a training measurement: the rates it implies are far larger than those that train stably (bench/estimators.py),
-so read it as a ranking, and distrust it where the implied rate is many times the default's.
+stable the estimate is), the best rate it implies, also relative to the default's, and the expected gain per step
+at fixed rates, to hold against the first steps of a real run (bench/estimators.py). These are the model's
+predictions, not training measurements: the best rates it implies are far larger than those that train stably, so
+read the progress column as a ranking, and distrust it where the implied rate is many times the default's.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ NAME, TITLE = "gradient_noise", "What limits MeZO here: gradient signal-to-noise
 TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 DEFAULT_TARGETS = ("attn_k", "attn_v")
 BATCH = 16  # the batch the progress column assumes (finetune's default)
+RATES = (1e-3, 4e-3)  # the predicted gain per step at these rates, to hold against a training run's first steps
 RANGE_BLOCKS = 6  # block ranges of the second table
 # transformers' module names of the GGUF targets (the reference model is a transformers model)
 MODULE_OF = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
@@ -69,6 +71,10 @@ class Noise:
         """Loss decrease per MeZO step at the best rate on the quadratic model with tr(H) ~ T, times 2:
         |G|^4 / (T E|g_B|^2) = rho / (1 + B_noise/B)."""
         return max(self.rho, 0.0) / (1 + self.noise_scale / batch)
+
+    def gain(self, rate: float, batch: int = BATCH) -> float:
+        """Expected loss decrease of one MeZO step at `rate` on the same model."""
+        return rate * self.signal - rate ** 2 / 2 * self.energy * (self.signal + self.spread / batch)
 
     def best_rate(self, batch: int = BATCH) -> float:
         """The rate that gains progress(): |G|^2 / (T E|g_B|^2)."""
@@ -140,7 +146,7 @@ def measure(grads: np.ndarray, columns: dict) -> dict:
         full, *parts = (noise_of(grads[rows][:, cols]) for rows in (slice(None), *halves))
         return {"name": name, "n_params": full.n_params, "signal": full.signal, "energy": full.energy,
                 "rho": full.rho, "noise_scale": full.noise_scale, "progress": full.progress(),
-                "best_rate": full.best_rate(),
+                "best_rate": full.best_rate(), "gain_at": {str(rate): full.gain(rate) for rate in RATES},
                 "progress_halves": [p.progress() for p in parts]}
 
     n_blocks = max(b for _, b in columns) + 1
@@ -160,9 +166,11 @@ def render(result: dict) -> str:
     rows = [[r["name"], f"{r['n_params']:,}", f"{r['signal']:.3g}", f"{r['energy']:.3g}", f"{r['rho']:.3f}",
              f"{r['noise_scale']:.0f}", f"**{relative(r['progress']):.2f}**",
              " / ".join(f"{relative(p):.2f}" for p in r["progress_halves"]),
-             f"{r['best_rate'] / default['best_rate']:.1f}"] for r in result["whole"]]
+             f"{r['best_rate'] / default['best_rate']:.1f}",
+             *[f"{r['gain_at'][str(rate)] * 1e4:.2f}" for rate in RATES]] for r in result["whole"]]
     text = common.table(["parameters (LoRA B, every block)", "d", "\\|G\\|^2", "T = E\\|g_i\\|^2", "rho",
-                         "B_noise", "progress / default", "on each half", "best rate / default's"], rows)
+                         "B_noise", "progress / default", "on each half", "best rate / default's",
+                         *[f"gain per step at lr {rate:g} (1e-4 nats)" for rate in RATES]], rows)
     by_range = {}
     for r in result["ranges"]:
         target, span = r["name"].split(" ")

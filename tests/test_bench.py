@@ -481,6 +481,7 @@ def test_gradient_noise_statistics_of_two_examples_are_exact():
     same = gradient_noise.noise_of(np.stack([a, a, a]))  # no noise: all of the energy is signal
     assert same.rho == pytest.approx(1.0) and same.noise_scale == pytest.approx(0.0)
     assert same.progress(16) == pytest.approx(1.0) and same.best_rate(16) == pytest.approx(1 / (a @ a))
+    assert same.gain(0.5, 16) == pytest.approx(0.5 * 5 - 0.125 * 5 * 5)  # lr |G|^2 - lr^2/2 T E|g_B|^2
     with pytest.raises(ValueError):
         gradient_noise.noise_of(a[None])
 

@@ -45,7 +45,7 @@ BASE_DTYPES = ("float", *QUANTIZED_BASES)  # float: the GGUF dequantized once; q
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    method: str = "bp"  # "bp": AdamW on the LoRA tensors; "mezo": MeZO on the same tensors, in place
+    method: str = "bp"  # "bp": AdamW (or SGD) on the LoRA tensors; "mezo": MeZO on the same tensors, in place
     optimizer: str = "adamw"  # bp: "sgd" steps lr * gradient, as MeZO steps lr * its estimate
     dtype: str = "float32"  # base weights (the LoRA tensors stay float32, as PEFT keeps them)
     gradient_checkpointing: bool = False  # bp: recompute each layer's activations in backward instead of storing them

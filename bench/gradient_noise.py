@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import common  # noqa: E402
 from estimators import TASKS  # noqa: E402
 
+from edgezo.adapter import DEFAULT_TARGETS, KNOWN_TARGETS as TARGETS  # noqa: E402
+
 NAME, TITLE = "gradient_noise", "What limits MeZO here: gradient signal-to-noise by LoRA target and block range"
-TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-DEFAULT_TARGETS = ("attn_k", "attn_v")
 BATCH = 16  # the batch the progress column assumes (finetune's default)
 RATES = (1e-3, 4e-3)  # the predicted gain per step at these rates, to hold against a training run's first steps
 RANGE_BLOCKS = 6  # block ranges of the second table
@@ -150,7 +150,7 @@ def measure(grads: np.ndarray, columns: dict) -> dict:
                 "progress_halves": [p.progress() for p in parts]}
 
     n_blocks = max(b for _, b in columns) + 1
-    whole = [row("default (attn_k,attn_v)", select(columns, DEFAULT_TARGETS)), row("all targets", select(columns))]
+    whole = [row(f"default ({','.join(DEFAULT_TARGETS)})", select(columns, DEFAULT_TARGETS)), row("all targets", select(columns))]
     whole += [row(t, select(columns, (t,))) for t in TARGETS]
     ranges = [row(f"{t} {a}:{min(a + RANGE_BLOCKS, n_blocks)}", select(columns, (t,), range(a, a + RANGE_BLOCKS)))
               for t in TARGETS for a in range(0, n_blocks, RANGE_BLOCKS)]

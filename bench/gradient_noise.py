@@ -22,6 +22,9 @@ stable the estimate is), the best rate it implies, also relative to the default'
 at fixed rates, to hold against the first steps of a real run (bench/estimators.py). These are the model's
 predictions, not training measurements: the best rates it implies are far larger than those that train stably, so
 read the progress column as a ranking, and distrust it where the implied rate is many times the default's.
+
+The curvature probe checks tr(H) ~ T where it matters, on MeZO's own directions: the mean over Gaussian z of
+(L(B + eps z) + L(B - eps z) - 2 L(B)) / eps^2 is tr(H) of the batch loss in the default targets' B.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ NAME, TITLE = "gradient_noise", "What limits MeZO here: gradient signal-to-noise
 BATCH = 16  # the batch the progress column assumes (finetune's default)
 RATES = (1e-3, 4e-3)  # the predicted gain per step at these rates, to hold against a training run's first steps
 RANGE_BLOCKS = 6  # block ranges of the second table
+# the curvature probe's step: (L+ + L- - 2 L0) must stand well above float32 rounding (~1e-7) and the cubic term
+# small; at 3e-2 eps^2 z'Hz is about 1e-2 nats here
+CURVATURE_EPS = 3e-2
 # transformers' module names of the GGUF targets (the reference model is a transformers model)
 MODULE_OF = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
              "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
@@ -92,9 +98,27 @@ def noise_of(grads: np.ndarray) -> Noise:
                  energy=float((grads.astype(np.float64) ** 2).sum() / n), spread=spread)
 
 
-def per_example_gradients(model_name: str, data_flags: list[str], n: int, seed: int,
-                          threads: int) -> tuple[np.ndarray, dict]:
-    """[n, d] gradients of the LoRA B tensors (every target, rank 16) and {(target, block): columns}."""
+@dataclass
+class Setup:
+    """The reference model with LoRA on every target at its init, the loss, and the shuffled training examples."""
+    model: object
+    scorer: object
+    task: object
+    examples: list
+
+    def lora_b(self) -> list[tuple[str, object]]:
+        return [(name, p) for name, p in sorted(self.model.named_parameters()) if "lora_B" in name]
+
+    def loss(self, batch) -> float:
+        import torch
+
+        from edgezo import reference
+
+        with torch.no_grad():
+            return float(reference.batch_loss(self.scorer, batch, self.task).double())
+
+
+def load(model_name: str, data_flags: list[str], seed: int, threads: int) -> Setup:
     import torch
 
     from edgezo import reference
@@ -112,16 +136,24 @@ def per_example_gradients(model_name: str, data_flags: list[str], n: int, seed: 
     base = read_base_model_info(path)
     with Vocabulary(path) as vocab:
         task, examples, _ = load_task_and_splits(vocab, args.data, args, ["train"])
-    adapter = LoraAdapter.init(base, lora_from_args(args), seed=seed)
-    model = reference.load_model(path, adapter, base, reference.ReferenceConfig())
-    scorer = reference.TorchScorer(model)
-    tensors = [(name, p) for name, p in sorted(model.named_parameters()) if "lora_B" in name]
+    model = reference.load_model(path, LoraAdapter.init(base, lora_from_args(args), seed=seed), base,
+                                 reference.ReferenceConfig())
     chosen = list(examples["train"])
     random.Random(seed).shuffle(chosen)
+    return Setup(model, reference.TorchScorer(model), task, chosen)
+
+
+def per_example_gradients(setup: Setup, n: int) -> tuple[np.ndarray, dict]:
+    """[n, d] gradients of the LoRA B tensors (every target) and {(target, block): columns}."""
+    import torch
+
+    from edgezo import reference
+
+    tensors = setup.lora_b()
     grads = np.zeros((n, sum(p.numel() for _, p in tensors)), np.float32)
-    for i, example in enumerate(chosen[:n]):
-        model.zero_grad()
-        reference.batch_loss(scorer, [example], task).backward()
+    for i, example in enumerate(setup.examples[:n]):
+        setup.model.zero_grad()
+        reference.batch_loss(setup.scorer, [example], setup.task).backward()
         grads[i] = torch.cat([p.grad.flatten() for _, p in tensors]).numpy()
     target_of = {module: target for target, module in MODULE_OF.items()}
     columns, offset = {}, 0
@@ -131,6 +163,36 @@ def per_example_gradients(model_name: str, data_flags: list[str], n: int, seed: 
         columns[(target, block)] = np.arange(offset, offset + p.numel())
         offset += p.numel()
     return grads, columns
+
+
+def curvature_along_directions(setup: Setup, batches: int, directions: int, eps: float, seed: int) -> list[float]:
+    """z'Hz = (L(B + eps z) + L(B - eps z) - 2 L(B)) / eps^2 for Gaussian z over the default targets' B, per batch
+    of BATCH examples (float32 torch, no quantization jitter): its mean is tr(H), the curvature MeZO's step meets."""
+    import torch
+
+    tensors = [p for name, p in setup.lora_b() if any(f".{MODULE_OF[t]}." in name for t in DEFAULT_TARGETS)]
+    centre = [p.detach().clone() for p in tensors]
+    generator = torch.Generator().manual_seed(seed)
+
+    def place(zs=None, scale: float = 0.0) -> None:
+        """The B tensors at centre + scale * zs (at the centre without zs)."""
+        with torch.no_grad():
+            for i, (p, c) in enumerate(zip(tensors, centre, strict=True)):
+                p.copy_(c if zs is None else c + scale * zs[i])
+
+    values = []
+    for b in range(batches):
+        batch = setup.examples[b * BATCH:(b + 1) * BATCH]
+        at_centre = setup.loss(batch)
+        for _ in range(directions):
+            zs = [torch.randn(p.shape, generator=generator) for p in tensors]
+            place(zs, eps)
+            plus = setup.loss(batch)
+            place(zs, -eps)
+            minus = setup.loss(batch)
+            place()
+            values.append((plus + minus - 2 * at_centre) / eps ** 2)
+    return values
 
 
 def select(columns: dict, targets=TARGETS, blocks: range | None = None) -> np.ndarray:
@@ -157,6 +219,16 @@ def measure(grads: np.ndarray, columns: dict) -> dict:
     return {"whole": whole, "ranges": ranges, "n_blocks": n_blocks}
 
 
+def render_curvature(probe: dict, energy: float) -> str:
+    values = np.array(probe["values"])
+    per_batch = values.reshape(probe["batches"], probe["directions"]).mean(axis=1)
+    return (f"\nCurvature along MeZO's directions (the default targets' B, {probe['batches']} batches of {BATCH} x "
+            f"{probe['directions']} Gaussian directions, central second differences at eps {probe['eps']:g}): "
+            f"tr(H) = {values.mean():.3g} ± {values.std(ddof=1) / np.sqrt(len(values)):.2g} (per batch "
+            f"{', '.join(f'{v:.3g}' for v in per_batch)}), against T = {energy:.3g} from the per-example "
+            f"gradients.\n")
+
+
 def render(result: dict) -> str:
     default = result["whole"][0]
 
@@ -180,6 +252,7 @@ def render(result: dict) -> str:
             for span, cells in by_range.items()]
     text += ("\nBy block range, rho / progress over the default's / best rate over the default's:\n\n"
              + common.table(["blocks", *TARGETS], grid))
+    text += render_curvature(result["curvature"], default["energy"])
     return (text + f"\n{result['model']} q4_0, {result['task']}, {result['n_examples']} training examples (seed "
             f"{result['seed']}), one at a time, through the torch reference (float base), LoRA rank 16 on every "
             f"target at its init; progress per MeZO step at batch {BATCH} relative to the default, on the quadratic "
@@ -196,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", type=common.work_dir, help="where --task intents writes its data")
     p.add_argument("--examples", type=int, default=512, help="training examples, one gradient each [%(default)s]")
     p.add_argument("--seed", type=int, default=0, help="which examples, and the LoRA A init [%(default)s]")
+    p.add_argument("--curvature-batches", type=int, default=4, help="batches of the curvature probe [%(default)s]")
+    p.add_argument("--directions", type=int, default=32, help="directions per batch of the probe [%(default)s]")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -203,12 +278,15 @@ def main(argv=None) -> int:
     if task.name != "movie-reviews" and args.work is None:
         p.error(f"--task {task.name} needs --work (its data is written there)")
     machine = common.machine_info()
+    setup = load(args.model, task.data_flags(args.work), args.seed, args.threads)
     start = time.perf_counter()
-    grads, columns = per_example_gradients(args.model, task.data_flags(args.work), args.examples, args.seed,
-                                           args.threads)
+    grads, columns = per_example_gradients(setup, args.examples)
     seconds = time.perf_counter() - start
+    curvature = curvature_along_directions(setup, args.curvature_batches, args.directions, CURVATURE_EPS, args.seed)
     result = {"benchmark": NAME, "task": task.name, "time": common.utc_now(), "machine": machine, "model": args.model,
               "n_examples": args.examples, "seed": args.seed, "seconds": seconds, **measure(grads, columns),
+              "curvature": {"eps": CURVATURE_EPS, "batches": args.curvature_batches, "directions": args.directions,
+                            "values": curvature},
               "load_average_end": common.load_average()}
     result_name = NAME if task.name == "movie-reviews" else f"{NAME}-{task.name}"
     common.publish(result_name, TITLE, result, render(result), args.json)

@@ -486,6 +486,27 @@ def test_gradient_noise_statistics_of_two_examples_are_exact():
         gradient_noise.noise_of(a[None])
 
 
+def test_gradient_noise_curvature_probe_measures_z_hz_and_restores_the_adapter():
+    torch = pytest.importorskip("torch")
+
+    class Quadratic(gradient_noise.Setup):  # loss = sum_j h_j x_j^2 / 2 over the k/v B tensors: z'Hz exactly
+        def lora_b(self):
+            return [("m.layers.0.self_attn.k_proj.lora_B.w", self.model[0]),
+                    ("m.layers.0.mlp.up_proj.lora_B.w", self.model[1])]  # not a default target: never perturbed
+
+        def loss(self, batch):
+            return float((self.task * self.model[0].double() ** 2).sum() / 2 + self.model[1].double().sum())
+
+    x = torch.tensor([0.5, -1.0, 2.0])
+    setup = Quadratic(model=[x.clone(), torch.ones(2)], scorer=None, task=torch.tensor([1.0, 4.0, 10.0],
+                      dtype=torch.float64), examples=list(range(64)))
+    values = gradient_noise.curvature_along_directions(setup, batches=2, directions=3, eps=0.1, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    expected = [float((setup.task * torch.randn(3, generator=generator).double() ** 2).sum()) for _ in range(6)]
+    assert values == pytest.approx(expected, rel=1e-3)
+    assert torch.equal(setup.model[0], x) and torch.equal(setup.model[1], torch.ones(2))
+
+
 def test_gradient_noise_rows_select_targets_and_ranges_and_render_relative_to_the_default():
     import numpy as np
 
@@ -502,8 +523,10 @@ def test_gradient_noise_rows_select_targets_and_ranges_and_render_relative_to_th
     assert by["attn_v 6:8"]["n_params"] == 2 * 3  # the last range stops at the last block
     cols = np.concatenate([columns[("attn_v", b)] for b in (6, 7)])
     assert by["attn_v 6:8"]["signal"] == pytest.approx(gradient_noise.noise_of(grads[:, cols]).signal)
-    result |= {"model": "m", "task": "movie-reviews", "n_examples": 8, "seed": 0, "seconds": 1.0, "machine": MACHINE, "time": "t"}
+    result |= {"model": "m", "task": "movie-reviews", "n_examples": 8, "seed": 0, "seconds": 1.0, "machine": MACHINE,
+               "time": "t", "curvature": {"eps": 0.03, "batches": 2, "directions": 2, "values": [1.0, 3.0, 10.0, 14.0]}}
     text = gradient_noise.render(result)
+    assert "tr(H) = 7 ± 3" in text and "(per batch 2, 12)" in text
     assert "| default (attn_k,attn_v) | 48 |" in text and "**1.00**" in text and "| 6:8 |" in text
 
 

@@ -43,9 +43,9 @@ class BenchTask:
     def target(self) -> float:
         return self.thresholds[-2]
 
-    @property
-    def result_name(self) -> str:
-        return NAME if self.name == "movie-reviews" else f"{NAME}-{self.name}"
+    def results(self, benchmark: str = NAME) -> str:
+        """The results name of `benchmark` on this task (the default task's is the benchmark's own)."""
+        return benchmark if self.name == "movie-reviews" else f"{benchmark}-{self.name}"
 
     def data_flags(self, work: Path) -> list[str]:
         if self.name == "movie-reviews":
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
         run["step_seconds"] = time_config(run["name"], data_flags, args.work, args.threads, args.time_steps)
     result = {"benchmark": NAME, "task": task.name, "time": common.utc_now(), "machine": machine, "runs": runs,
               "summary": summarize(runs, task.thresholds), "load_average_end": common.load_average()}
-    name = f"{task.result_name}-{args.tag}" if args.tag else task.result_name
+    name = f"{task.results()}-{args.tag}" if args.tag else task.results()
     common.publish(name, TITLE, result, render(result), args.json)
     return 0
 

@@ -44,6 +44,7 @@ import common  # noqa: E402
 from estimators import TASKS  # noqa: E402
 
 from edgezo.adapter import DEFAULT_TARGETS, KNOWN_TARGETS as TARGETS  # noqa: E402
+from edgezo.convert.peft import GGUF_TO_HF, HF_TO_GGUF  # noqa: E402  (the reference model's module names)
 
 NAME, TITLE = "gradient_noise", "What limits MeZO here: gradient signal-to-noise by LoRA target and block range"
 BATCH = 16  # the batch the progress column assumes (finetune's default)
@@ -52,9 +53,6 @@ RANGE_BLOCKS = 6  # block ranges of the second table
 # the curvature probe's step: (L+ + L- - 2 L0) must stand well above float32 rounding (~1e-7) and the cubic term
 # small; at 3e-2 eps^2 z'Hz is about 1e-2 nats here
 CURVATURE_EPS = 3e-2
-# transformers' module names of the GGUF targets (the reference model is a transformers model)
-MODULE_OF = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
-             "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
 
 
 @dataclass(frozen=True)
@@ -155,11 +153,10 @@ def per_example_gradients(setup: Setup, n: int) -> tuple[np.ndarray, dict]:
         setup.model.zero_grad()
         reference.batch_loss(setup.scorer, [example], setup.task).backward()
         grads[i] = torch.cat([p.grad.flatten() for _, p in tensors]).numpy()
-    target_of = {module: target for target, module in MODULE_OF.items()}
     columns, offset = {}, 0
     for name, p in tensors:
         block = int(re.search(r"layers\.(\d+)\.", name).group(1))
-        target = target_of[re.search(r"\.(\w+_proj)\.", name).group(1)]
+        target = HF_TO_GGUF[re.search(r"\.(\w+_proj)\.", name).group(1)][1]
         columns[(target, block)] = np.arange(offset, offset + p.numel())
         offset += p.numel()
     return grads, columns
@@ -170,7 +167,7 @@ def curvature_along_directions(setup: Setup, batches: int, directions: int, eps:
     of BATCH examples (float32 torch, no quantization jitter): its mean is tr(H), the curvature MeZO's step meets."""
     import torch
 
-    tensors = [p for name, p in setup.lora_b() if any(f".{MODULE_OF[t]}." in name for t in DEFAULT_TARGETS)]
+    tensors = [p for name, p in setup.lora_b() if any(f".{GGUF_TO_HF[t]}." in name for t in DEFAULT_TARGETS)]
     centre = [p.detach().clone() for p in tensors]
     generator = torch.Generator().manual_seed(seed)
 
@@ -288,8 +285,7 @@ def main(argv=None) -> int:
               "curvature": {"eps": CURVATURE_EPS, "batches": args.curvature_batches, "directions": args.directions,
                             "values": curvature},
               "load_average_end": common.load_average()}
-    result_name = NAME if task.name == "movie-reviews" else f"{NAME}-{task.name}"
-    common.publish(result_name, TITLE, result, render(result), args.json)
+    common.publish(task.results(NAME), TITLE, result, render(result), args.json)
     return 0
 
 

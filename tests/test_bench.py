@@ -415,7 +415,7 @@ def test_estimators_intents_task_writes_its_data_and_reports_its_own_target(tmp_
     flags = task.data_flags(tmp_path)
     data = Path(flags[flags.index("--data") + 1])
     assert (data / "valid.jsonl").read_text().count("\n") == task.n_valid
-    assert flags[flags.index("--template") + 1] == intents_data.TEMPLATE and task.result_name == "estimators-intents"
+    assert flags[flags.index("--template") + 1] == intents_data.TEMPLATE and task.results() == "estimators-intents"
     bp = {"name": "bp", "command": "edgezo reference-bp ", "steps": 10, "points": [
         {"step": 0, "train_seconds": 0.0, "valid_accuracy": 0.3, "valid_loss": 1.3},
         {"step": 5, "train_seconds": 10.0, "valid_accuracy": 0.92, "valid_loss": 0.3}]}

@@ -19,8 +19,8 @@ biggest model BP can fit, BP including a quantized base (QLoRA / MeBP style).
    it stopped when rerun with the same --work (finished runs and zero-shot evaluations are reused; a MeZO run
    continues from its checkpoint, also when --minutes grows).
 
-    python bench/budget_experiment.py            # ~3 h on the 2-core CI machine; rerun it to continue
-    python bench/budget_experiment.py --quick    # SmolLM2 vs Gemma, a few seconds each: checks the pipeline
+    python -m bench.budget_experiment            # ~3 h on the 2-core CI machine; rerun it to continue
+    python -m bench.budget_experiment --quick    # SmolLM2 vs Gemma, a few seconds each: checks the pipeline
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ import shutil
 import sys
 from pathlib import Path
 
-import common
-from common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, summary, table, utc_now
+from bench import common
+from bench.common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, summary, table, utc_now
 
 from edgezo.rundir import RunDir  # after common, which puts this checkout on the path
 

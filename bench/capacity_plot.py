@@ -1,6 +1,6 @@
 """Largest model each fine-tuning method fits against the memory budget: bench/results/capacity.{png,json}.
 
-    python bench/capacity_plot.py [--batch-size 16] [--seq-len 64] [--rank 16]
+    python -m bench.capacity_plot [--batch-size 16] [--seq-len 64] [--rank 16]
 
 For budgets from 256 MiB to 32 GiB, edgezo.capacity picks the largest model of the known families
 (edgezo/model_families.toml) whose predicted peak RSS (edgezo.memory, the functions `edgezo memory` uses) fits; the
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-import common
+from bench import common
 
 from edgezo.adapter import LoraConfig  # noqa: E402
 from edgezo.capacity import METHODS, largest_fitting, load_specs, prediction_table  # noqa: E402

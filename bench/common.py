@@ -24,8 +24,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-if str(ROOT) not in sys.path:  # run from a checkout: import this tree's edgezo even without an install
-    sys.path.insert(0, str(ROOT))
 LIBRARIES = ("llama_cpp_python", "numpy", "gguf", "torch", "transformers", "peft", "accelerate")
 
 
@@ -129,7 +127,7 @@ def run_main(main: Callable[[], int | None]) -> int:
     in one line `bench/SCRIPT: error: ...` and exit 1 (no traceback), an interrupt in exit 130."""
     from edgezo.files import EdgezoError
 
-    name = f"bench/{Path(sys.argv[0]).name}"
+    name = f"bench.{Path(sys.argv[0]).stem}"
     try:
         return main() or 0
     except (ChildFailed, EdgezoError, OSError) as exc:
@@ -210,8 +208,9 @@ def run_json(cmd: Sequence[str], what: str, env: dict | None = None, timeout: fl
     return result
 
 
-def python_cmd(script: str | os.PathLike, *args: object) -> list[str]:
-    return [sys.executable, str(script), *map(str, args)]
+def python_cmd(module: str, *args: object) -> list[str]:
+    """`python -m bench.NAME ARGS`: run_fresh puts the checkout on the child's PYTHONPATH, so `bench` imports."""
+    return [sys.executable, "-m", module, *map(str, args)]
 
 
 # ---- results --------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Side by side in one run: edgezo MeZO (llama.cpp, Q4_0 and Q8_0) against torch MeZO and torch BP with AdamW.
 
-    python bench/compare.py [--steps 40] [--warmup-steps 5] [--threads 0] [--configs all] [--quick] [--json]
+    python -m bench.compare [--steps 40] [--warmup-steps 5] [--threads 0] [--configs all] [--quick] [--json]
 
 Seven configurations train the same LoRA (rank 16, alpha 32 on attn_k,attn_v, edgezo's initial adapter for the
 seed) of the same model (SmolLM2-135M) on the same movie-review batches (batch 16, same seed, --max-seq-len 256),
@@ -32,8 +32,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 from edgezo.rundir import RunDir  # noqa: E402
 
@@ -147,7 +146,7 @@ def run(args) -> dict:
     machine = common.machine_info()
     selected = [c for c in CONFIGS if args.configs == "all" or c.key in args.configs.split(",")]
     hashes = {q: common.sha256(store.resolve_model(args.model, q)) for q in ("q4_0", "q8_0")}  # requantize first
-    tokens = common.run_json(common.python_cmd(__file__, "--child", "tokens", "--model", args.model, "--steps",
+    tokens = common.run_json(common.python_cmd(__spec__.name, "--child", "tokens", "--model", args.model, "--steps",
                                                args.steps, "--batch-size", args.batch_size, "--seed", args.seed,
                                                "--max-seq-len", args.max_seq_len), "token count")
     workdir = Path(tempfile.mkdtemp(prefix="edgezo-compare-", dir=args.workdir))

@@ -1,7 +1,7 @@
 """Distributed MeZO on this machine: 2 workers x 1 thread against 1 worker x 2 threads, and the per-step costs
 that docs/fleet.md projects to a fleet.
 
-    python bench/distributed.py [--steps 400] [--eval-every 50] [--n-valid 500] [--quick] [--note TEXT] [--json]
+    python -m bench.distributed [--steps 400] [--eval-every 50] [--n-valid 500] [--quick] [--note TEXT] [--json]
 
 Training runs (each `edgezo finetune` in a fresh process; SmolLM2-135M q4_0, movie-reviews, batch 16, seed 0,
 LoRA defaults; a run directory per configuration in a temporary directory):
@@ -32,8 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 from edgezo.rundir import RunDir  # noqa: E402
 
@@ -133,7 +132,7 @@ def measure_gather(args) -> dict:
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "PYTHONPATH": str(common.ROOT)}
-        procs.append(subprocess.Popen(common.python_cmd(__file__, "--child", "gather", "--gather-repeats",
+        procs.append(subprocess.Popen(common.python_cmd(__spec__.name, "--child", "gather", "--gather-repeats",
                                                         args.gather_repeats), env=env,
                                       stdout=subprocess.PIPE if rank == 0 else subprocess.DEVNULL, text=True))
     out, _ = procs[0].communicate(timeout=300)
@@ -143,7 +142,7 @@ def measure_gather(args) -> dict:
 
 
 def measure_costs(args) -> dict:
-    cmd = common.python_cmd(__file__, "--child", "costs", "--model", args.model, "--quant", args.quant,
+    cmd = common.python_cmd(__spec__.name, "--child", "costs", "--model", args.model, "--quant", args.quant,
                             "--warmup", args.warmup, "--repeats", args.repeats, "--seed", args.seed)
     costs = common.run_json(cmd, "costs process")
     costs.pop("_process")

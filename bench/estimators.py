@@ -1,8 +1,8 @@
 """Fast MeZO levers against torch BP: validation accuracy against steps and training wall-clock, in one run.
 
-    python bench/estimators.py --work runs/estimators            # every configuration below, one after another
-    python bench/estimators.py --work runs/estimators --only fzoo-fa,bp
-    python bench/estimators.py --work runs/intents --task intents --only bp,mezo   # the held-out-style check
+    python -m bench.estimators --work runs/estimators            # every configuration below, one after another
+    python -m bench.estimators --work runs/estimators --only fzoo-fa,bp
+    python -m bench.estimators --work runs/intents --task intents --only bp,mezo   # the held-out-style check
 
 Each configuration is one `edgezo finetune` (or `edgezo reference-bp`) in a fresh process on SmolLM2-135M Q4_0,
 movie-reviews (or --task intents: bench/intents_data.py's synthetic requests), batch 16, seed 0, validated on
@@ -19,12 +19,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-import intents_data  # noqa: E402
+from bench import common
+from bench import intents_data
 
 from edgezo.rundir import RunDir  # noqa: E402
-from time_to_accuracy import read_curve  # noqa: E402
+from bench.time_to_accuracy import read_curve
 
 NAME, TITLE = "estimators", "Fast MeZO levers: accuracy against steps and training time, torch BP alongside"
 AT_SECONDS = (60, 120, 300)

@@ -1,7 +1,7 @@
 """MeZO on a generative task: zero-shot, MeZO on the NLL, MeZO on a reward of its own generations, torch BP on the NLL.
 
-    python bench/generative.py --work runs/generative            # every configuration, one after another
-    python bench/generative.py --work runs/generative --only mezo-reward
+    python -m bench.generative --work runs/generative            # every configuration, one after another
+    python -m bench.generative --work runs/generative --only mezo-reward
 
 Data: the built-in synthetic tool-calls task (edgezo.toolcalls: a request -> one JSON function call, chat format,
 a quarter of the examples two-turn). Each configuration trains in a fresh process on SmolLM2-135M Q4_0, batch 16,
@@ -19,8 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 from edgezo.rundir import RunDir  # noqa: E402
 

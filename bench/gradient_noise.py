@@ -1,8 +1,8 @@
 """What limits MeZO here: the signal-to-noise of the LoRA gradient, by target and block range, from per-example
 gradients (torch; needs the torch extra).
 
-    python bench/gradient_noise.py                    # every LoRA target of SmolLM2-135M, 512 training reviews
-    python bench/gradient_noise.py --task intents --work runs/intents   # bench/intents_data.py's requests
+    python -m bench.gradient_noise                    # every LoRA target of SmolLM2-135M, 512 training reviews
+    python -m bench.gradient_noise --task intents --work runs/intents   # bench/intents_data.py's requests
 
 One process computes the gradient g_i of each of n training examples (batch of 1, the reference's float model and
 loss) with respect to the LoRA B tensors of every target; A's gradient is exactly 0 at init, where B = 0. From them,
@@ -35,13 +35,11 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-from estimators import TASKS  # noqa: E402
+from bench import common
+from bench.estimators import TASKS
 
 from edgezo.adapter import DEFAULT_TARGETS, KNOWN_TARGETS as TARGETS  # noqa: E402
 from edgezo.convert.peft import GGUF_TO_HF, HF_TO_GGUF  # noqa: E402  (the reference model's module names)

@@ -1,6 +1,6 @@
 """A synthetic held-out task: the intent of a short phone-assistant request, built from templates (not movie reviews).
 
-    python bench/intents_data.py OUT_DIR      # writes OUT_DIR/{train,valid,test}.jsonl
+    python -m bench.intents_data OUT_DIR      # writes OUT_DIR/{train,valid,test}.jsonl
 
 Four intents, each answered by one label letter (" A" alarm, " B" weather, " C" music, " D" message) so the model
 cannot lean on the label word's meaning: zero-shot it guesses, and what it learns is the task. The split is fixed

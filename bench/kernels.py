@@ -1,6 +1,6 @@
 """What the engine's AMX guard costs: decode time with llama.cpp's own kernel choice vs the guarded load.
 
-    python bench/kernels.py            # ~3 min on 2 cores; --json prints the result line
+    python -m bench.kernels            # ~3 min on 2 cores; --json prints the result line
 
 The guarded load (EDGEZO_AMX=avoid, what the engine does on an AMX CPU whose llama.cpp has AMX kernels) turns
 llama.cpp's extra buffer types off and puts back, by tensor overrides, the weights CPU_REPACK takes. The third
@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 NAME, TITLE = "kernels", "The AMX guard: llama.cpp's kernel choice vs the guarded load"
 QUANTS = ("q4_0", "q4_k_m", "q8_0")

@@ -1,6 +1,6 @@
 """Which blocks carry the gradient MeZO sees: the squared projected gradient of LoRA-FA on each block range.
 
-    python bench/layer_gradients.py --work runs/layer-gradients     # every range below (reruns reuse finished ones)
+    python -m bench.layer_gradients --work runs/layer-gradients     # every range below (reruns reuse finished ones)
 
 For a Gaussian direction z, E[(z . grad)^2] = |grad|^2, so the mean square of MeZO's projected gradients over a
 few steps at a negligible learning rate (1e-12: the adapter does not move) measures the gradient energy of the
@@ -22,8 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 from edgezo.rundir import RunDir  # noqa: E402
 

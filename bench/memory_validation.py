@@ -1,6 +1,6 @@
 """Predicted (edgezo.memory) against measured peak RSS, each run a fresh `python -m edgezo.cli` process.
 
-    python bench/memory_validation.py [--work-dir DIR] [--threads 2] [--steps 2] [--models ...] [--methods ...]
+    python -m bench.memory_validation [--work-dir DIR] [--threads 2] [--steps 2] [--models ...] [--methods ...]
 
 Runs, for each model x setting x method, the real command and reads the `peak_rss_bytes` (VmHWM) it reports:
     inference  edgezo eval --split valid --limit N          (llama.cpp)
@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-import common
-from common import RESULTS, ROOT, cpu_model
+from bench import common
+from bench.common import RESULTS, ROOT, cpu_model
 
 METHODS = ["inference", "mezo", "bp", "bp-ckpt", "bp-quant", "bp-quant-ckpt"]
 # A BP method with this suffix runs with --release-freed-memory (freed tensors returned to the kernel at once).

@@ -1,6 +1,6 @@
 """MeZO step cost against bare inference through llama.cpp, each measured in a fresh process.
 
-    python bench/mezo_step.py [--model smollm2-135m] [--quant q4_0] [--batch-size 16] [--repeats 20] [--quick] [--json]
+    python -m bench.mezo_step [--model smollm2-135m] [--quant q4_0] [--batch-size 16] [--repeats 20] [--quick] [--json]
 
 Two child processes run the same fixed batch of movie-review prompts (logits at the answer position only):
   inference: the base model, no adapter: median time of one forward pass (Engine.logits: fill the batch,
@@ -30,10 +30,8 @@ import json
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 NAME = "mezo_step"
 TITLE = "MeZO step cost vs two bare forward passes"
@@ -172,7 +170,7 @@ def round_ratios(rounds: list[dict]) -> list[float]:
 
 
 def measure(args, role: str) -> dict:
-    cmd = common.python_cmd(__file__, "--child", role, "--model", args.model, "--quant", args.quant, "--batch-size",
+    cmd = common.python_cmd(__spec__.name, "--child", role, "--model", args.model, "--quant", args.quant, "--batch-size",
                             args.batch_size, "--repeats", args.repeats, "--warmup", args.warmup, "--threads",
                             args.threads, "--seed", args.seed)
     raw = common.run_json(cmd, f"{role} process")

@@ -1,6 +1,6 @@
 """Prefix reuse: the cost of the split path's parts over one full forward, against their ideal block fractions.
 
-    python bench/prefix_reuse.py [--model smollm2-135m] [--quant q4_0] [--num-layers 6,12] [--repeats 10] [--json]
+    python -m bench.prefix_reuse [--model smollm2-135m] [--quant q4_0] [--num-layers 6,12] [--repeats 10] [--json]
 
 In one process, a full Engine and a SplitEngine on the same base (the weights are memory-mapped once), both with
 a LoRA adapter (rank 16, k,v) on the last K blocks, score the same fixed batch of 16 movie-review prompts. Rounds
@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 NAME = "prefix_reuse"
 TITLE = "Prefix reuse: what the split path's parts cost over one full forward"

@@ -1,6 +1,6 @@
 """Inference throughput: edgezo's engine against bare llama-cpp-python on the same GGUF, same settings, same work.
 
-    python bench/throughput.py [--quants f32,f16,q8_0,q4_0,none] [--n-seqs 1,16] [--prompt-tokens 128]
+    python -m bench.throughput [--quants f32,f16,q8_0,q4_0,none] [--n-seqs 1,16] [--prompt-tokens 128]
                                [--gen-tokens 64] [--repeats 5] [--warmup 1] [--rounds 2] [--threads 0] [--quick]
 
 For every quant (none = the original Q4_1 file) and number of sequences B, `--rounds` fresh processes each hold
@@ -34,8 +34,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 NAME = "throughput"
 TITLE = "Inference throughput: edgezo engine vs bare llama-cpp-python"
@@ -218,7 +217,7 @@ def paired(bare_seconds: list[float], edgezo_seconds: list[float]) -> list[float
 def measure(args, quant: str, n_seq: int) -> dict:
     """`--rounds` fresh processes, each running both sides; the repetitions of all rounds pooled (peak RSS is of
     the process holding both sides)."""
-    cmd = common.python_cmd(__file__, "--child", "pair", "--model", args.model, "--quant", quant, "--n-seq", n_seq,
+    cmd = common.python_cmd(__spec__.name, "--child", "pair", "--model", args.model, "--quant", quant, "--n-seq", n_seq,
                             "--prompt-tokens", args.prompt_tokens, "--gen-tokens", args.gen_tokens,
                             "--ctx-per-seq", args.ctx_per_seq, "--threads", args.threads, "--warmup", args.warmup,
                             "--repeats", args.repeats)

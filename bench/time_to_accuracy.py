@@ -1,7 +1,7 @@
 """Time to accuracy on movie-reviews: held-out accuracy against training wall-clock, edgezo MeZO vs torch BP.
 
-    python bench/time_to_accuracy.py --mezo-run RUN_DIR --bp-run RUN_DIR          # plot two finished runs
-    python bench/time_to_accuracy.py --launch [--mezo-steps 400 --bp-steps 100]   # run both first, then plot
+    python -m bench.time_to_accuracy --mezo-run RUN_DIR --bp-run RUN_DIR          # plot two finished runs
+    python -m bench.time_to_accuracy --launch [--mezo-steps 400 --bp-steps 100]   # run both first, then plot
 
 Each run directory's metrics.jsonl holds eval lines {step, valid_accuracy, valid_loss, n_valid, train_seconds},
 where train_seconds is the cumulative wall-clock of training steps only (evaluations excluded), written the same
@@ -19,8 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
+from bench import common
 
 NAME = "time_to_accuracy"
 TITLE = "Time to accuracy: edgezo MeZO vs torch BP"

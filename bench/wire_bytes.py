@@ -1,6 +1,6 @@
 """What distributed MeZO puts on a real network link: bytes and packets per step on the wire between two hosts.
 
-    python bench/wire_bytes.py [--steps 5,25] [--parallel data,direction] [--json]      (as root)
+    python -m bench.wire_bytes [--steps 5,25] [--parallel data,direction] [--json]      (as root)
 
 The two hosts are network namespaces joined by a veth pair (bench/netns.py): each rank has its own network stack,
 so everything the ranks exchange crosses the link through the kernel's TCP/IP, and the link's counters count it,
@@ -23,9 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-import common  # noqa: E402
-import netns  # noqa: E402
+from bench import common
+from bench import netns
 
 NAME = "wire_bytes"
 TITLE = "Distributed MeZO: bytes on the wire per step, two hosts"

@@ -1,12 +1,10 @@
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from helpers import write_jsonl  # noqa: E402
-from tiny_model import write_tiny_llama  # noqa: E402
+from tests.helpers import write_jsonl  # noqa: E402
+from tests.tiny_model import write_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import edgezo
 from edgezo.adapter import LoraAdapter
 from edgezo.files import EdgezoError
-from helpers import finetune_args, run_json
+from tests.helpers import finetune_args, run_json
 
 README = Path(__file__).parent.parent / "README.md"
 

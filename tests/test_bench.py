@@ -10,24 +10,22 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-import budget_experiment  # noqa: E402
-import common  # noqa: E402
-import compare  # noqa: E402
-import estimators  # noqa: E402
-import fleet  # noqa: E402
-import generative  # noqa: E402
-import gradient_noise  # noqa: E402
-import intents_data  # noqa: E402
-import kernels  # noqa: E402
-import layer_gradients  # noqa: E402
-import mezo_step  # noqa: E402
-import prefix_reuse  # noqa: E402
-import report  # noqa: E402
-import throughput  # noqa: E402
-import time_to_accuracy  # noqa: E402
-import wire_bytes  # noqa: E402
+from bench import budget_experiment  # noqa: E402
+from bench import common  # noqa: E402
+from bench import compare  # noqa: E402
+from bench import estimators  # noqa: E402
+from bench import fleet  # noqa: E402
+from bench import generative  # noqa: E402
+from bench import gradient_noise  # noqa: E402
+from bench import intents_data  # noqa: E402
+from bench import kernels  # noqa: E402
+from bench import layer_gradients  # noqa: E402
+from bench import mezo_step  # noqa: E402
+from bench import prefix_reuse  # noqa: E402
+from bench import report  # noqa: E402
+from bench import throughput  # noqa: E402
+from bench import time_to_accuracy  # noqa: E402
+from bench import wire_bytes  # noqa: E402
 
 MACHINE = {"cpu": "Test CPU", "cores": 2, "ram_bytes": 8 * 2**30, "versions": {"llama_cpp_python": "0.3.36"},
            "load_average": [3.5, 1.0, 0.5]}
@@ -354,7 +352,7 @@ def test_report_renders_the_latest_result_and_marks_missing_ones(tmp_path):
     common.append_result("compare", compare_result(), tmp_path)
     block = report.build_block(tmp_path)
     assert "| `rss_torch_bp_over_mezo_q4_0` | 10.00 | >= 5 |" in block  # the latest line, not the first
-    assert "Not measured yet: `python bench/throughput.py`" in block
+    assert "Not measured yet: `python -m bench.throughput`" in block
     assert block.count("### ") == len(report.SECTIONS)
 
 
@@ -434,7 +432,7 @@ def test_kernels_render_shows_ratios_and_whether_logits_matched():
 
 
 def test_prefix_reuse_times_every_part_of_both_paths_on_a_real_engine(tmp_path, sentiment_dir):
-    from tiny_model import TinyLlama, write_tiny_llama
+    from tests.tiny_model import TinyLlama, write_tiny_llama
 
     from edgezo.adapter import read_base_model_info
     from edgezo.data import build_examples, build_task, read_jsonl

@@ -9,8 +9,8 @@ import pytest
 
 from edgezo.data import build_examples, build_task, read_jsonl
 from edgezo.engine import Engine, EngineConfig, Sampling, Vocabulary
-from helpers import run_json, write_jsonl
-from tiny_model import write_tiny_llama
+from tests.helpers import run_json, write_jsonl
+from tests.tiny_model import write_tiny_llama
 
 TEMPLATES = Path(__file__).parent / "chat_templates"  # each file names where its template comes from
 CONVERSATIONS = [

@@ -9,7 +9,7 @@ from edgezo.adapter import LoraAdapter
 from edgezo.cli import build_parser, command_line, main
 from edgezo.files import sha256_file
 
-from helpers import finetune_args, run_json
+from tests.helpers import finetune_args, run_json
 
 
 def test_finetune_writes_run_and_reports_json(tiny_gguf, sentiment_dir, tmp_path, capsys):

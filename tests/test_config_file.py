@@ -7,7 +7,7 @@ import pytest
 
 from edgezo.adapter import LoraAdapter
 from edgezo.cli import build_parser, expand_config, main
-from helpers import finetune_args, run_json
+from tests.helpers import finetune_args, run_json
 
 
 def parse(argv):

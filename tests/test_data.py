@@ -5,7 +5,7 @@ import pytest
 from edgezo.data import Format, batch_indices, build_examples, build_task, detect_format, read_jsonl, resolve_files
 from edgezo.files import EdgezoError
 
-from helpers import CharTokenizer, write_jsonl
+from tests.helpers import CharTokenizer, write_jsonl
 
 
 TOK = CharTokenizer()

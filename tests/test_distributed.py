@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,10 +21,9 @@ from edgezo.adapter import LoraAdapter  # noqa: E402
 from edgezo.distributed import DistConfig, Group, adapter_sha256  # noqa: E402
 from edgezo.files import EdgezoError  # noqa: E402
 
-from helpers import dying_cli, finetune_args, run_json  # noqa: E402
+from tests.helpers import dying_cli, finetune_args, run_json  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import netns  # noqa: E402
+from bench import netns  # noqa: E402
 
 
 def free_port() -> int:

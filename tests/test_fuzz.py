@@ -15,7 +15,7 @@ from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info, read_l
 from edgezo.data import build_examples, build_task, read_jsonl
 from edgezo.files import EdgezoError
 
-from helpers import CharTokenizer
+from tests.helpers import CharTokenizer
 
 N_EXAMPLES = int(os.environ.get("EDGEZO_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(max_examples=N_EXAMPLES, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -1,10 +1,14 @@
 """The package's import graph, read from the source of the installed package (every import, also those inside
-functions): no cycle between edgezo's modules, llama_cpp only in the engine, torch only in the torch extra."""
+functions): no cycle between edgezo's modules, llama_cpp only in the engine, torch only in the torch extra. And the
+checkout's own modules never shadow an installed package (issue 28: bench/kernels.py hid Hugging Face's `kernels`)."""
 import ast
+import importlib.metadata
 import importlib.util
+import sys
 from pathlib import Path
 
 PACKAGE = "edgezo"
+CHECKOUT = Path(__file__).resolve().parent.parent
 LLAMA_CPP_IMPORTERS = {  # module -> the part of llama_cpp it may import
     "edgezo.engine": "llama_cpp",
     "edgezo.serve": "llama_cpp.server",  # `edgezo serve` runs llama-cpp-python's own OpenAI-compatible server
@@ -102,3 +106,45 @@ def test_the_library_does_not_import_the_command_line():
     edges, _ = import_graph()
     users = {m for m, targets in edges.items() if any(t == "edgezo.cli" or t.startswith("edgezo.cli.") for t in targets)}
     assert {m for m in users if not m.startswith("edgezo.cli")} == {"edgezo.api"}
+
+
+# ---- shadowing ------------------------------------------------------------------------------------------------
+def importable_names(directory: Path) -> set[str]:
+    """What `import NAME` finds in `directory` when it is on sys.path: modules and regular packages. A folder without
+    __init__.py (docs/) is only a namespace portion, which an installed package of the same name wins over."""
+    return {p.stem for p in directory.glob("*.py")} | {p.name for p in directory.iterdir() if (p / "__init__.py").is_file()}
+
+
+def shadowed_distributions(directory: Path) -> dict[str, list[str]]:
+    """{name: the installed distributions whose top-level name it is} for each name `directory` would shadow."""
+    installed = importlib.metadata.packages_distributions()
+    return {name: sorted(set(installed[name]) - {PACKAGE}) for name in importable_names(directory)
+            if set(installed.get(name, ())) - {PACKAGE}}
+
+
+def test_the_only_folder_of_the_checkout_on_sys_path_is_its_root():
+    """tests/ and bench/ are packages, so pytest and `python -m bench.NAME` put the root there, not the folders."""
+    # (an editable install adds a path hook named like a file in the checkout: not a folder, nothing to import)
+    inside = {Path(p).resolve() for p in sys.path if p and Path(p).is_dir() and Path(p).resolve().is_relative_to(CHECKOUT)}
+    assert inside <= {CHECKOUT}, sorted(map(str, inside - {CHECKOUT}))
+    assert {"bench", "tests", PACKAGE} <= importable_names(CHECKOUT)
+
+
+def test_no_module_of_the_checkout_shadows_an_installed_package():
+    assert shadowed_distributions(CHECKOUT) == {}
+
+
+def test_no_test_or_benchmark_edits_sys_path():
+    edits = [f"{path.relative_to(CHECKOUT)}:{node.lineno}" for folder in ("tests", "bench")
+             for path in (CHECKOUT / folder).glob("*.py") for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute) and node.attr in ("insert", "append", "extend")
+             and ast.unparse(node.value) == "sys.path"]
+    assert edits == []
+
+
+def test_the_shadow_finder_finds_a_module_named_like_an_installed_package(tmp_path):
+    (tmp_path / "numpy.py").write_text("")
+    (tmp_path / "pytest").mkdir()
+    (tmp_path / "pytest" / "__init__.py").write_text("")
+    (tmp_path / "gguf").mkdir()  # no __init__.py: a namespace portion, which cannot shadow
+    assert shadowed_distributions(tmp_path) == {"numpy": ["numpy"], "pytest": ["pytest"]}

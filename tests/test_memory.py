@@ -386,7 +386,7 @@ def test_lm_terms_grow_with_the_scored_positions_as_llama_cpp_sizes_them(tiny_gg
 
 
 def test_memory_cli_counts_the_completion_tokens(tiny_gguf, tmp_path):
-    from conftest import write_jsonl
+    from tests.helpers import write_jsonl
     from edgezo.cli import main
     from edgezo.engine import Vocabulary
 
@@ -419,7 +419,7 @@ def test_memory_cli_counts_the_completion_tokens(tiny_gguf, tmp_path):
 
 
 def test_prefix_reuse_counts_both_parts_and_the_hidden_states(tmp_path):
-    from tiny_model import TinyLlama, write_tiny_llama
+    from tests.tiny_model import TinyLlama, write_tiny_llama
 
     from edgezo.memory import part_shape, predict_llama_cpp, read_model_shape, weights_bytes
 

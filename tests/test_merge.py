@@ -9,7 +9,7 @@ from edgezo.convert.merge import merge_adapter, merge_report
 from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
 from edgezo.engine import Engine, EngineConfig, quantize_gguf
 from edgezo.files import EdgezoError
-from tiny_model import TinyLlama, write_tiny_llama
+from tests.tiny_model import TinyLlama, write_tiny_llama
 
 CONFIG = EngineConfig(n_seq_max=1, n_ctx_per_seq=64, n_ubatch=64, n_threads=1, flash_attn=False)
 ALL_TARGETS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")

@@ -47,7 +47,7 @@ def test_chat_and_text_datasets_train_through_the_cli(tiny_gguf, tmp_path, capsy
     import json
 
     from edgezo.cli import main
-    from conftest import write_jsonl
+    from tests.helpers import write_jsonl
 
     chat = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]}
             for w in ("good", "bad", "fine", "dull")]

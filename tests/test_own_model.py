@@ -10,7 +10,7 @@ import pytest
 from edgezo import files, store
 from edgezo.adapter import LoraAdapter
 from edgezo.cli import main
-from helpers import finetune_args, run_json
+from tests.helpers import finetune_args, run_json
 
 
 @pytest.mark.parametrize("spec, quant, expected, why", [

@@ -2,6 +2,7 @@
 tree, still finds its package data (device profiles, model families) and its convert subpackage."""
 import json
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,17 @@ def run(cmd: list, cwd: Path) -> str:
     return out.stdout
 
 
+def see_running_site_packages(python: Path) -> None:
+    """Let the venv of `python` import the dependencies (llama-cpp-python, gguf, numpy) from the site-packages of the
+    interpreter running the tests, whether that is a venv, the global Python or a user install. `--system-site-packages`
+    would give the base interpreter's instead, which a venv's packages are not in. The paths of a .pth file come after
+    the venv's own site-packages, and the .pth files in them are not run (no editable edgezo finder), so the wheel's
+    edgezo is the one imported: the assertion on edgezo.__file__ below checks it."""
+    paths = [*site.getsitepackages(), *([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])]
+    own = run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=python.parent).strip()
+    (Path(own) / "running-interpreter.pth").write_text("".join(f"{p}\n" for p in paths))
+
+
 def test_wheel_installed_outside_the_tree_has_its_package_data(tmp_path, tiny_gguf):
     src = tmp_path / "src"
     src.mkdir()
@@ -28,11 +40,10 @@ def test_wheel_installed_outside_the_tree_has_its_package_data(tmp_path, tiny_gg
     run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src],
         cwd=tmp_path)
     wheel = next((tmp_path / "dist").glob("edgezo-*.whl"))
-    # The venv sees this interpreter's site-packages for the dependencies (llama-cpp-python, gguf, numpy), but its own
-    # edgezo comes first: the assertion on edgezo.__file__ below checks that the wheel is what runs.
     venv = tmp_path / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", venv], cwd=tmp_path)
+    run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
     python, edgezo = venv / "bin" / "python", venv / "bin" / "edgezo"
+    see_running_site_packages(python)
     run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path)
     work = tmp_path / "elsewhere"
     work.mkdir()

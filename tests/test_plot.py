@@ -8,7 +8,7 @@ pytest.importorskip("matplotlib")
 
 from edgezo.cli import main  # noqa: E402
 from edgezo.plot import plot_runs, read_curves, running_mean  # noqa: E402
-from helpers import finetune_args, run_json  # noqa: E402
+from tests.helpers import finetune_args, run_json  # noqa: E402
 
 
 def lines_by_gid(fig) -> dict:

@@ -14,8 +14,8 @@ pytest.importorskip("peft")
 import torch.nn.functional as F  # noqa: E402
 from gguf import GGML_QUANT_SIZES, quants  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
-from test_convert_hf import f32_ggufs, tiny_models  # noqa: E402,F401  (fixtures: tiny llama / qwen2 / gemma3 GGUFs)
-from helpers import classification_batch, reference_args, trained_adapter  # noqa: E402
+from tests.test_convert_hf import f32_ggufs, tiny_models  # noqa: E402,F401  (fixtures: tiny llama / qwen2 / gemma3 GGUFs)
+from tests.helpers import classification_batch, reference_args, trained_adapter  # noqa: E402
 
 from edgezo import reference  # noqa: E402
 from edgezo.adapter import LoraAdapter, read_base_model_info  # noqa: E402

@@ -16,7 +16,7 @@ from edgezo.mezo import MezoConfig  # noqa: E402
 from edgezo.objective import score  # noqa: E402
 from edgezo.reference import (BackpropStepper, ReferenceConfig, TorchMezoStepper, TorchScorer, batch_loss,  # noqa: E402
                               load_model, lora_parameters)
-from helpers import classification_batch, reference_args, trained_adapter  # noqa: E402
+from tests.helpers import classification_batch, reference_args, trained_adapter  # noqa: E402
 
 
 @pytest.fixture

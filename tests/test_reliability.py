@@ -14,7 +14,7 @@ from edgezo.adapter import LoraAdapter
 from edgezo.cli import main
 from edgezo.files import EdgezoError, write_text_atomic
 
-from helpers import dying_cli, finetune_args, run_json
+from tests.helpers import dying_cli, finetune_args, run_json
 
 
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(tiny_gguf, sentiment_dir, tmp_path, capsys):

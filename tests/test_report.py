@@ -6,7 +6,7 @@ import json
 import pytest
 
 from edgezo.cli import main
-from helpers import finetune_args, run_json
+from tests.helpers import finetune_args, run_json
 
 
 def test_tensorboard_gets_the_runs_losses_and_accuracy(tiny_gguf, sentiment_dir, tmp_path, capsys):

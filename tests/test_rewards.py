@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from helpers import write_jsonl
+from tests.helpers import write_jsonl
 
 from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
 from edgezo.cli import main

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from helpers import finetune_args, run_json
+from tests.helpers import finetune_args, run_json
 
 for module in ("fastapi", "uvicorn", "sse_starlette", "starlette_context"):
     pytest.importorskip(module)

@@ -5,7 +5,7 @@ import json
 import gguf
 import numpy as np
 import pytest
-from tiny_model import TinyLlama, write_tiny_llama
+from tests.tiny_model import TinyLlama, write_tiny_llama
 
 from edgezo import split, store
 from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info

@@ -124,8 +124,10 @@ def shadowed_distributions(directory: Path) -> dict[str, list[str]]:
 
 def test_the_only_folder_of_the_checkout_on_sys_path_is_its_root():
     """tests/ and bench/ are packages, so pytest and `python -m bench.NAME` put the root there, not the folders."""
-    # (an editable install adds a path hook named like a file in the checkout: not a folder, nothing to import)
-    inside = {Path(p).resolve() for p in sys.path if p and Path(p).is_dir() and Path(p).resolve().is_relative_to(CHECKOUT)}
+    # Not counted: an editable install's path hook (named like a file in the checkout, not a folder) and the
+    # interpreter's own folders (a venv made in the checkout, as .ci/run does).
+    inside = {Path(p).resolve() for p in sys.path if p and Path(p).is_dir() and Path(p).resolve().is_relative_to(CHECKOUT)
+              and not Path(p).resolve().is_relative_to(Path(sys.prefix).resolve())}
     assert inside <= {CHECKOUT}, sorted(map(str, inside - {CHECKOUT}))
     assert {"bench", "tests", PACKAGE} <= importable_names(CHECKOUT)
 

@@ -43,8 +43,8 @@ def test_wheel_installed_outside_the_tree_has_its_package_data(tmp_path, tiny_gg
     venv = tmp_path / "venv"
     run([sys.executable, "-m", "venv", venv], cwd=tmp_path)
     python, edgezo = venv / "bin" / "python", venv / "bin" / "edgezo"
-    see_running_site_packages(python)
     run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], cwd=tmp_path)
+    see_running_site_packages(python)  # after the install: pip would take a non-editable edgezo there as installed
     work = tmp_path / "elsewhere"
     work.mkdir()
 

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __version__, kernels
+from . import __version__, kernels, threads
 
 # CPU flags that decide llama.cpp's kernels (x86 and ARM names as /proc/cpuinfo spells them)
 RELEVANT_CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
@@ -57,7 +57,7 @@ def environment(cache_dir: Path, n_threads: int = 0) -> dict:
             "model": kernels.cpu_model_name(),
             "machine": platform.machine(),
             "n_cores": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "usable_cores": threads.usable_cores(),
             "flags": None if flags is None else [f for f in RELEVANT_CPU_FLAGS if f in flags],
         },
         "llama_cpp_system_info": info,
@@ -70,9 +70,20 @@ def environment(cache_dir: Path, n_threads: int = 0) -> dict:
             "repack_built": features.get("REPACK") == "1",
             "flash_attention": EngineConfig().flash_attn,
         },
-        "threads": n_threads or os.cpu_count(),
+        "threads": thread_choice(n_threads),
         "cache": {"path": str(cache_dir), "free_bytes": _free_bytes(cache_dir)},
     }
+
+
+def thread_choice(n_threads: int = 0) -> dict:
+    """The thread count the engine would start with now, and why: the one given, or what the load leaves free (the
+    engine measures again before every decode), and OpenMP's wait settings where the user set them."""
+    openmp = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    if n_threads:
+        return {"n_threads": n_threads, "chosen_by": "--threads", "openmp": openmp}
+    others_busy, chosen = threads.sample_load()
+    return {"n_threads": chosen, "chosen_by": "load", "others_busy_cores": others_busy,
+            "load_average": list(os.getloadavg()), "openmp": openmp}
 
 
 def probe_decode(model_path: str | os.PathLike, n_threads: int = 0) -> dict:

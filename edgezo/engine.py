@@ -32,7 +32,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from . import kernels
+from . import kernels, threads
 from .adapter import LoraAdapter
 from .files import EdgezoError
 from .formats import QUANT_FTYPES, read_gguf_header
@@ -228,7 +228,7 @@ class EngineConfig:
     n_seq_max: int = 16  # sequences per decode (the training batch size)
     n_ctx_per_seq: int = 128  # KV cells per sequence: the longest sequence the context can score
     n_ubatch: int = 1024  # tokens per llama.cpp micro-batch; compute buffers are reserved for this many
-    n_threads: int = 0  # 0: all cores
+    n_threads: int = 0  # 0: the cores other processes leave free, measured before each decode (edgezo.threads)
     flash_attn: bool = True  # faster on CPU (an early measurement); results vary slightly with batch composition
     kv_f32: bool = False  # F32 KV cache instead of llama.cpp's F16 (which rounds K, V to 11 bits): for parity tests
 
@@ -354,7 +354,8 @@ class Engine(Vocabulary):
         self._adapter_file: Path | None = None
         super().__init__(model_path, vocab_only=False)
         self.config = config
-        self.n_threads = config.n_threads or os.cpu_count() or 1
+        self.governor = threads.ThreadGovernor() if not config.n_threads else None  # an explicit count is obeyed
+        self.n_threads = config.n_threads or self.governor.n_threads
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.capture_block = capture_block
         self._captured: list[np.ndarray] | None = None  # micro-batch hidden states while block_inputs runs
@@ -397,6 +398,14 @@ class Engine(Vocabulary):
         super().close()
         if self._adapter_file:
             self._adapter_file.unlink(missing_ok=True)
+
+    def _llama_decode(self, batch) -> int:
+        """llama_decode on this engine's context with the thread count that fits the load now (results do not
+        depend on it)."""
+        if self.governor is not None and (n := self.governor.choose()) != self.n_threads:
+            llama_cpp.llama_set_n_threads(self.ctx, n, n)
+            self.n_threads = n
+        return llama_cpp.llama_decode(self.ctx, batch)
 
     # ---- scoring -------------------------------------------------------------------------------------------
     def logits(self, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]],
@@ -507,7 +516,7 @@ class Engine(Vocabulary):
             i += n
         b.n_tokens = n_tokens
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        rc = llama_cpp.llama_decode(self.ctx, b)
+        rc = self._llama_decode(b)
         if rc != 0:
             raise _llama_error(f"llama_decode failed with code {rc} ({n_seq} sequences, {n_tokens} tokens)")
         return flags
@@ -533,7 +542,7 @@ class Engine(Vocabulary):
                     b.seq_id[j][0] = 0
                 b.logits[n - 1] = 1
                 b.n_tokens = n
-                if llama_cpp.llama_decode(self.ctx, b) != 0:
+                if self._llama_decode(b) != 0:
                     raise EdgezoError("llama_decode failed during generation")
                 nxt = int(llama_cpp.llama_sampler_sample(sampler, self.ctx, -1))  # also accepts the token
                 if self.is_end_of_generation(nxt):
@@ -570,7 +579,7 @@ class Engine(Vocabulary):
                     n += 1
                 b.logits[n - 1] = 1
             b.n_tokens = n
-            rc = llama_cpp.llama_decode(self.ctx, b)
+            rc = self._llama_decode(b)
             if rc != 0:
                 raise _llama_error(f"llama_decode failed with code {rc} during generation ({len(feed)} sequences)")
             rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.ctx), shape=(len(feed), self.n_vocab))

@@ -136,9 +136,11 @@ def test_doctor_reports_build_cpu_and_a_decode_probe(tiny_gguf, capsys):
     probe = report["probe"]
     assert probe["ok"] and probe["finite"] and probe["n_sequences"] == 4
     assert sum(probe["weight_buffers_mib"].values()) > 0
+    assert report["threads"]["n_threads"] == 1 and report["threads"]["chosen_by"] == "--threads"
     assert main(["doctor", "--no-probe"]) == 0
     text = capsys.readouterr().out
     assert "llama.cpp build: CPU :" in text and "AMX: kernels built" in text and "decode probe" not in text
+    assert "cores busy" in text and "measured again before every decode" in text  # the load and the engine's choice
 
 
 @pytest.mark.real_model

@@ -71,3 +71,27 @@ def test_tool_calls_eval_generates_and_scores_the_calls(smollm2_q4_0, capsys):
     # per generation an exact match is a right name is valid JSON, so the means are ordered the same way
     assert 0 <= result["exact_match"] <= result["name_accuracy"] <= result["json_valid"] <= 1
     assert 0 <= result["argument_accuracy"] <= result["name_accuracy"] and 0 <= result["tool_call_reward"] <= 1
+
+
+def test_training_is_bit_identical_whatever_the_thread_count(smollm2_q4_0, tmp_path, capsys, monkeypatch):
+    """The engine changes its thread count under load (edgezo.threads): losses and the adapter must not change. Runs
+    with 1 and with 2 threads, and one whose count alternates between 1 and 2 before every decode."""
+    from edgezo.threads import ThreadGovernor
+
+    def alternating(self):
+        self.n_threads = 1 if self.n_threads == 2 else 2
+        return self.n_threads
+
+    common = ["--model", "smollm2-135m", "--quant", "q4_0", "--steps", "3", "--n-valid", "16", "--eval-every", "0",
+              "--json"]
+    runs = {}
+    for name, n_threads in (("one", 1), ("two", 2), ("alternating", 0)):
+        if name == "alternating":
+            monkeypatch.setattr(ThreadGovernor, "choose", alternating)
+        out = tmp_path / name
+        assert main(["finetune", *common, "--threads", str(n_threads), "--out", str(out)]) == 0
+        capsys.readouterr()
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([(x.get("losses_plus"), x.get("losses_minus"), x.get("valid_loss")) for x in lines],
+                      (out / "adapter.gguf").read_bytes())
+    assert runs["one"] == runs["two"] == runs["alternating"]

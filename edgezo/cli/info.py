@@ -89,7 +89,7 @@ def format_doctor(r: dict) -> str:
         f"({k['decision']}; EDGEZO_AMX={k['amx_mode']})",
         f"repacked kernels built: {'yes' if k['repack_built'] else 'no'}; "
         f"flash attention: {'on' if k['flash_attention'] else 'off'}; "
-        f"threads: {r['threads']}",
+        f"threads: {format_threads(r['threads'])}",
         f"cache: {r['cache']['path']} ({r['cache']['free_bytes'] / 2**30:.1f} GiB free)" if r["cache"]["free_bytes"] is not None
         else f"cache: {r['cache']['path']}",
     ]
@@ -101,6 +101,16 @@ def format_doctor(r: dict) -> str:
     elif probe:
         lines.append(f"decode probe: FAILED (exit {probe['returncode']}): {' / '.join(probe['stderr_tail'])}")
     return "\n".join(lines)
+
+
+def format_threads(t: dict) -> str:
+    openmp = ", ".join(f"{k}={v}" for k, v in t["openmp"].items() if v) or "libgomp's defaults"
+    if t["chosen_by"] != "load":
+        return f"{t['n_threads']} (--threads); OpenMP: {openmp}"
+    load = ("load unreadable here, all usable cores" if t["others_busy_cores"] is None
+            else f"other processes keep {t['others_busy_cores']:.2f} cores busy")
+    return (f"{t['n_threads']} now ({load}; load average {t['load_average'][0]:.2f}; measured again before every "
+            f"decode); OpenMP: {openmp}")
 
 
 # ---- demo --------------------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    f"[the run's own base with --adapter RUN / --resume, else {DEFAULT_MODEL}]")
     g.add_argument("--quant", help=f"requantize the base with llama.cpp to this type (q4_0, q8_0, f16, ...; cached), "
                    f"'none': the file as it is [the run's own; a built-in name: {DEFAULT_QUANT}; a GGUF path: as it is]")
-    g.add_argument("--threads", type=int, default=0, help="llama.cpp threads [all cores]")
+    g.add_argument("--threads", type=int, default=0,
+                   help="llama.cpp threads [the cores other processes leave free, measured again before each decode]")
 
 
 def add_data_args(p: argparse.ArgumentParser, with_defaults: bool = True) -> None:

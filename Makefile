@@ -57,6 +57,7 @@ bench: install-torch  # every measurement the README and docs/ quote (~3 h on 2 
 	$(PYTHON) -m bench.mezo_step
 	$(PYTHON) -m bench.kernels
 	$(PYTHON) -m bench.prefix_reuse
+	$(PYTHON) -m bench.busy
 	$(PYTHON) -m bench.layer_gradients --work runs/layer-gradients-$$(date +%s)
 	$(PYTHON) -m bench.estimators --work runs/estimators-$$(date +%s) --time-steps 6
 	$(PYTHON) -m bench.generative --work runs/generative-$$(date +%s)

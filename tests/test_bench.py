@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import budget_experiment  # noqa: E402
+from bench import busy  # noqa: E402
 from bench import common  # noqa: E402
 from bench import compare  # noqa: E402
 from bench import estimators  # noqa: E402
@@ -576,3 +577,26 @@ def test_run_main_turns_errors_into_one_line_and_exit_codes(capsys, tmp_path):
     assert common.run_main(lambda: None) == 0 and common.run_main(lambda: 3) == 3
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and lines[0].endswith("error: edgezo finetune failed (exit 1)") and "missing" in lines[1]
+
+
+# ---- busy ----------------------------------------------------------------------------------------------------
+def busy_cell(setting, load, step_s):
+    stats = {w: common.summary([step_s]) for w in busy.WORKLOADS}
+    return {"setting": setting, "load": load, "threads": 2, **stats, "threads_end": 1, "openmp": {}}
+
+
+def test_busy_ratios_are_over_the_same_settings_idle_and_the_table_shows_them():
+    cells = [busy_cell("default", "idle", 1.5), busy_cell("default", "normal-1", 2.7),
+             busy_cell("threads-all", "idle", 1.6), busy_cell("threads-all", "normal-1", 32.0)]
+    ratios = busy.ratios(cells)
+    assert ratios["default"]["normal-1"]["mezo_step"] == pytest.approx(1.8)
+    assert ratios["threads-all"]["normal-1"]["validation"] == pytest.approx(20.0)
+    text = busy.render({"cells": cells, "ratios": ratios, "model": "smollm2-135m", "quant": "q4_0", "batch_size": 16,
+                        "seed": 0, "steps": 4, "repeats": 2, "machine": MACHINE, "time": "t"})
+    assert "| normal-1 | 2.700 (1.80x) | 32.000 (20.00x) |" in text
+
+
+def test_busy_always_measures_idle_and_refuses_unknown_names():
+    assert busy.parse_args(["--loads", "normal-1"]).loads == ["idle", "normal-1"]
+    with pytest.raises(SystemExit):
+        busy.parse_args(["--settings", "threads-7"])

@@ -10,8 +10,8 @@ PIP_INSTALL = $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 .PHONY: install install-llama-cpp install-torch demo test test-newest constraints lint bench
 
 # llama.cpp is built from source for this CPU (-march=native), but without its AMX kernels: on Intel Xeons with AMX,
-# -march=native compiles ggml's AMX buffer type in and it crashed in ggml_backend_amx_mul_mat (README, "The llama.cpp
-# build"). -mno-amx-* exist on x86-64 only. The build skips pip's wheel cache, which would otherwise hand back a wheel
+# -march=native compiles ggml's AMX buffer type in and it crashed in ggml_backend_amx_mul_mat (docs/build.md).
+# -mno-amx-* exist on x86-64 only. The build skips pip's wheel cache, which would otherwise hand back a wheel
 # built earlier with other flags; an installed llama-cpp-python is kept only if it is 0.3.36 without AMX kernels.
 LLAMA_CPP_PYTHON = llama-cpp-python==0.3.36
 NO_AMX_FLAGS = $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)

@@ -209,7 +209,7 @@ def plot(runs: list[dict], budget: int, cores: int, n_valid: int, path: Path) ->
 
 
 def render(result: dict, image: str = "budget_experiment.png") -> str:
-    """Markdown (also used by bench/report.py, which links the plot from the README's directory)."""
+    """Markdown (also used by bench/report.py, which links the plot from docs/)."""
     p, budget, methods = result["predictions"], result["budget_bytes"], ["mezo", *variants(result["predictions"])]
     bp, mezo = result["runs"][0], result["runs"][1]
     rates = ", ".join(f"{m} {lr:g}" for m, lr in result["mezo_learning_rates"].items())

@@ -1,12 +1,12 @@
-"""Regenerate the README's benchmark tables from bench/results/*.jsonl (the latest line of each benchmark).
+"""Regenerate docs/benchmarks.md's tables from bench/results/*.jsonl (the latest line of each benchmark).
 
-    python -m bench.report            # rewrite README.md between <!-- bench:begin --> and <!-- bench:end -->
+    python -m bench.report            # rewrite docs/benchmarks.md between <!-- bench:begin --> and <!-- bench:end -->
                                       # (and bench/results/<name>.md from the same lines)
-    python -m bench.report --check    # exit 1 if README.md is not what the results give (nothing written)
+    python -m bench.report --check    # exit 1 if docs/benchmarks.md is not what the results give (nothing written)
     python -m bench.report --print    # print the generated block only
 
-Each table is rendered by the `render` function of the script that measured it, so the README, the script's
-results/<name>.md and its console output show the same figures. Text outside the markers is never touched.
+Each table is rendered by the `render` function of the script that measured it, so docs/benchmarks.md, the
+script's results/<name>.md and its console output show the same figures. Text outside the markers is never touched.
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from pathlib import Path
 from bench import common
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-README = common.ROOT / "README.md"
-# (results name = script name, heading, render keyword arguments for a table shown from the README's directory)
+DOC = common.ROOT / "docs" / "benchmarks.md"
+# (results name = script name, heading, render keyword arguments for a table shown from docs/)
 SECTIONS = (
     ("throughput", "Inference throughput: edgezo's engine vs bare llama-cpp-python", {}),
     ("mezo_step", "MeZO step vs two bare forward passes", {}),
     ("compare", "Side by side: peak RSS and step time of MeZO and backprop", {}),
-    ("time_to_accuracy", "Time to accuracy on movie-reviews", {"image": "bench/results/time_to_accuracy.png"}),
+    ("time_to_accuracy", "Time to accuracy on movie-reviews", {"image": "../bench/results/time_to_accuracy.png"}),
     ("budget_experiment", "Under one memory budget: MeZO on a bigger model vs BP on the biggest that fits",
-     {"image": "bench/results/budget_experiment.png"}),
+     {"image": "../bench/results/budget_experiment.png"}),
     ("distributed", "Distributed MeZO: 2 workers x 1 thread vs 1 worker x 2 threads", {}),
     ("wire_bytes", "Distributed MeZO: bytes on the wire per step between two hosts", {}),
     ("kernels", "The AMX guard: llama.cpp's kernel choice vs the guarded load", {}),
@@ -83,9 +83,9 @@ def replace_block(text: str, block: str, begin: str = BEGIN, end_marker: str = E
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--readme", type=Path, default=README)
+    p.add_argument("--doc", type=Path, default=DOC, help="the page holding the block [%(default)s]")
     p.add_argument("--results", type=Path, default=common.RESULTS)
-    p.add_argument("--check", action="store_true", help="exit 1 if the README block is out of date; write nothing")
+    p.add_argument("--check", action="store_true", help="exit 1 if the block is out of date; write nothing")
     p.add_argument("--print", dest="print_only", action="store_true", help="print the block, write nothing")
     args = p.parse_args(argv)
     try:
@@ -93,20 +93,20 @@ def main(argv=None) -> int:
         if args.print_only:
             print(block)
             return 0
-        old = args.readme.read_text()
+        old = args.doc.read_text()
         new = replace_block(old, block)
     except (ReportError, OSError) as exc:
         print(f"report: {exc}", file=sys.stderr)
         return 1
     if args.check:
         if new != old:
-            print(f"report: {args.readme} is out of date; run python -m bench.report", file=sys.stderr)
+            print(f"report: {args.doc} is out of date; run python -m bench.report", file=sys.stderr)
             return 1
         return 0
     write_markdown_files(args.results)
     if new != old:
-        args.readme.write_text(new)
-    print(f"{args.readme}: benchmark block {'updated' if new != old else 'already up to date'}", file=sys.stderr)
+        args.doc.write_text(new)
+    print(f"{args.doc}: benchmark block {'updated' if new != old else 'already up to date'}", file=sys.stderr)
     return 0
 
 

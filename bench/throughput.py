@@ -281,7 +281,7 @@ def ratio_cell(row: dict, key: str) -> str:
 
 
 def render(result: dict) -> str:
-    """Markdown table of one throughput result (also used by bench/report.py for the README)."""
+    """Markdown table of one throughput result (also used by bench/report.py for docs/benchmarks.md)."""
     rows = []
     for r in result["rows"]:
         quant = "q4_1 (original)" if r["quant"] == "none" else r["quant"]

@@ -126,7 +126,7 @@ def run(args) -> dict:
 
 
 def render(result: dict, image: str = "time_to_accuracy.png") -> str:
-    """Markdown table (also used by bench/report.py, which links the plot from the README's directory)."""
+    """Markdown table (also used by bench/report.py, which links the plot from docs/)."""
     rows = []
     for method, s in result["summary"].items():
         rss = result.get("launched", {}).get(method, {}).get("peak_rss_bytes")

@@ -1,4 +1,5 @@
-"""The untimed parts of bench/: statistics, the fresh-process runner, ratios, table rendering and the README block.
+"""The untimed parts of bench/: statistics, the fresh-process runner, ratios, table rendering and the block of
+docs/benchmarks.md.
 
 Nothing here measures speed; the benchmarks themselves are run by hand (bench/README.md).
 """
@@ -328,12 +329,12 @@ def test_time_to_accuracy_plot_writes_a_png(tmp_path):
 
 
 # ---- report ---------------------------------------------------------------------------------------------------
-README_TEXT = (f"# project\n\nintro\n\n## Benchmarks\n\nhand-written text\n\n{report.BEGIN}\nold table\n"
-               f"{report.END}\n\n## Status\nkept\n")
+DOC_TEXT = (f"# project\n\nintro\n\n## Benchmarks\n\nhand-written text\n\n{report.BEGIN}\nold table\n"
+            f"{report.END}\n\n## Status\nkept\n")
 
 
 def test_replace_block_changes_only_the_text_between_the_markers():
-    new = report.replace_block(README_TEXT, "| new | table |\n")
+    new = report.replace_block(DOC_TEXT, "| new | table |\n")
     assert new.startswith("# project\n\nintro\n\n## Benchmarks\n\nhand-written text\n\n" + report.BEGIN)
     assert new.endswith(report.END + "\n\n## Status\nkept\n")
     assert "old table" not in new and "| new | table |" in new
@@ -363,15 +364,23 @@ def test_report_names_an_outdated_result_line(tmp_path):
         report.build_block(tmp_path)
 
 
-def test_report_command_rewrites_the_readme_and_check_detects_drift(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(README_TEXT)
+def test_report_command_rewrites_the_doc_and_check_detects_drift(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(DOC_TEXT)
     common.append_result("compare", compare_result(), tmp_path)
-    assert report.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 1
-    assert readme.read_text() == README_TEXT  # --check writes nothing
-    assert report.main(["--readme", str(readme), "--results", str(tmp_path)]) == 0
-    assert "10.00" in readme.read_text() and readme.read_text().endswith("## Status\nkept\n")
-    assert report.main(["--readme", str(readme), "--results", str(tmp_path), "--check"]) == 0
+    assert report.main(["--doc", str(doc), "--results", str(tmp_path), "--check"]) == 1
+    assert doc.read_text() == DOC_TEXT  # --check writes nothing
+    assert report.main(["--doc", str(doc), "--results", str(tmp_path)]) == 0
+    assert "10.00" in doc.read_text() and doc.read_text().endswith("## Status\nkept\n")
+    assert report.main(["--doc", str(doc), "--results", str(tmp_path), "--check"]) == 0
+
+
+def test_report_writes_docs_benchmarks_with_plots_linked_from_docs():
+    """The block moved from README.md to docs/benchmarks.md (issue 31): the default target is that page, and the
+    plots it links resolve from docs/."""
+    assert report.DOC == common.ROOT / "docs" / "benchmarks.md"
+    images = [kwargs["image"] for _, _, kwargs in report.SECTIONS if "image" in kwargs]
+    assert images and all((report.DOC.parent / image).resolve().is_file() for image in images)
 
 
 def test_estimators_times_thresholds_against_bp_and_best_by_budget():

@@ -101,12 +101,14 @@ def test_the_generator_documents_help_defaults_and_choices():
     sub.add_argument("--steps", type=int, default=400, help="steps [%(default)s]")
     sub.add_argument("--mode", choices=["a", "b"], default="a", help="which mode (%(default)s first)")
     sub.add_argument("--fast", action="store_true", help="go fast")
+    sub.add_argument("--sizes", default=[1, 16], help="batch sizes")
     sub.add_argument("--hidden", help=argparse.SUPPRESS)
     block = docs.commands_markdown(parser)
     assert "| [`tool run`](#tool-run) | run \\| it |" in block  # a pipe in help text is escaped
     assert "| `--steps` STEPS | `400` | steps |" in block  # the default in its column, not repeated in the help
     assert "| `--mode` `{a,b}` | `a` | which mode (a first) |" in block
     assert "| `--fast` | off | go fast |" in block and "--hidden" not in block
+    assert "| `--sizes` SIZES | `1,16` | batch sizes |" in block  # a list default as the comma-separated flag value
 
 
 def test_the_generator_rewrites_only_its_block_and_check_detects_drift(tmp_path):

@@ -41,8 +41,8 @@ def shown_groups(parser: argparse.ArgumentParser) -> list[tuple[str, list[argpar
 
 
 def cell(text: str) -> str:
-    """Text safe inside a Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text safe inside a Markdown table cell: one line, pipes and asterisks escaped."""
+    return " ".join(text.split()).replace("|", "\\|").replace("*", "\\*")
 
 
 def flag_cell(action: argparse.Action) -> str:
@@ -64,6 +64,8 @@ def default_cell(action: argparse.Action) -> str:
         return ""  # the help says what happens when the flag is not given
     if action.nargs == 0:  # a switch
         return "off" if action.default is False else "on"
+    if isinstance(action.default, (list, tuple)):  # a flag that takes a comma-separated list
+        return cell(f"`{','.join(map(str, action.default))}`")
     return cell(f"`{action.default}`")
 
 

@@ -6,10 +6,11 @@
 Loads: other processes spinning (`while True: pass`) for the whole measurement, started before the child and
 stopped after it: none, 1 or 2 at normal priority, 1 or 2 at nice 19.
 Settings (the child's thread count and OpenMP environment):
-  default       what edgezo does now: --threads not given (edgezo.threads picks them before each decode)
-  threads-all   edgezo before issue 30: --threads = all cores
-  threads-1     one thread
-  and the OpenMP variants of SETTINGS (--settings to run them), which measured the choice of libgomp's defaults.
+  default       what edgezo does now: --threads not given (edgezo.threads picks them before each decode), and
+                edgezo.threads.OPENMP_DEFAULTS (longer spinning)
+  threads-all   edgezo before issue 30: --threads = all cores, libgomp's own defaults
+  threads-1     one thread, libgomp's defaults
+  and the variants of SETTINGS (--settings to run them), which measured the choice of OpenMP settings.
 Each child: the movie-review batch of bench/mezo_step.py, one untimed call then timed repetitions of
   mezo_step    one MeZO step (two forwards, z, adapter uploads, update), default LoRA
   validation   objective.evaluate over 32 validation examples in batches of --batch-size
@@ -32,12 +33,15 @@ from bench.mezo_step import setup
 
 NAME = "busy"
 TITLE = "Under load: a MeZO step, a validation pass and generation with other processes running"
-# The OpenMP variants measured the choice of edgezo's OpenMP settings (none: libgomp's own, which spins 300,000 times,
-# ~3 ms, before a waiting thread sleeps; OMP_WAIT_POLICY=active spins ~5 min, passive not at all).
+# libgomp's own default when neither OpenMP variable is set: 300,000 spins (~3 ms) before a waiting thread sleeps.
+# Setting either variable also keeps edgezo from setting its own (edgezo.threads.configure_openmp). The other variants
+# measured that choice (OMP_WAIT_POLICY=active spins ~5 min, passive not at all).
+LIBGOMP_DEFAULT = {"GOMP_SPINCOUNT": "300000"}
 SETTINGS = {  # name -> (--threads, -1 for all cores; environment)
     "default": (0, {}),
-    "threads-all": (-1, {}),
-    "threads-1": (1, {}),
+    "threads-all": (-1, LIBGOMP_DEFAULT),
+    "threads-1": (1, LIBGOMP_DEFAULT),
+    "default-libgomp": (0, LIBGOMP_DEFAULT),
     "threads-all-active": (-1, {"OMP_WAIT_POLICY": "active"}),
     "threads-all-passive": (-1, {"OMP_WAIT_POLICY": "passive"}),
     "threads-all-spin1e7": (-1, {"GOMP_SPINCOUNT": "10000000"}),
@@ -48,6 +52,8 @@ WORKLOADS = ("mezo_step", "validation", "generation")
 N_VALID = 32
 GEN_TOKENS = 32
 SPINNER = "while True: pass"
+BACKGROUND_SAMPLE_S = 1.0
+BACKGROUND_NOISY = 0.2  # cores kept busy by something else before a cell: its figures are marked
 
 
 # ---- child ----------------------------------------------------------------------------------------------------
@@ -93,13 +99,16 @@ def measure(args, setting: str, load: str) -> dict:
     cmd = common.python_cmd(__spec__.name, "--child", "--model", args.model, "--quant", args.quant, "--batch-size",
                             args.batch_size, "--threads", threads, "--steps", args.steps, "--repeats", args.repeats,
                             "--seed", args.seed)
+    from edgezo.threads import sample_load
+
+    background, _ = sample_load(BACKGROUND_SAMPLE_S)  # what else ran before this cell's own load
     procs = start_load(*LOADS[load])
     try:
         time.sleep(1)  # let the spinners settle on their cores
         raw = common.run_json(cmd, f"{setting} under {load}", env=env, timeout=args.timeout)
     finally:
         stop_load(procs)
-    return {"setting": setting, "load": load, "threads": threads,
+    return {"setting": setting, "load": load, "threads": threads, "background_busy_cores": background,
             **{w: common.summary(raw["seconds"][w]) for w in WORKLOADS},
             "threads_end": raw["threads_end"], "openmp": raw["openmp"]}
 
@@ -140,7 +149,9 @@ def render(result: dict) -> str:
             for s in settings:
                 c = by.get((s, load))
                 r = result["ratios"].get(s, {}).get(load, {}).get(workload)
-                row.append("" if c is None else f"{c[workload]['median']:.3f}" + (f" ({r:.2f}x)" if r else ""))
+                noisy = c is not None and (c.get("background_busy_cores") or 0) > BACKGROUND_NOISY
+                row.append("" if c is None else f"{c[workload]['median']:.3f}" + (f" ({r:.2f}x)" if r else "")
+                           + (" (busy before)" if noisy else ""))
             rows.append(row)
         parts.append(f"**{workload}** (median seconds; x: over the same setting's idle)\n\n"
                      + common.table(["load", *settings], rows))
@@ -148,7 +159,9 @@ def render(result: dict) -> str:
             + f"\n{result['model']} {result['quant']}, batch {result['batch_size']} movie-review prompts, default LoRA, "
               f"seed {result['seed']}; MeZO step: {result['steps']} timed steps, validation ({N_VALID} examples) and "
               f"generation ({GEN_TOKENS} tokens): {result['repeats']} each, after one untimed call. Loads: "
-              f"`{SPINNER}` processes at normal priority or nice 19. Settings: see the script's docstring.\n\n"
+              f"`{SPINNER}` processes at normal priority or nice 19. Settings: see the script's docstring. 'busy before': "
+              f"something else kept more than {BACKGROUND_NOISY} cores busy in the {BACKGROUND_SAMPLE_S:.0f} s before "
+              f"the cell.\n\n"
               f"{common.provenance(result)}\n")
 
 

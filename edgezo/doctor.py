@@ -77,7 +77,8 @@ def environment(cache_dir: Path, n_threads: int = 0) -> dict:
 
 def thread_choice(n_threads: int = 0) -> dict:
     """The thread count the engine would start with now, and why: the one given, or what the load leaves free (the
-    engine measures again before every decode), and OpenMP's wait settings where the user set them."""
+    engine measures again before every decode), and OpenMP's wait settings (edgezo's, unless the user set them).
+    Call after importing the engine, which sets them."""
     openmp = {name: os.environ.get(name) for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if n_threads:
         return {"n_threads": n_threads, "chosen_by": "--threads", "openmp": openmp}

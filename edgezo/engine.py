@@ -29,14 +29,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import llama_cpp
-import numpy as np
+from . import threads
 
-from . import kernels, threads
-from .adapter import LoraAdapter
-from .files import EdgezoError
-from .formats import QUANT_FTYPES, read_gguf_header
-from .split import PREFIX_CACHE_BYTES, rename_for_suffix, ubatch_layout
+threads.configure_openmp()  # before llama_cpp loads libgomp, which reads its settings once
+import llama_cpp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import kernels  # noqa: E402
+from .adapter import LoraAdapter  # noqa: E402
+from .files import EdgezoError  # noqa: E402
+from .formats import QUANT_FTYPES, read_gguf_header  # noqa: E402
+from .split import PREFIX_CACHE_BYTES, rename_for_suffix, ubatch_layout  # noqa: E402
 
 log = logging.getLogger("edgezo")
 

@@ -90,14 +90,15 @@ class RequestGuard:
 
 
 def main(argv: list[str]) -> int:
+    # First: importing edgezo.engine sets OpenMP's wait settings before llama_cpp loads libgomp (edgezo.threads), and
+    # installs edgezo's own llama.cpp log callback: llama-cpp-python 0.3.36 maps ggml's log levels one off (WARN
+    # printed as ERROR), so verbose=False still prints a line per adapter tensor at load (errors are kept for
+    # edgezo's messages, nothing printed). llama-cpp-python still raises its own errors as exceptions.
+    from . import engine  # noqa: F401
+
     import uvicorn
     from llama_cpp.server.app import create_app
     from llama_cpp.server.settings import ModelSettings, ServerSettings
-
-    # llama-cpp-python 0.3.36 maps ggml's log levels one off (WARN printed as ERROR), so verbose=False still prints a
-    # line per adapter tensor at load; importing edgezo.engine installs edgezo's own llama.cpp log callback (errors
-    # kept for edgezo's messages, nothing printed). llama-cpp-python still raises its own errors as exceptions.
-    from . import engine  # noqa: F401
 
     settings = json.loads(argv[1])
     server = ServerSettings(host=settings.pop("host"), port=settings.pop("port"))

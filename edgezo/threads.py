@@ -111,3 +111,18 @@ def sample_load(seconds: float = 0.5) -> tuple[float | None, int]:
     n_threads = governor.choose()
     return governor.others_busy, n_threads
 
+
+
+# libgomp's waiting threads spin GOMP_SPINCOUNT times (its default 300,000, ~3 ms) before they sleep. Between two
+# decodes of a step the host works for longer than that, so the threads slept, and under a nice-19 loop they then waited
+# for the core the loop held: a MeZO step 1.47x its idle time. Spinning 1e8 times (~1 s) kept them on their cores:
+# 0.99x (bench/results/busy-nice19.md). Five minutes (OMP_WAIT_POLICY=active) was no faster, and would keep a core
+# busy long after a chat's reply.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "100000000"}
+
+
+def configure_openmp() -> None:
+    """Put OPENMP_DEFAULTS in the environment unless the user set OpenMP's wait settings; libgomp reads them once,
+    when llama_cpp loads."""
+    if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & os.environ.keys():
+        os.environ.update(OPENMP_DEFAULTS)

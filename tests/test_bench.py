@@ -589,20 +589,23 @@ def test_run_main_turns_errors_into_one_line_and_exit_codes(capsys, tmp_path):
 
 
 # ---- busy ----------------------------------------------------------------------------------------------------
-def busy_cell(setting, load, step_s):
+def busy_cell(setting, load, step_s, background=0.0):
     stats = {w: common.summary([step_s]) for w in busy.WORKLOADS}
-    return {"setting": setting, "load": load, "threads": 2, **stats, "threads_end": 1, "openmp": {}}
+    return {"setting": setting, "load": load, "threads": 2, **stats, "threads_end": 1, "openmp": {},
+            "background_busy_cores": background}
 
 
 def test_busy_ratios_are_over_the_same_settings_idle_and_the_table_shows_them():
     cells = [busy_cell("default", "idle", 1.5), busy_cell("default", "normal-1", 2.7),
-             busy_cell("threads-all", "idle", 1.6), busy_cell("threads-all", "normal-1", 32.0)]
+             busy_cell("threads-all", "idle", 1.6), busy_cell("threads-all", "normal-1", 32.0),
+             busy_cell("default", "nice19-1", 3.0, background=0.9)]
     ratios = busy.ratios(cells)
     assert ratios["default"]["normal-1"]["mezo_step"] == pytest.approx(1.8)
     assert ratios["threads-all"]["normal-1"]["validation"] == pytest.approx(20.0)
     text = busy.render({"cells": cells, "ratios": ratios, "model": "smollm2-135m", "quant": "q4_0", "batch_size": 16,
                         "seed": 0, "steps": 4, "repeats": 2, "machine": MACHINE, "time": "t"})
     assert "| normal-1 | 2.700 (1.80x) | 32.000 (20.00x) |" in text
+    assert "| nice19-1 | 3.000 (2.00x) (busy before) |  |" in text  # something else ran before that cell
 
 
 def test_busy_always_measures_idle_and_refuses_unknown_names():

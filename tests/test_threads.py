@@ -90,6 +90,27 @@ def test_a_real_busy_process_is_seen_and_our_own_work_is_not():
     assert governor.others_busy > 0.6, governor.others_busy
 
 
+def test_user_openmp_settings_win(monkeypatch):
+    monkeypatch.setattr(threads, "OPENMP_DEFAULTS", {"GOMP_SPINCOUNT": "123"})
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")  # the user chose: nothing of ours is added
+    threads.configure_openmp()
+    assert "GOMP_SPINCOUNT" not in os.environ
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    threads.configure_openmp()
+    assert os.environ["GOMP_SPINCOUNT"] == "123"
+
+
+def test_the_engine_sets_openmp_before_llama_cpp_loads():
+    """libgomp reads GOMP_SPINCOUNT once, when llama_cpp loads it: a fresh interpreter that imports the engine must
+    have edgezo's value in its environment by then."""
+    code = ("import os, sys, edgezo.engine; "
+            "assert 'llama_cpp' in sys.modules; print(os.environ.get('GOMP_SPINCOUNT'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == threads.OPENMP_DEFAULTS["GOMP_SPINCOUNT"]
+
+
 class Alternating:
     """A governor that changes the thread count before every decode."""
 

@@ -13,6 +13,7 @@ import sys
 
 from ..files import EdgezoError
 from ..trainer import TrainingInterrupted
+from .bench import cmd_bench
 from .files import cmd_convert, cmd_export, cmd_fetch, cmd_plot
 from ..session import mezo_learning_rate
 from .finetune import cmd_finetune, cmd_reference
@@ -37,6 +38,7 @@ COMMANDS = {  # subcommand -> cmd_<name>(args) -> (result dict, text)
     "capacity": cmd_capacity,
     "demo": cmd_demo,
     "doctor": cmd_doctor,
+    "bench": cmd_bench,
     "export": cmd_export,
     "plot": cmd_plot,
     "convert": cmd_convert,

@@ -86,3 +86,25 @@ class TensorProgress:
     def __exit__(self, *exc):
         if self.bar is not None:
             self.bar.close()
+
+
+class ChildProgress:
+    """A tqdm bar over child processes (edgezo bench): on_child(label, done, total) names the one starting."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+        self.bar.set_postfix_str(label)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()

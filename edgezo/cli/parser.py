@@ -107,6 +107,67 @@ def add_generation_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> Non
     g.add_argument("--seed", type=int, default=0, help="of the final draw [%(default)s]")
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type of llama-bench's list flags: '1,16' -> [1, 16], every number >= 1."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers >= 1, got {text!r}")
+    return values
+
+
+def name_list(text: str) -> list[str]:
+    """argparse type of a comma-separated list of names: 'a, b' -> ['a', 'b']."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return values
+
+
+def add_bench_args(p: argparse.ArgumentParser) -> None:
+    """edgezo bench: every --model x --quant x --batch-size x --prompt-tokens x --gen-tokens is one row."""
+    from ..devicebench import BenchConfig
+
+    c = BenchConfig()
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML or JSON file of flag values (keys = long flag names)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    out.add_argument("--csv", action="store_true", help="print the table as CSV (bytes, seconds) instead of markdown")
+    g = p.add_argument_group("what to measure (comma-separated lists, as llama-bench's -m -p -n -b)")
+    g.add_argument("--model", "-m", type=name_list, default=[DEFAULT_MODEL],
+                   help=f"built-in names ({', '.join(store.MODELS)}) or GGUF paths [{DEFAULT_MODEL}]")
+    g.add_argument("--quant", type=name_list,
+                   help=f"requantize each model to these types (q4_0, q8_0, ...; cached), 'none': the file as it is "
+                   f"[a built-in name: {DEFAULT_QUANT}; a GGUF path: as it is]")
+    g.add_argument("--batch-size", "-b", type=int_list, default=[1, 16],
+                   help="sequences per decode: the prompt batch, the generation streams and the MeZO / BP batch "
+                   "[1,16]")
+    g.add_argument("--prompt-tokens", "-p", type=int_list, default=[64],
+                   help="tokens per sequence of the prompt batch, of MeZO and of BP [64]")
+    g.add_argument("--gen-tokens", "-n", type=int_list, default=[32], help="tokens generated per sequence [32]")
+    g = p.add_argument_group("how")
+    g.add_argument("--repeats", "-r", type=int, default=c.repeats,
+                   help="timed repetitions of each figure (mean ± sd) [%(default)s]")
+    g.add_argument("--warmup", type=int, default=c.warmup, help="untimed calls before them [%(default)s]")
+    g.add_argument("--threads", "-t", type=int, default=c.threads,
+                   help="llama.cpp and torch threads [the cores other processes leave free; torch's default]")
+    g.add_argument("--seed", type=int, default=c.seed, help="initial adapter and MeZO directions [%(default)s]")
+    g.add_argument("--bp", action=argparse.BooleanOptionalAction, default=c.bp,
+                   help="also time one BP step of reference-bp where the torch extra is installed [%(default)s]")
+    g.add_argument("--timeout", type=float, default=c.timeout_s,
+                   help="seconds per child process before its row is reported as failed [%(default)s]")
+    p.description = (
+        "Measures on this device, for each combination of the lists: prompt processing and generation tokens/s "
+        "(edgezo's llama.cpp engine), one MeZO step and its ratio over two forwards of the same batch, the peak RSS "
+        "of that short MeZO run beside `edgezo memory`'s prediction, and, with the torch extra, one BP step of "
+        "`edgezo reference-bp` and its peak RSS. Each row runs in fresh child processes, so its peak RSS is its "
+        "own and a crash is a failed row. The batch is synthetic: windows of a fixed text in the model's own "
+        "tokens, exactly --prompt-tokens long, with two label tokens as the classification loss reads them, "
+        "so nothing but the model is fetched and every row runs offline once the model is cached.")
+
+
 RELEASE_HELP = ("return freed tensors to the kernel at once (glibc: allocations >= 64 KiB mapped): a lower peak RSS, "
                 "predicted without heap retention, for 1.3-1.6x slower steps (Q4_0 blocks + checkpointing, batch 16, "
                 "Intel Xeon: Qwen2.5-Coder-0.5B 1426 against 2032-2084 MiB; SmolLM2-135M 773 against 1248 MiB)")
@@ -265,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--no-probe", dest="probe", action="store_false",
                    help="skip the decode of --model in a child process (which fetches it if needed)")
+
+    p = sub.add_parser("bench", help="llama-bench for fine-tuning: prompt and generation tokens/s, a MeZO step, its "
+                                     "peak RSS beside the prediction, and a BP step (torch extra), on this device")
+    add_bench_args(p)
 
     p = sub.add_parser("export", help="write the adapter in another format")
     add_model_args(p)

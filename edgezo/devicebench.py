@@ -23,6 +23,7 @@ is that child's alone; a crash (a signal, a non-zero exit, a timeout) becomes a 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -107,12 +108,33 @@ class BenchConfig:
     seed: int = 0  # the initial adapter and the MeZO directions
     bp: bool = True  # also time a BP step where the torch extra is installed
     timeout_s: float = 1800.0  # per child process
+    busy_processes: int = 0  # busy loops kept running while everything is measured (a device doing other things)
+    busy_nice: int = 0  # their nice value (0: normal priority, 19: lowest)
 
     def __post_init__(self):
+        if self.busy_processes < 0 or not 0 <= self.busy_nice <= 19:
+            raise EdgezoError(f"busy processes must be >= 0 and their nice value 0-19, got {self.busy_processes} "
+                              f"and {self.busy_nice}")
         if self.repeats < 1 or self.warmup < 0:
             raise EdgezoError(f"repeats must be >= 1 and warm-up >= 0, got {self.repeats} and {self.warmup}")
         if not self.timeout_s > 0:
             raise EdgezoError(f"the timeout must be > 0 s, got {self.timeout_s}")
+
+
+BUSY_LOOP = "while True: pass"
+
+
+@contextlib.contextmanager
+def busy_loops(n: int, nice: int):
+    """`n` processes spinning on the CPU at `nice` for the duration (bench/busy.py's loads), killed on exit."""
+    procs = [subprocess.Popen([sys.executable, "-c", BUSY_LOOP], preexec_fn=(lambda: os.nice(nice)) if nice else None)
+             for _ in range(n)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 # ---- statistics -------------------------------------------------------------------------------------------------
@@ -392,7 +414,7 @@ def run_bench(points: Sequence[BenchPoint], config: BenchConfig,
                                        f"({', '.join(missing)} missing: pip install 'edgezo[torch]')")
     paths = list(dict.fromkeys(p.model_path for p in points))
     total = len(points) * (2 if with_bp else 1) + (len(paths) if with_bp else 0)
-    done, prepared, rows = 0, {}, []
+    done, prepared = 0, {}
 
     def child(role: str, point: BenchPoint, label: str) -> dict:
         nonlocal done
@@ -401,18 +423,25 @@ def run_bench(points: Sequence[BenchPoint], config: BenchConfig,
         done += 1
         return outcome
 
-    for point in points:
-        label = f"{Path(point.model).name} {point.quant or ''} b{point.batch_size} p{point.prompt_tokens} n{point.gen_tokens}"
-        llama = child("llama", point, f"{label}: pp, tg, MeZO")
-        bp = None
-        if with_bp:
-            if point.model_path not in prepared:
-                prepared[point.model_path] = child("prepare-bp", point, f"{label}: converting for torch")
-            prep = prepared[point.model_path]
-            bp = (child("bp", point, f"{label}: BP") if prep["ok"]
-                  else {**prep, "error": f"converting the model for torch: {prep['error']}"})
-        rows.append(make_row(point, llama, bp))
+    with busy_loops(config.busy_processes, config.busy_nice):
+        rows = [measure_point(point, child, with_bp, prepared) for point in points]
     on_child("done", total, total)
     return {"columns": list(COLUMNS), "rows": rows, "machine": machine_info(),
             "repeats": config.repeats, "warmup": config.warmup, "threads": config.threads, "seed": config.seed,
+            "busy": {"processes": config.busy_processes, "nice": config.busy_nice},
             "bp": with_bp, "bp_skipped": bp_skipped, "seconds": time.perf_counter() - t0}
+
+
+def measure_point(point: BenchPoint, child: Callable[[str, BenchPoint, str], dict], with_bp: bool,
+                  prepared: dict) -> dict:
+    """One row: the llama child, then (with BP) the conversion for torch once per model file and the BP child."""
+    label = f"{Path(point.model).name} {point.quant or ''} b{point.batch_size} p{point.prompt_tokens} n{point.gen_tokens}"
+    llama = child("llama", point, f"{label}: pp, tg, MeZO")
+    bp = None
+    if with_bp:
+        if point.model_path not in prepared:
+            prepared[point.model_path] = child("prepare-bp", point, f"{label}: converting for torch")
+        prep = prepared[point.model_path]
+        bp = (child("bp", point, f"{label}: BP") if prep["ok"]
+              else {**prep, "error": f"converting the model for torch: {prep['error']}"})
+    return make_row(point, llama, bp)

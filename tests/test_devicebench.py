@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import math
+import os
 import signal
 
 import numpy as np
@@ -148,11 +149,27 @@ def test_bad_list_flags_are_argparse_errors_naming_the_value(argv, message, caps
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_busy_loops_run_at_their_nice_value_while_measuring_and_stop_after():
+    with devicebench.busy_loops(2, 19) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+        assert all(os.getpriority(os.PRIO_PROCESS, p.pid) == 19 for p in procs)
+    assert all(p.poll() is not None for p in procs)
+
+
+def test_bench_under_load_says_so(tiny_gguf, without_torch, capsys):
+    assert main(bench_args(tiny_gguf, "--batch-size", "1", "--repeats", "1", "--busy", "1", "--busy-nice", "19")) == 0
+    assert "under 1 busy loop(s) at nice 19" in capsys.readouterr().out
+    result = run_json(capsys, bench_args(tiny_gguf, "--batch-size", "1", "--repeats", "1", "--busy", "1", "--json"))
+    assert result["busy"] == {"processes": 1, "nice": 0} and result["rows"][0]["status"] == "ok"
+
+
 def test_the_bench_config_refuses_nonsense():
     with pytest.raises(EdgezoError, match="repeats must be >= 1"):
         devicebench.BenchConfig(repeats=0)
     with pytest.raises(EdgezoError, match="must be >= 1"):
         devicebench.BenchPoint("m", None, "m.gguf", 1, 0, 1)
+    with pytest.raises(EdgezoError, match="nice value 0-19"):
+        devicebench.BenchConfig(busy_nice=20)
 
 
 def test_summary_is_mean_and_sample_sd():

@@ -26,7 +26,7 @@ def cmd_bench(args) -> tuple[dict, str]:
         points += [BenchPoint(model, quant, str(path), b, p, n)
                    for b, p, n in product(args.batch_size, args.prompt_tokens, args.gen_tokens)]
     config = BenchConfig(repeats=args.repeats, warmup=args.warmup, threads=args.threads, seed=args.seed, bp=args.bp,
-                         timeout_s=args.timeout)
+                         timeout_s=args.timeout, busy_processes=args.busy, busy_nice=args.busy_nice)
     with ChildProgress("bench") as progress:
         result = run_bench(points, config, on_child=progress)
     return result, format_csv(result) if args.csv else format_markdown(result)
@@ -71,13 +71,21 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n\n" + footer(result) + "".join(f"\n{n}" for n in notes)
 
 
+def busy_text(busy: dict) -> str:
+    if not busy["processes"]:
+        return ""
+    priority = f"nice {busy['nice']}" if busy["nice"] else "normal priority"
+    return f", **under {busy['processes']} busy loop(s) at {priority}** (--busy)"
+
+
 def footer(result: dict) -> str:
     m = result["machine"]
     ok = [row["details"]["llama"]["result"] for row in result["rows"] if row["details"]["llama"]["ok"]]
     threads = sorted({r["n_threads"] for r in ok})
     versions = ", ".join(f"{name} {v}" for name, v in m["versions"].items() if v)
     return (f"{m['cpu'] or 'unknown CPU'}, {m['usable_cores']} of {m['n_cores']} cores usable, load average "
-            f"{m['load_average'][0]:.2f} at the end; llama.cpp threads {'/'.join(map(str, threads)) or '-'}; "
+            f"{m['load_average'][0]:.2f} at the end{busy_text(result['busy'])}; "
+            f"llama.cpp threads {'/'.join(map(str, threads)) or '-'}; "
             f"{versions}.\n"
             f"Mean ± sd of {result['repeats']} timed repetitions after {result['warmup']} warm-up, each row in fresh "
             f"processes ({result['seconds']:.0f} s in all). Synthetic batch: `batch` sequences of `prompt` tokens of "

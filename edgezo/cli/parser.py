@@ -156,6 +156,11 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=c.seed, help="initial adapter and MeZO directions [%(default)s]")
     g.add_argument("--bp", action=argparse.BooleanOptionalAction, default=c.bp,
                    help="also time one BP step of reference-bp where the torch extra is installed [%(default)s]")
+    g.add_argument("--busy", type=int, default=c.busy_processes, metavar="N",
+                   help="keep N busy loops running while measuring: this device doing other things "
+                   "(docs/threads.md) [%(default)s]")
+    g.add_argument("--busy-nice", type=int, default=c.busy_nice, metavar="NICE",
+                   help="their nice value, 0 (normal priority) to 19 (lowest) [%(default)s]")
     g.add_argument("--timeout", type=float, default=c.timeout_s,
                    help="seconds per child process before its row is reported as failed [%(default)s]")
     p.description = (

@@ -355,9 +355,11 @@ class Engine(Vocabulary):
         self._adapter_ptr = None
         self._adapter_tensors: dict[str, int] = {}  # adapter tensor name -> struct ggml_tensor address
         self._adapter_file: Path | None = None
+        # An explicit count is obeyed. Made before the model loads, so the governor's first reading of the load spans
+        # the load and the first decode can already use it.
+        self.governor = threads.ThreadGovernor() if not config.n_threads else None
         super().__init__(model_path, vocab_only=False)
         self.config = config
-        self.governor = threads.ThreadGovernor() if not config.n_threads else None  # an explicit count is obeyed
         self.n_threads = config.n_threads or self.governor.n_threads
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.capture_block = capture_block

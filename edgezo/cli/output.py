@@ -67,44 +67,43 @@ class ConsoleProgress(TrainingEvents):
             self.bar.close()
 
 
-class TensorProgress:
+class _Bar:
+    """A tqdm bar on stderr, made at the first callback (when the total is known), closed on exit."""
+
+    unit = "item"
+
+    def __init__(self, desc: str):
+        self.desc, self.bar = desc, None
+
+    def _update(self, done: int, total: int):
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit=self.unit, file=sys.stderr, dynamic_ncols=True)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorProgress(_Bar):
     """A tqdm bar for the converters' progress(done, total, ...) callbacks."""
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
+    unit = "tensor"
 
     def __call__(self, done: int, total: int, *rest) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", file=sys.stderr, dynamic_ncols=True)
-        self.bar.update(done - self.bar.n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()
+        self._update(done, total)
 
 
-class ChildProgress:
+class ChildProgress(_Bar):
     """A tqdm bar over child processes (edgezo bench): on_child(label, done, total) names the one starting."""
 
-    def __init__(self, desc: str):
-        self.desc, self.bar = desc, None
+    unit = "run"
 
     def __call__(self, label: str, done: int, total: int) -> None:
-        if self.bar is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=self.desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+        self._update(done, total)
         self.bar.set_postfix_str(label)
-        self.bar.update(done - self.bar.n)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.close()

@@ -46,6 +46,7 @@ SETTINGS = {  # name -> (--threads, -1 for all cores; environment)
     "threads-all-passive": (-1, {"OMP_WAIT_POLICY": "passive"}),
     "threads-all-spin1e7": (-1, {"GOMP_SPINCOUNT": "10000000"}),
     "threads-all-spin1e8": (-1, {"GOMP_SPINCOUNT": "100000000"}),
+    "default-pinned": (0, {"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}),  # each thread kept on one core
 }
 LOADS = {"idle": (0, 0), "normal-1": (1, 0), "normal-2": (2, 0), "nice19-1": (1, 19), "nice19-2": (2, 19)}
 WORKLOADS = ("mezo_step", "validation", "generation")

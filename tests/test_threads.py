@@ -71,13 +71,15 @@ def test_a_cgroup_quota_caps_the_usable_cores(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not threads.PROC_STAT.exists(), reason="needs /proc/stat")
-def test_a_real_busy_process_is_seen_and_our_own_work_is_not():
+def test_a_real_busy_process_is_seen():
+    """Against the machine as it is (other tests' processes may run): a spinner adds most of a core to the reading.
+    That our own work is not counted is tested on synthetic readings above."""
     governor = ThreadGovernor(usable=2)
-    end = time.monotonic() + 0.4
-    while time.monotonic() < end:  # our own work: must not count
-        pass
+    time.sleep(0.5)
     governor.choose()
-    assert governor.others_busy < 0.5
+    baseline = governor.others_busy
+    if baseline > threads.usable_cores() - 1:
+        pytest.skip(f"other processes keep {baseline:.1f} cores busy: no core free for the spinner to show on")
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.2)  # the interpreter's start-up
@@ -87,7 +89,7 @@ def test_a_real_busy_process_is_seen_and_our_own_work_is_not():
     finally:
         spinner.kill()
         spinner.wait()
-    assert governor.others_busy > 0.6, governor.others_busy
+    assert governor.others_busy - baseline > 0.4, (baseline, governor.others_busy)
 
 
 def test_user_openmp_settings_win(monkeypatch):

@@ -1,6 +1,6 @@
 """A MeZO step, a validation pass and generation on a machine that is doing other things, each in a fresh process.
 
-    python -m bench.busy                      # every load x every setting below (~25 min on 2 cores)
+    python -m bench.busy                      # every load x the three settings below (~12 min on 2 cores)
     python -m bench.busy --settings default,threads-all --loads idle,normal-1 --steps 3
 
 Loads: other processes spinning (`while True: pass`) for the whole measurement, started before the child and

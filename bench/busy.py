@@ -24,12 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 from bench import common
 from bench.mezo_step import setup
+from edgezo.devicebench import BUSY_LOOP as SPINNER, busy_loops  # the loads of `edgezo bench --busy` too
 
 NAME = "busy"
 TITLE = "Under load: a MeZO step, a validation pass and generation with other processes running"
@@ -52,7 +52,6 @@ LOADS = {"idle": (0, 0), "normal-1": (1, 0), "normal-2": (2, 0), "nice19-1": (1,
 WORKLOADS = ("mezo_step", "validation", "generation")
 N_VALID = 32
 GEN_TOKENS = 32
-SPINNER = "while True: pass"
 BACKGROUND_SAMPLE_S = 1.0
 BACKGROUND_NOISY = 0.2  # cores kept busy by something else before a cell: its figures are marked
 
@@ -83,17 +82,6 @@ def child(args) -> dict:
 
 
 # ---- parent ---------------------------------------------------------------------------------------------------
-def start_load(n: int, nice: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, "-c", SPINNER], preexec_fn=(lambda: os.nice(nice)) if nice else None)
-            for _ in range(n)]
-
-
-def stop_load(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.kill()
-        p.wait()
-
-
 def measure(args, setting: str, load: str) -> dict:
     threads, env = SETTINGS[setting]
     threads = os.cpu_count() if threads < 0 else threads
@@ -103,12 +91,9 @@ def measure(args, setting: str, load: str) -> dict:
     from edgezo.threads import sample_load
 
     background, _ = sample_load(BACKGROUND_SAMPLE_S)  # what else ran before this cell's own load
-    procs = start_load(*LOADS[load])
-    try:
+    with busy_loops(*LOADS[load]):
         time.sleep(1)  # let the spinners settle on their cores
         raw = common.run_json(cmd, f"{setting} under {load}", env=env, timeout=args.timeout)
-    finally:
-        stop_load(procs)
     return {"setting": setting, "load": load, "threads": threads, "background_busy_cores": background,
             **{w: common.summary(raw["seconds"][w]) for w in WORKLOADS},
             "threads_end": raw["threads_end"], "openmp": raw["openmp"]}

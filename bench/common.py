@@ -22,8 +22,11 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
+from edgezo.devicebench import timed  # noqa: F401  (common.timed: the benchmarks' timer is `edgezo bench`'s)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+
 LIBRARIES = ("llama_cpp_python", "numpy", "gguf", "torch", "transformers", "peft", "accelerate")
 
 
@@ -33,18 +36,6 @@ def summary(values: Sequence[float]) -> dict:
     if not values:
         raise ValueError("no measurements to summarise")
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
-
-
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
-    """Wall-clock seconds of `repeats` calls of fn after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def ratio(numerator: float, denominator: float) -> float | None:

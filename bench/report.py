@@ -72,13 +72,13 @@ def build_block(results_dir: Path = common.RESULTS) -> str:
 
 
 def replace_block(text: str, block: str, begin: str = BEGIN, end_marker: str = END) -> str:
-    """`text` with everything between the two markers replaced by `block` (the markers stay)."""
-    if text.count(begin) != 1 or text.count(end_marker) != 1:
-        raise ReportError(f"the file must contain {begin} and {end_marker} exactly once each")
-    start, end = text.index(begin) + len(begin), text.index(end_marker)
-    if end < start:
-        raise ReportError(f"{end_marker} comes before {begin}")
-    return text[:start] + "\n" + block.strip("\n") + "\n" + text[end:]
+    """`text` with everything between the two markers replaced by `block` (edgezo.cli.docs.replace_block)."""
+    from edgezo.cli.docs import replace_block as replace
+
+    try:
+        return replace(text, block, begin, end_marker)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,6 @@ is that child's alone; a crash (a signal, a non-zero exit, a timeout) becomes a 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -329,19 +328,13 @@ def torch_extra_missing() -> list[str]:
     return [name for name in TORCH_EXTRA if importlib.util.find_spec(name) is None]
 
 
-def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def machine_info() -> dict:
     from . import kernels, threads
+    from .doctor import installed_version
 
     return {"cpu": kernels.cpu_model_name(), "n_cores": os.cpu_count(), "usable_cores": threads.usable_cores(),
             "load_average": list(os.getloadavg()), "python": sys.version.split()[0],
-            "versions": {name: _version(name) for name in ("llama-cpp-python", *TORCH_EXTRA)}}
+            "versions": {name: installed_version(name) for name in ("llama-cpp-python", *TORCH_EXTRA)}}
 
 
 # ---- the table ---------------------------------------------------------------------------------------------------

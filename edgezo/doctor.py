@@ -25,7 +25,7 @@ PROBE_TEXTS = ("Review: a tender, funny film\nSentiment:", "Review: dull and far
 PROBE_TIMEOUT_S = 300
 
 
-def _version(distribution: str) -> str | None:
+def installed_version(distribution: str) -> str | None:
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -51,7 +51,8 @@ def environment(cache_dir: Path, n_threads: int = 0) -> dict:
         "edgezo": __version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {name: _version(name) for name in ("llama-cpp-python", "gguf", "numpy", "torch", "transformers", "peft")},
+        "versions": {name: installed_version(name)
+                     for name in ("llama-cpp-python", "gguf", "numpy", "torch", "transformers", "peft")},
         "torch_installed": importlib.util.find_spec("torch") is not None,
         "cpu": {
             "model": kernels.cpu_model_name(),

@@ -91,11 +91,12 @@ def commands_markdown(parser: argparse.ArgumentParser) -> str:
     return "\n".join(lines) + "\n"
 
 
-def replace_block(text: str, block: str) -> str:
-    """`text` with everything between the two markers replaced by `block` (the markers stay)."""
-    if text.count(BEGIN) != 1 or text.count(END) != 1 or text.index(END) < text.index(BEGIN):
-        raise ValueError(f"the page must contain {BEGIN} and then {END}, once each")
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
+def replace_block(text: str, block: str, begin: str = BEGIN, end_marker: str = END) -> str:
+    """`text` with everything between the two markers replaced by `block` (the markers stay). bench/report.py and
+    bench/fleet.py write their generated blocks with it too."""
+    if text.count(begin) != 1 or text.count(end_marker) != 1 or text.index(end_marker) < text.index(begin):
+        raise ValueError(f"the page must contain {begin} and then {end_marker}, once each")
+    start, end = text.index(begin) + len(begin), text.index(end_marker)
     return text[:start] + "\n" + block.strip("\n") + "\n" + text[end:]
 
 

@@ -12,6 +12,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -69,6 +70,12 @@ def write_text_atomic(target: str | os.PathLike, text: str) -> None:
 
 def write_json_atomic(target: str | os.PathLike, obj) -> None:
     write_text_atomic(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def copy_atomic(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """`target` becomes a copy of `source`, never half-written."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def write_npz_atomic(target: str | os.PathLike, arrays: dict) -> None:

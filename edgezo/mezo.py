@@ -23,12 +23,17 @@ past estimates, so the search concentrates where the gradient has been (u_k ~ N(
     m     <- beta m + (1 - beta) (1/n) sum_k g_k z_k
 m is the only state (the shapes of theta, float32), checkpointed with the adapter; it is a function of the step
 log, so a run stays replayable from (seed_k, g_k) in order.
+
+The step size is a fixed learning rate (with its schedule) or, with learning_rate="auto", AutoRate's: a move of a
+set number of probe radii along z, whatever the scale of the model's projected gradients (its docstring). Either
+way the rate a step used is in its record, so replay needs only (lr, seed_k, g_k).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -38,6 +43,7 @@ from .files import EdgezoError
 
 Params = dict[str, np.ndarray]
 LossFn = Callable[[Mapping[str, np.ndarray]], float]
+AUTO = "auto"  # learning_rate="auto": AutoRate chooses each step's rate
 
 
 class Estimator(str, Enum):
@@ -54,7 +60,7 @@ class Schedule(str, Enum):
 
 @dataclass(frozen=True)
 class MezoConfig:
-    learning_rate: float = 1e-3
+    learning_rate: float | str = 1e-3  # a number, or AUTO
     eps: float = 1e-2
     n_directions: int = 1
     weight_decay: float = 0.0
@@ -64,6 +70,15 @@ class MezoConfig:
     # ConMeZO: the cone's half-angle in radians and the momentum's decay (the paper's OPT settings)
     cone_angle: float = 1.35
     cone_momentum: float = 0.99
+    # learning_rate="auto" (AutoRate): a typical step moves auto_step probe radii (eps) along z; the projected
+    # gradients' scale is their RMS over the last auto_window steps; a step's |g| counts at most auto_clip times it
+    auto_step: float = 0.1
+    auto_window: int = 50
+    auto_clip: float = 3.0  # 0: no clip
+
+    @property
+    def auto(self) -> bool:
+        return self.learning_rate == AUTO
 
     def __post_init__(self):
         object.__setattr__(self, "schedule", Schedule(self.schedule))
@@ -71,8 +86,10 @@ class MezoConfig:
         if self.estimator is Estimator.FZOO and self.n_directions < 2:
             raise EdgezoError("fzoo normalises by the std of its directions' losses: n_directions must be >= 2, "
                               f"got {self.n_directions}")
-        if not self.learning_rate > 0:
-            raise EdgezoError(f"learning rate must be > 0, got {self.learning_rate}")
+        if not (self.auto or (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0)):
+            raise EdgezoError(f"learning rate must be > 0 or {AUTO!r}, got {self.learning_rate!r}")
+        if not (self.auto_step > 0 and self.auto_window >= 1 and self.auto_clip >= 0):
+            raise EdgezoError("auto_step must be > 0, auto_window >= 1 and auto_clip >= 0")
         if not self.eps > 0:
             raise EdgezoError(f"eps must be > 0, got {self.eps}")
         if self.n_directions < 1:
@@ -84,17 +101,56 @@ class MezoConfig:
                               f"{self.cone_angle} and {self.cone_momentum}")
 
 
-def learning_rate_at(config: MezoConfig, step: int, total_steps: int) -> float:
-    """Learning rate for 0-based `step`: linear warmup, then the schedule decays to 0 at `total_steps`."""
+def learning_rate_at(config: MezoConfig, step: int, total_steps: int, peak: float | None = None) -> float:
+    """Learning rate for 0-based `step`: linear warmup to `peak` (default config.learning_rate; 1.0 gives the
+    schedule's factor), then the schedule decays to 0 at `total_steps`."""
+    peak = config.learning_rate if peak is None else peak
+    if config.auto and peak == AUTO:
+        return math.nan  # chosen by AutoRate once the step's projected gradients are known
     if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
+        return peak * (step + 1) / config.warmup_steps
     span = max(1, total_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     if config.schedule is Schedule.LINEAR:
-        return config.learning_rate * (1.0 - progress)
+        return peak * (1.0 - progress)
     if config.schedule is Schedule.COSINE:
-        return config.learning_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return config.learning_rate
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak
+
+
+class AutoRate:
+    """learning_rate="auto": the step moves about auto_step probe radii along z, whatever the gradients' scale.
+
+    MeZO's update is lr g z, a move of lr |g| along z, and the losses were probed at eps along z: outside that
+    radius the estimate says nothing. The fixed rate that is stable depends on the model and task (1e-3 on
+    SmolLM2-135M, 1e-4 on Gemma-3-270M, 1e-3 diverges on Qwen2.5-Coder-1.5B once |g| grows). Dividing by the
+    projected gradients' running scale sigma makes the move a fixed share of the probe radius:
+        lr_t = schedule(t) * auto_step * eps / sigma_t,   sigma_t = RMS of g over the last auto_window steps and this one
+    and one step's |g| counts at most auto_clip * sigma_t (a trust region: an outlier moves no further than
+    auto_clip * auto_step probe radii). When the gradients grow as the run leaves its basin, sigma grows and the
+    steps shrink. The window is a function of the step log, so a resumed run rebuilds it from metrics.jsonl.
+    """
+
+    def __init__(self, config: MezoConfig, total_steps: int, history: Iterable[Iterable[float]] = ()):
+        self.config, self.total_steps = config, total_steps
+        self.history: deque[tuple[float, ...]] = deque((tuple(g) for g in history), maxlen=config.auto_window)
+
+    def __call__(self, record: StepRecord) -> float:
+        """The rate of `record`'s step (its projected gradients known); pure: observe() adds the step once taken."""
+        grads = [g for step in self.history for g in step] + list(record.projected_grads)
+        sigma = math.sqrt(math.fsum(g * g for g in grads) / len(grads))
+        if sigma == 0.0:
+            return 0.0
+        lr = learning_rate_at(self.config, record.step, self.total_steps, peak=1.0) * self.config.auto_step
+        lr *= self.config.eps / sigma
+        largest = max(abs(g) for g in record.projected_grads)
+        if self.config.auto_clip and largest > self.config.auto_clip * sigma:
+            lr *= self.config.auto_clip * sigma / largest
+        return lr
+
+    def observe(self, projected_grads: Iterable[float]) -> None:
+        """A step was taken with these projected gradients."""
+        self.history.append(tuple(projected_grads))
 
 
 def direction_seed(run_seed: int, step: int, k: int) -> int:
@@ -195,16 +251,20 @@ def check_finite(step: int, **losses: float) -> None:
         raise NonFiniteLoss(f"step {step + 1}: loss is not finite ({shown})")
 
 
+Rate = Callable[["StepRecord"], float]  # the rate of a step whose projected gradients are known
+
+
 def zo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int,
-            momentum: Params | None = None) -> StepRecord:
+            momentum: Params | None = None, rate: Rate | None = None) -> StepRecord:
     """One step of the configured estimator, updating `theta` (and ConMeZO's `momentum`) in place; NonFiniteLoss
-    (both untouched) on NaN/inf."""
+    (both untouched) on NaN/inf. `rate`, if given, sets the step's lr once its projected gradients are known."""
     if config.estimator is Estimator.FZOO:
-        return fzoo_step(theta, loss_fn, config, run_seed, step, total_steps)
-    return mezo_step(theta, loss_fn, config, run_seed, step, total_steps, momentum)
+        return fzoo_step(theta, loss_fn, config, run_seed, step, total_steps, rate)
+    return mezo_step(theta, loss_fn, config, run_seed, step, total_steps, momentum, rate)
 
 
-def fzoo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int) -> StepRecord:
+def fzoo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int,
+              rate: Rate | None = None) -> StepRecord:
     """One FZOO step (module docstring): l_0, then n one-sided Rademacher evaluations, then the normalised update."""
     record = StepRecord(step=step, lr=learning_rate_at(config, step, total_steps))
     record.loss_center = float(loss_fn(theta))
@@ -218,12 +278,14 @@ def fzoo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
     sigma = float(np.std(record.losses_plus))
     # All n losses equal (e.g. eps below the loss's resolution): no direction is better than another, no step.
     record.projected_grads = [(loss - record.loss_center) / sigma if sigma > 0 else 0.0 for loss in record.losses_plus]
+    if rate is not None:
+        record.lr = rate(record)
     apply_update(theta, record, config)
     return record
 
 
 def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int, step: int, total_steps: int,
-              momentum: Params | None = None) -> StepRecord:
+              momentum: Params | None = None, rate: Rate | None = None) -> StepRecord:
     """One MeZO (or ConMeZO: `momentum` given) step, updating `theta` in place. Raises NonFiniteLoss (theta
     untouched) on a NaN/inf loss."""
     record = StepRecord(step=step, lr=learning_rate_at(config, step, total_steps))
@@ -233,6 +295,8 @@ def mezo_step(theta: Params, loss_fn: LossFn, config: MezoConfig, run_seed: int,
         loss_plus = float(loss_fn(PerturbedParams(theta, seed, +config.eps, cone=cone)))
         loss_minus = float(loss_fn(PerturbedParams(theta, seed, -config.eps, cone=cone)))
         add_two_sided(record, seed, loss_plus, loss_minus, config.eps)
+    if rate is not None:
+        record.lr = rate(record)
     apply_update(theta, record, config, momentum)
     return record
 

@@ -12,6 +12,8 @@ temporaries.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,9 +45,11 @@ class Totals:
     n_targets: int = 0  # examples (classification) or target tokens (LM)
     n_correct: int = 0
     n_examples: int = 0
+    loss_sq_sum: float = 0.0  # of the per-target losses, for the loss's standard error
 
     def add(self, other: "Totals") -> None:
         self.loss_sum += other.loss_sum
+        self.loss_sq_sum += other.loss_sq_sum
         self.n_targets += other.n_targets
         self.n_correct += other.n_correct
         self.n_examples += other.n_examples
@@ -53,6 +57,14 @@ class Totals:
     @property
     def loss(self) -> float:
         return self.loss_sum / max(self.n_targets, 1)
+
+    @property
+    def loss_se(self) -> float:
+        """The standard error of the mean loss (0 where the squares were not summed, or for one target)."""
+        n = self.n_targets
+        if n < 2 or not self.loss_sq_sum:
+            return 0.0
+        return math.sqrt(max(0.0, self.loss_sq_sum / n - self.loss**2) / (n - 1))
 
     @property
     def accuracy(self) -> float:
@@ -112,12 +124,12 @@ def score(engine: Scorer, batch: Sequence[Example], task: Task) -> Totals:
         labels = np.array([ex.label for ex in batch])
         nll = -logp[np.arange(len(batch)), labels]
         correct = int((logp.argmax(axis=1) == labels).sum())
-        return Totals(float(nll.sum()), len(batch), correct, len(batch))
+        return Totals(float(nll.sum()), len(batch), correct, len(batch), float(np.square(nll).sum()))
     targets = np.concatenate([np.asarray([ex.tokens[i] for i in ex.target_indices]) for ex in batch])
     # a view of the engine's buffer, float32 [n_targets, n_vocab]: read here, before the engine decodes again
     logp, is_argmax = target_log_probs(engine.logits(sequences, positions, copy=False), targets)
     nll = -logp
-    return Totals(float(nll.sum()), len(targets), int(is_argmax.sum()), len(batch))
+    return Totals(float(nll.sum()), len(targets), int(is_argmax.sum()), len(batch), float(np.square(nll).sum()))
 
 
 def evaluate(engine: Scorer, examples: Sequence[Example], task: Task, batch_size: int,

@@ -182,26 +182,28 @@ def read_run_config(run: RunDir) -> dict | None:
 # ---- eval --------------------------------------------------------------------------------------------------------
 def resolve_adapter(spec: str | None) -> tuple[Path | None, dict | None]:
     """An adapter GGUF, or a run directory (its adapter.gguf, else its last checkpoint; and its config.json for the
-    base model and prompt defaults), or RUN:best (the run's adapter.best.gguf, lowest validation loss)."""
+    base model and prompt defaults), or RUN:best / RUN:last (the run's adapter.best.gguf / adapter.last.gguf)."""
     if not spec:
         return None, None
-    path, best = Path(spec), False
-    if not path.exists() and spec.endswith(":best"):
-        path, best = Path(spec.removesuffix(":best")), True
+    path, which = Path(spec), None
+    if not path.exists() and spec.rpartition(":")[2] in ("best", "last"):
+        path, _, which = spec.rpartition(":")
+        path = Path(path)
     if path.is_dir():
         run = RunDir(path)
         saved = read_run_config(run)
-        if best:
-            if not run.best.exists():
-                raise EdgezoError(f"{spec}: {path} holds no {run.best.name} (a run without a validation split, "
-                                  f"or from before best adapters were kept); use {path} for the final adapter")
-            return run.best, saved
+        if which:
+            chosen = run.best if which == "best" else run.last
+            if not chosen.exists():
+                raise EdgezoError(f"{spec}: {path} holds no {chosen.name} (a run without a validation split, or from "
+                                  f"before it was kept); use {path} for the adapter the run left")
+            return chosen, saved
         adapter = run.adapter if run.adapter.exists() else run.checkpoint
         if not adapter.exists():
             raise EdgezoError(f"{path}: run directory holds no adapter.gguf or checkpoint")
         return adapter, saved
-    if best:
-        raise EdgezoError(f"{spec}: RUN:best needs a run directory, {path} is not one")
+    if which:
+        raise EdgezoError(f"{spec}: RUN:{which} needs a run directory, {path} is not one")
     if not path.is_file():
         raise EdgezoError(f"{spec}: no such adapter file or run directory")
     return path, None

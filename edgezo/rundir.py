@@ -8,34 +8,43 @@ It holds
     checkpoint-NNNNNN.gguf  the adapter after step NNNNNN: written first, then state.json points at it, then
                        the previous checkpoint is removed, so a kill at any instant leaves a consistent pair
     state.json         {step, checkpoint, sha256}: the last consistent checkpoint
-    adapter.gguf       the final adapter (GGUF LoRA, loadable by llama.cpp --lora)
-    adapter.best.gguf  the adapter at the evaluation with the lowest validation loss so far (with a validation split)
+    adapter.gguf       the adapter the run leaves (GGUF LoRA, loadable by llama.cpp --lora): with a validation split,
+                       the best validated one, the start included (is_better), else the last
+    adapter.best.gguf  the adapter at the best evaluation so far (with a validation split)
+    adapter.last.gguf  the adapter after the last step, when adapter.gguf is the best instead
+    checkpoint-NNNNNN.best.gguf  adapter.best.gguf as it was at the checkpoint (what a rollback after --resume restores)
 Direction seeds and batch order are pure functions of (seed, step), so the checkpoint needs no RNG state.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
 from .adapter import LoraAdapter
-from .files import EdgezoError, sha256_file, write_json_atomic, write_npz_atomic, write_text_atomic
+from .files import EdgezoError, copy_atomic, sha256_file, write_json_atomic, write_npz_atomic, write_text_atomic
 
-BEST_BY = {"valid_loss": 1.0, "valid_reward": -1.0}  # the sign that makes lower better
+# What "better" is judged on (the sign that makes lower better): what the user reads, accuracy for classification
+# and the reward where one is set, the validation loss breaking ties; the loss alone for language-model data.
+BEST_BY = {"valid_loss": 1.0, "valid_accuracy": -1.0, "valid_reward": -1.0}
+REGRESSION_STANDARD_ERRORS = 2.0  # a validation this many standard errors worse than the best is a regression
 
 # config.json fields outside a run's identity: how long it runs and how it is watched, and where this machine keeps
 # its base file. --resume may change them.
 FREE_ON_RESUME = {"model_path", "threads", "eval_generation", "train.steps", "train.eval_every", "train.save_every",
-                  "train.max_memory_bytes", "train.max_train_seconds"}
+                  "train.max_memory_bytes", "train.max_train_seconds", "train.patience", "train.final_adapter",
+                  "train.best_by"}  # best_by follows from the task and the objective, which are kept
 # Names that are paths on one machine: across machines the digest of the training tokens stands for them.
 PER_MACHINE = {"model", "data"}
 # Fields config.json gained later, so that older runs still resume: those whose value an older run implies (it had
 # no choice), and those it did not record (compared only when the saved configuration has them).
 ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False,
                             "objective": "loss", "train.best_by": "valid_loss", "mezo.cone_angle": 1.35,
-                            "mezo.cone_momentum": 0.99}
+                            "mezo.cone_momentum": 0.99, "train.rollback": False, "mezo.auto_step": 0.1,
+                            "mezo.auto_window": 50, "mezo.auto_clip": 3.0}
 ADDED_UNRECORDED = {"valid", "test", "mask_prompt"}
 
 
@@ -59,7 +68,7 @@ def identity(config: dict, across_machines: bool = False) -> dict:
 
 def identity_changes(saved: dict, config: dict) -> list[str]:
     """What `config` changes of the saved run's identity, as 'field: old -> new' (empty: --resume may continue)."""
-    new, old = identity(config), {**ADDED_WITH_IMPLIED_VALUE, **identity(saved)}
+    new, old = ({**ADDED_WITH_IMPLIED_VALUE, **identity(c)} for c in (config, saved))
     changes = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(new) | set(old))
                if not (k in ADDED_UNRECORDED and k not in old) and new.get(k) != old.get(k)]
     schedule = config.get("mezo", {}).get("schedule", "constant")
@@ -69,8 +78,34 @@ def identity_changes(saved: dict, config: dict) -> list[str]:
 
 
 def is_better(event: dict, best: dict | None, key: str) -> bool:
-    """Whether evaluation `event` beats `best` on `key` (the earlier one wins a tie)."""
-    return best is None or BEST_BY[key] * event[key] < BEST_BY[key] * best[key]
+    """Whether evaluation `event` beats `best` on `key`, a tie broken by the loss (the earlier one wins a full tie).
+    A loss that falls while accuracy falls is not progress."""
+    if best is None:
+        return True
+    if event[key] != best[key]:
+        return BEST_BY[key] * event[key] < BEST_BY[key] * best[key]
+    return event["valid_loss"] < best["valid_loss"]
+
+
+def standard_error(event: dict, key: str) -> float:
+    """The standard error of evaluation `event`'s `key`: of a proportion for accuracy and rewards (taken as scores
+    in [0, 1]), the logged one of the mean loss."""
+    if key == "valid_loss":
+        return event.get("valid_loss_se", 0.0)
+    p = min(1.0, max(0.0, event[key]))
+    return math.sqrt(p * (1.0 - p) / max(event.get("n_valid", 1), 1))
+
+
+def regression(event: dict, best: dict, key: str) -> str | None:
+    """Why `event` is a regression from `best` (a non-finite loss, or worse on `key` by more than
+    REGRESSION_STANDARD_ERRORS of best's standard error), or None."""
+    if not math.isfinite(event["valid_loss"]):
+        return f"validation loss {event['valid_loss']}"
+    margin = REGRESSION_STANDARD_ERRORS * standard_error(best, key)
+    if BEST_BY[key] * (event[key] - best[key]) > margin:
+        return (f"{key} {event[key]:.4g} at step {event['step']} is worse than the best {best[key]:.4g} (step "
+                f"{best['step']}) by more than {REGRESSION_STANDARD_ERRORS:g} standard errors ({margin:.2g})")
+    return None
 
 
 class RunDir:
@@ -81,6 +116,7 @@ class RunDir:
         self.state = self.path / "state.json"
         self.adapter = self.path / "adapter.gguf"
         self.best = self.path / "adapter.best.gguf"
+        self.last = self.path / "adapter.last.gguf"
 
     def create(self) -> None:
         try:
@@ -94,6 +130,11 @@ class RunDir:
         adapter.save(path)
         state = {"step": step, "checkpoint": path.name, "sha256": sha256_file(path)}
         keep = {path}
+        if self.best.exists():  # a later rollback after --resume restores the best as it was at this checkpoint
+            best = self.path / f"checkpoint-{step:06d}.best.gguf"
+            copy_atomic(self.best, best)
+            state.update(best=best.name, best_sha256=sha256_file(best))
+            keep.add(best)
         if optimizer is not None:
             extra = self.path / f"checkpoint-{step:06d}.optimizer.npz"
             write_npz_atomic(extra, optimizer)
@@ -121,8 +162,9 @@ class RunDir:
         try:
             state = json.loads(self.state.read_text())
             checked = {"step": int(state["step"]), "checkpoint": str(state["checkpoint"]), "sha256": str(state["sha256"])}
-            if "optimizer" in state:
-                checked.update(optimizer=str(state["optimizer"]), optimizer_sha256=str(state["optimizer_sha256"]))
+            for extra in ("optimizer", "best"):
+                if extra in state:
+                    checked.update({extra: str(state[extra]), f"{extra}_sha256": str(state[f"{extra}_sha256"])})
             return checked
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise EdgezoError(f"{self.state}: corrupted or missing checkpoint state ({exc})") from None
@@ -140,6 +182,11 @@ class RunDir:
         path = self.path / state["checkpoint"]
         if not path.exists() or sha256_file(path) != state["sha256"]:
             raise EdgezoError(f"{path}: checkpoint missing or does not match {self.state.name} (corrupted)")
+        if "best" in state:  # adapter.best.gguf may hold a later best, from steps after the checkpoint
+            best = self.path / state["best"]
+            if not best.exists() or sha256_file(best) != state["best_sha256"]:
+                raise EdgezoError(f"{best}: missing or does not match {self.state.name} (corrupted)")
+            copy_atomic(best, self.best)
         return LoraAdapter.load(path, base_info), state["step"]
 
     def best_eval(self, up_to_step: int, key: str = "valid_loss") -> dict | None:

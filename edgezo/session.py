@@ -20,7 +20,7 @@ from pathlib import Path
 from . import distributed, rewards, store
 from .adapter import LoraAdapter, config_dict
 from .files import EdgezoError, write_json_atomic
-from .mezo import Estimator, MezoConfig
+from .mezo import AUTO, Estimator, MezoConfig
 from .objective import evaluate
 from .resolve import (DEFAULT_DATA, DEFAULT_MAX_SEQ_LEN, FZOO_DEFAULT_DIRECTIONS, load_task_and_splits,
                       lora_from_args, memory_budget, open_engine, predict_run, read_run_config, refuse_over_budget,
@@ -62,7 +62,7 @@ class FinetuneSpec:
     lora_fa: bool = False
     prefix_reuse: str = "auto"
     # optimizer
-    learning_rate: float | None = None  # None: the built-in model's tuned MeZO rate
+    learning_rate: float | str | None = None  # a number, or None / "auto": AutoRate with rollbacks (edgezo.mezo)
     eps: float = _MEZO.eps
     estimator: str = Estimator.MEZO.value
     n_directions: int | None = None  # None: 1 for mezo, FZOO_DEFAULT_DIRECTIONS for fzoo
@@ -78,6 +78,7 @@ class FinetuneSpec:
     eval_every: int = _TRAIN.eval_every
     n_valid: int = _TRAIN.n_valid
     max_train_seconds: float = _TRAIN.max_train_seconds
+    patience: int = _TRAIN.patience
     eval_generation: bool = False
     # run directory
     out: str = "runs/latest"
@@ -123,7 +124,8 @@ def resolve_inputs(spec: FinetuneSpec, log=_quiet) -> tuple[Path, dict | None]:
 
 
 def mezo_learning_rate(spec) -> float:
-    """--learning-rate if given, else the built-in model's tuned MeZO rate, else MezoConfig's default."""
+    """The torch reference's MeZO rate: --learning-rate if given, else the built-in model's tuned MeZO rate, else
+    MezoConfig's default (`edgezo finetune` defaults to AUTO instead)."""
     if spec.learning_rate is not None:
         return spec.learning_rate
     model = store.MODELS.get(spec.model)
@@ -133,7 +135,8 @@ def mezo_learning_rate(spec) -> float:
 def mezo_config(spec: FinetuneSpec) -> MezoConfig:
     estimator = Estimator(spec.estimator)
     n_directions = spec.n_directions or (FZOO_DEFAULT_DIRECTIONS if estimator is Estimator.FZOO else 1)
-    return MezoConfig(learning_rate=mezo_learning_rate(spec), eps=spec.eps, n_directions=n_directions,
+    learning_rate = AUTO if spec.learning_rate is None else spec.learning_rate
+    return MezoConfig(learning_rate=learning_rate, eps=spec.eps, n_directions=n_directions,
                       weight_decay=spec.weight_decay, schedule=spec.schedule, warmup_steps=spec.warmup_steps,
                       estimator=estimator, cone_angle=spec.cone_angle, cone_momentum=spec.cone_momentum)
 
@@ -178,10 +181,6 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
     lora = lora_from_args(spec)
     mezo = mezo_config(spec)
     budget_bytes = memory_budget(spec)
-    train_cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, seed=spec.seed, eval_every=spec.eval_every,
-                            save_every=spec.save_every, n_valid=spec.n_valid, max_memory_bytes=budget_bytes,
-                            max_train_seconds=spec.max_train_seconds, freeze_lora_a=spec.lora_fa,
-                            best_by="valid_reward" if reward else "valid_loss")
     if budget_bytes:
         plan_memory(spec, model_path, budget_bytes, log)
     engine_batch = group.engine_batch_size(spec.batch_size) if group else spec.batch_size
@@ -190,7 +189,13 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
     task, examples, label_words = load_task_and_splits(engine, spec.data, spec, ["train", "valid"],
                                                        optional={"valid"}, log=log)
     if "valid" not in examples:
-        log("no validation split: training without periodic evaluation")
+        log("no validation split: training without periodic evaluation; adapter.gguf is the last step's")
+    # a distributed run's replicas would each have to take the rollback: there, the rate alone is automatic
+    train_cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, seed=spec.seed, eval_every=spec.eval_every,
+                            save_every=spec.save_every, n_valid=spec.n_valid, max_memory_bytes=budget_bytes,
+                            max_train_seconds=spec.max_train_seconds, freeze_lora_a=spec.lora_fa,
+                            best_by=best_by(task, reward), rollback=mezo.auto and group is None,
+                            patience=spec.patience)
     objective, evaluate_fn = None, evaluate
     if spec.eval_generation:
         metrics = rewards.generation_metrics(task, spec.data, None)
@@ -281,6 +286,13 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
     return summary
 
 
+def best_by(task, reward) -> str:
+    """What a validation is judged on: the reward where one is set, accuracy for classification, else the loss."""
+    if reward:
+        return "valid_reward"
+    return "valid_accuracy" if task.is_classification else "valid_loss"
+
+
 def valid_fields(result: TrainResult) -> dict:
     """The last validation's fields of a run's --json result (none without a validation split)."""
     if result.valid is None:
@@ -294,4 +306,5 @@ def best_fields(result: TrainResult) -> dict:
     best = result.best or {}
     return {"best_adapter": str(result.best_adapter_path) if result.best_adapter_path else None,
             "best_step": best.get("step"), "best_valid_loss": best.get("valid_loss"),
-            "best_valid_accuracy": best.get("valid_accuracy"), "best_valid_reward": best.get("valid_reward")}
+            "best_valid_accuracy": best.get("valid_accuracy"), "best_valid_reward": best.get("valid_reward"),
+            "rollbacks": result.rollbacks, "stop_reason": result.stop_reason}

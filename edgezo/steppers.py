@@ -14,7 +14,7 @@ import numpy as np
 from .adapter import LoraAdapter
 from .data import Example, Task
 from .files import EdgezoError
-from .mezo import Estimator, MezoConfig, NonFiniteLoss, StepRecord, initial_momentum, zo_step
+from .mezo import AutoRate, Estimator, MezoConfig, NonFiniteLoss, StepRecord, initial_momentum, zo_step
 from .objective import Totals, evaluate, loss_function
 from .rewards import RewardError
 from .rundir import RunDir
@@ -51,6 +51,13 @@ class ZoStepper:
         self.theta = trainable_tensors(adapter, freeze_lora_a)  # the same arrays: updates land in adapter.tensors
         # ConMeZO's state, checkpointed with the adapter; None for the stateless estimators
         self.momentum = initial_momentum(self.theta) if mezo.estimator is Estimator.CONMEZO else None
+        self.auto_rate = AutoRate(mezo, total_steps) if mezo.auto else None
+        self.rate_scale = 1.0  # lowered by the training loop's rollbacks (edgezo.trainer)
+
+    def step_rate(self, record: StepRecord) -> float:
+        """The rate a step applies: AutoRate's or the schedule's (record.lr), times the rollbacks' scale."""
+        lr = self.auto_rate(record) if self.auto_rate else record.lr
+        return lr * self.rate_scale if self.rate_scale != 1.0 else lr  # a fixed rate unscaled stays bit for bit
 
     def reset(self, adapter: LoraAdapter) -> None:
         """Start again from `adapter` (the seed init), in place: theta's arrays are the ones the caller holds."""
@@ -60,7 +67,11 @@ class ZoStepper:
             self.momentum = initial_momentum(self.theta)
 
     def resume(self, run: RunDir) -> None:
-        """Take the optimizer state saved with the run's last checkpoint (the adapter is loaded by the caller)."""
+        """Take the optimizer state saved with the run's last checkpoint (the adapter is loaded by the caller) and
+        AutoRate's window from the step log (truncated to the checkpoint)."""
+        if self.auto_rate is not None:
+            grads = [e["projected_grads"] for e in run.events() if "projected_grads" in e]
+            self.auto_rate = AutoRate(self.mezo, self.total_steps, grads[-self.mezo.auto_window:])
         if self.momentum is not None:
             saved = run.load_optimizer_state()
             if saved.keys() != self.momentum.keys() or any(saved[k].shape != m.shape for k, m in self.momentum.items()):
@@ -78,7 +89,17 @@ class ZoStepper:
             raise StepFailed(str(exc)) from None
         if not all(np.isfinite(t).all() for t in self.theta.values()):
             raise StepFailed(f"step {step + 1}: the update made the adapter non-finite (learning rate too high?)")
+        if self.auto_rate is not None:
+            self.auto_rate.observe(record.projected_grads)
         return step_fields(record)
+
+    def restore(self, path) -> None:
+        """Roll back to the adapter saved at `path` (the best so far); ConMeZO's momentum starts again from zero."""
+        saved = LoraAdapter.load(path).tensors
+        for name, t in self.theta.items():
+            t[...] = saved[name]
+        if self.momentum is not None:
+            self.momentum = initial_momentum(self.theta)
 
     def save(self, path) -> None:
         self.adapter.save(path)
@@ -100,7 +121,7 @@ class EngineStepper(ZoStepper):
         loss = (self.objective or loss_function)(self.engine, batch, self.task)
         # frozen tensors (LoRA-FA's A) come from the adapter, the trained ones from the estimator
         return zo_step(self.theta, lambda params: loss(collections.ChainMap(params, self.adapter.tensors)),
-                       self.mezo, self.run_seed, step, self.total_steps, self.momentum)
+                       self.mezo, self.run_seed, step, self.total_steps, self.momentum, rate=self.step_rate)
 
 
 def engine_validation(engine, adapter: LoraAdapter, task: Task, batch_size: int, evaluate_fn: Callable = evaluate):

@@ -228,7 +228,8 @@ def test_conmezo_resume_with_its_momentum_reproduces_the_uninterrupted_run_bit_f
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 3, *extra))
     state = json.loads((tmp_path / "split" / "state.json").read_text())
     assert state["optimizer"] == "checkpoint-000003.optimizer.npz"
-    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == [state["checkpoint"], state["optimizer"]]
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == sorted(
+        [state["checkpoint"], state["optimizer"], state["best"]])
     run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "split", 6, "--resume", *extra))
     full = LoraAdapter.load(tmp_path / "full" / "adapter.gguf").tensors
     split = LoraAdapter.load(tmp_path / "split" / "adapter.gguf").tensors

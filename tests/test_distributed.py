@@ -57,7 +57,8 @@ def step_lines(run_dir):
 
 
 def adapter_hash(run_dir) -> str:
-    return adapter_sha256(LoraAdapter.load(run_dir / "adapter.gguf"))
+    """The hash of the run's last adapter (adapter.gguf is the best validated one)."""
+    return adapter_sha256(LoraAdapter.load(run_dir / "adapter.last.gguf"))
 
 
 def test_data_parallel_replicas_are_identical_and_exchange_16_bytes_per_step(tiny_gguf, sentiment_dir, tmp_path, capsys):

@@ -145,9 +145,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_
     err = capsys.readouterr().err
     assert "step 3: loss is not finite" in err and "the last good checkpoint" in err
     assert json.loads((tmp_path / "run" / "state.json").read_text())["step"] == 2
-    assert [p.name for p in (tmp_path / "run").glob("checkpoint-*.gguf")] == ["checkpoint-000002.gguf"]
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*.gguf")) == [
+        "checkpoint-000002.best.gguf", "checkpoint-000002.gguf"]
     good = LoraAdapter.load(tmp_path / "run" / "checkpoint-000002.gguf").tensors
     assert all(np.isfinite(v).all() for v in good.values())
+
+
+def test_with_the_auto_rate_a_nan_loss_rolls_back_and_the_run_goes_on(tiny_gguf, sentiment_dir, tmp_path, capsys,
+                                                                      monkeypatch):
+    from edgezo import steppers
+
+    real = steppers.loss_function
+    calls = {"n": 0}
+
+    def nan_at_step_5(engine, batch, task):
+        calls["n"] += 1
+        return (lambda params: float("nan")) if calls["n"] == 5 else real(engine, batch, task)
+
+    monkeypatch.setattr(steppers, "loss_function", nan_at_step_5)
+    args = finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 8)
+    args[args.index("--learning-rate") + 1] = "auto"
+    result = run_json(capsys, args)
+    assert result["steps"] == 8 and result["rollbacks"] == 1
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rollback = next(e for e in events if "rollback_to" in e)
+    assert rollback["step"] == 5 and "loss is not finite" in rollback["reason"] and rollback["rate_scale"] == 0.5
+    assert rollback["rollback_to"] in {e["step"] for e in events if "valid_loss" in e and e["step"] < 5}
+    assert not any(e["step"] == 5 and "loss" in e for e in events)  # the failed step left no update
 
 
 def test_memory_budget_refuses_to_start_then_stops_cleanly_with_a_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys):

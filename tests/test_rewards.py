@@ -220,7 +220,7 @@ def test_a_failing_user_reward_stops_with_the_last_good_checkpoint(tiny_gguf, co
         "calls = 0\n"
         "def reward(prompt, completion):\n"
         "    global calls\n    calls += 1\n"
-        "    if calls > 3 * 2 * 4:  # 3 steps of 2 evaluations of 4 generations (no validation before the end)\n"
+        f"    if calls > {len(PROMPTS) * 2} + 3 * 2 * 4:  # the start's validation, then 3 steps of 2 evaluations of 4\n"
         "        raise RuntimeError('scorer offline')\n"
         "    return float(len(completion) % 3)\n")
     monkeypatch.chdir(tmp_path)
@@ -252,6 +252,6 @@ def test_the_best_evaluation_is_the_highest_reward_or_the_lowest_loss(tmp_path):
               {"step": 10, "valid_loss": 1.2, "valid_reward": 0.4}, {"step": 15, "valid_loss": 1.0, "valid_reward": 0.3}]
     run.metrics.write_text("".join(json.dumps(e) + "\n" for e in events))
     run.best.write_bytes(b"")
-    assert run.best_eval(20, "valid_reward")["step"] == 5  # the first of the two highest
+    assert run.best_eval(20, "valid_reward")["step"] == 10  # of the two highest, the lower loss
     assert run.best_eval(20)["step"] == 15
     assert run.best_eval(12)["step"] == 10

@@ -66,7 +66,8 @@ def cmd_reference(args) -> tuple[dict, str]:
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             n_valid=args.n_valid, max_memory_bytes=budget_bytes,
-                            max_train_seconds=args.max_train_seconds)
+                            max_train_seconds=args.max_train_seconds,
+                            final_adapter="last")  # peft/ beside adapter.gguf is the last too
     run = RunDir(args.out)
     if run.state.exists() or run.adapter.exists():
         raise EdgezoError(f"{run.path} already holds a run; choose another --out")

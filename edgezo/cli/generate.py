@@ -174,7 +174,8 @@ def cmd_serve(args) -> tuple[dict, str]:
     model_path = resolve_base(args, saved, log=say)
     if adapter_path:
         LoraAdapter.load(adapter_path, read_base_model_info(model_path))  # every tensor checked against the base
-    alias = args.name or (Path(args.adapter.removesuffix(":best")).name if args.adapter else Path(args.model).stem)
+    run_name = Path(args.adapter.removesuffix(":best").removesuffix(":last")).name if args.adapter else None
+    alias = args.name or run_name or Path(args.model).stem
     cmd = server_command(args, model_path, adapter_path, alias)
     say(f"serving {alias} ({model_path.name}{' + ' + str(adapter_path) if adapter_path else ''}) at "
         f"http://{args.host}:{args.port}/v1 (OpenAI API: /v1/chat/completions, /v1/completions, /v1/models); Ctrl-C stops")

@@ -25,7 +25,7 @@ class SayHandler(logging.Handler):
 
 
 class ConsoleProgress(TrainingEvents):
-    """tqdm bar over training steps (loss, valid accuracy, s/step, RSS); evaluation shown on its own bar."""
+    """tqdm bar over training steps (loss, rate, valid accuracy, rollbacks, s/step, RSS); evaluation on its own bar."""
 
     def __init__(self, desc: str = "finetune"):
         self.desc, self.bar, self.eval_bar, self.postfix = desc, None, None, {}
@@ -38,7 +38,7 @@ class ConsoleProgress(TrainingEvents):
                         dynamic_ncols=True)
 
     def step(self, fields: dict) -> None:
-        self.postfix.update(loss=f"{fields['loss']:.4f}", s_step=f"{fields['seconds']:.2f}",
+        self.postfix.update(loss=f"{fields['loss']:.4f}", lr=f"{fields['lr']:.2g}", s_step=f"{fields['seconds']:.2f}",
                             rss=f"{fields['rss_bytes'] / 2**20:.0f}MiB")
         self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.update(1)
@@ -61,6 +61,12 @@ class ConsoleProgress(TrainingEvents):
         self.bar.write(f"step {fields['step']}: valid loss {fields['valid_loss']:.4f}, "
                        f"accuracy {fields['valid_accuracy']:.4f}{generated} ({fields['n_valid']} examples)",
                        file=sys.stderr)
+
+    def rolled_back(self, fields: dict) -> None:
+        self.postfix["rollbacks"] = self.postfix.get("rollbacks", 0) + 1
+        self.bar.set_postfix(self.postfix)
+        self.bar.write(f"step {fields['step']}: rolled back to the adapter of step {fields['rollback_to']}, rate x"
+                       f"{fields['rate_scale']:g} ({fields['reason']})", file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:

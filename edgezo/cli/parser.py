@@ -8,7 +8,7 @@ import argparse
 from .. import store
 from ..adapter import DEFAULT_TARGETS, LoraConfig
 from ..files import EdgezoError
-from ..mezo import Estimator, MezoConfig, Schedule
+from ..mezo import AUTO, Estimator, MezoConfig, Schedule
 from ..trainer import TrainConfig
 from .output import say
 from ..resolve import DEFAULT_DATA, DEFAULT_MAX_SEQ_LEN, DEFAULT_MODEL, DEFAULT_QUANT, FZOO_DEFAULT_DIRECTIONS
@@ -93,7 +93,7 @@ def add_run_args(p: argparse.ArgumentParser) -> dict:
 def add_generation_args(p: argparse.ArgumentParser, max_tokens: int = 64) -> None:
     """generate / chat: the base and adapter, and llama.cpp's sampler chain (mlx-lm's names as aliases)."""
     add_model_args(p)
-    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory, RUN:best or RUN:last")
     p.add_argument("--system-prompt", "--system", help="a system message first (chat template)")
     p.add_argument("--max-tokens", "-m", type=int, default=max_tokens, help="tokens per reply [%(default)s]")
     p.add_argument("--ctx", type=int, default=2048, help="context in tokens: prompt (or conversation) plus reply "
@@ -176,9 +176,23 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
 RELEASE_HELP = ("return freed tensors to the kernel at once (glibc: allocations >= 64 KiB mapped): a lower peak RSS, "
                 "predicted without heap retention, for 1.3-1.6x slower steps (Q4_0 blocks + checkpointing, batch 16, "
                 "Intel Xeon: Qwen2.5-Coder-0.5B 1426 against 2032-2084 MiB; SmolLM2-135M 773 against 1248 MiB)")
+FINETUNE_LR_HELP = (
+    "MeZO learning rate, or auto: each step moves a fixed share of the probe radius (--eps) along its direction "
+    "whatever the gradients' scale, and a validation worse than the best by more than 2 standard errors restores "
+    "the best adapter at half the rate (docs/finetune.md) [auto]")
 LR_HELP = ("MeZO learning rate [the built-in model's tuned rate: "
            + ", ".join(f"{m.name} {m.mezo_learning_rate:g}" for m in store.MODELS.values())
            + f"; a GGUF path: {MezoConfig().learning_rate:g}]")
+
+
+def learning_rate(text: str) -> float | str:
+    """--learning-rate: a number, or auto."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or {AUTO!r}, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
     groups = add_run_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
-    groups["optimizer"].add_argument("--learning-rate", type=float, help=LR_HELP)
+    groups["optimizer"].add_argument("--learning-rate", type=learning_rate, help=FINETUNE_LR_HELP)
     groups["optimizer"].add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
     groups["optimizer"].add_argument(
         "--estimator", choices=[e.value for e in Estimator], default=m.estimator.value,
@@ -211,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what MeZO minimises: loss (the data's NLL), or minus a reward of the greedy generations of "
         "prompt/completion or chat data: exact-match, tool-call (graded JSON call), or MODULE:FUNCTION, a Python "
         "function (prompt, completion) -> float [%(default)s]")
+    groups["training loop"].add_argument(
+        "--patience", type=int, default=t.patience,
+        help="end the run after N validations in a row without a new best (0: never) [%(default)s]")
     groups["training loop"].add_argument(
         "--eval-generation", action="store_true",
         help="validate also by greedy generation: exact_match (and the reward) [on with a reward --objective]")
@@ -264,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)
     add_data_args(p, with_defaults=False)
-    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best (none: zero-shot)")
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory, RUN:best or RUN:last (none: zero-shot)")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="[%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
     p.add_argument("--reward", help="prompt/completion or chat data: also the mean of this reward of the greedy "
@@ -282,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with the adapter applied (serve extra)")
     add_model_args(p)
-    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--adapter", "--adapter-path", help="adapter GGUF, run directory, RUN:best or RUN:last")
     p.add_argument("--host", default="127.0.0.1", help="listen address; 0.0.0.0 exposes it to the network [%(default)s]")
     p.add_argument("--port", type=int, default=8000, help="[%(default)s]")
     p.add_argument("--ctx", type=int, default=2048, help="context in tokens per request [%(default)s]")
@@ -304,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-reuse", choices=["auto", "off"], default="auto",
                    help="mezo with --num-layers: count the split engine's suffix model, as finetune runs it [%(default)s]")
     # accepted so a finetune / reference command line can be reused; none of them changes the peak RSS
-    for flag, kind in (("--learning-rate", float), ("--eps", float), ("--n-directions", int), ("--save-every", int),
+    for flag, kind in (("--learning-rate", learning_rate), ("--eps", float), ("--n-directions", int), ("--save-every", int),
                        ("--estimator", str)):
         p.add_argument(flag, type=kind, help=argparse.SUPPRESS)
     p.add_argument("--lora-fa", action="store_true", help=argparse.SUPPRESS)
@@ -338,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the adapter in another format")
     add_model_args(p)
-    p.add_argument("--adapter", "--adapter-path", required=True, help="adapter GGUF, run directory or RUN:best")
+    p.add_argument("--adapter", "--adapter-path", required=True, help="adapter GGUF, run directory, RUN:best or RUN:last")
     p.add_argument("--to", choices=["gguf-lora", "peft", "merged-gguf"], default="gguf-lora",
                    help="GGUF LoRA (llama.cpp --lora), PEFT directory, or the base with the adapter folded in [%(default)s]")
     p.add_argument("--outtype", default="q8_0", help="merged-gguf tensor type (f32, f16, q8_0, q4_0, ...) [%(default)s]")

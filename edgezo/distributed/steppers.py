@@ -35,6 +35,7 @@ class GroupStepper(ZoStepper):
         # ConMeZO's cone: the momentum is the same on every rank, and so is every direction
         cone = Cone.around(self.momentum, self.mezo) if self.momentum is not None else None
         self.gather(record, batch, cone)  # the losses are the same on every rank: every rank stops on a NaN or none does
+        record.lr = self.step_rate(record)
         apply_update(self.theta, record, self.mezo, self.momentum)
         self.group.completed, self.group.steps_run = step + 1, self.group.steps_run + 1
         return record

@@ -36,6 +36,7 @@ SECTIONS = (
     ("estimators", "Fast MeZO levers against torch BP: accuracy against steps and training time", {}),
     ("gradient_noise", "What limits MeZO here: gradient signal-to-noise by LoRA target and block range", {}),
     ("generative", "MeZO on a generative task (tool calls): NLL against a reward of its own generations, BP alongside", {}),
+    ("robustness", "Fine-tuning without tuning: the adapter a run leaves against zero-shot and a tuned oracle", {}),
 )
 
 

@@ -29,11 +29,13 @@ class FinetuneResult:
     peak_rss_bytes: int
     valid_accuracy: float | None = None  # at the last step (None without a validation split)
     valid_loss: float | None = None
-    best_adapter: Path | None = None  # adapter.best.gguf: the lowest validation loss (highest reward: --objective)
+    best_adapter: Path | None = None  # adapter.best.gguf: the best validation (adapter is a copy of it; docs/finetune.md)
     best_step: int | None = None
     best_valid_loss: float | None = None
     best_valid_accuracy: float | None = None
     best_valid_reward: float | None = None  # --objective with a reward only
+    rollbacks: int = 0  # restores of the best adapter at a lower rate (--rollback, on with the auto rate)
+    stop_reason: str | None = None  # why the run ended before --steps (patience, rollbacks, time limit), if it did
 
     def metrics(self) -> list[dict]:
         """The run's metrics.jsonl: one dict per step and per evaluation."""

@@ -4,7 +4,8 @@ Formats, detected from the keys of the first record (as mlx-lm does):
     {"text": ...}                        language modelling on every token
     {"prompt": ..., "completion": ...}   language modelling on the completion tokens only
     {"messages": [{"role", "content"}]}  chat: the model's own chat template; loss on every assistant turn
-    {"text": ..., "label": ...}          classification: prompt = template.format(text=...), answer = label word
+    {"text": ..., "label": ...}          classification: prompt = the template filled with the record's fields
+                                         ({text}, and any other field but the label), answer = label word
 Every example becomes (tokens, target_start): the loss covers tokens[target_start:], each predicted from the
 position before it; a multi-turn chat has one target span per assistant turn instead. With mask_prompt False
 (--no-mask-prompt, mlx-lm's default) the loss covers every token after the first. Classification examples also
@@ -18,7 +19,7 @@ import os
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -78,6 +79,9 @@ class Task:
     label_token_ids: tuple[int, ...] = ()  # first token of each label word
     template: str = DEFAULT_TEMPLATE
     mask_prompt: bool = True  # completions / chat: loss on the completion / assistant turns only (else every token)
+    # classification: a prompt over the context has its {text} field cut at a word boundary (and ' ...' appended)
+    # until it fits, instead of being refused. Off unless a dataset asks for it (the built-in boolq does).
+    shorten_text: bool = False
 
     @property
     def is_classification(self) -> bool:
@@ -169,7 +173,7 @@ def _check_record(record: dict, fmt: Format, where: str) -> None:
 
 
 def build_task(train_records: list[dict], path: Path, tokenizer: Tokenizer, template: str | None,
-               label_words: dict[str, str] | None, mask_prompt: bool = True) -> Task:
+               label_words: dict[str, str] | None, mask_prompt: bool = True, shorten_text: bool = False) -> Task:
     """Fix the format (and for classification the label set and label tokens) from the training split."""
     fmt = detect_format(train_records[0], path)
     if fmt is not Format.CLASSIFICATION:
@@ -196,11 +200,13 @@ def build_task(train_records: list[dict], path: Path, tokenizer: Tokenizer, temp
         token_ids.append(ids[0])
     if len(set(token_ids)) != len(token_ids):
         raise EdgezoError(f"label words of {list(labels)} share a token; choose distinct --label-words")
-    return Task(format=fmt, labels=labels, label_token_ids=tuple(token_ids), template=template)
+    return Task(format=fmt, labels=labels, label_token_ids=tuple(token_ids), template=template,
+                shorten_text=shorten_text)
 
 
-def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Tokenizer, max_tokens: int) -> list[Example]:
-    examples = []
+def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Tokenizer, max_tokens: int,
+                   log: Callable[[str], None] = lambda msg: None) -> list[Example]:
+    examples, n_shortened = [], 0
     label_index = {label: i for i, label in enumerate(task.labels)}
     for i, record in enumerate(records):
         where = f"{path}:{i + 1}"
@@ -209,7 +215,8 @@ def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Token
             label = str(record["label"])
             if label not in label_index:
                 raise EdgezoError(f"{where}: unknown label {label!r} (labels from the training split: {list(task.labels)})")
-            tokens = tokenizer.tokenize(task.template.format(text=record["text"]), add_special=True)
+            tokens, shortened = _classification_prompt(record, task, tokenizer, max_tokens, where)
+            n_shortened += shortened
             example = Example(tuple(tokens), target_start=len(tokens), label=label_index[label])
         elif task.format is Format.CHAT:
             example = _chat_example(record["messages"], tokenizer, task.mask_prompt, where)
@@ -233,7 +240,47 @@ def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Token
         if not example.tokens:
             raise EdgezoError(f"{where}: the example has no tokens")
         examples.append(example)
+    if n_shortened:
+        log(f"{path}: {n_shortened} of {len(records)} prompts had their text cut to fit {max_tokens} tokens (--max-seq-len)")
     return examples
+
+
+def fill_template(template: str, record: dict, where: str, text: str | None = None) -> str:
+    """The classification prompt: {text} is the record's text (or `text`, a shortened copy), any other {field} that
+    field of the record. The label is never a field: it is the answer."""
+    fields = {key: value for key, value in record.items() if key != "label"}
+    try:
+        return template.format_map({**fields, "text": record["text"] if text is None else text})
+    except KeyError as exc:
+        raise EdgezoError(f"{where}: the template names {{{exc.args[0]}}}, not a field of this record "
+                          f"(fields: {', '.join(sorted(fields))})") from None
+    except (IndexError, ValueError) as exc:
+        raise EdgezoError(f"{where}: the template {template!r} is not a valid format string ({exc})") from None
+
+
+def _classification_prompt(record: dict, task: Task, tokenizer: Tokenizer, max_tokens: int,
+                           where: str) -> tuple[list[int], bool]:
+    """(prompt tokens, whether the text was shortened). With task.shorten_text, an over-long prompt keeps the most
+    whole words of its text that fit, found by bisection (the token count grows with the words kept); the rest of
+    the template (a question, the answer cue) is kept whole. A prompt that cannot fit is returned as it is, for the
+    caller to refuse."""
+    def prompt(text: str | None = None) -> list[int]:
+        return tokenizer.tokenize(fill_template(task.template, record, where, text), add_special=True)
+
+    tokens = prompt()
+    if len(tokens) <= max_tokens or not task.shorten_text:
+        return tokens, False
+    words = record["text"].split(" ")
+    fits, too_long = -1, len(words)  # numbers of words kept: -1 stands for "none known to fit"
+    while too_long - fits > 1:
+        middle = (fits + too_long) // 2
+        if len(prompt(" ".join(words[:middle]) + " ...")) <= max_tokens:
+            fits = middle
+        else:
+            too_long = middle
+    if fits < 0:
+        return tokens, False
+    return prompt(" ".join(words[:fits]) + " ..."), True
 
 
 def _prompt_and_full_text(record: dict, fmt: Format) -> tuple[str, str]:

@@ -114,13 +114,15 @@ def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved:
     if args.mask_prompt is None:
         args.mask_prompt = (saved or {}).get("mask_prompt", True)
     train_path = files.train or files.split(splits[0])
-    task = build_task(read_jsonl(train_path), train_path, engine, template, label_words, args.mask_prompt)
+    builtin = store.DATASETS.get(data_spec)  # a built-in dataset may cut over-long passages rather than refuse them
+    task = build_task(read_jsonl(train_path), train_path, engine, template, label_words, args.mask_prompt,
+                      shorten_text=bool(builtin and builtin.shorten_text))
     examples = {}
     for split in splits:
         if split in optional and getattr(files, split) is None:
             continue
         path = files.split(split)
-        examples[split] = build_examples(read_jsonl(path), path, task, engine, args.max_seq_len)
+        examples[split] = build_examples(read_jsonl(path), path, task, engine, args.max_seq_len, log=log)
     return task, examples, label_words
 
 

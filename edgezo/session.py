@@ -79,6 +79,7 @@ class FinetuneSpec:
     n_valid: int = _TRAIN.n_valid
     max_train_seconds: float = _TRAIN.max_train_seconds
     patience: int = _TRAIN.patience
+    rollback: bool | None = None  # None: with the auto rate (one process)
     eval_generation: bool = False
     # run directory
     out: str = "runs/latest"
@@ -108,6 +109,9 @@ def check(spec: FinetuneSpec) -> None:
         if spec.estimator == Estimator.FZOO.value or spec.lora_fa or spec.objective != "loss" or spec.eval_generation:
             raise EdgezoError("distributed MeZO runs a two-sided estimator (mezo, conmezo) on every LoRA tensor with "
                               "the loss only: drop --estimator fzoo / --lora-fa / --objective / --eval-generation, or "
+                              "train with one worker")
+        if spec.rollback:
+            raise EdgezoError("--rollback: a distributed run does not roll back (each replica would have to); "
                               "train with one worker")
         if spec.max_train_seconds:
             raise EdgezoError("--max-train-seconds: each worker's clock differs, so workers would stop at different "
@@ -190,11 +194,12 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
                                                        optional={"valid"}, log=log)
     if "valid" not in examples:
         log("no validation split: training without periodic evaluation; adapter.gguf is the last step's")
-    # a distributed run's replicas would each have to take the rollback: there, the rate alone is automatic
+    # a distributed run does not roll back (each replica would have to): there, the rate alone is automatic
+    rollback = (mezo.auto if spec.rollback is None else spec.rollback) and group is None
     train_cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, seed=spec.seed, eval_every=spec.eval_every,
                             save_every=spec.save_every, n_valid=spec.n_valid, max_memory_bytes=budget_bytes,
                             max_train_seconds=spec.max_train_seconds, freeze_lora_a=spec.lora_fa,
-                            best_by=best_by(task, reward), rollback=mezo.auto and group is None,
+                            best_by=best_by(task, reward), rollback=rollback,
                             patience=spec.patience)
     objective, evaluate_fn = None, evaluate
     if spec.eval_generation:

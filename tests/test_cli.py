@@ -8,6 +8,7 @@ import pytest
 from edgezo.adapter import LoraAdapter
 from edgezo.cli import build_parser, command_line, main
 from edgezo.files import sha256_file
+from edgezo.rundir import RunDir
 
 from tests.helpers import finetune_args, run_json
 
@@ -294,3 +295,29 @@ def test_finetune_spec_defaults_are_the_command_lines():
     args = build_parser().parse_args(["finetune", "--steps", "7", "--lora-fa", "--layers", "2:4"])
     spec = FinetuneSpec.from_options(args)
     assert (spec.steps, spec.lora_fa, spec.layers) == (7, True, "2:4")
+
+
+def auto_rate_args(tiny_gguf, sentiment_dir, out, steps, *extra):
+    args = finetune_args(tiny_gguf, sentiment_dir, out, steps, *extra)
+    args[args.index("--learning-rate") + 1] = "auto"
+    return args
+
+
+def test_the_auto_rate_resumes_bit_for_bit_from_its_step_log(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    full = run_json(capsys, auto_rate_args(tiny_gguf, sentiment_dir, tmp_path / "full", 6))
+    run_json(capsys, auto_rate_args(tiny_gguf, sentiment_dir, tmp_path / "split", 3))
+    resumed = run_json(capsys, auto_rate_args(tiny_gguf, sentiment_dir, tmp_path / "split", 6, "--resume"))
+    assert resumed["steps"] == full["steps"] == 6
+    for name in ("adapter.gguf", "adapter.last.gguf", "adapter.best.gguf"):
+        assert (tmp_path / "full" / name).read_bytes() == (tmp_path / "split" / name).read_bytes(), name
+    steps = [[(e["lr"], e["projected_grads"]) for e in RunDir(tmp_path / d).events() if "lr" in e] for d in ("full", "split")]
+    assert steps[0] == steps[1] and len({lr for lr, _ in steps[0]}) > 1  # the rate moved with the gradients' scale
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["mezo"]["learning_rate"] == "auto" and config["train"]["rollback"] is True
+
+
+def test_a_fixed_rate_does_not_roll_back_unless_asked(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "fixed", 2))
+    run_json(capsys, finetune_args(tiny_gguf, sentiment_dir, tmp_path / "asked", 2, "--rollback"))
+    rollback = {d: json.loads((tmp_path / d / "config.json").read_text())["train"]["rollback"] for d in ("fixed", "asked")}
+    assert rollback == {"fixed": False, "asked": True}

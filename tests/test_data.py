@@ -110,6 +110,41 @@ def test_sequence_longer_than_context(tmp_path):
         build_examples(read_jsonl(train), train, task, TOK, max_tokens=64)
 
 
+def test_template_fields_other_than_text_come_from_the_record(tmp_path):
+    records = [{"text": "sky", "question": "is it blue", "label": "good"}, {"text": "s", "question": "q", "label": "bad"}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    task = build_task(records, path, TOK, "{text}|{question}?", None)
+    (ex, _) = build_examples(records, path, task, TOK, max_tokens=64)
+    assert ex.tokens == tuple([1] + [ord(c) for c in "sky|is it blue?"])
+    for template, message in (("{text}{answer}", r"train.jsonl:1: the template names \{answer\}, not a field"),
+                              ("{text}{label}", r"names \{label\}"),  # the answer never goes into the prompt
+                              ("{text}{0}", r"not a valid format string")):
+        with pytest.raises(EdgezoError, match=message):
+            build_examples(records, path, build_task(records, path, TOK, template, None), TOK, max_tokens=64)
+
+
+def _long_passage_task(tmp_path, text):
+    records = [{"text": text, "question": "q", "label": "good"}, {"text": "b", "question": "q", "label": "bad"}]
+    path = write_jsonl(tmp_path / "train.jsonl", records)
+    return records, path, build_task(records, path, TOK, "{text}\nQ: {question}\nA:", None, shorten_text=True)
+
+
+def test_shorten_text_cuts_the_text_at_a_word_boundary_and_keeps_the_rest_of_the_prompt(tmp_path):
+    records, path, task = _long_passage_task(tmp_path, " ".join(f"w{i:02d}" for i in range(30)))  # 119 characters
+    messages = []
+    ex, short = build_examples(records, path, task, TOK, max_tokens=40, log=messages.append)
+    # 1 BOS + 'w00 ... w06 ...' (31) + '\nQ: q\nA:' (8) = 40 tokens; an eighth word would make 44
+    assert "".join(map(chr, ex.tokens[1:])) == "w00 w01 w02 w03 w04 w05 w06 ...\nQ: q\nA:"
+    assert short.tokens == tuple([1] + [ord(c) for c in "b\nQ: q\nA:"])  # a prompt that fits is untouched
+    assert messages == [f"{path}: 1 of 2 prompts had their text cut to fit 40 tokens (--max-seq-len)"]
+
+
+def test_shorten_text_still_refuses_a_prompt_that_cannot_fit(tmp_path):
+    records, path, task = _long_passage_task(tmp_path, "x" * 100)
+    with pytest.raises(EdgezoError, match=r"train.jsonl:1: \d+ tokens, longer than the context of 8"):
+        build_examples(records, path, task, TOK, max_tokens=8)  # with no word kept: 1 + 4 + 8 = 13 tokens
+
+
 def test_resolve_directory_and_files(sentiment_dir, tmp_path):
     files = resolve_files(sentiment_dir)
     assert files.train.name == "train.jsonl" and files.valid.name == "valid.jsonl" and files.test.name == "test.jsonl"

@@ -181,3 +181,16 @@ def test_better_is_judged_on_accuracy_with_the_loss_breaking_ties():
     assert regression({"step": 5, "valid_accuracy": 0.80 - 1.9 * se, "valid_loss": 0.5}, best, "valid_accuracy") is None
     assert regression({"step": 5, "valid_accuracy": 0.80 - 2.1 * se, "valid_loss": 0.5}, best, "valid_accuracy")
     assert regression({"step": 5, "valid_accuracy": 0.9, "valid_loss": math.nan}, best, "valid_accuracy")
+
+
+def test_a_fixed_rate_trains_exactly_as_before_the_auto_rate(tmp_path):
+    """An explicit rate (no rollback) through the stepper and the loop is the plain MeZO step of before, bit for bit:
+    the rate hook returns the schedule's rate untouched, and choosing the best adapter does not touch training."""
+    h = curvature(1.0)
+    run, stepper, _ = run_quadratic(tmp_path / "run", 1e-3, 40, h, best_by="valid_loss")
+    theta = {B_NAME: np.zeros((D, 1), np.float32)}
+    for step in range(40):
+        zo_step(theta, quadratic(h), MezoConfig(learning_rate=1e-3), 0, step, 40)  # no rate hook: the old path
+    np.testing.assert_array_equal(theta[B_NAME], LoraAdapter.load(run.last).tensors[B_NAME])
+    assert {e["lr"] for e in run.events() if "lr" in e} == {1e-3}
+    assert not any("rollback_to" in e for e in run.events())

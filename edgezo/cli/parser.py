@@ -226,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
         "prompt/completion or chat data: exact-match, tool-call (graded JSON call), or MODULE:FUNCTION, a Python "
         "function (prompt, completion) -> float [%(default)s]")
     groups["training loop"].add_argument(
+        "--rollback", action=argparse.BooleanOptionalAction,
+        help="on a validation worse than the best by more than 2 standard errors, or a non-finite loss, restore the "
+        "best adapter and halve the rate (logged, so --resume and replay are exact) [on with --learning-rate auto]")
+    groups["training loop"].add_argument(
         "--patience", type=int, default=t.patience,
         help="end the run after N validations in a row without a new best (0: never) [%(default)s]")
     groups["training loop"].add_argument(

@@ -2,12 +2,15 @@
 
 It holds
     config.json        the resolved configuration (written once; --resume refuses if it would change)
-    metrics.jsonl      one line per step {step, seeds, projected_grads, losses, lr, seconds, train_seconds, rss_bytes}
-                       and per evaluation {step, valid_loss, valid_accuracy, train_seconds}: the step lines replay
-                       the run; train_seconds is cumulative wall-clock of training steps (evaluations excluded)
+    metrics.jsonl      one line per step {step, seeds, projected_grads, losses, lr, seconds, train_seconds, rss_bytes},
+                       per evaluation {step, valid_loss, valid_accuracy, valid_loss_se, n_valid, train_seconds} and
+                       per rollback {step, rollback_to, rate_scale, reason, train_seconds}: the step and rollback
+                       lines replay the run (edgezo.replay); train_seconds is cumulative wall-clock of training
+                       steps (evaluations excluded)
     checkpoint-NNNNNN.gguf  the adapter after step NNNNNN: written first, then state.json points at it, then
                        the previous checkpoint is removed, so a kill at any instant leaves a consistent pair
-    state.json         {step, checkpoint, sha256}: the last consistent checkpoint
+    state.json         {step, checkpoint, sha256, and best / optimizer with their sha256}: the last consistent
+                       checkpoint
     adapter.gguf       the adapter the run leaves (GGUF LoRA, loadable by llama.cpp --lora): with a validation split,
                        the best validated one, the start included (is_better), else the last
     adapter.best.gguf  the adapter at the best evaluation so far (with a validation split)

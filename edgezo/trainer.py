@@ -42,7 +42,7 @@ class TrainConfig:
     steps: int = 400
     batch_size: int = 16
     seed: int = 0
-    eval_every: int = 100  # validate every this many steps (and at the start and the end); 0: only at the end
+    eval_every: int = 100  # validate every this many steps (and at the start and the end); 0: the start and the end
     save_every: int = 50  # checkpoint every this many steps (and at the end)
     n_valid: int = 500  # validation examples used per evaluation (the first n of the split); 0: all
     max_memory_bytes: int = 0  # stop with a checkpoint when the process RSS exceeds this; 0: no limit

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from ..mezo import MezoConfig
 from ..resolve import (load_task_and_splits, lora_from_args, memory_budget, refuse_over_budget, resolve_base,
                        task_dict)
 from ..rundir import RunDir
-from ..session import best_fields, mezo_learning_rate, valid_fields
+from ..session import best_by, best_fields, mezo_learning_rate, valid_fields
 from ..trainer import TrainConfig
 from .output import ConsoleProgress, say
 from .parser import command_line
@@ -78,6 +79,7 @@ def cmd_reference(args) -> tuple[dict, str]:
     with Vocabulary(model_path) as vocab:  # llama.cpp's tokenizer: the token ids finetune sees
         task, examples, label_words = load_task_and_splits(vocab, args.data, args, ["train", "valid"], optional={"valid"},
                                                            log=say)
+    train_cfg = replace(train_cfg, best_by=best_by(task, None))  # adapter.best.gguf as finetune's
     run.create()
     write_json_atomic(run.config, {
         "method": args.method, "model": args.model, "model_path": str(model_path), "quant": args.quant,

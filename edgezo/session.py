@@ -64,6 +64,7 @@ class FinetuneSpec:
     # optimizer
     learning_rate: float | str | None = None  # a number, or None / "auto": AutoRate with rollbacks (edgezo.mezo)
     eps: float = _MEZO.eps
+    auto_step: float = _MEZO.auto_step  # --learning-rate auto
     estimator: str = Estimator.MEZO.value
     n_directions: int | None = None  # None: 1 for mezo, FZOO_DEFAULT_DIRECTIONS for fzoo
     cone_angle: float = _MEZO.cone_angle  # conmezo
@@ -142,7 +143,8 @@ def mezo_config(spec: FinetuneSpec) -> MezoConfig:
     learning_rate = AUTO if spec.learning_rate is None else spec.learning_rate
     return MezoConfig(learning_rate=learning_rate, eps=spec.eps, n_directions=n_directions,
                       weight_decay=spec.weight_decay, schedule=spec.schedule, warmup_steps=spec.warmup_steps,
-                      estimator=estimator, cone_angle=spec.cone_angle, cone_momentum=spec.cone_momentum)
+                      estimator=estimator, cone_angle=spec.cone_angle, cone_momentum=spec.cone_momentum,
+                      auto_step=spec.auto_step)
 
 
 def plan_memory(spec: FinetuneSpec, model_path: Path, budget_bytes: int, log=_quiet) -> None:

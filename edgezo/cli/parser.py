@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()
     groups["optimizer"].add_argument("--learning-rate", type=learning_rate, help=FINETUNE_LR_HELP)
     groups["optimizer"].add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
+    groups["optimizer"].add_argument("--auto-step", type=float, default=m.auto_step,
+                                     help="--learning-rate auto: a typical step's move along its direction, in probe "
+                                     "radii (--eps) [%(default)s]")
     groups["optimizer"].add_argument(
         "--estimator", choices=[e.value for e in Estimator], default=m.estimator.value,
         help="mezo: two-sided Gaussian SPSA; fzoo: one-sided Rademacher around the unperturbed loss, step "

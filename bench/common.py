@@ -213,6 +213,15 @@ def append_result(name: str, result: dict, directory: Path = RESULTS) -> Path:
     return path
 
 
+def write_splits(directory: str | os.PathLike, splits: dict[str, list[dict]]) -> Path:
+    """A generated dataset as `directory`/{split}.jsonl, one record per line (what --data DIRECTORY reads)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
 def write_markdown(name: str, text: str, directory: Path = RESULTS) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.md"

@@ -11,10 +11,11 @@ to that one task. Synthetic: the sentences are edgezo's own, made from the lists
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
+
+from bench import common
 
 SEED = 20261202
 LABELS = {"alarm": "A", "weather": "B", "music": "C", "message": "D"}
@@ -57,11 +58,7 @@ def build() -> dict[str, list[dict]]:
 
 
 def write(directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, rows in build().items():
-        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return directory
+    return common.write_splits(directory, build())
 
 
 if __name__ == "__main__":

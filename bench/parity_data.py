@@ -9,10 +9,11 @@ balanced. Used by bench/robustness.py to check the fine-tune defaults on a task 
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
+
+from bench import common
 
 SEED = 20261207
 TEMPLATE = "Number: {text}\nIs it odd or even? Answer:"
@@ -42,11 +43,7 @@ def build() -> dict[str, list[dict]]:
 
 
 def write(directory: str | Path) -> Path:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, rows in build().items():
-        (directory / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return directory
+    return common.write_splits(directory, build())
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def learning_rate_at(config: MezoConfig, step: int, total_steps: int, peak: floa
     """Learning rate for 0-based `step`: linear warmup to `peak` (default config.learning_rate; 1.0 gives the
     schedule's factor), then the schedule decays to 0 at `total_steps`."""
     peak = config.learning_rate if peak is None else peak
-    if config.auto and peak == AUTO:
+    if peak == AUTO:
         return math.nan  # chosen by AutoRate once the step's projected gradients are known
     if step < config.warmup_steps:
         return peak * (step + 1) / config.warmup_steps

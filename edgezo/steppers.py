@@ -57,7 +57,7 @@ class ZoStepper:
     def step_rate(self, record: StepRecord) -> float:
         """The rate a step applies: AutoRate's or the schedule's (record.lr), times the rollbacks' scale."""
         lr = self.auto_rate(record) if self.auto_rate else record.lr
-        return lr * self.rate_scale if self.rate_scale != 1.0 else lr  # a fixed rate unscaled stays bit for bit
+        return lr * self.rate_scale  # times 1.0 (no rollback yet) is exact: a fixed rate stays bit for bit
 
     def reset(self, adapter: LoraAdapter) -> None:
         """Start again from `adapter` (the seed init), in place: theta's arrays are the ones the caller holds."""

@@ -130,17 +130,21 @@ def test_same_config_twice_and_across_thread_counts_is_bit_identical(tiny_gguf, 
         assert all(np.array_equal(results["a"][k], results[other][k]) for k in results["a"]), other
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys, monkeypatch):
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    """Every loss of the `step`-th training step (1-based) is NaN, as a diverged or broken model gives."""
     from edgezo import steppers
 
-    real = steppers.loss_function
-    calls = {"n": 0}
+    real, calls = steppers.loss_function, {"n": 0}
 
-    def nan_at_step_3(engine, batch, task):
+    def loss_function(engine, batch, task):
         calls["n"] += 1
-        return (lambda params: float("nan")) if calls["n"] == 3 else real(engine, batch, task)
+        return (lambda params: float("nan")) if calls["n"] == step else real(engine, batch, task)
 
-    monkeypatch.setattr(steppers, "loss_function", nan_at_step_3)
+    monkeypatch.setattr(steppers, "loss_function", loss_function)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys, monkeypatch):
+    nan_loss_at_step(monkeypatch, 3)
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 10, "--save-every", "1")) == 1
     err = capsys.readouterr().err
     assert "step 3: loss is not finite" in err and "the last good checkpoint" in err
@@ -153,16 +157,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_gguf, sentiment_
 
 def test_with_the_auto_rate_a_nan_loss_rolls_back_and_the_run_goes_on(tiny_gguf, sentiment_dir, tmp_path, capsys,
                                                                       monkeypatch):
-    from edgezo import steppers
-
-    real = steppers.loss_function
-    calls = {"n": 0}
-
-    def nan_at_step_5(engine, batch, task):
-        calls["n"] += 1
-        return (lambda params: float("nan")) if calls["n"] == 5 else real(engine, batch, task)
-
-    monkeypatch.setattr(steppers, "loss_function", nan_at_step_5)
+    nan_loss_at_step(monkeypatch, 5)
     args = finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 8)
     args[args.index("--learning-rate") + 1] = "auto"
     result = run_json(capsys, args)

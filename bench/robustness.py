@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -137,6 +138,15 @@ def passes_to(cell: dict, start: float, target_gain: float) -> int | None:
     return None
 
 
+def test_standard_error(cell_eval: dict, language_model: bool) -> float:
+    """Standard error of a test score: of a proportion for accuracy, of the mean per-example loss for LM data (its
+    eval does not keep per-example losses, so this is 0 and the gain's error is not shown)."""
+    if language_model:
+        return 0.0
+    p, n = cell_eval["accuracy"], cell_eval["n_examples"]
+    return math.sqrt(p * (1 - p) / n)
+
+
 def summarize(result: dict) -> dict:
     """Per (model, task, seed): each arm's final against zero-shot and the oracle; over all: the goals' figures."""
     rows, gains, below = [], {}, {}
@@ -145,6 +155,8 @@ def summarize(result: dict) -> dict:
         groups.setdefault((cell["model"], cell["task"], cell["seed"]), []).append(cell)
     for (model, task, seed), cells in sorted(groups.items()):
         zs = result["zero_shot"][f"{model}/{task}"]["test"]
+        lm = TASKS[task].language_model
+        zs_se = test_standard_error(result["zero_shot"][f"{model}/{task}"]["test_eval"], lm)
         best = oracle(cells)
         valid_start = cells[0]["valid_curve"][0][1]
         row = {"model": model, "task": task, "seed": seed, "zero_shot": zs,
@@ -154,6 +166,8 @@ def summarize(result: dict) -> dict:
             entry = {"final": cell["final"], "last": cell["last"], "rollbacks": cell["rollbacks"]}
             if best and best["final"] != zs:
                 entry["gain"] = (cell["final"] - zs) / (best["final"] - zs)
+                # the noise of the two test scores in the numerator (the oracle's own noise left out: a lower bound)
+                entry["gain_se"] = math.hypot(test_standard_error(cell["final_eval"], lm), zs_se) / abs(best["final"] - zs)
                 gains.setdefault(arm, []).append(entry["gain"])
             if best:
                 entry["passes_to_90"] = passes_to(cell, valid_start, 0.9 * (best["best_valid"] - valid_start))
@@ -186,7 +200,9 @@ def render(result: dict) -> str:
             if entry is None:
                 cells.append("")
                 continue
-            gain = f", gain {entry['gain']:.2f}" if "gain" in entry else ""
+            gain = ""
+            if "gain" in entry:
+                gain = f", gain {entry['gain']:.2f}" + (f" ± {entry['gain_se']:.2f}" if entry["gain_se"] else "")
             rb = f", {entry['rollbacks']} rb" if entry["rollbacks"] else ""
             cells.append(f"{entry['final']:.3f}{gain}{rb}")
         oracle_text = f"{row['oracle']['test']:.3f} ({row['oracle']['arm']})" if row["oracle"] else "not run"
@@ -197,7 +213,8 @@ def render(result: dict) -> str:
     return (common.table(header, rows) + "\n"
             + common.table(["arm", "cells below zero-shot", "median normalised gain", "minimum"], overall)
             + f"\nTest accuracy (tool-calls: minus the per-token NLL) of the adapter each run left (adapter.gguf), on "
-            f"the first {result['test_limit']} test examples; rb: rollbacks. {result['steps']} steps of batch {BATCH} "
+            f"the first {result['test_limit']} test examples; rb: rollbacks; ± one standard error of the gain from the "
+            f"sampling noise of the two test scores (the oracle's own left out). {result['steps']} steps of batch {BATCH} "
             f"per cell, validation every {result['eval_every']} steps on {result['n_valid']} examples, Q4_0.\n\n"
             + common.provenance(result) + "\n")
 

@@ -12,6 +12,7 @@ the first --test-limit test examples. Zero-shot is the base model on the same ex
     fixed-1e-3           today's constant rate; "today" scores its last adapter (what adapter.gguf used to be)
     auto                 the new default: --learning-rate auto, rollbacks, the best validated adapter
     auto-no-rollback     the default minus its rollbacks
+    auto-no-clip         the default minus its trust region (a step's |g| is not capped at 3 running RMS)
     auto-step-0.25       the auto rate with a 2.5x longer step than the default's (0.1 probe radii)
     fixed-1e-3-rollback  the default minus its normalised rate (today's rate, with rollbacks and selection)
     oracle-LR            a fixed rate with cosine decay; the oracle is the best of these and fixed-1e-3 on validation
@@ -40,6 +41,7 @@ TITLE = "Fine-tuning without tuning: final adapter against zero-shot and a tuned
 MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 ORACLE_RATES = ("1e-4", "3e-4", "1e-3", "3e-3")
 ARMS = {"fixed-1e-3": ["--learning-rate", "1e-3"], "auto": [], "auto-no-rollback": ["--no-rollback"],
+        "auto-no-clip": ["--auto-clip", "0"],
         "auto-step-0.25": ["--auto-step", "0.25"],
         "fixed-1e-3-rollback": ["--learning-rate", "1e-3", "--rollback"],
         **{f"oracle-{lr}": ["--learning-rate", lr, "--schedule", "cosine"] for lr in ORACLE_RATES}}

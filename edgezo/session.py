@@ -65,6 +65,7 @@ class FinetuneSpec:
     learning_rate: float | str | None = None  # a number, or None / "auto": AutoRate with rollbacks (edgezo.mezo)
     eps: float = _MEZO.eps
     auto_step: float = _MEZO.auto_step  # --learning-rate auto
+    auto_clip: float = _MEZO.auto_clip  # --learning-rate auto; 0: no trust region
     estimator: str = Estimator.MEZO.value
     n_directions: int | None = None  # None: 1 for mezo, FZOO_DEFAULT_DIRECTIONS for fzoo
     cone_angle: float = _MEZO.cone_angle  # conmezo
@@ -144,7 +145,7 @@ def mezo_config(spec: FinetuneSpec) -> MezoConfig:
     return MezoConfig(learning_rate=learning_rate, eps=spec.eps, n_directions=n_directions,
                       weight_decay=spec.weight_decay, schedule=spec.schedule, warmup_steps=spec.warmup_steps,
                       estimator=estimator, cone_angle=spec.cone_angle, cone_momentum=spec.cone_momentum,
-                      auto_step=spec.auto_step)
+                      auto_step=spec.auto_step, auto_clip=spec.auto_clip)
 
 
 def plan_memory(spec: FinetuneSpec, model_path: Path, budget_bytes: int, log=_quiet) -> None:

@@ -6,6 +6,7 @@ gradient is z . grad L and what a rate does follows from h alone.
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -104,6 +105,17 @@ def test_the_auto_rate_follows_its_formula():
     record.projected_grads = [10.0]  # clipped: |g| counts as auto_clip * sigma
     sigma = math.sqrt((3 + 100) / 4)
     assert rate(record) == pytest.approx(mezo.auto_step * mezo.eps / sigma * 1.5 * sigma / 10.0)
+    no_clip = AutoRate(replace(mezo, auto_clip=0.0), 100, history=[[1.0], [-1.0], [1.0], [1.0]])
+    assert no_clip(record) == pytest.approx(mezo.auto_step * mezo.eps / sigma)  # --auto-clip 0: the outlier counts
+
+
+def test_the_auto_flags_reach_the_optimizer():
+    from edgezo.cli.parser import build_parser
+    from edgezo.session import FinetuneSpec, mezo_config
+
+    args = build_parser().parse_args(["finetune", "--auto-step", "0.3", "--auto-clip", "0"])
+    config = mezo_config(FinetuneSpec.from_options(args))
+    assert (config.learning_rate, config.auto_step, config.auto_clip) == (AUTO, 0.3, 0.0)
 
 
 def test_a_diverging_rate_is_rolled_back_and_the_run_never_ends_worse_than_it_started(tmp_path):

@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     groups["optimizer"].add_argument("--auto-step", type=float, default=m.auto_step,
                                      help="--learning-rate auto: a typical step's move along its direction, in probe "
                                      "radii (--eps) [%(default)s]")
+    groups["optimizer"].add_argument("--auto-clip", type=float, default=m.auto_clip,
+                                     help="--learning-rate auto: one step's |projected gradient| counts at most this "
+                                     "many times its running RMS (a trust region; 0: off) [%(default)s]")
     groups["optimizer"].add_argument(
         "--estimator", choices=[e.value for e in Estimator], default=m.estimator.value,
         help="mezo: two-sided Gaussian SPSA; fzoo: one-sided Rademacher around the unperturbed loss, step "

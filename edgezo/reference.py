@@ -178,8 +178,8 @@ def lora_parameters(model) -> list[torch.Tensor]:
 
 # ---- steppers (edgezo.trainer) ---------------------------------------------------------------------------------
 class TorchStepper:
-    """A torch method on the PEFT model: the adapter is the model's LoRA tensors, saved through PEFT. Reference
-    runs do not resume (a stop keeps the adapter so far)."""
+    """A torch method on the PEFT model: the adapter is the model's LoRA tensors, saved through PEFT. The torch
+    MeZO baseline does not resume (a stop keeps the adapter so far); BP does (BackpropStepper)."""
 
     resumable = False
 
@@ -203,6 +203,39 @@ class BackpropStepper(TorchStepper):
         super().__init__(*args)
         kind = torch.optim.AdamW if optimizer == "adamw" else torch.optim.SGD
         self.optimizer = kind(lora_parameters(self.model), lr=1.0, weight_decay=self.schedule.weight_decay)
+
+    resumable = True
+
+    def checkpoint(self, run: RunDir, step: int) -> None:
+        """The adapter as GGUF LoRA, and beside it the exact float32 LoRA tensors and the optimizer's state
+        (AdamW's step count and two moments per tensor): what --resume needs to continue bit for bit."""
+        from edgezo.convert.peft import peft_to_adapter
+
+        params = lora_parameters(self.model)
+        arrays = {f"param.{i}": p.detach().numpy().copy() for i, p in enumerate(params)}
+        for i, p in enumerate(params):
+            for key, value in self.optimizer.state.get(p, {}).items():  # SGD without momentum keeps nothing
+                arrays[f"{key}.{i}"] = value.detach().numpy().copy()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp)
+            run.save_checkpoint(peft_to_adapter(tmp, self.base), step, optimizer=arrays)
+
+    @torch.no_grad()
+    def resume(self, run: RunDir) -> None:
+        """The LoRA tensors and optimizer state of the run's last checkpoint (written by checkpoint())."""
+        arrays = run.load_optimizer_state()
+        params = lora_parameters(self.model)
+        if sorted(k for k in arrays if k.startswith("param.")) != sorted(f"param.{i}" for i in range(len(params))):
+            raise EdgezoError(f"{run.state}: the checkpoint's LoRA tensors do not match this model's")
+        for i, p in enumerate(params):
+            if arrays[f"param.{i}"].shape != tuple(p.shape):
+                raise EdgezoError(f"{run.state}: LoRA tensor {i} is {arrays[f'param.{i}'].shape}, the model's "
+                                  f"{tuple(p.shape)}")
+            p.copy_(torch.from_numpy(arrays[f"param.{i}"]))
+            state = {key.rsplit(".", 1)[0]: torch.from_numpy(value.copy()) for key, value in arrays.items()
+                     if not key.startswith("param.") and key.rsplit(".", 1)[1] == str(i)}
+            if state:
+                self.optimizer.state[p] = state
 
     def step(self, batch, step: int) -> dict:
         lr = learning_rate_at(self.schedule, step, self.total_steps)
@@ -265,8 +298,10 @@ class ReferenceRun:
 
 
 def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg: TrainConfig, run: RunDir,
-                    events: TrainingEvents | None = None, log: Callable[[str], None] = lambda msg: None) -> TrainResult:
-    """Train with edgezo.trainer.train (same batches, validation points, metrics lines as MeZO), in torch."""
+                    events: TrainingEvents | None = None, log: Callable[[str], None] = lambda msg: None,
+                    start_step: int = 0) -> TrainResult:
+    """Train with edgezo.trainer.train (same batches, validation points, metrics lines as MeZO), in torch; from the
+    run's last checkpoint (`start_step`, BP only) when resuming."""
     if not run_spec.train_set:
         raise EdgezoError("the training split is empty")
     if config.release_freed_memory and not map_large_allocations():  # before the model exists
@@ -278,10 +313,16 @@ def train_reference(run_spec: ReferenceRun, config: ReferenceConfig, train_cfg: 
     stepper = (BackpropStepper(*parts, optimizer=config.optimizer) if config.method == "bp"
                else TorchMezoStepper(*parts, run_seed=train_cfg.seed))
 
+    if start_step:
+        if not stepper.resumable:
+            raise EdgezoError(f"reference-{config.method} runs do not resume")
+        stepper.resume(run)
+
     def validate(examples, on_batch) -> Totals:
         return evaluate(scorer, examples, run_spec.task, train_cfg.batch_size, on_batch=on_batch)
 
-    return train(stepper, validate, run_spec.train_set, run_spec.valid_set, train_cfg, run, events=events)
+    return train(stepper, validate, run_spec.train_set, run_spec.valid_set, train_cfg, run, start_step=start_step,
+                 events=events)
 
 
 def save_adapter(model, base: BaseModelInfo, peft_dir: Path, gguf_path: Path) -> None:

@@ -200,3 +200,33 @@ def test_bfloat16_base_keeps_float32_lora_and_close_loss(tiny_gguf, model_and_ad
     f32_loss = batch_loss(TorchScorer(model), batch, task).item()
     bf16_loss = batch_loss(TorchScorer(bf16), batch, task).item()
     assert bf16_loss != f32_loss and bf16_loss == pytest.approx(f32_loss, abs=0.05)
+
+
+def test_bp_run_resumed_from_its_checkpoint_is_bit_identical_to_one_run(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    """reference-bp --resume (issue 33's runs go in pieces): a run stopped at step 2 and continued to step 4 leaves
+    the adapter, best adapter and log of a 4-step run, byte for byte (AdamW's moments and step count restored)."""
+    whole, pieces = tmp_path / "whole", tmp_path / "pieces"
+    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, whole, "--learning-rate", "3e-2")]) == 0
+    args = reference_args(tiny_gguf, sentiment_dir, pieces, "--learning-rate", "3e-2")
+    assert main(["reference-bp", *args, "--steps", "2"]) == 0
+    assert json.loads((pieces / "state.json").read_text())["step"] == 2
+    assert main(["reference-bp", *args, "--steps", "4", "--resume"]) == 0
+    capsys.readouterr()
+
+    def log(run):
+        timing = {"seconds", "train_seconds", "rss_bytes"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert log(pieces) == log(whole) and len([e for e in log(whole) if "loss" in e]) == 4
+    for name in ("adapter.gguf", "adapter.best.gguf"):
+        assert (pieces / name).read_bytes() == (whole / name).read_bytes(), name
+
+
+def test_bp_resume_refuses_a_changed_run_and_a_missing_checkpoint(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, tmp_path / "none", "--resume")]) == 1
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, out, "--steps", "2")]) == 0
+    assert main(["reference-bp", *reference_args(tiny_gguf, sentiment_dir, out, "--resume", "--learning-rate", "1e-2")]) == 1
+    assert "schedule.learning_rate" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -14,9 +15,9 @@ from ..files import EdgezoError, write_json_atomic
 from ..formats import check_base_file
 from ..memory import torch_method
 from ..mezo import MezoConfig
-from ..resolve import (load_task_and_splits, lora_from_args, memory_budget, refuse_over_budget, resolve_base,
-                       task_dict)
-from ..rundir import RunDir
+from ..resolve import (load_task_and_splits, lora_from_args, memory_budget, read_run_config, refuse_over_budget,
+                       resolve_base, task_dict)
+from ..rundir import RunDir, identity_changes
 from ..session import best_by, best_fields, mezo_learning_rate, valid_fields
 from ..trainer import TrainConfig
 from .output import ConsoleProgress, say
@@ -67,11 +68,14 @@ def cmd_reference(args) -> tuple[dict, str]:
     budget_bytes = memory_budget(args)
     train_cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed, eval_every=args.eval_every,
                             n_valid=args.n_valid, max_memory_bytes=budget_bytes,
-                            max_train_seconds=args.max_train_seconds,
+                            max_train_seconds=args.max_train_seconds, save_every=args.save_every,
                             final_adapter="last")  # peft/ beside adapter.gguf is the last too
     run = RunDir(args.out)
-    if run.state.exists() or run.adapter.exists():
-        raise EdgezoError(f"{run.path} already holds a run; choose another --out")
+    if args.resume and not run.state.exists():
+        raise EdgezoError(f"--resume: {run.path} holds no checkpoint (state.json)")
+    if not args.resume and (run.state.exists() or run.adapter.exists()):
+        raise EdgezoError(f"{run.path} already holds a run; "
+                          + ("pass --resume to continue it or " if args.method == "bp" else "") + "choose another --out")
     method = torch_method(config.gradient_checkpointing, config.quantized_base) if args.method == "bp" else args.method
     if budget_bytes:
         refuse_over_budget(model_path, method, args, budget_bytes, log=say)
@@ -80,15 +84,26 @@ def cmd_reference(args) -> tuple[dict, str]:
         task, examples, label_words = load_task_and_splits(vocab, args.data, args, ["train", "valid"], optional={"valid"},
                                                            log=say)
     train_cfg = replace(train_cfg, best_by=best_by(task, None))  # adapter.best.gguf as finetune's
-    run.create()
-    write_json_atomic(run.config, {
+    config_json = {
         "method": args.method, "model": args.model, "model_path": str(model_path), "quant": args.quant,
         "data": args.data, "valid": args.valid, "test": args.test, "template": task.template,
         "mask_prompt": args.mask_prompt, "label_words": label_words, "max_seq_len": args.max_seq_len,
         "task": task_dict(task), "lora": config_dict(lora), "reference": asdict(config),
         "schedule": {**asdict(schedule), "schedule": schedule.schedule.value}, "train": asdict(train_cfg),
         "threads": args.threads,
-    })
+    }
+    start_step = 0
+    if args.resume:  # the same run: its identity (rundir.identity) unchanged, its length and watch may change
+        changes = identity_changes(read_run_config(run) or {}, json.loads(json.dumps(config_json)))
+        if changes:
+            raise EdgezoError(f"--resume: the configuration differs from {run.config}: {', '.join(changes)}")
+        start_step = run.load_checkpoint(base)[1]
+        run.truncate_metrics(start_step)
+        say(f"resuming {run.path} at step {start_step}")
+    else:
+        run.create()
+        run.metrics.unlink(missing_ok=True)
+    write_json_atomic(run.config, config_json)
     spec = reference.ReferenceRun(model_path, base, LoraAdapter.init(base, lora, seed=args.seed), task,
                                   examples["train"], examples.get("valid", []), schedule)
     weights = f"{config.base_dtype} blocks" if config.quantized_base else args.dtype
@@ -98,7 +113,8 @@ def cmd_reference(args) -> tuple[dict, str]:
         f"{args.steps} steps of batch {args.batch_size}")
     progress = ConsoleProgress(desc=f"reference-{args.method}")
     try:
-        result = reference.train_reference(spec, config, train_cfg, run, events=progress, log=say)
+        result = reference.train_reference(spec, config, train_cfg, run, events=progress, log=say,
+                                           start_step=start_step)
     finally:
         progress.close()
     step_seconds = [event["seconds"] for event in run.events() if "seconds" in event]

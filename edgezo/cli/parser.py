@@ -267,8 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     for method, help_text in (("bp", "the PyTorch BP reference: AdamW on the same LoRA, data and loss (torch extra)"),
                               ("mezo", "the torch MeZO baseline: MeZO on the same LoRA's torch tensors (torch extra)")):
         p = sub.add_parser(f"reference-{method}", help=help_text)
-        g = add_run_args(p)["optimizer"]
+        groups = add_run_args(p)
+        g = groups["optimizer"]
         if method == "bp":
+            groups["run directory"].add_argument("--save-every", type=int, default=t.save_every,
+                                                 help="checkpoint every N steps [%(default)s]")
+            groups["run directory"].add_argument(
+                "--resume", action="store_true",
+                help="continue the run in --out from its last checkpoint (the same flags; --steps, "
+                "--max-train-seconds, --eval-every and --save-every may change)")
             g.add_argument("--learning-rate", type=float, default=1e-3, help="[%(default)s]")
             g.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw",
                            help="sgd: plain SGD without momentum, the update MeZO's estimate feeds (for comparison; "
@@ -286,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
             g.add_argument("--learning-rate", type=float, help=LR_HELP)
             g.add_argument("--eps", type=float, default=m.eps, help="perturbation scale [%(default)s]")
         p.set_defaults(method=method, optimizer="adamw", dtype="float32", gradient_checkpointing=False, eps=m.eps,
-                       base_dtype="float", release_freed_memory=False)
+                       base_dtype="float", release_freed_memory=False, resume=False, save_every=t.save_every)
 
     p = sub.add_parser("eval", help="accuracy and loss of the base model or an adapter on a split")
     add_model_args(p)

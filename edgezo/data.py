@@ -6,6 +6,9 @@ Formats, detected from the keys of the first record (as mlx-lm does):
     {"messages": [{"role", "content"}]}  chat: the model's own chat template; loss on every assistant turn
     {"text": ..., "label": ...}          classification: prompt = the template filled with the record's fields
                                          ({text}, and any other field but the label), answer = label word
+    {"messages", "functions", "ground_truth"}
+                                         function calling as BFCL poses it (edgezo.bfcl): the schemas through
+                                         the model's chat template, the loss on the reference call
 Every example becomes (tokens, target_start): the loss covers tokens[target_start:], each predicted from the
 position before it; a multi-turn chat has one target span per assistant turn instead. With mask_prompt False
 (--no-mask-prompt, mlx-lm's default) the loss covers every token after the first. Classification examples also
@@ -33,11 +36,15 @@ class Format(str, Enum):
     COMPLETIONS = "completions"
     CHAT = "chat"
     CLASSIFICATION = "classification"
+    FUNCTION_CALLS = "function-calls"
 
 
 class Tokenizer(Protocol):
     def tokenize(self, text: str, add_special: bool) -> list[int]: ...
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool) -> str: ...
+    # function-calls data renders the template itself (edgezo.bfcl.ChatTemplate), with tools
+    def chat_template(self) -> str | None: ...
+    def bos_eos_text(self) -> tuple[str, str]: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,9 @@ class Example:
     # [start, end) token ranges of the loss when there are several (the assistant turns of a chat);
     # () means the one span [target_start, len(tokens))
     target_spans: tuple[tuple[int, int], ...] = ()
+    # what a generation is graded against when no single reference text says it (function calls: the accepted
+    # calls, edgezo.bfcl.answer_json); "" otherwise
+    answer: str = ""
 
     @property
     def target_indices(self) -> list[int]:
@@ -133,6 +143,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def detect_format(record: dict, path: Path) -> Format:
     keys = set(record)
+    if {"messages", "functions", "ground_truth"} <= keys:
+        return Format.FUNCTION_CALLS
     if "messages" in keys:
         return Format.CHAT
     if {"prompt", "completion"} <= keys:
@@ -151,6 +163,7 @@ _REQUIRED = {
     Format.COMPLETIONS: ("prompt", "completion"),
     Format.CHAT: ("messages",),
     Format.CLASSIFICATION: ("text", "label"),
+    Format.FUNCTION_CALLS: ("messages", "functions", "ground_truth"),
 }
 
 
@@ -168,6 +181,9 @@ def _check_record(record: dict, fmt: Format, where: str) -> None:
         elif key == "label":
             if not isinstance(value, (str, int)) or isinstance(value, bool):
                 raise EdgezoError(f"{where}: 'label' must be a string or an integer, got {value!r}")
+        elif key in ("functions", "ground_truth"):
+            if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+                raise EdgezoError(f"{where}: {key!r} must be a non-empty list of objects")
         elif not isinstance(value, str):
             raise EdgezoError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
 
@@ -208,6 +224,7 @@ def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Token
                    log: Callable[[str], None] = lambda msg: None) -> list[Example]:
     examples, n_shortened = [], 0
     label_index = {label: i for i, label in enumerate(task.labels)}
+    templates = _function_call_templates(tokenizer) if task.format is Format.FUNCTION_CALLS else None
     for i, record in enumerate(records):
         where = f"{path}:{i + 1}"
         _check_record(record, task.format, where)
@@ -220,6 +237,8 @@ def build_examples(records: list[dict], path: Path, task: Task, tokenizer: Token
             example = Example(tuple(tokens), target_start=len(tokens), label=label_index[label])
         elif task.format is Format.CHAT:
             example = _chat_example(record["messages"], tokenizer, task.mask_prompt, where)
+        elif task.format is Format.FUNCTION_CALLS:
+            example = _function_call_example(record, tokenizer, templates, task.mask_prompt)
         else:
             prompt, full = _prompt_and_full_text(record, task.format)
             prompt_tokens = tokenizer.tokenize(prompt, add_special=True) if prompt else []
@@ -326,6 +345,27 @@ def _chat_example(messages: list[dict], tokenizer: Tokenizer, mask_prompt: bool,
     if not mask_prompt:
         return Example(tuple(tokens), target_start=1)
     return Example(tuple(tokens), target_start=spans[0][0], target_spans=tuple(spans))
+
+def _function_call_templates(tokenizer: Tokenizer) -> tuple:
+    """(the model's chat template as edgezo.bfcl renders it, or None without one; its EOS text)."""
+    from .bfcl import ChatTemplate
+
+    source = tokenizer.chat_template()
+    bos, eos = tokenizer.bos_eos_text()
+    return (ChatTemplate(source, bos, eos) if source else None), eos
+
+
+def _function_call_example(record: dict, tokenizer: Tokenizer, templates: tuple, mask_prompt: bool) -> Example:
+    from .bfcl import answer_json, prompt_and_target
+
+    template, eos = templates
+    prompt, target, fmt = prompt_and_target(record, template, eos)
+    # a chat template writes its own BOS; a plain prompt gets the vocabulary's
+    prompt_ids = tokenizer.tokenize(prompt, add_special=template is None)
+    tokens = prompt_ids + tokenizer.tokenize(target, add_special=False)
+    return Example(tuple(tokens), target_start=max(len(prompt_ids), 1) if mask_prompt else 1,
+                   answer=answer_json(record, fmt))
+
 
 def batch_indices(n_examples: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """Indices of the examples in the batch of 0-based `step`.

@@ -104,6 +104,15 @@ def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: in
     return Engine(model_path, config), base
 
 
+def dataset_max_seq_len(args, data_spec: str, log=_quiet) -> None:
+    """Raise a default --max-seq-len to what a built-in dataset's longest example needs (BuiltinDataset.max_seq_len);
+    a value the user chose is left alone."""
+    builtin = store.DATASETS.get(data_spec)
+    if builtin and args.max_seq_len == DEFAULT_MAX_SEQ_LEN and builtin.max_seq_len > args.max_seq_len:
+        args.max_seq_len = builtin.max_seq_len
+        log(f"--max-seq-len {args.max_seq_len}: {data_spec}'s longest example needs it")
+
+
 def load_task_and_splits(engine, data_spec: str, args, splits: list[str], saved: dict | None = None,
                          optional: set[str] = frozenset(), log=_quiet):
     """The task (format, labels, template) is fixed by the training split; then tokenize the requested splits

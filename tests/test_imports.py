@@ -9,8 +9,8 @@ from pathlib import Path
 
 PACKAGE = "edgezo"
 CHECKOUT = Path(__file__).resolve().parent.parent
-LLAMA_CPP_IMPORTERS = {  # module -> the part of llama_cpp it may import
-    "edgezo.engine": "llama_cpp",
+LLAMA_CPP_IMPORTERS = {  # module (or package: each of its modules) -> the part of llama_cpp it may import
+    "edgezo.engine": "llama_cpp",  # the engine package
     "edgezo.serve": "llama_cpp.server",  # `edgezo serve` runs llama-cpp-python's own OpenAI-compatible server
 }
 # The torch extra: the BP reference, BP on quantized blocks, distributed MeZO (torch.distributed), the HF side of
@@ -90,15 +90,20 @@ def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def importer_of(module: str) -> str | None:
+    """The part of llama_cpp `module` may import: its own entry or its package's."""
+    return next((part for name, part in LLAMA_CPP_IMPORTERS.items() if module == name or module.startswith(f"{name}.")), None)
+
+
 def test_only_the_engine_imports_llama_cpp_and_only_the_torch_extra_imports_torch():
     _, imports = import_graph()
     llama = {m: {n for n in names if n.split(".")[0] == "llama_cpp"} for m, names in imports.items()}
-    allowed = {m: {n for n in names if n == LLAMA_CPP_IMPORTERS.get(m) or n.startswith(f"{LLAMA_CPP_IMPORTERS.get(m)}.")}
-               for m, names in llama.items()}
+    allowed = {m: {n for n in names if n == importer_of(m) or n.startswith(f"{importer_of(m)}.")} for m, names in llama.items()}
     assert {m: names - allowed[m] for m, names in llama.items() if names - allowed[m]} == {}
     torch = {m for m, names in imports.items() if any(n.split(".")[0] in TORCH_LIBRARIES for n in names)}
     assert torch <= TORCH_EXTRA, sorted(torch - TORCH_EXTRA)
-    assert "llama_cpp" in llama["edgezo.engine"]
+    assert {m for m, names in llama.items() if names} >= {"edgezo.engine.ggml", "edgezo.engine.core", "edgezo.serve"}
+    assert importer_of("edgezo.engineering") is None  # a module named like the package is not in it
 
 
 def test_the_library_does_not_import_the_command_line():

@@ -357,3 +357,22 @@ def test_real_bfcl_splits_are_pinned_and_the_first_50_ground_truths_score_100_pe
                           (JSON_, json.dumps(calls[0])), (PY, bfcl.python_calls(calls))):
             result = bfcl.score(text, bfcl.answer_json(record, fmt))
             assert result.correct and result.argument_accuracy == 1.0, (record["id"], fmt, result)
+
+
+# ---- the bench tables ------------------------------------------------------------------------------------------------
+def test_the_bench_tables_render_their_figures():
+    from bench import agentic, prompt_cost
+
+    machine = {"cpu": "CPU", "cores": 2, "ram_bytes": 2**34, "versions": {}, "load_average": [1.0]}
+    row = {"model": "qwen2.5-coder-0.5b", "quant": "q4_0", "n_examples": 150, "bfcl_accuracy": 0.3133,
+           "name_accuracy": 0.5, "valid_call_rate": 0.52, "lenient_accuracy": 0.61, "loss": 0.1234, "seconds": 99.0,
+           "prompt": agentic.PROMPTS["qwen2.5-coder-0.5b"]}
+    text = agentic.render({"runs": [row], "threads": 1, "machine": machine, "time": "T"})
+    assert "| qwen2.5-coder-0.5b | q4_0 | 150 | 31.3 | 50.0 | 52.0 | 61.0 | 0.123 | 99 |" in text
+    summary = {"median": 2.0, "min": 1.5, "max": 2.5, "n": 3}
+    text = prompt_cost.render({"model": "m", "quant": "q4_0", "batch_size": 4, "n_prompt_tokens": 900,
+                               "n_target_tokens": 100, "n_tokens_full": 1000, "step_seconds_full": summary,
+                               "step_seconds_completion": {**summary, "median": 0.5}, "ratio": 4.0, "target": 1.5,
+                               "threads": 1, "machine": machine, "time": "T"})
+    assert "| m | q4_0 | 4 | 900 | 100 | 2.00 (1.50-2.50) | 0.50 (1.50-2.50) | 4.00 | <= 1.5 |" in text
+    assert "the prompts are 90 % of the tokens" in text

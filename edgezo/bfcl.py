@@ -85,15 +85,19 @@ def split_records(records: list[dict], seed: int = SPLIT_SEED, n_valid: int | No
 
 
 def reference_calls(record: dict) -> list[dict]:
-    """The training target: each ground-truth call with, per argument, its first accepted value (an argument whose
-    only accepted value is "" is left out), in the answer's order. [{"name", "arguments"}]."""
+    """The training target: each ground-truth call with, per argument, its first accepted value (an optional argument
+    whose only accepted value is "" is left out, a required one gets ""), in the answer's order.
+    [{"name", "arguments"}]."""
     calls = []
     for call in record["ground_truth"]:
         (name, arguments), = call.items()
-        schema = _schema(record["functions"], name)["parameters"]["properties"]
+        parameters = _schema(record["functions"], name)["parameters"]
+        schema, required = parameters["properties"], parameters.get("required", [])
         chosen = {}
         for argument, accepted in arguments.items():
             value = _first_accepted(accepted)
+            if value is _OMITTED and argument in required:  # a few live_ answers accept only "" for a required one
+                value = ""
             if value is not _OMITTED:
                 chosen[argument] = _reference_value(value, schema.get(argument, {}))
         calls.append({"name": name, "arguments": chosen})

@@ -1,344 +1,515 @@
-"""The seed paper's experiment on this machine: under one memory budget, MeZO on a bigger model vs the best BP on the
-biggest model BP can fit, BP including a quantized base (QLoRA / MeBP style).
+"""The seed paper's experiment, symmetric, with headroom and at long context (issue 33): under a memory budget, MeZO on
+the largest model it fits against the lean BP (Q4_0 blocks, checkpointing, freed memory returned) on the largest
+model BP fits, each trained 2 h, validated at 15 min, 30 min, 1 h and 2 h of training, scored once on test.
 
-1. Zero-shot accuracy of every built-in model with the same prompt (llama.cpp, Q4_0): the validation examples the
-   runs validate on and the test split. A bigger model that starts higher is the paper's point, and shows here.
-2. Predict (edgezo memory) the peak RSS of MeZO and of eight BP variants (float32 or Q4_0-blocks base, with or
-   without gradient checkpointing, with or without --release-freed-memory) on every model at the runs' settings,
-   and pick a budget at which a BP variant fits --bp-model but none fits --mezo-model, while MeZO fits --mezo-model
-   (or check the one given with --budget).
-3. Show the budget is enforced: every BP variant on --mezo-model under --max-memory BUDGET refuses to start.
-4. Choose each method's learning rate on the validation split when several are given (--bp-lrs, --mezo-lrs): a
-   --sweep-steps run per rate under the budget, the best final validation accuracy wins; the test split is not used.
-5. Train, each in a fresh process with --max-memory BUDGET (refused if predicted over, stopped if measured RSS
-   crosses it) and the same training wall-clock allowance (--minutes, evaluations excluded: --max-train-seconds):
-   the fastest BP variant that fits (AdamW) on --bp-model and MeZO on --mezo-model. movie-reviews, batch 16,
-   seed 0, LoRA rank 16 on attn_k/attn_v, validation on the first --n-valid held-out reviews at fixed step intervals.
-6. Plot validation accuracy against training wall-clock and evaluate every final adapter on the test split with
-   llama.cpp. Results: bench/results/budget_experiment.{jsonl,md,png}. An interrupted experiment continues where
-   it stopped when rerun with the same --work (finished runs and zero-shot evaluations are reused; a MeZO run
-   continues from its checkpoint, also when --minutes grows).
+What runs (bench/budget_cells.py holds the rules; `--plan` prints them with the predicted memory and CPU hours):
+1. Tasks: movie-reviews, boolq (batch 16, --max-seq-len 256) and boolq-long (bench/long_context_data.py: boolq with
+   distractor passages, 513-769 tokens by the Qwen tokenizer on valid / test, batch 4, --max-seq-len 1024).
+2. Budgets from the accountant (`edgezo memory` on each run's own batches): per task, midway between lean BP on
+   qwen2.5-coder-0.5b and on 1.5b, where MeZO fits 1.5b; and for boolq-long a phone-like profile (android-4gb, else
+   raspberry-pi-5-4gb usable RAM). Each arm trains the largest built-in model its method fits. Every run gets
+   --max-memory BUDGET (refused if predicted over, stopped if measured over); the larger model's lean BP is shown
+   to be refused; measured peak RSS is reported beside the prediction.
+3. Symmetric settings: BP's AdamW rate from 1e-4 / 3e-4 / 1e-3 and MeZO's rates (default: `auto` only; give a
+   grid with --mezo-rates) each trained to the first milestone, the best validation accuracy there (ties: loss)
+   continues to 2 h. Both keep the best validated adapter (the start included): test scores RUN:best.
+4. Time: a quiet timing run of each arm (6 steps) gives its median step; the milestones are the step counts that take
+   15 / 30 / 60 / 120 min at that median, so a validation falls at the same step whatever the load. Each piece (one
+   process to one milestone) checkpoints and resumes bit-exactly: kill the script, rerun it, it continues. A piece
+   during which other processes kept >= 0.5 cores busy (/proc/stat less its own CPU), or whose median step was
+   1.25x the quiet one, counts its time as steps x the quiet median; both clocks are recorded.
+5. Order: milestone by milestone over the kept cells (all arms to 15 min, then to 30 min, ...), so a session cut
+   short still leaves complete comparisons at a shorter time. Cells beyond --cpu-hours are cut, last first.
+6. Results: bench/results/budget_experiment.{jsonl,md,png}: per cell the validation curves against training
+   wall-clock (zero-shot of every model as horizontal lines), test accuracy with its standard error, the rates
+   chosen, peak RSS measured and predicted. Drawn from whatever is finished (--collect: no training).
 
-    python -m bench.budget_experiment            # ~3 h on the 2-core CI machine; rerun it to continue
-    python -m bench.budget_experiment --quick    # SmolLM2 vs Gemma, a few seconds each: checks the pipeline
+    python -m bench.budget_experiment --plan          # cells, budgets, predicted memory, projected CPU hours
+    python -m bench.budget_experiment                 # ~10 CPU hours on the 2-core machine; rerun to continue
+    python -m bench.budget_experiment --collect       # tables and figure from what is finished, nothing trained
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import resource
 import shutil
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
+from bench import budget_cells as bc
 from bench import common
-from bench.common import RESULTS, ROOT, machine_info, mib, provenance, publish, run_fresh, run_json, summary, table, utc_now
-
-from edgezo.rundir import RunDir  # after common, which puts this checkout on the path
+from bench.budget_legacy import render_v1
+from bench.common import RESULTS, ROOT, machine_info, mib, provenance, run_fresh, run_json, table, utc_now
 
 NAME = "budget_experiment"
-TITLE = "The paper's experiment: MeZO on a bigger model vs the best BP on the biggest that fits, one memory budget"
+TITLE = "The paper's experiment, symmetric: MeZO on the largest model it fits vs lean BP on the largest BP fits"
 EDGEZO = [sys.executable, "-m", "edgezo.cli"]
-COMMON = ["--data", "movie-reviews", "--batch-size", "16", "--seed", "0", "--json"]
-ZERO_SHOT_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")  # smallest first
-# The run takes the first variant that fits, fastest first: without checkpointing (it recomputes the forward: 3.3-4.2
-# against 6.3-6.8 s/step on SmolLM2 at batch 16), then with; in each group the default heap before
-# --release-freed-memory (freed tensors returned to the kernel: 9.0 against 6.8 s/step on Qwen2.5-Coder-0.5B with
-# checkpointing), and in each pair the quantized base, about as fast (dequantizing costs about what reading float32
-# weights saves: 6.3 against 6.8 s/step with checkpointing) with the lower peak.
-_QUANT, _CKPT, _RELEASE = ["--base-dtype", "q4_0"], ["--gradient-checkpointing"], ["--release-freed-memory"]
-BP_VARIANTS = {"bp-quant": _QUANT, "bp": [], "bp-quant-release": _QUANT + _RELEASE, "bp-release": _RELEASE,
-               "bp-quant-ckpt": _QUANT + _CKPT, "bp-ckpt": _CKPT,
-               "bp-quant-ckpt-release": _QUANT + _CKPT + _RELEASE, "bp-ckpt-release": _CKPT + _RELEASE}
-MAX_STEPS = 100_000  # an upper bound: the runs end by their training-time allowance
-# The predictions take the longest training batch of this many steps (more than either run reaches here).
-PREDICTED_STEPS = 2000
+SEED = 0
 
 
-def predict(model: str, method: str, n_valid: int) -> int:
-    """`edgezo memory` for the run: the same data, batch, validation examples and steps, so the same longest batch."""
-    flags = ["--method", "mezo"] if method == "mezo" else ["--method", "bp", *BP_VARIANTS[method]]
-    result = run_json([*EDGEZO, "memory", "--model", model, *COMMON, "--steps", str(PREDICTED_STEPS),
-                       "--n-valid", str(n_valid), *flags], f"edgezo memory {model} {method}")
-    return int(result["predicted_bytes"])
+# ---- commands -----------------------------------------------------------------------------------------------------
+def data_path(task: bc.TaskSpec, work: Path) -> str:
+    """The --data of a task: a built-in name, or the long-context directory (generated once, deterministic)."""
+    if task.data != "long-context":
+        return task.data
+    from bench import long_context_data
+
+    return str(long_context_data.write(work / "data" / task.name))
 
 
-def variants(predictions: dict) -> list[str]:
-    """The BP variants `predictions` holds, in BP_VARIANTS' order (an older result lacks the newer variants)."""
-    return [v for v in BP_VARIANTS if all(v in per_model for per_model in predictions.values())]
+def data_args(task: bc.TaskSpec, work: Path) -> list[str]:
+    return ["--data", data_path(task, work), "--batch-size", str(task.batch_size), "--max-seq-len",
+            str(task.max_seq_len), *(["--template", task.template] if task.template else [])]
 
 
-def choose_budget(predictions: dict, bp_model: str, mezo_model: str) -> int:
-    """Midway between the cheapest BP on the BP model and the cheapest BP on the MeZO model, if MeZO fits there."""
-    bp_small = min(predictions[bp_model][m] for m in variants(predictions))
-    bp_large = min(predictions[mezo_model][m] for m in variants(predictions))
-    if not bp_small < bp_large:
-        sys.exit(f"no budget separates BP on the two models (predicted {mib(bp_small)} vs {mib(bp_large)})")
-    budget = (bp_small + bp_large) // 2 // 2**20 * 2**20
-    if predictions[mezo_model]["mezo"] > budget:
-        sys.exit(f"MeZO on {mezo_model} ({mib(predictions[mezo_model]['mezo'])}) does not fit the budget {mib(budget)}")
-    return budget
-
-
-def check_budget(predictions: dict, budget: int, bp_model: str, mezo_model: str) -> None:
-    fits = {model: {method: p <= budget for method, p in per_model.items()} for model, per_model in predictions.items()}
-    ok = (any(fits[bp_model][m] for m in variants(predictions))
-          and not any(fits[mezo_model][m] for m in variants(predictions))
-          and fits[mezo_model]["mezo"])
-    if not ok:
-        sys.exit(f"budget {mib(budget)} does not separate the methods: {fits}")
-
-
-def zero_shot(model: str, split: str, limit: int, threads: int, work: Path) -> dict:
-    """llama.cpp's accuracy of the base model on the first `limit` examples of `split` (0: all), reused if done."""
-    cmd = [*EDGEZO, "eval", "--model", model, "--data", "movie-reviews", "--split", split, "--threads", str(threads),
-           "--json", *(["--limit", str(limit)] if limit else [])]
-    path = work / "zero-shot" / f"{model}.{split}.json"
-    if path.exists() and (record := json.loads(path.read_text()))["command_line"] == cmd[2:]:
+def cached_json(path: Path, key: list[str], compute) -> dict:
+    """`compute()` once per `key` (a command line): the record in `path` is reused while its key is the same."""
+    if path.exists() and (record := json.loads(path.read_text())).get("command_line") == key:
         return record
-    print(f"== zero-shot {model} on {split}", file=sys.stderr, flush=True)
-    result = run_json(cmd, f"zero-shot {model} {split}")
-    record = {"model": model, "split": split, "accuracy": result["accuracy"], "loss": result["loss"],
-              "n_examples": result["n_examples"], "seconds": result["seconds"], "command_line": cmd[2:]}
+    record = {**compute(), "command_line": key}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
 
-def train(name: str, command: str, model: str, steps: int, eval_every: int, budget: int, work: Path,
-          threads: int, extra: list[str], test_limit: int | None = 0) -> dict:
-    """One run in a fresh process, recorded in its run directory: a rerun of the experiment reuses a finished run
-    with the same command and continues an interrupted MeZO run from its checkpoint (--resume). The final adapter is
-    evaluated on the first `test_limit` test examples (0: all; None: not at all, for the learning-rate sweep)."""
-    out = work / name
-    cmd = [*EDGEZO, command, "--model", model, *COMMON, "--steps", str(steps), "--eval-every", str(eval_every),
-           "--max-memory", str(budget), "--threads", str(threads), "--out", str(out), *extra]
-    record_path, started_path = out / "experiment-run.json", out / "experiment-command.json"
-    if record_path.exists() and (record := json.loads(record_path.read_text()))["command_line"] == cmd[2:]:
-        print(f"== {name}: finished earlier, reusing {record_path}", file=sys.stderr, flush=True)
+def predict(model: str, method: str, task: bc.TaskSpec, work: Path) -> int:
+    """`edgezo memory` for the arm's run: its data, batch, validation examples and MAX_STEPS steps."""
+    flags = ["--method", "mezo"] if method == "mezo" else ["--method", "bp", *bc.LEAN_BP]
+    cmd = [*EDGEZO, "memory", "--model", model, *data_args(task, work), "--seed", str(SEED), "--steps",
+           str(bc.MAX_STEPS), "--n-valid", str(task.n_valid), *flags, "--json"]
+    path = work / "predictions" / f"{task.name}.{model}.{method}.json"
+    return cached_json(path, cmd[2:], lambda: {"predicted_bytes": run_json(cmd, f"memory {model} {method}")
+                                                ["predicted_bytes"]})["predicted_bytes"]
+
+
+def task_predictions(task: bc.TaskSpec, work: Path) -> dict:
+    out = {m: {"mezo": predict(m, "mezo", task, work)} for m in task.models}
+    for m in task.bp_models:
+        out.setdefault(m, {})["bp"] = predict(m, "bp", task, work)
+    return out
+
+
+def zero_shot(model: str, task: bc.TaskSpec, split: str, limit: int, threads: int, work: Path) -> dict:
+    """llama.cpp's accuracy of the base model on the first `limit` examples of `split`, computed once."""
+    cmd = [*EDGEZO, "eval", "--model", model, *data_args(task, work), "--split", split, "--threads", str(threads),
+           "--json", *(["--limit", str(limit)] if limit else [])]
+
+    def compute():
+        say(f"zero-shot {model} on {task.name} {split}")
+        r = run_json(cmd, f"zero-shot {model} {task.name} {split}")
+        return {"accuracy": r["accuracy"], "loss": r["loss"], "n_examples": r["n_examples"], "seconds": r["seconds"]}
+
+    return cached_json(work / "zero-shot" / f"{task.name}.{model}.{split}.json", cmd[2:], compute)
+
+
+def say(message: str) -> None:
+    print(f"== {message}", file=sys.stderr, flush=True)
+
+
+# ---- one run, in pieces -------------------------------------------------------------------------------------------
+class Run:
+    """One training run of an arm at one rate, in its directory; advanced piece by piece to step targets."""
+
+    def __init__(self, arm: bc.Arm, rate, task: bc.TaskSpec, work: Path, threads: int, directory: Path,
+                 model: str | None = None):
+        self.arm, self.rate, self.task, self.work, self.threads = arm, rate, task, work, threads
+        self.dir, self.model = directory, model or arm.model
+
+    def command(self, steps: int, eval_every: int, save_every: int, n_valid: int) -> list[str]:
+        method = ["reference-bp", *bc.LEAN_BP] if self.arm.method == "bp" else ["finetune"]
+        return [*EDGEZO, method[0], "--model", self.model, *data_args(self.task, self.work), "--seed", str(SEED),
+                "--steps", str(steps), "--eval-every", str(eval_every), "--save-every", str(save_every),
+                "--n-valid", str(n_valid), "--max-memory", str(self.arm.budget_bytes), "--threads",
+                str(self.threads), "--learning-rate", str(self.rate), "--out", str(self.dir), *method[1:],
+                *self.task.train_args, "--json"]
+
+    def step(self) -> int:
+        state = self.dir / "state.json"
+        return json.loads(state.read_text())["step"] if state.exists() else 0
+
+    def events(self) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def pieces(self) -> list[dict]:
+        path = self.dir / "pieces.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    def advance(self, target: int, eval_every: int, save_every: int, n_valid: int) -> dict | None:
+        """Train to step `target` in a fresh process (resuming from the checkpoint if there is one); the piece's
+        record (steps, measured time, load, peak RSS), or None if the run is already there."""
+        start = self.step()
+        if start >= target:
+            return None
+        if self.dir.exists() and not (self.dir / "state.json").exists():
+            shutil.rmtree(self.dir)  # killed before its first checkpoint: nothing to continue
+        cmd = self.command(target, eval_every, save_every, n_valid) + (["--resume"] if start else [])
+        say(f"{self.dir.name}: steps {start} -> {target}" + (" (resumed)" if start else ""))
+        piece = run_watched(cmd, f"{self.dir.name} to step {target}")
+        seconds = {e["step"]: e["seconds"] for e in self.events() if "seconds" in e}
+        own = [seconds[s] for s in range(start + 1, target + 1) if s in seconds]
+        piece.update(first_step=start + 1, last_step=self.step(), median_step_s=bc.median(own),
+                     measured_train_s=sum(own), time=utc_now())
+        (self.dir / "pieces.json").write_text(json.dumps(self.pieces() + [piece], indent=1) + "\n")
+        return piece
+
+    def test(self, limit: int) -> dict:
+        """The test split, once, on the adapter chosen by validation (RUN:best: the best validated, start included)."""
+        cmd = [*EDGEZO, "eval", "--model", self.model, "--adapter", f"{self.dir}:best", *data_args(self.task, self.work),
+               "--split", "test", "--threads", str(self.threads), "--json", *(["--limit", str(limit)] if limit else [])]
+
+        def compute():
+            say(f"{self.dir.name}: test split")
+            r = run_json(cmd, f"{self.dir.name} test")
+            return {"accuracy": r["accuracy"], "loss": r["loss"], "n_examples": r["n_examples"],
+                    "best_step": best_event(self.events())["step"]}
+
+        return cached_json(self.dir / "test.json", cmd[2:], compute)
+
+
+def read_proc_stat() -> list[int]:
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return []
+
+
+def run_watched(cmd: list[str], what: str) -> dict:
+    """run_json, with what else the CPU did meanwhile: cores other processes kept busy (bc.others_busy_cores)."""
+    before, cpu_before, t0 = read_proc_stat(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    result = run_json(cmd, what)
+    wall, cpu_after, after = time.monotonic() - t0, resource.getrusage(resource.RUSAGE_CHILDREN), read_proc_stat()
+    own = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    busy = (bc.others_busy_cores(before, after, own, wall, os.sysconf("SC_CLK_TCK")) if before and after else None)
+    return {"wall_s": wall, "own_cpu_s": own, "others_busy_cores": busy, "load_average": common.load_average(),
+            "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "steps": result.get("steps")}
+
+
+def best_event(events: list[dict]) -> dict:
+    """The validation RUN:best holds: highest accuracy, then lowest loss, the first on a tie (rundir.is_better)."""
+    valid = [e for e in events if "valid_accuracy" in e]
+    return min(valid, key=lambda e: (-e["valid_accuracy"], e["valid_loss"], e["step"]))
+
+
+# ---- an arm: timing, rates, milestones -----------------------------------------------------------------------------
+class ArmRunner:
+    def __init__(self, arm: bc.Arm, task: bc.TaskSpec, work: Path, threads: int, milestones=bc.MILESTONES_S,
+                 model: str | None = None, timing_retries: int = 3, retry_wait_s: float = 120.0):
+        self.arm, self.task, self.work, self.threads, self.milestones = arm, task, work, threads, milestones
+        self.model, self.timing_retries, self.retry_wait_s = model, timing_retries, retry_wait_s
+        self.dir = work / "runs" / arm.key
+
+    def run(self, rate, name: str | None = None) -> Run:
+        return Run(self.arm, rate, self.task, self.work, self.threads, self.dir / (name or f"lr-{rate}"), self.model)
+
+    def timing(self) -> dict:
+        """The quiet timing run (bc.TIMING_STEPS steps, 1 validation example), redone while it shared the CPU (up to
+        timing_retries times, then kept with quiet = false)."""
+        path = self.dir / "timing.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        attempts = []
+        for attempt in range(self.timing_retries + 1):
+            run = self.run(self.arm.rates[0], "timing")
+            shutil.rmtree(run.dir, ignore_errors=True)
+            piece = run.advance(bc.TIMING_STEPS, 0, 0, 1)
+            attempts.append(piece)
+            if not bc.is_shared({**piece, "median_step_s": None}, piece["median_step_s"]):
+                break
+            if attempt < self.timing_retries:
+                say(f"{self.arm.key}: the timing run shared the CPU ({piece['others_busy_cores']:.2f} other cores "
+                    f"busy); again in {self.retry_wait_s:.0f} s")
+                time.sleep(self.retry_wait_s)
+        last = attempts[-1]
+        record = {"median_step_s": last["median_step_s"], "others_busy_cores": last["others_busy_cores"],
+                  "quiet": not bc.is_shared({**last, "median_step_s": None}, last["median_step_s"]),
+                  "peak_rss_bytes": last["peak_rss_bytes"], "attempts": len(attempts), "time": utc_now()}
+        path.write_text(json.dumps(record, indent=1) + "\n")
         return record
-    checkpoint_step = json.loads((out / "state.json").read_text())["step"] if (out / "state.json").exists() else None
-    resumed_from = None
-    if (command == "finetune" and checkpoint_step is not None and checkpoint_step <= steps and started_path.exists()
-            and without_length(json.loads(started_path.read_text())) == without_length(cmd[2:])):
-        resumed_from = checkpoint_step  # interrupted, or extended (a larger --minutes)
-    elif out.exists():
-        shutil.rmtree(out)  # an interrupted BP run (reference runs do not resume) or another command: start over
-    out.mkdir(parents=True, exist_ok=True)
-    started_path.write_text(json.dumps(cmd[2:]) + "\n")
-    print(f"== {name}: {' '.join(cmd[2:])}" + (f" (resuming from step {resumed_from})" if resumed_from else ""),
-          file=sys.stderr, flush=True)
-    result = run_json(cmd + (["--resume"] if resumed_from is not None else []), name)
-    lines = RunDir(out).events()
-    curve = [[e["train_seconds"], e["valid_accuracy"], e["step"]] for e in lines if "valid_accuracy" in e]
-    limit = ["--limit", str(test_limit)] if test_limit else []
-    test = {"accuracy": None, "loss": None, "n_examples": 0} if test_limit is None else run_json(
-        [*EDGEZO, "eval", "--model", model, "--adapter", str(out), "--data", "movie-reviews", "--split", "test",
-         "--threads", str(threads), "--json", *limit], f"{name} test eval")
-    record = {"name": name, "command": command, "model": model, "steps": result["steps"], "run_dir": str(out),
-              "command_line": cmd[2:], "resumed_from_step": resumed_from,
-              "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "train_seconds": result["train_seconds"],
-              "median_step_seconds": summary([e["seconds"] for e in lines if "seconds" in e])["median"],
-              "valid_curve": curve, "final_valid_accuracy": curve[-1][1],
-              "final_valid_loss": next(e["valid_loss"] for e in reversed(lines) if "valid_loss" in e),
-              "test_accuracy": test["accuracy"], "test_loss": test["loss"], "n_test": test["n_examples"]}
-    record_path.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+
+    def steps(self) -> list[int]:
+        return bc.milestone_steps(self.timing()["median_step_s"], self.milestones)
+
+    def chosen_rate(self):
+        path = self.dir / "choice.json"
+        return json.loads(path.read_text())["rate"] if path.exists() else None
+
+    def advance(self, k: int) -> None:
+        """Every run of the arm to milestone k: all rates to the first, then the chosen one."""
+        steps = self.steps()
+        save_every = max(1, round(300 / self.timing()["median_step_s"]))  # a checkpoint every ~5 min of training
+        rates = self.arm.rates if k == 0 else [self.chosen_rate()]
+        for rate in rates:
+            self.run(rate).advance(steps[k], steps[-1], save_every, self.task.n_valid)
+        if k == 0 and self.chosen_rate() is None:
+            # the validation at the first milestone (the last before it, if a run ended early: 5 rollbacks)
+            firsts = {rate: [e for e in self.run(rate).events() if "valid_accuracy" in e and e["step"] <= steps[0]][-1]
+                      for rate in self.arm.rates}
+            rate = bc.choose_rate(firsts)
+            (self.dir / "choice.json").write_text(json.dumps(
+                {"rate": rate, "at_step": steps[0], "validations": firsts}, indent=1) + "\n")
+
+    def collect(self, test: bool) -> dict:
+        """The arm's record: timing, chosen rate, each run's curve on the accounted clock, pieces, test."""
+        record = {**asdict(self.arm), "key": self.arm.key, "runs": {}}
+        if not (self.dir / "timing.json").exists():
+            return record
+        timing = self.timing()
+        record.update(timing=timing, milestone_steps=self.steps(), chosen_rate=self.chosen_rate())
+        for rate in self.arm.rates:
+            run = self.run(rate)
+            events, pieces = run.events(), run.pieces()
+            if not events:
+                continue
+            clock = bc.account({e["step"]: e["seconds"] for e in events if "seconds" in e}, pieces,
+                               timing["median_step_s"])
+            measured = {0: 0.0, **{e["step"]: e["train_seconds"] for e in events if "seconds" in e}}
+            curve = [{"step": e["step"], "accounted_s": clock.get(e["step"]), "measured_s": measured.get(e["step"]),
+                      "valid_accuracy": e["valid_accuracy"], "valid_loss": e["valid_loss"]}
+                     for e in events if "valid_accuracy" in e]
+            rec = {"rate": rate, "steps": run.step(), "curve": curve, "pieces": pieces,
+                   "shared_pieces": sum(bc.is_shared(p, timing["median_step_s"]) for p in pieces),
+                   "peak_rss_bytes": max((p["peak_rss_bytes"] or 0 for p in pieces), default=None),
+                   "rollbacks": sum(1 for e in events if "rollback_to" in e)}
+            if test and rate == record["chosen_rate"] and run.step() >= self.steps()[-1]:
+                rec["test"] = run.test(self.task.test_limit)
+            record["runs"][str(rate)] = rec
+        return record
 
 
-def sweep(method: str, learning_rates: list[float], args, budget: int, extra: list[str], command: str,
-          model: str) -> tuple[float, list[dict]]:
-    """Each learning rate trained for --sweep-steps steps (the same batches), validated on the runs' validation
-    examples: the best final accuracy wins (ties: the lower loss). The test split is not looked at."""
-    if len(learning_rates) == 1:
-        return learning_rates[0], []
-    runs = [train(f"sweep-{method}-lr{lr:g}", command, model, args.sweep_steps, 0, budget, args.work, args.threads,
-                  [*extra, "--n-valid", str(args.n_valid), "--learning-rate", str(lr)], test_limit=None)
-            | {"learning_rate": lr} for lr in learning_rates]
-    best = max(runs, key=lambda r: (r["final_valid_accuracy"], -r["final_valid_loss"]))
-    return best["learning_rate"], runs
+# ---- the experiment -----------------------------------------------------------------------------------------------
+def device_budgets() -> dict[str, int]:
+    from edgezo.memory import load_device_profile
+
+    return {name: load_device_profile(name).usable_ram_bytes for name in bc.PHONE_PROFILES}
 
 
-def without_length(command_line: list[str]) -> list[str]:
-    """A command line without --steps, --eval-every and --max-train-seconds: a MeZO run continued to more steps or
-    more time is the same run (the learning rate is constant, so steps 1..N are the same whatever the total)."""
-    lengths = ("--steps", "--eval-every", "--max-train-seconds")
-    drop = {i + 1 for i, arg in enumerate(command_line) if arg in lengths}
-    return [arg for i, arg in enumerate(command_line) if i not in drop and arg not in lengths]
+def plan(args) -> tuple[list[bc.Cell], list[bc.Cell], list[dict], dict]:
+    specs = [c for c in bc.CELLS if not args.cells or f"{c.task}.{c.budget}" in args.cells]
+    predictions = {t: task_predictions(bc.TASKS[t], args.work) for t in dict.fromkeys(c.task for c in specs)}
+    cells = bc.plan_cells(specs, predictions, device_budgets(), args.bp_rates, args.mezo_rates)
+    kept, cut, rows = bc.cut_to_budget(cells, args.cpu_hours)
+    return kept, cut, rows, predictions
 
 
-def refused(model: str, variant: str, n_valid: int, budget: int, work: Path) -> str:
-    """BP on the larger model under the budget: must exit 1 before training, naming the prediction."""
-    cmd = [*EDGEZO, "reference-bp", "--model", model, *COMMON, "--steps", str(PREDICTED_STEPS), "--n-valid",
-           str(n_valid), "--max-memory", str(budget), "--out", str(work / f"refused-{variant}"), *BP_VARIANTS[variant]]
-    done = run_fresh(cmd)
-    message = done["stderr"].strip().splitlines()[-1] if done["stderr"].strip() else ""
-    if done["returncode"] != 1 or "exceeds the memory budget" not in message:
-        sys.exit(f"BP {variant} on {model} was not refused under {mib(budget)}: exit {done['returncode']}\n"
-                 f"{done['stderr'][-2000:]}")
-    return message
+def plan_text(rows: list[dict], predictions: dict, cpu_hours: float) -> str:
+    lines = [f"Cells in order (most informative first); CPU hours projected on the 2-core machine (training 2 h per "
+             f"run, the extra rates to 15 min, validations, test, zero-shot); cap {cpu_hours:g} h:\n"]
+    for i, row in enumerate(rows, 1):
+        cell = row["cell"]
+        head = (f"{i}. {cell.spec.task} @ {cell.spec.budget}: "
+                + (f"budget {mib(cell.budget_bytes)} ({cell.budget_source})" if cell.budget_bytes else cell.note)
+                + f"; {cell.spec.why}")
+        lines.append(head)
+        for arm in cell.arms:
+            cost = row["arms"][arm.key]
+            rates = ",".join(map(str, arm.rates))
+            lines.append(f"   {arm.method:5} {arm.model:20} predicted {mib(arm.predicted_bytes):>9}  rates {rates:18} "
+                         f"{cost['total'] / bc.HOUR:4.1f} h (train {cost['train'] / bc.HOUR:.1f}, "
+                         f"evals {cost['evals'] / bc.HOUR:.2f})")
+        if cell.note and cell.budget_bytes:
+            lines.append(f"   note: {cell.note}")
+        lines.append(f"   cell {row['cost'] / bc.HOUR:.1f} h (zero-shot {row['zero_shot'] / bc.HOUR:.2f}); "
+                     + (f"kept, cumulative {row['cumulative'] / bc.HOUR:.1f} h" if row["kept"] else "CUT"))
+    lines.append("\nPredicted peak RSS (edgezo memory on each run's batches; bp = lean BP: Q4_0 blocks, checkpointing, "
+                 "--release-freed-memory):")
+    for task, per_model in predictions.items():
+        lines.append(f"  {task}: " + "; ".join(f"{m} " + " / ".join(f"{k} {mib(v)}" for k, v in p.items())
+                                            for m, p in per_model.items()))
+    return "\n".join(lines)
 
 
-def overtakes(challenger: dict, incumbent: dict) -> float | None:
-    """Training seconds after which the challenger's validation accuracy stays at or above the incumbent's final."""
-    target = incumbent["final_valid_accuracy"]
-    for i, (seconds, accuracy, _) in enumerate(challenger["valid_curve"]):
-        if all(a >= target for _, a, _ in challenger["valid_curve"][i:]):
-            return seconds
-    return None
+def refusal(cell: bc.Cell, task: bc.TaskSpec, work: Path) -> dict | None:
+    """Lean BP on the next larger model than BP's arm, under the cell's budget: must exit before training."""
+    bp = next((a for a in cell.arms if a.method == "bp"), None)
+    larger = [m for m in bc.MODELS if m in task.bp_models and bp and bc.MODELS[m] > bc.MODELS[bp.model]]
+    if not larger:
+        return None
+    model = larger[0]
+    cmd = [*EDGEZO, "reference-bp", "--model", model, *data_args(task, work), "--seed", str(SEED), "--steps",
+           str(bc.MAX_STEPS), "--n-valid", str(task.n_valid), "--max-memory", str(cell.budget_bytes), *bc.LEAN_BP,
+           "--out", str(work / "refused" / f"{task.name}.{cell.spec.budget}.{model}")]
+
+    def compute():
+        done = run_fresh(cmd)
+        message = done["stderr"].strip().splitlines()[-1] if done["stderr"].strip() else ""
+        return {"model": model, "returncode": done["returncode"], "message": message,
+                "refused": done["returncode"] == 1 and "exceeds the memory budget" in message}
+
+    return cached_json(work / "refused" / f"{task.name}.{cell.spec.budget}.json", cmd[2:], compute)
 
 
-def plot(runs: list[dict], budget: int, cores: int, n_valid: int, path: Path) -> None:
+def collect(cells: list[bc.Cell], args, test: bool) -> dict:
+    tasks = {c.spec.task: bc.TASKS[c.spec.task] for c in cells}
+    zero = {}
+    for name, task in tasks.items():
+        zero[name] = {}
+        for m in task.models:
+            entry = {}
+            for split, limit in (("valid", task.n_valid), ("test", task.test_limit)):
+                path = args.work / "zero-shot" / f"{name}.{m}.{split}.json"
+                if path.exists():
+                    entry[split] = json.loads(path.read_text())
+            zero[name][m] = entry
+    out_cells = []
+    for cell in cells:
+        task = bc.TASKS[cell.spec.task]
+        refused = args.work / "refused" / f"{task.name}.{cell.spec.budget}.json"
+        out_cells.append({"task": task.name, "budget": cell.spec.budget, "budget_bytes": cell.budget_bytes,
+                          "budget_source": cell.budget_source, "why": cell.spec.why, "note": cell.note,
+                          "task_spec": asdict(task),
+                          "refusal": json.loads(refused.read_text()) if refused.exists() else None,
+                          "arms": [ArmRunner(a, task, args.work, args.threads).collect(test) for a in cell.arms]})
+    return {"benchmark": NAME, "format": 2, "time": utc_now(), "machine": machine_info(), "threads": args.threads,
+            "milestones_s": list(bc.MILESTONES_S), "seed": SEED, "cells": out_cells, "zero_shot": zero}
+
+
+def execute(kept: list[bc.Cell], args) -> None:
+    """Zero-shot, refusals, timing, then every arm milestone by milestone, then test: each step skipped if done."""
+    for cell in kept:
+        task = bc.TASKS[cell.spec.task]
+        for m in task.models:
+            for split, limit in (("valid", task.n_valid), ("test", task.test_limit)):
+                zero_shot(m, task, split, limit, args.threads, args.work)
+        refusal(cell, task, args.work)
+    runners = [ArmRunner(a, bc.TASKS[c.spec.task], args.work, args.threads) for c in kept for a in c.arms]
+    for runner in runners:
+        runner.timing()
+    for k in range(len(bc.MILESTONES_S)):
+        for runner in runners:
+            runner.advance(k)
+    for runner in runners:
+        runner.collect(test=True)
+
+
+# ---- figure and tables --------------------------------------------------------------------------------------------
+def standard_error(p: float, n: int) -> float:
+    return math.sqrt(p * (1 - p) / n) if n else math.nan
+
+
+def curve_of(arm: dict) -> tuple[dict | None, list[dict]]:
+    run = arm["runs"].get(str(arm.get("chosen_rate"))) if arm.get("chosen_rate") is not None else None
+    return run, (run["curve"] if run else [])
+
+
+def plot(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for run in runs:
-        seconds, accuracy, _ = zip(*run["valid_curve"])
-        ax.plot([s / 60 for s in seconds], accuracy, marker="o",
-                label=f"{run['name']} on {run['model']} (peak {mib(run['peak_rss_bytes'])})")
-    ax.set_xlabel("training wall-clock (min), evaluation excluded")
-    ax.set_ylabel(f"validation accuracy ({n_valid} reviews)")
-    ax.set_title(f"movie-reviews under a {mib(budget)} budget ({cores}-core CPU)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    cells = result["cells"]
+    fig, axes = plt.subplots(1, max(1, len(cells)), figsize=(5.2 * max(1, len(cells)), 4.2), squeeze=False)
+    for ax, cell in zip(axes[0], cells):
+        for i, (model, entry) in enumerate(result["zero_shot"].get(cell["task"], {}).items()):
+            if "valid" in entry:
+                ax.axhline(entry["valid"]["accuracy"], color=f"C{i + 4}", ls=":", lw=1,
+                           label=f"{model} zero-shot")
+        for j, arm in enumerate(cell["arms"]):
+            for rate, run in arm["runs"].items():
+                pts = [(p["accounted_s"] / 60, p["valid_accuracy"]) for p in run["curve"] if p["accounted_s"] is not None]
+                if not pts:
+                    continue
+                chosen = rate == str(arm.get("chosen_rate"))
+                x, y = zip(*pts)
+                ax.plot(x, y, marker="o" if chosen else ".", color=f"C{j}", lw=2 if chosen else 0.7,
+                        alpha=1 if chosen else 0.4,
+                        label=f"{arm['method']} {arm['model']} lr {rate}" + ("" if chosen else " (not chosen)"))
+                if chosen and "test" in run:
+                    ax.errorbar([x[-1]], [run["test"]["accuracy"]], marker="*", ms=12, color=f"C{j}",
+                                yerr=[standard_error(run["test"]["accuracy"], run["test"]["n_examples"])])
+        ax.set_title(f"{cell['task']}, {cell['budget']} budget {mib(cell['budget_bytes'])}", fontsize=9)
+        ax.set_xlabel("training wall-clock (min, accounted; evaluations excluded)")
+        ax.set_ylabel("validation accuracy (star: test, +/- 1 SE)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+
+
+def at_milestone(curve: list[dict], steps: int) -> dict | None:
+    return next((p for p in curve if p["step"] == steps), None)
 
 
 def render(result: dict, image: str = "budget_experiment.png") -> str:
-    """Markdown (also used by bench/report.py, which links the plot from docs/)."""
-    p, budget, methods = result["predictions"], result["budget_bytes"], ["mezo", *variants(result["predictions"])]
-    bp, mezo = result["runs"][0], result["runs"][1]
-    rates = ", ".join(f"{m} {lr:g}" for m, lr in result["mezo_learning_rates"].items())
-    zero = result["zero_shot"]
-    text = [f"Budget **{mib(budget)}**; movie-reviews, batch 16, seed 0, LoRA rank 16 on attn_k/attn_v, "
-            f"{result['threads']} threads, Q4_0 files (the Qwen2.5-Coder ones requantized from their Q4_K_M by "
-            f"llama.cpp); the same training allowance of **{result['minutes']:g} min** for each run (evaluations "
-            f"excluded). BP: AdamW lr {result.get('bp_learning_rate', 1e-3):g} ({result['bp_variant']}); MeZO lr {rates}; "
-            f"constant learning rates.\n\n"
-            "Zero-shot accuracy (llama.cpp, the same prompt; validation: the examples the runs validate on):\n\n",
-            table(["model", "valid", "test"],
-                  [[m, f"{zero[m]['valid']['accuracy']:.3f} ({zero[m]['valid']['n_examples']})",
-                    f"{zero[m]['test']['accuracy']:.3f} ({zero[m]['test']['n_examples']})"] for m in zero]),
-            "\nPredicted peak RSS (`edgezo memory`, the runs' arguments; bp-quant: the base in the Q4_0 file's blocks):\n\n",
-            table(["model", *methods],
-                  [[m, *[f"{mib(per[k])}{' fits' if per[k] <= budget else ''}" for k in methods]] for m, per in p.items()]),
-            *sweep_text(result),
-            f"\nBP on {result['mezo_model']} under the budget (`edgezo reference-bp --max-memory`) refuses to start:\n\n",
-            *[f"- {variant}: `{message}`\n" for variant, message in result["refusals"].items()],
-            "\n",
-            table(["run", "model", "steps", "median s/step", "train time", "peak RSS (measured)",
-                   "valid acc start -> end (best)", "test acc"],
-                  [[r["name"], r["model"], r["steps"], f"{r['median_step_seconds']:.2f}",
-                    f"{r['train_seconds'] / 60:.1f} min", mib(r["peak_rss_bytes"]),
-                    f"{r['valid_curve'][0][1]:.3f} -> {r['final_valid_accuracy']:.3f} "
-                    f"({max(a for _, a, _ in r['valid_curve']):.3f})", f"{r['test_accuracy']:.3f} ({r['n_test']})"]
-                   for r in result["runs"]]),
-            f"\nValidation against cumulative training wall-clock (evaluations excluded); plot: "
-            f"[{Path(image).name}]({image}).\n\n"]
-    t = overtakes(mezo, bp)
-    gap = mezo["test_accuracy"] - bp["test_accuracy"]
-    text.append(f"**{'MeZO' if gap > 0 else 'BP' if gap < 0 else 'Neither'} wins on the test split**: MeZO on "
-                f"{mezo['model']} {mezo['test_accuracy']:.3f} vs {bp['name']} on {bp['model']} "
-                f"{bp['test_accuracy']:.3f} ({100 * gap:+.1f} points) after {result['minutes']:g} min each. "
-                + (f"MeZO's validation accuracy stays at or above BP's final from {t / 60:.1f} min of training on."
-                   if t is not None else "MeZO's validation accuracy did not stay at or above BP's final within the "
-                   "allowance.") + "\n")
-    if mezo["model"] in zero and bp["model"] in zero:  # what training added to where each model started
-        start = {r["name"]: zero[r["model"]]["test"]["accuracy"] for r in (bp, mezo)}
-        text.append("\nFrom zero-shot (same test examples): " + "; ".join(
-            f"{r['name']} on {r['model']} {start[r['name']]:.3f} -> {r['test_accuracy']:.3f} "
-            f"({100 * (r['test_accuracy'] - start[r['name']]):+.1f} points)" for r in (bp, mezo)) + ".\n")
-    resumed = [f"{r['name']} from step {r['resumed_from_step']}" for r in result["runs"] if r.get("resumed_from_step")]
-    if resumed:
-        text.append(f"\nContinued from a checkpoint (exact resume, the training clock continues): {', '.join(resumed)}.\n")
+    """Markdown of a result line (bench/report.py calls it too); the first experiment's lines render as they were."""
+    if result.get("format") != 2:
+        return render_v1(result, image)
+    text = [f"Seed {result['seed']}, {result['threads']} threads, LoRA rank 16 on attn_k/attn_v, Q4_0 files; "
+            f"milestones {', '.join(f'{m / 60:g}' for m in result['milestones_s'])} min of training (evaluations "
+            f"excluded, accounted: a piece that shared the CPU counts steps x its arm's quiet median). Figure: "
+            f"[{Path(image).name}]({image}).\n"]
+    for cell in result["cells"]:
+        t = cell["task_spec"]
+        text.append(f"\n**{cell['task']} under {mib(cell['budget_bytes'])}** ({cell['budget_source']}; batch "
+                    f"{t['batch_size']}, --max-seq-len {t['max_seq_len']}, {t['n_valid']} validation and "
+                    f"{t['test_limit'] or 'all'} test examples){': ' + cell['note'] if cell['note'] else ''}\n\n")
+        zero = result["zero_shot"].get(cell["task"], {})
+        rows = []
+        for arm in cell["arms"]:
+            run, curve = curve_of(arm)
+            steps = arm.get("milestone_steps") or []
+            cells_at = [at_milestone(curve, s) for s in steps]
+            test = (run or {}).get("test")
+            z = zero.get(arm["model"], {}).get("test")
+            rows.append([arm["method"], arm["model"], arm.get("chosen_rate", "-"),
+                         f"{mib(run['peak_rss_bytes']) if run else '-'} ({mib(arm['predicted_bytes'])})",
+                         f"{arm['timing']['median_step_s']:.2f}" if arm.get("timing") else "-",
+                         f"{z['accuracy']:.3f}" if z else "-",
+                         *[f"{c['valid_accuracy']:.3f}" if c else "-" for c in cells_at + [None] * (4 - len(cells_at))],
+                         (f"{test['accuracy']:.3f} +/- {standard_error(test['accuracy'], test['n_examples']):.3f} "
+                          f"({test['n_examples']})") if test else "-",
+                         run["shared_pieces"] if run else "-"])
+        text.append(table(["method", "model", "rate", "peak RSS (predicted)", "quiet s/step", "zero-shot test",
+                           "valid 15 min", "30 min", "1 h", "2 h", "test (best validated)", "shared pieces"], rows))
+        if cell.get("refusal"):
+            r = cell["refusal"]
+            text.append(f"\nLean BP on {r['model']} under the budget: "
+                        + (f"refused (`{r['message']}`)" if r["refused"] else f"NOT refused (exit {r['returncode']})")
+                        + ".\n")
     return "".join(text) + f"\n{provenance(result)}\n"
 
 
-def learning_rates(text: str) -> list[float]:
-    return [float(x) for x in text.split(",")]
+def publish(result: dict, directory: Path) -> None:
+    plot(result, directory / f"{NAME}.png")
+    common.append_result(NAME, result, directory)
+    common.write_markdown(NAME, f"# {TITLE}\n\n{render(result, f'{NAME}.png')}", directory)
 
 
-def sweep_text(result: dict) -> list[str]:
-    """The learning-rate sweeps, if any: which rate each run took and why."""
-    sweeps = {method: runs for method, runs in result.get("sweeps", {}).items() if runs}
-    if not sweeps:
-        return []
-    chosen = {result["bp_variant"]: result["bp_learning_rate"],
-              "mezo": result["mezo_learning_rates"][result["mezo_model"]]}
-    rows = [[method, r["model"], f"{r['learning_rate']:g}", r["steps"], f"{r['final_valid_accuracy']:.3f}",
-             f"{r['final_valid_loss']:.4f}", "chosen" if r["learning_rate"] == chosen[method] else ""]
-            for method, runs in sweeps.items() for r in runs]
-    return [f"\nLearning rates chosen on validation ({result['sweep_steps']} steps each, the same batches and "
-            f"budget; the test split is not used):\n\n",
-            table(["run", "model", "lr", "steps", "valid acc", "valid loss", ""], rows)]
+def rates(text: str) -> list:
+    return [x if x == "auto" else float(x) for x in text.split(",")]
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bp-model", default="qwen2.5-coder-0.5b", help="the model BP should fit [%(default)s]")
-    parser.add_argument("--mezo-model", default="qwen2.5-coder-1.5b", help="the model only MeZO should fit [%(default)s]")
-    parser.add_argument("--budget", type=int, help="bytes (default: chosen from the predictions)")
-    parser.add_argument("--minutes", type=float, default=30.0, help="training allowance of each run [%(default)s]")
-    parser.add_argument("--n-valid", type=int, default=200, help="validation examples per evaluation [%(default)s]")
-    parser.add_argument("--test-limit", type=int, default=0, help="test examples, 0: all 1000 [%(default)s]")
-    parser.add_argument("--bp-eval-every", type=int, default=25, help="[%(default)s]")
-    parser.add_argument("--mezo-eval-every", type=int, default=15, help="[%(default)s]")
-    parser.add_argument("--bp-lrs", type=learning_rates, default=[1e-4, 3e-4, 1e-3],
-                        help="BP (AdamW) learning rate, or several to choose from on validation (--sweep-steps) "
-                             "[1e-4,3e-4,1e-3]")
-    # MeZO's rate is chosen on validation too: the model's built-in default (1e-3, tuned on SmolLM2-135M) diverged
-    # on Qwen2.5-Coder-1.5B after 80 steps in the 2026-12-02 run, where only BP's rate had been swept.
-    parser.add_argument("--mezo-lrs", type=learning_rates, default=[1e-4, 3e-4, 1e-3],
-                        help="MeZO learning rate(s), as --bp-lrs [1e-4,3e-4,1e-3]")
-    parser.add_argument("--sweep-steps", type=int, default=40, help="steps of each sweep run [%(default)s]")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--work", type=common.work_dir, help="run directories [runs/budget, runs/budget-quick with --quick]")
-    parser.add_argument("--quick", action="store_true", help="SmolLM2 vs Gemma, seconds each (pipeline check)")
+    parser.add_argument("--plan", "--dry-run", action="store_true", help="print the cells and their cost; train nothing")
+    parser.add_argument("--collect", action="store_true", help="results from what is finished; train nothing")
+    parser.add_argument("--cpu-hours", type=float, default=10.0, help="cut cells beyond this projection [%(default)s]")
+    parser.add_argument("--cells", type=lambda s: s.split(","), help="only these TASK.BUDGET cells, e.g. boolq.separate")
+    parser.add_argument("--bp-rates", type=rates, default=list(bc.BP_RATES), help="AdamW grid [1e-4,3e-4,1e-3]")
+    parser.add_argument("--mezo-rates", type=rates, default=list(bc.MEZO_RATES), help="MeZO rates [auto]")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="[all cores]")
+    parser.add_argument("--work", type=common.work_dir, default=ROOT / "runs" / "budget33", help="[runs/budget33]")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the tables and figure go [bench/results]")
     args = parser.parse_args()
-    models = ZERO_SHOT_MODELS
-    if args.quick:
-        args.bp_model, args.mezo_model, args.minutes, args.n_valid, args.test_limit = ("smollm2-135m", "gemma3-270m",
-                                                                                     0.1, 16, 16)
-        args.bp_eval_every = args.mezo_eval_every = args.sweep_steps = 2
-        models = (args.bp_model, args.mezo_model)
-    args.work = args.work or ROOT / "runs" / ("budget-quick" if args.quick else "budget")
-    args.work.mkdir(parents=True, exist_ok=True)
-
-    zero = {m: {split: zero_shot(m, split, limit, args.threads, args.work)
-                for split, limit in (("valid", args.n_valid), ("test", args.test_limit))} for m in models}
-    predictions = {m: {method: predict(m, method, args.n_valid) for method in ("mezo", *BP_VARIANTS)}
-                   for m in (args.bp_model, args.mezo_model)}
-    budget = args.budget or choose_budget(predictions, args.bp_model, args.mezo_model)
-    check_budget(predictions, budget, args.bp_model, args.mezo_model)
-    print(f"budget {mib(budget)}: {json.dumps(predictions)}", file=sys.stderr)
-    refusals = {v: refused(args.mezo_model, v, args.n_valid, budget, args.work) for v in BP_VARIANTS}
-    bp_variant = next(v for v in BP_VARIANTS if predictions[args.bp_model][v] <= budget)
-    bp_lr, bp_sweep = sweep(bp_variant, args.bp_lrs, args, budget, BP_VARIANTS[bp_variant], "reference-bp",
-                            args.bp_model)
-    mezo_lr, mezo_sweep = sweep("mezo", args.mezo_lrs, args, budget,
-                                [], "finetune", args.mezo_model)
-    allowance = ["--n-valid", str(args.n_valid), "--max-train-seconds", str(args.minutes * 60)]
-    runs = [
-        train(bp_variant, "reference-bp", args.bp_model, MAX_STEPS, args.bp_eval_every, budget, args.work,
-              args.threads, [*allowance, *BP_VARIANTS[bp_variant], "--learning-rate", str(bp_lr)], args.test_limit),
-        train("mezo", "finetune", args.mezo_model, MAX_STEPS, args.mezo_eval_every, budget, args.work, args.threads,
-              [*allowance, "--learning-rate", str(mezo_lr)], args.test_limit),
-    ]
-    name = f"{NAME}_quick" if args.quick else NAME
-    result = {"benchmark": NAME, "time": utc_now(), "machine": machine_info(), "threads": args.threads,
-              "budget_bytes": budget, "bp_model": args.bp_model, "mezo_model": args.mezo_model,
-              "minutes": args.minutes, "n_valid": args.n_valid, "zero_shot": zero, "predictions": predictions,
-              "refusals": refusals, "bp_variant": bp_variant, "runs": runs,
-              "bp_learning_rate": bp_lr, "mezo_learning_rates": {args.mezo_model: mezo_lr},
-              "sweep_steps": args.sweep_steps, "sweeps": {bp_variant: bp_sweep, "mezo": mezo_sweep},
-              "quick": args.quick,
-              "note": "pipeline check (--quick)" if args.quick else ""}
-    plot(runs, budget, result["machine"]["cores"], args.n_valid, RESULTS / f"{name}.png")
-    publish(name, TITLE, result, render(result, f"{name}.png"), as_json=False)
+    kept, cut, rows, predictions = plan(args)
+    print(plan_text(rows, predictions, args.cpu_hours), file=sys.stderr if not args.plan else sys.stdout)
+    if args.plan:
+        return 0
+    if not args.collect:
+        execute(kept, args)
+    result = collect(kept, args, test=not args.collect)
+    result["cut"] = [f"{c.spec.task}.{c.spec.budget}" for c in cut]
+    publish(result, args.results)
+    print(render(result))
+    return 0
 
 
 if __name__ == "__main__":

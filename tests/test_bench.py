@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import budget_experiment  # noqa: E402
+from bench import budget_experiment, budget_legacy  # noqa: E402
 from bench import busy  # noqa: E402
 from bench import common  # noqa: E402
 from bench import compare  # noqa: E402
@@ -183,24 +183,12 @@ def test_fleet_projection_follows_the_stated_model():
         fleet.data_parallel_step_s(f, z, u, 16, 4, 0.0)  # f(4) was not measured
 
 
-# ---- budget experiment ---------------------------------------------------------------------------------------
+# ---- the first budget experiment's lines (issue 33's harness: tests/test_budget_experiment.py) ----------------------
 MiB = 2**20
 PREDICTIONS = {"small": {"mezo": 330 * MiB, "bp": 2400 * MiB, "bp-quant": 2300 * MiB, "bp-ckpt": 1600 * MiB,
                          "bp-quant-ckpt": 1500 * MiB},
                "large": {"mezo": 500 * MiB, "bp": 2900 * MiB, "bp-quant": 2700 * MiB, "bp-ckpt": 2100 * MiB,
                          "bp-quant-ckpt": 2000 * MiB}}
-
-
-def test_budget_separates_bp_on_the_small_model_from_bp_on_the_large_one():
-    budget = budget_experiment.choose_budget(PREDICTIONS, "small", "large")
-    assert budget == 1750 * MiB  # midway between the cheapest BP of each model (the quantized base, checkpointed)
-    budget_experiment.check_budget(PREDICTIONS, budget, "small", "large")
-    with pytest.raises(SystemExit, match="does not separate"):
-        budget_experiment.check_budget(PREDICTIONS, 2050 * MiB, "small", "large")  # bp-quant-ckpt on large fits too
-    with pytest.raises(SystemExit, match="does not separate"):
-        budget_experiment.check_budget(PREDICTIONS, 1400 * MiB, "small", "large")  # no BP fits at all
-    with pytest.raises(SystemExit, match="no budget separates"):
-        budget_experiment.choose_budget(PREDICTIONS, "large", "small")
 
 
 def budget_run(name: str, model: str, curve: list[tuple[float, float, int]], **extra) -> dict:
@@ -213,9 +201,9 @@ def test_budget_experiment_reports_when_mezo_overtakes_for_good_and_who_wins():
     bp = budget_run("bp-quant-ckpt", "small", [(0, 0.79, 0), (100, 0.86, 50), (200, 0.84, 100)], test_accuracy=0.87)
     mezo = budget_run("mezo", "large", [(0, 0.5, 0), (60, 0.85, 100), (120, 0.83, 200), (180, 0.845, 300)],
                       resumed_from_step=200)
-    assert budget_experiment.overtakes(mezo, bp) == 180  # not 60: it fell below 0.84 again at 120 s
-    assert budget_experiment.overtakes(bp, mezo) is None  # BP ends at 0.84, below MeZO's final 0.845
-    assert budget_experiment.overtakes(budget_run("flat", "x", [(0, 0.5, 0), (9, 0.6, 9)]), bp) is None
+    assert budget_legacy.overtakes(mezo, bp) == 180  # not 60: it fell below 0.84 again at 120 s
+    assert budget_legacy.overtakes(bp, mezo) is None  # BP ends at 0.84, below MeZO's final 0.845
+    assert budget_legacy.overtakes(budget_run("flat", "x", [(0, 0.5, 0), (9, 0.6, 9)]), bp) is None
     zero = {m: {"valid": {"accuracy": 0.8, "n_examples": 200}, "test": {"accuracy": 0.81, "n_examples": 1000}}
             for m in ("small", "large")}
     result = {"budget_bytes": 1750 * MiB, "predictions": PREDICTIONS, "threads": 2, "bp_variant": "bp-quant-ckpt",
@@ -228,67 +216,6 @@ def test_budget_experiment_reports_when_mezo_overtakes_for_good_and_who_wins():
     assert "1500 MiB fits" in text and "2000 MiB |" in text and "exceeds the memory budget" in text
     assert "0.810 (1000)" in text  # the zero-shot table
     assert "mezo on large 0.810 -> 0.850 (+4.0 points)" in text  # what training added
-
-
-def test_budget_experiment_reuses_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch):
-    calls = []
-
-    def fake_run_json(cmd, what):
-        calls.append(cmd)
-        out = Path(cmd[cmd.index("--out") + 1]) if "--out" in cmd else None
-        if out is not None:
-            evals = [{"step": 8, "valid_accuracy": 0.8, "valid_loss": 0.4, "train_seconds": 8.0},
-                     {"step": 8, "seconds": 1.0}]
-            (out / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-            return {"train_seconds": 8.0, "steps": 8, "_process": {"peak_rss_bytes": MiB}}
-        return {"accuracy": 0.8, "loss": 0.4, "n_examples": 1000}
-
-    monkeypatch.setattr(budget_experiment, "run_json", fake_run_json)
-    args = ("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, ["--max-train-seconds", "60"])
-    out = tmp_path / "mezo"
-    out.mkdir()
-    (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
-    (out / "stale").write_text("")
-    fresh = budget_experiment.train(*args)  # a checkpoint of an unknown command is not continued: start over
-    assert "--resume" not in calls[0] and fresh["resumed_from_step"] is None and not (out / "stale").exists()
-
-    (out / "experiment-run.json").unlink()  # now interrupted after step 4 of this very command
-    (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
-    resumed = budget_experiment.train(*args)
-    assert calls[-2][-1] == "--resume" and resumed["resumed_from_step"] == 4 and resumed["test_accuracy"] == 0.8
-    n_calls = len(calls)
-    assert budget_experiment.train(*args) == resumed and len(calls) == n_calls  # finished: reused, nothing ran
-
-    (out / "state.json").write_text(json.dumps({"step": 8, "checkpoint": "checkpoint-000008.gguf"}))
-    longer = budget_experiment.train("mezo", "finetune", "tiny", 16, 2, 100 * MiB, tmp_path, 1,
-                                     ["--max-train-seconds", "120"])
-    assert calls[-2][-1] == "--resume" and longer["resumed_from_step"] == 8  # more time: the same run, continued
-    shorter = budget_experiment.train("mezo", "finetune", "tiny", 4, 2, 100 * MiB, tmp_path, 1, [])
-    assert "--resume" not in calls[-2] and shorter["resumed_from_step"] is None  # the checkpoint is past step 4
-    (out / "state.json").write_text(json.dumps({"step": 4, "checkpoint": "checkpoint-000004.gguf"}))
-    other = budget_experiment.train("mezo", "finetune", "tiny", 8, 4, 100 * MiB, tmp_path, 1, ["--learning-rate", "1"])
-    assert "--resume" not in calls[-2] and other["resumed_from_step"] is None  # another learning rate: a new run
-
-
-def test_budget_experiment_sweep_takes_the_best_validation_rate_and_never_the_test_split(tmp_path, monkeypatch):
-    final = {"0.0001": (0.80, 0.45), "0.0003": (0.85, 0.40), "0.001": (0.85, 0.38)}  # lr -> (valid acc, valid loss)
-    calls = []
-
-    def fake_run_json(cmd, what):
-        calls.append(cmd)
-        accuracy, loss = final[cmd[cmd.index("--learning-rate") + 1]]
-        evals = [{"step": 3, "valid_accuracy": accuracy, "valid_loss": loss, "train_seconds": 3.0},
-                 {"step": 3, "seconds": 1.0}]
-        (Path(cmd[cmd.index("--out") + 1]) / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in evals))
-        return {"train_seconds": 3.0, "steps": 3, "_process": {"peak_rss_bytes": MiB}}
-
-    monkeypatch.setattr(budget_experiment, "run_json", fake_run_json)
-    args = argparse.Namespace(sweep_steps=3, work=tmp_path, threads=1, n_valid=16)
-    lr, runs = budget_experiment.sweep("bp-quant-ckpt", [1e-4, 3e-4, 1e-3], args, 100 * MiB, [], "reference-bp", "tiny")
-    assert lr == 1e-3  # tied on accuracy with 3e-4, lower loss
-    assert [r["learning_rate"] for r in runs] == [1e-4, 3e-4, 1e-3] and all(r["n_test"] == 0 for r in runs)
-    assert len(calls) == 3 and not any("test" in c for c in calls)  # three training runs, no evaluation on test
-    assert budget_experiment.sweep("mezo", [2e-3], args, 100 * MiB, [], "finetune", "tiny") == (2e-3, [])
 
 
 # ---- time to accuracy -----------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ SECTIONS = (
     ("gradient_noise", "What limits MeZO here: gradient signal-to-noise by LoRA target and block range", {}),
     ("generative", "MeZO on a generative task (tool calls): NLL against a reward of its own generations, BP alongside", {}),
     ("robustness", "Fine-tuning without tuning: the adapter a run leaves against zero-shot and a tuned oracle", {}),
+    ("agentic", "Function calling (BFCL simple_python): zero-shot accuracy of the built-in models", {}),
+    ("prompt_cost", "Function calling (BFCL): a MeZO step on prompt + completion against the completion alone", {}),
 )
 
 

@@ -376,3 +376,25 @@ def test_the_bench_tables_render_their_figures():
                                "threads": 1, "machine": machine, "time": "T"})
     assert "| m | q4_0 | 4 | 900 | 100 | 2.00 (1.50-2.50) | 0.50 (1.50-2.50) | 4.00 | <= 1.5 |" in text
     assert "the prompts are 90 % of the tokens" in text
+
+
+def test_eval_and_a_reward_finetune_run_on_a_bfcl_directory(tiny_gguf, tmp_path, capsys):
+    from tests.helpers import run_json
+
+    small = {"name": "ping", "description": "Ping.", "parameters": {"type": "dict", "properties": {
+        "host": {"type": "string", "description": "Host."}}, "required": ["host"]}}
+    directory = tmp_path / "mine"
+    (directory / "possible_answer").mkdir(parents=True)
+    lines = [({"id": f"simple_python_{i}", "question": [[{"role": "user", "content": f"ping h{i}"}]],
+               "function": [small]}, {"id": f"simple_python_{i}", "ground_truth": [{"ping": {"host": [f"h{i}"]}}]})
+             for i in range(16)]
+    (directory / "BFCL_v4_simple_python.json").write_text("".join(json.dumps(q) + "\n" for q, _ in lines))
+    (directory / "possible_answer" / "BFCL_v4_simple_python.json").write_text("".join(json.dumps(a) + "\n" for _, a in lines))
+    common = ["--model", str(tiny_gguf), "--quant", "f32", "--data", str(directory), "--max-seq-len", "2048",
+              "--batch-size", "2", "--threads", "1", "--json"]
+    result = run_json(capsys, ["eval", *common, "--split", "test", "--limit", "2"])
+    assert {"bfcl_accuracy", "name_accuracy", "valid_call_rate", "lenient_accuracy"} <= set(result)
+    assert "exact_match" not in result and result["n_examples"] == 2
+    run = run_json(capsys, ["finetune", *common, "--out", str(tmp_path / "run"), "--steps", "2", "--eval-every", "2",
+                            "--n-valid", "2", "--objective", "bfcl", "--learning-rate", "0.01"])
+    assert run["steps"] == 2 and run["best_valid_reward"] is not None and "valid_bfcl_accuracy" in run

@@ -144,20 +144,26 @@ class Run:
     def advance(self, target: int, eval_every: int, save_every: int, n_valid: int) -> dict | None:
         """Train to step `target` in a fresh process (resuming from the checkpoint if there is one); the piece's
         record (steps, measured time, load, peak RSS), or None if the run is already there."""
-        start = self.step()
-        if start >= target:
-            return None
+        start, pieces = self.step(), self.pieces()
+        if start >= target or (pieces and pieces[-1]["last_step"] == start < pieces[-1]["target"]):
+            return None  # there, or the trainer ended the run short of its last target (5 rollbacks): finished
         if self.dir.exists() and not (self.dir / "state.json").exists():
             shutil.rmtree(self.dir)  # killed before its first checkpoint: nothing to continue
+            pieces = []
         cmd = self.command(target, eval_every, save_every, n_valid) + (["--resume"] if start else [])
         say(f"{self.dir.name}: steps {start} -> {target}" + (" (resumed)" if start else ""))
         piece = run_watched(cmd, f"{self.dir.name} to step {target}")
         seconds = {e["step"]: e["seconds"] for e in self.events() if "seconds" in e}
         own = [seconds[s] for s in range(start + 1, target + 1) if s in seconds]
-        piece.update(first_step=start + 1, last_step=self.step(), median_step_s=bc.median(own),
+        piece.update(target=target, first_step=start + 1, last_step=self.step(), median_step_s=bc.median(own),
                      measured_train_s=sum(own), time=utc_now())
-        (self.dir / "pieces.json").write_text(json.dumps(self.pieces() + [piece], indent=1) + "\n")
+        (self.dir / "pieces.json").write_text(json.dumps(pieces + [piece], indent=1) + "\n")
         return piece
+
+    def finished(self, target: int) -> bool:
+        """At `target`, or ended short of its last target by the trainer itself (its checkpoint is its end)."""
+        pieces = self.pieces()
+        return self.step() >= target or bool(pieces and pieces[-1]["last_step"] < pieces[-1]["target"])
 
     def test(self, limit: int) -> dict:
         """The test split, once, on the adapter chosen by validation (RUN:best: the best validated, start included)."""
@@ -278,7 +284,7 @@ class ArmRunner:
                    "shared_pieces": sum(bc.is_shared(p, timing["median_step_s"]) for p in pieces),
                    "peak_rss_bytes": max((p["peak_rss_bytes"] or 0 for p in pieces), default=None),
                    "rollbacks": sum(1 for e in events if "rollback_to" in e)}
-            if test and rate == record["chosen_rate"] and run.step() >= self.steps()[-1]:
+            if test and rate == record["chosen_rate"] and run.finished(self.steps()[-1]):
                 rec["test"] = run.test(self.task.test_limit)
             record["runs"][str(rate)] = rec
         return record

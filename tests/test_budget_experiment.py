@@ -103,12 +103,12 @@ def test_the_rate_is_the_best_validation_at_the_first_milestone():
 
 
 # ---- pieces and their resume bookkeeping, with the child processes faked ----------------------------------------
-def fake_trainer(calls: list, median_s: float = 2.0, valid=lambda rate, step: 0.7):
+def fake_trainer(calls: list, median_s: float = 2.0, valid=lambda rate, step: 0.7, last_step: int = 10**9):
     """A stand-in for run_watched: writes what edgezo finetune / reference-bp would (metrics, state.json) up to --steps,
     continuing from state.json with --resume and starting over without it."""
     def run(cmd, what):
         calls.append(cmd)
-        out, target = Path(cmd[cmd.index("--out") + 1]), int(cmd[cmd.index("--steps") + 1])
+        out, target = Path(cmd[cmd.index("--out") + 1]), min(last_step, int(cmd[cmd.index("--steps") + 1]))
         rate = cmd[cmd.index("--learning-rate") + 1]
         out.mkdir(parents=True, exist_ok=True)
         state = out / "state.json"
@@ -147,6 +147,14 @@ def test_a_piece_resumes_from_the_checkpoint_and_a_finished_one_is_not_rerun(tmp
     (killed.dir / "metrics.jsonl").write_text('{"step": 0}\n')  # killed before its first checkpoint
     killed.advance(5, 40, 5, 8)
     assert "--resume" not in calls[-1] and killed.step() == 5
+
+
+def test_a_run_the_trainer_ended_early_is_finished_and_not_restarted(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(be, "run_watched", fake_trainer(calls, last_step=7))  # e.g. 5 rollbacks at step 7
+    run = be.Run(tiny_arm(), 1e-4, bc.TASKS["boolq"], tmp_path, 1, tmp_path / "r")
+    assert run.advance(10, 40, 5, 8)["last_step"] == 7 and run.finished(10)
+    assert run.advance(20, 40, 5, 8) is None and len(calls) == 1 and run.finished(20)
 
 
 def test_an_arm_trains_every_rate_to_the_first_milestone_then_only_the_chosen_one(tmp_path, monkeypatch):

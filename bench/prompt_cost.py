@@ -70,14 +70,26 @@ def run(args) -> dict:
     full = [s for r in measured["rounds"] for s in r["full"]]
     completion = [s for r in measured["rounds"] for s in r["completion"]]
     per_round = [statistics.median(r["full"]) / statistics.median(r["completion"]) for r in measured["rounds"]]
+    split = where_time_goes(statistics.median(full), statistics.median(completion), measured["n_tokens_full"],
+                            measured["n_tokens_completion"])
     return {"benchmark": NAME, "time": common.utc_now(), "machine": common.machine_info(), "model": args.model,
             "quant": args.quant, "batch_size": args.batch_size, "threads": args.threads,
             "step_seconds_full": common.summary(full), "step_seconds_completion": common.summary(completion),
-            "ratio_per_round": per_round, "ratio": statistics.median(per_round), "target": TARGET,
+            "ratio_per_round": per_round, "ratio": statistics.median(per_round), "target": TARGET, **split,
             "peak_rss_bytes": measured["_process"]["peak_rss_bytes"],
             **{k: measured[k] for k in ("n_prompt_tokens", "n_target_tokens", "n_tokens_full", "n_tokens_completion",
                                         "model_sha256", "n_adapter_params")},
             "load_average_end": common.load_average()}
+
+
+def where_time_goes(full_s: float, completion_s: float, n_full: int, n_completion: int) -> dict:
+    """A step as fixed cost + cost per decoded token, solved from the two medians (both batches run the same adapter
+    work; only the tokens differ): seconds per token (of the batch, decoded twice per step), the fixed seconds
+    (z generation, adapter uploads, update, graph and host loss), and the share of the full step that the tokens
+    the cut removed (the prompts but their last token) account for."""
+    per_token = (full_s - completion_s) / (n_full - n_completion)
+    return {"seconds_per_token": per_token, "fixed_seconds": completion_s - per_token * n_completion,
+            "prompt_share_of_step": per_token * (n_full - n_completion) / full_s}
 
 
 def render(result: dict) -> str:
@@ -89,6 +101,9 @@ def render(result: dict) -> str:
     share = result["n_prompt_tokens"] / result["n_tokens_full"]
     text = common.table(header, rows)
     text += (f"\nTokens are the batch's totals: the prompts are {100 * share:.0f} % of the tokens a step decodes twice. "
+             f"As a fixed cost plus a cost per token, solved from the two medians: {result['fixed_seconds']:.2f} s fixed "
+             f"(z, adapter uploads, update), {1000 * result['seconds_per_token']:.1f} ms per batch token, so the "
+             f"prompts take {100 * result['prompt_share_of_step']:.0f} % of a step. "
              f"Median (min-max) of real MeZO steps (default LoRA: rank 16 on attn_k, attn_v of every block), blocks of "
              f"{BLOCK} alternating between the full batch and its completions (each completion after the prompt's "
              f"last token) in one process; ratio = median over rounds of the two blocks' median steps. "

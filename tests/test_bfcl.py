@@ -373,9 +373,12 @@ def test_the_bench_tables_render_their_figures():
     text = prompt_cost.render({"model": "m", "quant": "q4_0", "batch_size": 4, "n_prompt_tokens": 900,
                                "n_target_tokens": 100, "n_tokens_full": 1000, "step_seconds_full": summary,
                                "step_seconds_completion": {**summary, "median": 0.5}, "ratio": 4.0, "target": 1.5,
-                               "threads": 1, "machine": machine, "time": "T"})
+                               "threads": 1, "machine": machine, "time": "T",
+                               **prompt_cost.where_time_goes(2.0, 0.5, 1000, 100)})
     assert "| m | q4_0 | 4 | 900 | 100 | 2.00 (1.50-2.50) | 0.50 (1.50-2.50) | 4.00 | <= 1.5 |" in text
     assert "the prompts are 90 % of the tokens" in text
+    # 2.0 = f + 1000 t and 0.5 = f + 100 t: t = 1/600 s, f = 1/3 s; the 900 removed tokens are 75 % of the step
+    assert "0.33 s fixed (z, adapter uploads, update), 1.7 ms per batch token" in text and "take 75 % of a step" in text
 
 
 def test_eval_and_a_reward_finetune_run_on_a_bfcl_directory(tiny_gguf, tmp_path, capsys):

@@ -305,7 +305,18 @@ def plan(args) -> tuple[list[bc.Cell], list[bc.Cell], list[dict], dict]:
     return kept, cut, rows, predictions
 
 
-def plan_text(rows: list[dict], predictions: dict, cpu_hours: float) -> str:
+def lengths_text(task: bc.TaskSpec, work: Path) -> str:
+    """The long-context prompt lengths under each tokenizer, from the generated data's lengths.json."""
+    path = work / "data" / task.name / "lengths.json"
+    if task.data != "long-context" or not path.exists():
+        return ""
+    tokens = json.loads(path.read_text())["tokens"]
+    return "; ".join(f"{model} " + ", ".join(f"{split} {v['min']}/{v['median']:g}/{v['max']}"
+                                            for split, v in per_split.items())
+                     for model, per_split in tokens.items())
+
+
+def plan_text(rows: list[dict], predictions: dict, cpu_hours: float, work: Path) -> str:
     lines = [f"Cells in order (most informative first); CPU hours projected on the 2-core machine (training 2 h per "
              f"run, the extra rates to 15 min, validations, test, zero-shot); cap {cpu_hours:g} h:\n"]
     for i, row in enumerate(rows, 1):
@@ -324,6 +335,10 @@ def plan_text(rows: list[dict], predictions: dict, cpu_hours: float) -> str:
             lines.append(f"   note: {cell.note}")
         lines.append(f"   cell {row['cost'] / bc.HOUR:.1f} h (zero-shot {row['zero_shot'] / bc.HOUR:.2f}); "
                      + (f"kept, cumulative {row['cumulative'] / bc.HOUR:.1f} h" if row["kept"] else "CUT"))
+    for task in dict.fromkeys(r["cell"].spec.task for r in rows):
+        lengths = lengths_text(bc.TASKS[task], work)
+        if lengths:
+            lines.append(f"\n{task} prompt tokens (min / median / max, the answer word included): {lengths}")
     lines.append("\nPredicted peak RSS (edgezo memory on each run's batches; bp = lean BP: Q4_0 blocks, checkpointing, "
                  "--release-freed-memory):")
     for task, per_model in predictions.items():
@@ -467,7 +482,8 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
             z = zero.get(arm["model"], {}).get("test")
             rows.append([arm["method"], arm["model"], arm.get("chosen_rate", "-"),
                          f"{mib(run['peak_rss_bytes']) if run else '-'} ({mib(arm['predicted_bytes'])})",
-                         f"{arm['timing']['median_step_s']:.2f}" if arm.get("timing") else "-",
+                         (f"{arm['timing']['median_step_s']:.2f}" + ("" if arm["timing"].get("quiet", True) else " (busy)"))
+                         if arm.get("timing") else "-",
                          f"{z['accuracy']:.3f}" if z else "-",
                          *[f"{c['valid_accuracy']:.3f}" if c else "-" for c in cells_at + [None] * (4 - len(cells_at))],
                          (f"{test['accuracy']:.3f} +/- {standard_error(test['accuracy'], test['n_examples']):.3f} "
@@ -506,7 +522,7 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the tables and figure go [bench/results]")
     args = parser.parse_args()
     kept, cut, rows, predictions = plan(args)
-    print(plan_text(rows, predictions, args.cpu_hours), file=sys.stderr if not args.plan else sys.stdout)
+    print(plan_text(rows, predictions, args.cpu_hours, args.work), file=sys.stderr if not args.plan else sys.stdout)
     if args.plan:
         return 0
     if not args.collect:

@@ -179,7 +179,7 @@ def test_an_arm_trains_every_rate_to_the_first_milestone_then_only_the_chosen_on
     assert "test" not in record["runs"]["0.0001"]  # the rate not chosen is never scored on test
 
 
-def test_the_report_renders_cells_and_the_first_experiment_lines():
+def test_the_report_renders_cells_and_the_first_experiment_lines(tmp_path):
     arm = {**vars(tiny_arm()), "key": "k", "chosen_rate": 1e-3, "timing": {"median_step_s": 9.0},
            "milestone_steps": [1, 2, 3, 4],
            "runs": {"0.001": {"curve": [{"step": s, "accounted_s": 9.0 * s, "valid_accuracy": 0.8 + s / 100,
@@ -195,6 +195,8 @@ def test_the_report_renders_cells_and_the_first_experiment_lines():
     text = be.render(result)
     assert "| bp | m | 0.001 | 950 MiB (900 MiB) | 9.00 | 0.700 | 0.810 | 0.820 | 0.830 | 0.840 |" in text
     assert "0.840 +/- 0.018 (400)" in text and "refused" in text
+    be.plot(result, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 10_000  # drawn from what is finished
     legacy = json.loads((Path(be.__file__).parent / "results" / "budget_experiment.jsonl").read_text().splitlines()[-1])
     assert "Budget **" in be.render(legacy)  # a line of the first experiment still renders (bench/report.py)
 

@@ -429,10 +429,11 @@ def plot(result: dict, path: Path) -> None:
     cells = result["cells"]
     fig, axes = plt.subplots(1, max(1, len(cells)), figsize=(5.2 * max(1, len(cells)), 4.2), squeeze=False)
     for ax, cell in zip(axes[0], cells):
-        for i, (model, entry) in enumerate(result["zero_shot"].get(cell["task"], {}).items()):
+        for model, entry in result["zero_shot"].get(cell["task"], {}).items():  # every model's start, labelled
             if "valid" in entry:
-                ax.axhline(entry["valid"]["accuracy"], color=f"C{i + 4}", ls=":", lw=1,
-                           label=f"{model} zero-shot")
+                ax.axhline(entry["valid"]["accuracy"], color="0.45", ls=":", lw=1)
+                ax.annotate(f"{model} zero-shot", (1.0, entry["valid"]["accuracy"]), xycoords=("axes fraction", "data"),
+                            ha="right", va="bottom", fontsize=6, color="0.35")
         for j, arm in enumerate(cell["arms"]):
             for rate, run in arm["runs"].items():
                 pts = [(p["accounted_s"] / 60, p["valid_accuracy"]) for p in run["curve"] if p["accounted_s"] is not None]

@@ -27,6 +27,7 @@ What runs (bench/budget_cells.py holds the rules; `--plan` prints them with the 
     python -m bench.budget_experiment --plan          # cells, budgets, predicted memory, projected CPU hours
     python -m bench.budget_experiment                 # ~10 CPU hours on the 2-core machine; rerun to continue
     python -m bench.budget_experiment --collect       # tables and figure from what is finished, nothing trained
+    python -m bench.budget_experiment --smoke         # each arm 2 steps on its real model: the pipeline, minutes
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from bench import budget_cells as bc
@@ -207,9 +208,11 @@ def best_event(events: list[dict]) -> dict:
 # ---- an arm: timing, rates, milestones -----------------------------------------------------------------------------
 class ArmRunner:
     def __init__(self, arm: bc.Arm, task: bc.TaskSpec, work: Path, threads: int, milestones=bc.MILESTONES_S,
-                 model: str | None = None, timing_retries: int = 3, retry_wait_s: float = 120.0):
+                 model: str | None = None, timing_retries: int = 3, retry_wait_s: float = 120.0,
+                 fixed_steps: list[int] | None = None):
         self.arm, self.task, self.work, self.threads, self.milestones = arm, task, work, threads, milestones
         self.model, self.timing_retries, self.retry_wait_s = model, timing_retries, retry_wait_s
+        self.fixed_steps = fixed_steps  # --smoke: these step counts instead of the milestones
         self.dir = work / "runs" / arm.key
 
     def run(self, rate, name: str | None = None) -> Run:
@@ -241,7 +244,7 @@ class ArmRunner:
         return record
 
     def steps(self) -> list[int]:
-        return bc.milestone_steps(self.timing()["median_step_s"], self.milestones)
+        return self.fixed_steps or bc.milestone_steps(self.timing()["median_step_s"], self.milestones)
 
     def chosen_rate(self):
         path = self.dir / "choice.json"
@@ -392,6 +395,21 @@ def collect(cells: list[bc.Cell], args, test: bool) -> dict:
             "milestones_s": list(bc.MILESTONES_S), "seed": SEED, "cells": out_cells, "zero_shot": zero}
 
 
+def smoke(kept: list[bc.Cell], args) -> list[dict]:
+    """Every kept arm on its real model, 1 then 2 steps (each rate to step 1), 4 validation and 4 test examples,
+    under its budget: the pipeline end to end in a few minutes, in WORK/smoke (nothing published)."""
+    records = []
+    for cell in kept:
+        task = replace(bc.TASKS[cell.spec.task], n_valid=4, test_limit=4)
+        for arm in cell.arms:
+            runner = ArmRunner(arm, task, args.work / "smoke", args.threads, timing_retries=0,
+                               fixed_steps=[1, 2, 2, 2])
+            for k in range(len(bc.MILESTONES_S)):
+                runner.advance(k)
+            records.append(runner.collect(test=True))
+    return records
+
+
 def execute(kept: list[bc.Cell], args) -> None:
     """Zero-shot, refusals, timing, then every arm milestone by milestone, then test: each step skipped if done."""
     for cell in kept:
@@ -514,6 +532,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--plan", "--dry-run", action="store_true", help="print the cells and their cost; train nothing")
     parser.add_argument("--collect", action="store_true", help="results from what is finished; train nothing")
+    parser.add_argument("--smoke", action="store_true", help="each kept arm for 2 steps on its real model (WORK/smoke)")
     parser.add_argument("--cpu-hours", type=float, default=10.0, help="cut cells beyond this projection [%(default)s]")
     parser.add_argument("--cells", type=lambda s: s.split(","), help="only these TASK.BUDGET cells, e.g. boolq.separate")
     parser.add_argument("--bp-rates", type=rates, default=list(bc.BP_RATES), help="AdamW grid [1e-4,3e-4,1e-3]")
@@ -525,6 +544,14 @@ def main() -> int:
     kept, cut, rows, predictions = plan(args)
     print(plan_text(rows, predictions, args.cpu_hours, args.work), file=sys.stderr if not args.plan else sys.stdout)
     if args.plan:
+        return 0
+    if args.smoke:
+        for record in smoke(kept, args):
+            run = record["runs"][str(record["chosen_rate"])]
+            print(f"{record['key']}: rate {record['chosen_rate']}, steps {run['steps']}, valid "
+                  f"{[p['valid_accuracy'] for p in run['curve']]}, test {run['test']['accuracy']:.3f}, peak RSS "
+                  f"{mib(run['peak_rss_bytes'])} (predicted {mib(record['predicted_bytes'])}), timing "
+                  f"{record['timing']['median_step_s']:.2f} s/step")
         return 0
     if not args.collect:
         execute(kept, args)

@@ -7,14 +7,17 @@ PIP = $(PYTHON) -m pip --disable-pip-version-check
 CONSTRAINTS ?= constraints.txt
 PIP_INSTALL = $(PIP) install $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install install-llama-cpp install-torch demo test test-newest constraints lint bench
+.PHONY: install install-llama-cpp install-torch demo test test-newest constraints lint bench arm64-check
 
 # llama.cpp is built from source for this CPU (-march=native), but without its AMX kernels: on Intel Xeons with AMX,
 # -march=native compiles ggml's AMX buffer type in and it crashed in ggml_backend_amx_mul_mat (docs/build.md).
 # -mno-amx-* exist on x86-64 only. The build skips pip's wheel cache, which would otherwise hand back a wheel
 # built earlier with other flags; an installed llama-cpp-python is kept only if it is 0.3.36 without AMX kernels.
 LLAMA_CPP_PYTHON = llama-cpp-python==0.3.36
-NO_AMX_FLAGS = $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
+# On aarch64 (Raspberry Pi OS, Debian/Ubuntu arm64) no flag is added: llama.cpp's own -mcpu=native picks NEON, dotprod,
+# i8mm, SVE as the CPU has them (README, "64-bit ARM").
+UNAME_M ?= $(shell uname -m)
+NO_AMX_FLAGS = $(if $(filter x86_64 amd64,$(UNAME_M)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 LLAMA_CPP_IS_SAFE = import llama_cpp, sys; sys.exit(llama_cpp.__version__ != "0.3.36" or b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info())
 
 install-llama-cpp:  # ~5 min on 2 cores the first time
@@ -70,3 +73,7 @@ bench: install-torch  # every measurement the README and docs/ quote (~3 h on 2 
 	$(PYTHON) -m bench.capacity_plot
 	$(PYTHON) -m bench.fleet --write
 	$(PYTHON) -m bench.report
+
+arm64-check:  # edgezo on 64-bit ARM under qemu-user (root; Debian packages in tools/arm64-check): ~2 h the first time,
+              # then ~1 h (userland and builds cached); writes bench/results/arm64.jsonl and arm64.md. Not in CI (too long)
+	nice -n 10 $(PYTHON) tools/arm64-check

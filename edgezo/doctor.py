@@ -15,11 +15,18 @@ import sys
 import time
 from pathlib import Path
 
+from gguf import GGMLQuantizationType as Q
+
 from . import __version__, kernels, threads
+from .formats import GGML_TYPE_OF_QUANT
 
 # CPU flags that decide llama.cpp's kernels (x86 and ARM names as /proc/cpuinfo spells them)
 RELEVANT_CPU_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                      "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimddp", "i8mm", "sve")
+                      "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimd", "asimdhp", "asimddp", "i8mm", "sve", "sve2",
+                      "bf16")
+ARM_BUILD_FEATURES = ("NEON", "ARM_FMA", "FP16_VA", "DOTPROD", "MATMUL_INT8", "SVE", "SVE_CNT", "SME")
+# --quant name -> the ggml type of its matmul weights (a k-quant file mixes types: its main ones listed)
+MATMUL_TYPES = {**GGML_TYPE_OF_QUANT, "q4_k": int(Q.Q4_K), "q5_k": int(Q.Q5_K), "q6_k": int(Q.Q6_K)}
 PROBE_TEXTS = ("Review: a tender, funny film\nSentiment:", "Review: dull and far too long\nSentiment:",
                "The capital of France is", "def fibonacci(n):")
 PROBE_TIMEOUT_S = 300
@@ -47,6 +54,9 @@ def environment(cache_dir: Path, n_threads: int = 0) -> dict:
     flags = kernels.cpu_flags()
     plan = kernels.plan_kernels(info, flags, kernels.amx_mode())
     features = kernels.build_features(info)
+    arm_cpu = kernels.cpu_arm_features()  # from the kernel's HWCAP: right under qemu-user, where cpuinfo is the host's
+    if arm_cpu is not None:
+        flags = arm_cpu | (flags or frozenset())
     return {
         "edgezo": __version__,
         "python": platform.python_version(),
@@ -70,6 +80,13 @@ def environment(cache_dir: Path, n_threads: int = 0) -> dict:
             "decision": plan.reason,
             "repack_built": features.get("REPACK") == "1",
             "flash_attention": EngineConfig().flash_attn,
+            # per --quant: the interleaved layout llama.cpp repacks its matmul weights into (None: the GGUF's own)
+            "repack": kernels.repack_plan(features, MATMUL_TYPES),
+            "arm": None if "NEON" not in features and arm_cpu is None else {
+                "build": {name: features[name] for name in ARM_BUILD_FEATURES if name in features},
+                "cpu": None if arm_cpu is None else sorted(arm_cpu),
+                "missing_on_cpu": None if arm_cpu is None else kernels.arm_features_missing(features, arm_cpu),
+            },
         },
         "threads": thread_choice(n_threads),
         "cache": {"path": str(cache_dir), "free_bytes": _free_bytes(cache_dir)},

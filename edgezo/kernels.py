@@ -15,14 +15,18 @@ Why this exists (read in the ggml sources that llama-cpp-python 0.3.36 vendors):
 edgezo's install builds without AMX (-mno-amx-*, see the Makefile). For any other build on an AMX CPU the engine
 loads the model with llama.cpp's extra buffer types off (so nothing reaches the AMX buffer type) and gives back the
 repacked kernels by placing, through tensor buffer-type overrides, exactly the weights CPU_REPACK would have taken
-into CPU_REPACK. `repacked_by_llama_cpp` mirrors ggml_repack_get_optimal_repack_type for x86 (repack.cpp); the
-tests check it against llama.cpp's own choice on the real model for every quant type edgezo offers.
+into CPU_REPACK. `repacked_by_llama_cpp` mirrors ggml_repack_get_optimal_repack_type (repack.cpp) for x86 and
+ARM (AMX does not exist on ARM; there the rules serve EDGEZO_AMX=avoid and `edgezo doctor`'s report of the kernels
+in use); the tests check it against llama.cpp's own choice on the real model for every quant type edgezo offers, on
+x86 and, under emulation, on two ARM builds (tools/arm64-check).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import re
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -55,12 +59,13 @@ def build_features(system_info: str) -> dict[str, str]:
 
 
 def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU's feature flags (Linux /proc/cpuinfo 'flags' line), None where they cannot be read."""
+    """The CPU's feature flags (Linux /proc/cpuinfo: x86's 'flags' line, ARM's 'Features'), None where they cannot be
+    read."""
     try:
         text = Path(cpuinfo).read_text(errors="replace")
     except OSError:
         return None
-    match = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
+    match = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", text, re.MULTILINE)
     return frozenset(match.group(1).split()) if match else None
 
 
@@ -70,7 +75,23 @@ def cpu_model_name(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str | None:
     except OSError:
         return None
     match = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
-    return match.group(1).strip() if match else None
+    if match:
+        return match.group(1).strip()
+    # ARM Linux names no model: the implementer and part numbers do (0x41 is Arm Ltd; Linux's cputype.h)
+    implementer = re.search(r"^CPU implementer\s*:\s*(0x[0-9a-f]+)", text, re.MULTILINE | re.IGNORECASE)
+    part = re.search(r"^CPU part\s*:\s*(0x[0-9a-f]+)", text, re.MULTILINE | re.IGNORECASE)
+    if not (implementer and part):
+        return None
+    key = (int(implementer.group(1), 16), int(part.group(1), 16))
+    return ARM_CPU_PARTS.get(key, f"ARM implementer {implementer.group(1)} part {part.group(1)}")
+
+
+ARM_CPU_PARTS = {(0x41, 0xD03): "Cortex-A53", (0x41, 0xD08): "Cortex-A72", (0x41, 0xD0B): "Cortex-A76",
+                 (0x41, 0xD0C): "Neoverse-N1", (0x41, 0xD40): "Neoverse-V1", (0x41, 0xD41): "Cortex-A78",
+                 (0x41, 0xD44): "Cortex-X1", (0x41, 0xD46): "Cortex-A510", (0x41, 0xD47): "Cortex-A710",
+                 (0x41, 0xD48): "Cortex-X2", (0x41, 0xD49): "Neoverse-N2", (0x41, 0xD4D): "Cortex-A715",
+                 (0x41, 0xD4E): "Cortex-X3", (0x41, 0xD4F): "Neoverse-V2", (0x41, 0xD80): "Cortex-A520",
+                 (0x41, 0xD81): "Cortex-A720", (0x41, 0xD82): "Cortex-X4"}
 
 
 def amx_mode(value: str | None = None) -> AmxMode:
@@ -98,20 +119,83 @@ def plan_kernels(system_info: str, flags: frozenset[str] | None, mode: AmxMode =
         "loading without them, repacked kernels kept (a build without AMX: `make install-llama-cpp`)"))
 
 
-# ---- which weights llama.cpp's CPU_REPACK buffer type takes on x86 (ggml_repack_get_optimal_repack_type) ----------
-_REPACK_WITH_AVX2 = {Q.Q4_0, Q.Q4_K, Q.IQ4_NL, Q.MXFP4}  # each when ne[1] % 8 == 0
-_REPACK_WITH_AVX512 = {Q.Q2_K}
-_REPACK_ROWS = 8
+# ---- which weights llama.cpp's CPU_REPACK buffer type takes, and in which layout --------------------------------
+# ggml_repack_get_optimal_repack_type (ggml-cpu/repack.cpp of llama-cpp-python 0.3.36's llama.cpp), as data: per ggml
+# type, llama.cpp's checks in its order as (features the build needs, output rows must be a multiple of, layout).
+# The first rule whose features the build has and whose row count divides ne[1] wins; if none, no repack. x86 checks
+# AVX2 / AVX512; ARM checks the build's NEON, DOTPROD (dotprod), MATMUL_INT8 (i8mm), SVE and the SVE vector length
+# in bytes read at start-up (SVE_CNT): all compile-time but SVE_CNT, so a build's system info decides everything.
+# The layout is llama.cpp's interleave (columns x rows per block group), e.g. Q4_0 "4x8" = q4_0_4x8_q8_0.
+_DOTPROD, _I8MM = {"NEON": "1", "DOTPROD": "1"}, {"NEON": "1", "MATMUL_INT8": "1"}
+_REPACK_RULES: dict[int, tuple[tuple[dict[str, str], int, str], ...]] = {
+    Q.Q4_0: (({"AVX2": "1"}, 8, "8x8"), ({"SVE": "1", "MATMUL_INT8": "1", "SVE_CNT": "32"}, 8, "8x8"),
+             (_I8MM, 4, "4x8"), (_DOTPROD, 4, "4x4")),
+    Q.Q4_K: (({"AVX2": "1"}, 8, "8x8"), (_I8MM, 8, "8x8"), (_DOTPROD, 8, "8x4")),
+    Q.Q2_K: (({"AVX512": "1"}, 8, "8x8"),),
+    Q.Q5_K: ((_I8MM, 8, "8x8"), (_DOTPROD, 8, "8x4")),
+    Q.Q6_K: ((_I8MM, 8, "8x8"), (_DOTPROD, 8, "8x4")),
+    Q.IQ4_NL: (({"AVX2": "1"}, 8, "8x8"), (_DOTPROD, 4, "4x4")),
+    Q.MXFP4: (({"AVX2": "1"}, 8, "8x8"), (_DOTPROD, 4, "4x4")),
+    Q.Q8_0: ((_I8MM, 4, "4x8"), (_DOTPROD, 4, "4x4")),
+}
 _MATMUL_WEIGHT = re.compile(r"^(blk\.\d+\.[a-z0-9_]+|output)\.weight$")
 
 
+def repack_layout(ggml_type: int, n_rows: int, features: dict[str, str]) -> str | None:
+    """The interleave llama.cpp repacks a matmul weight of `ggml_type` with `n_rows` output rows (ne[1]) into on a
+    build with these system-info `features`, e.g. "4x8"; None if it stays in its GGUF layout."""
+    for needs, rows, layout in _REPACK_RULES.get(ggml_type, ()):
+        if all(features.get(name) == value for name, value in needs.items()) and n_rows % rows == 0:
+            return layout
+    return None
+
+
 def repacked_by_llama_cpp(name: str, ggml_type: int, dims: tuple[int, ...], features: dict[str, str]) -> bool:
-    """Whether CPU_REPACK would take tensor `name` on this x86 build. Only 2-D matmul weights of the listed types;
-    token_embd is excluded because llama.cpp reads it with get_rows, which repacked data cannot serve."""
-    if len(dims) != 2 or dims[1] % _REPACK_ROWS or not _MATMUL_WEIGHT.match(name):
+    """Whether CPU_REPACK would take tensor `name` on this build (x86 or ARM). Only 2-D matmul weights of the listed
+    types; token_embd is excluded because llama.cpp reads it with get_rows, which repacked data cannot serve."""
+    if len(dims) != 2 or not _MATMUL_WEIGHT.match(name):
         return False
-    has = lambda feature: features.get(feature) == "1"  # noqa: E731
-    return (has("AVX2") and ggml_type in _REPACK_WITH_AVX2) or (has("AVX512") and ggml_type in _REPACK_WITH_AVX512)
+    return repack_layout(ggml_type, dims[1], features) is not None
+
+
+def repack_plan(features: dict[str, str], ggml_types: dict[str, int]) -> dict[str, str | None]:
+    """{name: layout or None} for each ggml type (a matmul weight with rows a multiple of 8, as every model edgezo
+    ships has): which kernels the matmuls of a model in that type run on this build, for `edgezo doctor`."""
+    if features.get("REPACK") != "1":
+        return {name: None for name in ggml_types}
+    return {name: repack_layout(ggml_type, 8 * 64, features) for name, ggml_type in ggml_types.items()}
+
+
+# ---- ARM CPU features: what the CPU offers (the kernel's HWCAP bits), beside what a build uses -------------------
+# Linux arch/arm64/include/uapi/asm/hwcap.h, named as /proc/cpuinfo's Features line spells them
+ARM_HWCAP = {"fp": 0, "asimd": 1, "fphp": 9, "asimdhp": 10, "asimdrdm": 12, "asimddp": 20, "sve": 22}
+ARM_HWCAP2 = {"sve2": 1, "i8mm": 13, "bf16": 14, "sme": 23}
+AT_HWCAP, AT_HWCAP2 = 16, 26
+# system-info feature of a build -> the CPU feature it executes (a build using one the CPU lacks dies with SIGILL)
+ARM_BUILD_NEEDS = {"NEON": "asimd", "FP16_VA": "asimdhp", "DOTPROD": "asimddp", "MATMUL_INT8": "i8mm", "SVE": "sve",
+                   "SME": "sme"}
+
+
+def arm_features(hwcap: int, hwcap2: int) -> frozenset[str]:
+    return frozenset({n for n, bit in ARM_HWCAP.items() if hwcap >> bit & 1} |
+                     {n for n, bit in ARM_HWCAP2.items() if hwcap2 >> bit & 1})
+
+
+def cpu_arm_features() -> frozenset[str] | None:
+    """This ARM CPU's features from getauxval (what llama.cpp itself asks at run time; under qemu-user these are the
+    emulated CPU's, while /proc/cpuinfo is the host's). None off aarch64 Linux."""
+    if platform.machine() not in ("aarch64", "arm64") or not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    getauxval = ctypes.CDLL(None).getauxval
+    getauxval.restype, getauxval.argtypes = ctypes.c_ulong, [ctypes.c_ulong]
+    return arm_features(getauxval(AT_HWCAP), getauxval(AT_HWCAP2))
+
+
+def arm_features_missing(features: dict[str, str], cpu: frozenset[str]) -> list[str]:
+    """The build's ARM features (system info) that this CPU does not execute."""
+    return [name for name, flag in ARM_BUILD_NEEDS.items() if features.get(name) == "1" and flag not in cpu]
 
 
 def override_patterns(names: list[str]) -> list[str]:

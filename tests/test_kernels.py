@@ -65,6 +65,14 @@ def test_cpu_flags_and_model_from_cpuinfo(tmp_path):
 
 AVX2 = kernels.build_features(AMD_INFO)
 AVX512 = kernels.build_features(XEON_NO_AMX_INFO)
+# llama_print_system_info of the two ARM builds tools/arm64-check makes (GGML_CPU_ARM_ARCH as named), and of a
+# generic armv8-a build (what -mcpu=native gives under qemu-user, which shows the host's /proc/cpuinfo)
+A76_INFO = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+V86_INFO = ("CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | MATMUL_INT8 = 1 | SVE = 1 | DOTPROD = 1 | SVE_CNT = 16 | "
+            "LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | ")
+ARMV8_INFO = "CPU : NEON = 1 | ARM_FMA = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 | "
+A76, V86, ARMV8 = map(kernels.build_features, (A76_INFO, V86_INFO, ARMV8_INFO))
+SVE256 = {**V86, "SVE_CNT": "32"}  # a 256-bit SVE core (Graviton3, A64FX)
 
 
 @pytest.mark.parametrize("name, ggml_type, dims, features, repacked", [
@@ -78,10 +86,77 @@ AVX512 = kernels.build_features(XEON_NO_AMX_INFO)
     ("blk.0.ffn_down.weight", Q.Q6_K, (1536, 576), AVX512, False),
     ("blk.0.ffn_up.weight", Q.Q2_K, (576, 1536), AVX2, False),    # Q2_K needs AVX-512
     ("blk.0.ffn_up.weight", Q.Q2_K, (576, 1536), AVX512, True),
-    ("blk.0.ffn_up.weight", Q.Q4_0, (576, 1536), {}, False),      # no AVX2 (e.g. ARM): the x86 rules do not apply
+    ("blk.0.ffn_up.weight", Q.Q4_0, (576, 1536), {}, False),      # neither x86's nor ARM's features: no repack
+    ("blk.0.ffn_down.weight", Q.Q8_0, (1536, 576), A76, True),    # ARM repacks Q8_0 (dotprod)
+    ("blk.0.attn_k.weight", Q.Q4_0, (576, 196), A76, True),       # ARM's Q4_0 layouts need rows % 4 only
+    ("blk.0.attn_k.weight", Q.Q4_0, (576, 198), A76, False),
+    ("token_embd.weight", Q.Q8_0, (576, 49152), V86, False),
+    ("blk.0.ffn_up.weight", Q.Q2_K, (576, 1536), V86, False),     # Q2_K repacks with AVX-512 only
 ])
 def test_repack_rule(name, ggml_type, dims, features, repacked):
     assert kernels.repacked_by_llama_cpp(name, ggml_type, dims, features) is repacked
+
+
+@pytest.mark.parametrize("ggml_type, rows, features, layout", [
+    (Q.Q4_0, 576, AVX2, "8x8"),
+    (Q.Q4_0, 576, A76, "4x4"),       # dotprod
+    (Q.Q4_0, 576, V86, "4x8"),       # i8mm; SVE 8x8 needs 256-bit vectors, phone cores have 128
+    (Q.Q4_0, 576, SVE256, "8x8"),
+    (Q.Q4_0, 196, SVE256, "4x8"),    # 8x8 needs rows % 8: the next rule in llama.cpp's order
+    (Q.Q4_0, 576, ARMV8, None),      # NEON alone: no repack (a generic build, e.g. -mcpu=native under qemu)
+    (Q.Q8_0, 576, A76, "4x4"),
+    (Q.Q8_0, 576, V86, "4x8"),
+    (Q.Q8_0, 576, AVX512, None),     # x86 never repacks Q8_0
+    (Q.Q4_K, 576, A76, "8x4"),
+    (Q.Q4_K, 576, V86, "8x8"),
+    (Q.Q6_K, 576, A76, "8x4"),
+    (Q.Q6_K, 576, AVX2, None),
+    (Q.Q5_K, 576, V86, "8x8"),
+    (Q.IQ4_NL, 576, V86, "4x4"),     # IQ4_NL has no i8mm layout
+    (Q.MXFP4, 196, A76, "4x4"),
+    (Q.Q4_1, 576, V86, None),        # not a repack type anywhere
+    (Q.F16, 576, V86, None),
+])
+def test_repack_layout_follows_llama_cpps_order(ggml_type, rows, features, layout):
+    assert kernels.repack_layout(ggml_type, rows, features) == layout
+
+
+def test_repack_plan_per_quant_and_none_without_repack():
+    types = {"q4_0": Q.Q4_0, "q8_0": Q.Q8_0, "f16": Q.F16}
+    assert kernels.repack_plan(V86, types) == {"q4_0": "4x8", "q8_0": "4x8", "f16": None}
+    assert kernels.repack_plan({**V86, "REPACK": "0"}, types) == dict.fromkeys(types)
+
+
+def test_arm_features_from_hwcap_and_what_a_build_needs():
+    # HWCAP of a Cortex-A76 (fp asimd ... fphp asimdhp asimdrdm ... asimddp), no HWCAP2 bits
+    a76 = kernels.arm_features((1 << 0) | (1 << 1) | (1 << 9) | (1 << 10) | (1 << 12) | (1 << 20), 0)
+    assert a76 == {"fp", "asimd", "fphp", "asimdhp", "asimdrdm", "asimddp"}
+    assert kernels.arm_features(1 << 22, 1 << 13) == {"sve", "i8mm"}
+    assert kernels.arm_features_missing(A76, a76) == []
+    assert kernels.arm_features_missing(V86, a76) == ["MATMUL_INT8", "SVE"]  # the v8.6 build on an A76: SIGILL
+    assert kernels.arm_features_missing(A76, frozenset({"fp", "asimd"})) == ["FP16_VA", "DOTPROD"]  # on a Cortex-A72
+
+
+def test_arm_cpuinfo_features_and_part(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm asimdhp asimddp\n"
+                       "CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\n")
+    assert kernels.cpu_flags(cpuinfo) == {"fp", "asimd", "evtstrm", "asimdhp", "asimddp"}
+    assert kernels.cpu_model_name(cpuinfo) == "Cortex-A76"
+    cpuinfo.write_text("Features\t: fp asimd\nCPU implementer\t: 0x51\nCPU part\t: 0x802\n")
+    assert kernels.cpu_model_name(cpuinfo) == "ARM implementer 0x51 part 0x802"
+
+
+def test_doctor_names_arm_features_and_what_the_cpu_lacks():
+    from edgezo.cli.info import format_arm
+
+    arm = {"build": {"NEON": "1", "DOTPROD": "1", "MATMUL_INT8": "1", "SVE": "1", "SVE_CNT": "16"},
+           "cpu": ["asimd", "asimddp"], "missing_on_cpu": ["MATMUL_INT8", "SVE"]}
+    line = format_arm(arm)
+    assert "NEON yes, dotprod yes, i8mm no, SVE no" in line and "SVE_CNT=16" in line
+    assert "MISSING on this CPU: MATMUL_INT8, SVE" in line
+    assert "MISSING" not in format_arm({**arm, "cpu": ["asimd", "asimddp", "i8mm", "sve"], "missing_on_cpu": []})
+    assert "not an ARM CPU" in format_arm({"build": {}, "cpu": None, "missing_on_cpu": None})
 
 
 def test_override_patterns_match_exactly_the_chosen_tensors():
@@ -131,7 +206,9 @@ def test_doctor_reports_build_cpu_and_a_decode_probe(tiny_gguf, capsys):
     report = json.loads(out.out.strip().splitlines()[-1])
     assert report["versions"]["llama-cpp-python"] == "0.3.36"
     assert "CPU :" in report["llama_cpp_system_info"]
-    assert set(report["kernels"]) >= {"amx_kernels_built", "cpu_has_amx", "avoid_amx", "repack_built", "flash_attention"}
+    assert set(report["kernels"]) >= {"amx_kernels_built", "cpu_has_amx", "avoid_amx", "repack_built", "flash_attention",
+                                      "repack", "arm"}
+    assert set(report["kernels"]["repack"]) >= {"q4_0", "q8_0", "f16", "q4_k"}
     assert report["cache"]["free_bytes"] > 0
     probe = report["probe"]
     assert probe["ok"] and probe["finite"] and probe["n_sequences"] == 4
@@ -174,3 +251,7 @@ def test_install_recipe_builds_without_amx_and_never_reuses_a_cached_wheel():
     assert 'b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()' in recipe  # a build with AMX kernels is replaced
     no_amx = 'CFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" CXXFLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"'
     assert (no_amx in recipe) is (platform.machine() in ("x86_64", "amd64"))
+    for machine, x86 in (("aarch64", False), ("arm64", False), ("x86_64", True)):  # -mno-amx-* exist on x86 only
+        recipe = subprocess.run(["make", "-n", f"UNAME_M={machine}", "install-llama-cpp"], cwd=Path(__file__).parents[1],
+                                capture_output=True, text=True, check=True).stdout
+        assert ("-mno-amx" in recipe) is x86, machine

@@ -90,6 +90,9 @@ def format_doctor(r: dict) -> str:
         f"repacked kernels built: {'yes' if k['repack_built'] else 'no'}; "
         f"flash attention: {'on' if k['flash_attention'] else 'off'}; "
         f"threads: {format_threads(r['threads'])}",
+        "repacked layout per --quant: " + (", ".join(f"{q} {layout}" for q, layout in k["repack"].items() if layout)
+                                           or "none (every weight in its GGUF layout)"),
+        *([format_arm(k["arm"])] if k.get("arm") else []),
         f"cache: {r['cache']['path']} ({r['cache']['free_bytes'] / 2**30:.1f} GiB free)" if r["cache"]["free_bytes"] is not None
         else f"cache: {r['cache']['path']}",
     ]
@@ -101,6 +104,17 @@ def format_doctor(r: dict) -> str:
     elif probe:
         lines.append(f"decode probe: FAILED (exit {probe['returncode']}): {' / '.join(probe['stderr_tail'])}")
     return "\n".join(lines)
+
+
+def format_arm(arm: dict) -> str:
+    build = " ".join(f"{name}={value}" if name == "SVE_CNT" else name for name, value in arm["build"].items())
+    if arm["cpu"] is None:
+        return f"ARM build features: {build or 'none'} (this is not an ARM CPU)"
+    has = ", ".join(f"{label} {'yes' if flag in arm['cpu'] else 'no'}"
+                    for label, flag in (("NEON", "asimd"), ("dotprod", "asimddp"), ("i8mm", "i8mm"), ("SVE", "sve")))
+    missing = ", ".join(arm["missing_on_cpu"])
+    return (f"ARM: CPU has {has}; build uses {build or 'none'}"
+            + (f"; MISSING on this CPU: {missing} (expect SIGILL: rebuild, `make install-llama-cpp`)" if missing else ""))
 
 
 def format_threads(t: dict) -> str:

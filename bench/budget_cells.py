@@ -244,25 +244,29 @@ def arm_cpu_seconds(arm: Arm, task: TaskSpec, milestones=MILESTONES_S) -> dict:
     return {"train": train, "evals": evals, "timing": timing, "total": train + evals + timing}
 
 
-def zero_shot_seconds(task: TaskSpec) -> float:
-    return sum(eval_seconds(m, task.name, task.n_valid) + eval_seconds(m, task.name, task.test_limit or 1000)
-               for m in task.models)
+def zero_shot_seconds(task: TaskSpec, test_models) -> float:
+    """Every model's zero-shot validation (the figure's lines), and the test split of the models trained."""
+    return (sum(eval_seconds(m, task.name, task.n_valid) for m in task.models)
+            + sum(eval_seconds(m, task.name, task.test_limit or 1000) for m in test_models))
 
 
 def cut_to_budget(cells: list[Cell], cpu_hours: float) -> tuple[list[Cell], list[Cell], list[dict]]:
-    """(kept, cut, rows): cells in order while the projected CPU (arms + the task's zero-shot evaluations, once per
-    task) stays within `cpu_hours`; the first cell is always kept. rows: the plan's projection per cell."""
-    kept, cut, rows, total, tasks_seen = [], [], [], 0.0, set()
+    """(kept, cut, rows): cells in order while the projected CPU (arms + zero-shot evaluations not yet counted: each
+    model's validation once per task, the test split of each trained model) stays within `cpu_hours`; the first cell
+    is always kept, and once one is cut so is every later one. rows: the plan's projection per cell."""
+    kept, cut, rows, total, seen = [], [], [], 0.0, set()  # seen: zero-shot evaluations already counted
     for cell in cells:
         task = TASKS[cell.spec.task]
         arms = {a.key: arm_cpu_seconds(a, task) for a in cell.arms}
-        zero = zero_shot_seconds(task) if task.name not in tasks_seen else 0.0
+        new_models = {a.model for a in cell.arms} - {m for t, m in seen if t == task.name}
+        zero = zero_shot_seconds(task, new_models) - (0.0 if (task.name, None) not in seen else
+                                                      sum(eval_seconds(m, task.name, task.n_valid) for m in task.models))
         cost = sum(a["total"] for a in arms.values()) + zero
-        fits = not kept or total + cost <= cpu_hours * HOUR
+        fits = not kept or (not cut and total + cost <= cpu_hours * HOUR)  # the order is the priority: no skipping
         if fits and cell.arms:
             kept.append(cell)
             total += cost
-            tasks_seen.add(task.name)
+            seen |= {(task.name, None)} | {(task.name, m) for m in new_models}
         else:
             cut.append(cell)
         rows.append({"cell": cell, "arms": arms, "zero_shot": zero, "cost": cost, "kept": fits and bool(cell.arms),

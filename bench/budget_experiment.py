@@ -18,8 +18,9 @@ What runs (bench/budget_cells.py holds the rules; `--plan` prints them with the 
    process to one milestone) checkpoints and resumes bit-exactly: kill the script, rerun it, it continues. A piece
    during which other processes kept >= 0.5 cores busy (/proc/stat less its own CPU), or whose median step was
    1.25x the quiet one, counts its time as steps x the quiet median; both clocks are recorded.
-5. Order: milestone by milestone over the kept cells (all arms to 15 min, then to 30 min, ...), so a session cut
-   short still leaves complete comparisons at a shorter time. Cells beyond --cpu-hours are cut, last first.
+5. Order: cell by cell, most informative first; within a cell the arms advance together, milestone by milestone,
+   so a session cut short leaves the first cells complete and the next one compared at a shorter time. Cells
+   beyond --cpu-hours are cut, last first.
 6. Results: bench/results/budget_experiment.{jsonl,md,png}: per cell the validation curves against training
    wall-clock (zero-shot of every model as horizontal lines), test accuracy with its standard error, the rates
    chosen, peak RSS measured and predicted. Drawn from whatever is finished (--collect: no training).
@@ -411,21 +412,25 @@ def smoke(kept: list[bc.Cell], args) -> list[dict]:
 
 
 def execute(kept: list[bc.Cell], args) -> None:
-    """Zero-shot, refusals, timing, then every arm milestone by milestone, then test: each step skipped if done."""
+    """Cell by cell, in the plan's order: zero-shot (every model on validation, the trained ones on test), the
+    refusal, the arms' timing runs, then the arms together milestone by milestone (both at 15 min, then both at
+    30 min, ...), then test. Each step is skipped if done, so a session cut short leaves the first cells complete
+    and the next with both arms at the same milestone."""
     for cell in kept:
         task = bc.TASKS[cell.spec.task]
         for m in task.models:
-            for split, limit in (("valid", task.n_valid), ("test", task.test_limit)):
-                zero_shot(m, task, split, limit, args.threads, args.work)
+            zero_shot(m, task, "valid", task.n_valid, args.threads, args.work)
+        for m in dict.fromkeys(a.model for a in cell.arms):
+            zero_shot(m, task, "test", task.test_limit, args.threads, args.work)
         refusal(cell, task, args.work)
-    runners = [ArmRunner(a, bc.TASKS[c.spec.task], args.work, args.threads) for c in kept for a in c.arms]
-    for runner in runners:
-        runner.timing()
-    for k in range(len(bc.MILESTONES_S)):
+        runners = [ArmRunner(a, task, args.work, args.threads) for a in cell.arms]
         for runner in runners:
-            runner.advance(k)
-    for runner in runners:
-        runner.collect(test=True)
+            runner.timing()
+        for k in range(len(bc.MILESTONES_S)):
+            for runner in runners:
+                runner.advance(k)
+        for runner in runners:
+            runner.collect(test=True)
 
 
 # ---- figure and tables --------------------------------------------------------------------------------------------
@@ -533,7 +538,8 @@ def main() -> int:
     parser.add_argument("--plan", "--dry-run", action="store_true", help="print the cells and their cost; train nothing")
     parser.add_argument("--collect", action="store_true", help="results from what is finished; train nothing")
     parser.add_argument("--smoke", action="store_true", help="each kept arm for 2 steps on its real model (WORK/smoke)")
-    parser.add_argument("--cpu-hours", type=float, default=10.0, help="cut cells beyond this projection [%(default)s]")
+    parser.add_argument("--cpu-hours", type=float, default=11.0,
+                        help="cut the cells from the first beyond this projection on [%(default)s: the first two]")
     parser.add_argument("--cells", type=lambda s: s.split(","), help="only these TASK.BUDGET cells, e.g. boolq.separate")
     parser.add_argument("--bp-rates", type=rates, default=list(bc.BP_RATES), help="AdamW grid [1e-4,3e-4,1e-3]")
     parser.add_argument("--mezo-rates", type=rates, default=list(bc.MEZO_RATES), help="MeZO rates [auto]")

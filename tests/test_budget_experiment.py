@@ -57,7 +57,11 @@ def test_the_cpu_cut_keeps_cells_in_order_within_the_hours_and_counts_zero_shot_
     two_cells = (rows[0]["cost"] + rows[1]["cost"]) / bc.HOUR
     kept, cut, rows = bc.cut_to_budget(cells, cpu_hours=two_cells + 0.01)
     assert [c.spec for c in kept] == specs[:2] and [c.spec for c in cut] == specs[2:]
-    assert rows[0]["zero_shot"] > 0 and rows[2]["zero_shot"] == 0  # boolq-long's zero-shot counted with cell 1
+    valid_all = sum(bc.eval_seconds(m, "boolq-long", 100) for m in bc.TASKS["boolq-long"].models)
+    assert rows[2]["zero_shot"] == pytest.approx(bc.eval_seconds(Q15, "boolq-long", 300))  # only 1.5B's test is new
+    assert rows[0]["zero_shot"] == pytest.approx(valid_all + sum(bc.eval_seconds(m, "boolq-long", 300) for m in (S, Q5)))
+    reordered = bc.cut_to_budget([cells[0], cells[2], cells[1]], cpu_hours=two_cells + 0.01)[0]
+    assert len(reordered) == 1  # cell 3 does not fit after cell 1, so the cheaper cell after it is cut too
     bp = rows[1]["arms"][cells[1].arms[0].key]
     assert bp["train"] == 7200 + 2 * 900  # 2 h, and the two rates not chosen to the first milestone
     assert rows[1]["cumulative"] == pytest.approx(two_cells * bc.HOUR) and not rows[2]["kept"]

@@ -210,10 +210,11 @@ def best_event(events: list[dict]) -> dict:
 class ArmRunner:
     def __init__(self, arm: bc.Arm, task: bc.TaskSpec, work: Path, threads: int, milestones=bc.MILESTONES_S,
                  model: str | None = None, timing_retries: int = 3, retry_wait_s: float = 120.0,
-                 fixed_steps: list[int] | None = None):
+                 fixed_steps: list[int] | None = None, timing_steps: int = bc.TIMING_STEPS):
         self.arm, self.task, self.work, self.threads, self.milestones = arm, task, work, threads, milestones
         self.model, self.timing_retries, self.retry_wait_s = model, timing_retries, retry_wait_s
         self.fixed_steps = fixed_steps  # --smoke: these step counts instead of the milestones
+        self.timing_steps = timing_steps
         self.dir = work / "runs" / arm.key
 
     def run(self, rate, name: str | None = None) -> Run:
@@ -229,7 +230,7 @@ class ArmRunner:
         for attempt in range(self.timing_retries + 1):
             run = self.run(self.arm.rates[0], "timing")
             shutil.rmtree(run.dir, ignore_errors=True)
-            piece = run.advance(bc.TIMING_STEPS, 0, 0, 1)
+            piece = run.advance(self.timing_steps, 0, 0, 1)
             attempts.append(piece)
             if not bc.is_shared({**piece, "median_step_s": None}, piece["median_step_s"]):
                 break
@@ -397,14 +398,14 @@ def collect(cells: list[bc.Cell], args, test: bool) -> dict:
 
 
 def smoke(kept: list[bc.Cell], args) -> list[dict]:
-    """Every kept arm on its real model, 1 then 2 steps (each rate to step 1), 4 validation and 4 test examples,
-    under its budget: the pipeline end to end in a few minutes, in WORK/smoke (nothing published)."""
+    """Every kept arm on its real model, 1 then 2 steps (each rate to step 1; a 1-step timing run), 4 validation and
+    4 test examples, under its budget: the pipeline end to end in minutes, in WORK/smoke (nothing published)."""
     records = []
     for cell in kept:
         task = replace(bc.TASKS[cell.spec.task], n_valid=4, test_limit=4)
         for arm in cell.arms:
             runner = ArmRunner(arm, task, args.work / "smoke", args.threads, timing_retries=0,
-                               fixed_steps=[1, 2, 2, 2])
+                               fixed_steps=[1, 2, 2, 2], timing_steps=1)
             for k in range(len(bc.MILESTONES_S)):
                 runner.advance(k)
             records.append(runner.collect(test=True))

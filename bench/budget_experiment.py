@@ -210,12 +210,12 @@ def best_event(events: list[dict]) -> dict:
 class ArmRunner:
     def __init__(self, arm: bc.Arm, task: bc.TaskSpec, work: Path, threads: int, milestones=bc.MILESTONES_S,
                  model: str | None = None, timing_retries: int = 3, retry_wait_s: float = 120.0,
-                 fixed_steps: list[int] | None = None, timing_steps: int = bc.TIMING_STEPS):
+                 fixed_steps: list[int] | None = None, timing_steps: int = bc.TIMING_STEPS, runs: Path | None = None):
         self.arm, self.task, self.work, self.threads, self.milestones = arm, task, work, threads, milestones
         self.model, self.timing_retries, self.retry_wait_s = model, timing_retries, retry_wait_s
         self.fixed_steps = fixed_steps  # --smoke: these step counts instead of the milestones
         self.timing_steps = timing_steps
-        self.dir = work / "runs" / arm.key
+        self.dir = (runs or work / "runs") / arm.key  # the data stays in WORK/data
 
     def run(self, rate, name: str | None = None) -> Run:
         return Run(self.arm, rate, self.task, self.work, self.threads, self.dir / (name or f"lr-{rate}"), self.model)
@@ -404,12 +404,26 @@ def smoke(kept: list[bc.Cell], args) -> list[dict]:
     for cell in kept:
         task = replace(bc.TASKS[cell.spec.task], n_valid=4, test_limit=4)
         for arm in cell.arms:
-            runner = ArmRunner(arm, task, args.work / "smoke", args.threads, timing_retries=0,
-                               fixed_steps=[1, 2, 2, 2], timing_steps=1)
+            runner = ArmRunner(arm, task, args.work, args.threads, timing_retries=0, fixed_steps=[1, 2, 2, 2],
+                               timing_steps=1, runs=args.work / "smoke")
             for k in range(len(bc.MILESTONES_S)):
                 runner.advance(k)
             records.append(runner.collect(test=True))
     return records
+
+
+def running_in(work: Path) -> list[int]:
+    """PIDs of edgezo commands still writing into `work` (a piece orphaned when this script was killed): a rerun
+    waits for them rather than train the same run twice."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"edgezo.cli" in argv and any(str(work).encode() in a for a in argv) and int(proc.name) != os.getpid():
+            pids.append(int(proc.name))
+    return pids
 
 
 def execute(kept: list[bc.Cell], args) -> None:
@@ -561,6 +575,10 @@ def main() -> int:
                   f"{record['timing']['median_step_s']:.2f} s/step")
         return 0
     if not args.collect:
+        while pids := running_in(args.work.resolve()):
+            say(f"waiting for edgezo processes still writing into {args.work} (pids {pids}; stop this script with "
+                f"Ctrl-C, which lets a piece checkpoint, rather than kill it alone)")
+            time.sleep(30)
         execute(kept, args)
     result = collect(kept, args, test=not args.collect)
     result["cut"] = [f"{c.spec.task}.{c.spec.budget}" for c in cut]

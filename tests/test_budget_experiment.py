@@ -227,3 +227,17 @@ def test_an_arm_runs_end_to_end_on_the_tiny_model_and_a_rerun_trains_nothing(met
     assert len(record["runs"]) == len(rates)  # every rate ran to the first milestone
     runner.advance(1)
     assert len(runner.run(record["chosen_rate"]).pieces()) == 2  # a rerun finds everything done
+
+
+def test_a_rerun_sees_an_edgezo_process_still_writing_into_its_work_dir(tmp_path):
+    import subprocess
+    import sys
+
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "edgezo.cli", "finetune",
+                               "--out", str(tmp_path / "runs" / "x")])
+    try:
+        assert orphan.pid in be.running_in(tmp_path) and be.running_in(tmp_path / "other") == []
+    finally:
+        orphan.kill()
+        orphan.wait()
+    assert orphan.pid not in be.running_in(tmp_path)

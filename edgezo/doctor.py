@@ -51,12 +51,12 @@ def environment(cache_dir: Path, n_threads: int = 0) -> dict:
     from .engine import EngineConfig, system_info
 
     info = system_info()
-    flags = kernels.cpu_flags()
+    # on ARM, the kernel's HWCAP (what /proc/cpuinfo's Features shows, and right under qemu-user, where cpuinfo is the
+    # host's)
+    arm_cpu = kernels.cpu_arm_features()
+    flags = arm_cpu if arm_cpu is not None else kernels.cpu_flags()
     plan = kernels.plan_kernels(info, flags, kernels.amx_mode())
     features = kernels.build_features(info)
-    arm_cpu = kernels.cpu_arm_features()  # from the kernel's HWCAP: right under qemu-user, where cpuinfo is the host's
-    if arm_cpu is not None:
-        flags = arm_cpu | (flags or frozenset())
     return {
         "edgezo": __version__,
         "python": platform.python_version(),

@@ -1,0 +1,78 @@
+"""The parts of tools/arm64-check that run inside the emulated arm64 userland (and on the host, for the x86 side).
+
+    python tools/arm64_inner.py system                       # build, CPU, repack plan: one JSON line
+    python tools/arm64_inner.py quants Q [Q ...]             # each quant decodes the real model in a child process
+    python tools/arm64_inner.py logits QUANT ADAPTER OUT.npy # last-position logits of PROMPTS with the adapter
+
+Each command prints one JSON object as its last line of stdout (a script, not library code: printing is its job).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+
+MODEL = "smollm2-135m"
+PROMPTS = ("Review: a tender, funny film that earns every tear\nSentiment:",
+           "Review: dull, long and far too pleased with itself\nSentiment:",
+           "The capital of France is", "def fibonacci(n):\n    ")
+
+
+def system() -> dict:
+    from edgezo import store
+    from edgezo.doctor import environment
+
+    env = environment(store.home(), n_threads=1)
+    return {"system_info": env["llama_cpp_system_info"].strip(), "machine": env["cpu"]["machine"],
+            "cpu_flags": env["cpu"]["flags"], "kernels": env["kernels"]}
+
+
+def quants(names: list[str]) -> dict:
+    """Per quant: a decode in a child process as llama.cpp places the weights, and again with edgezo's mirror of
+    llama.cpp's repack rules placing them (EDGEZO_AMX=avoid): the same buffers and bit-identical logits mean the
+    mirror chose as llama.cpp did."""
+    from edgezo import kernels, store
+    from edgezo.doctor import MATMUL_TYPES, probe_in_child
+    from edgezo.engine import system_info
+
+    features = kernels.build_features(system_info())
+    results = {}
+    for quant in names:
+        path = store.resolve_model(MODEL, quant)
+        start = time.monotonic()
+        default = probe_in_child(path, n_threads=1, env={kernels.AMX_ENV: "auto"})
+        guarded = probe_in_child(path, n_threads=1, env={kernels.AMX_ENV: "avoid"})
+        ok = default["ok"] and guarded["ok"] and default["finite"] and guarded["finite"]
+        results[quant] = {
+            "ok": ok, "seconds": round(time.monotonic() - start, 1),
+            "weight_buffers_mib": default.get("weight_buffers_mib"),
+            "predicted_layout": kernels.repack_layout(MATMUL_TYPES[quant], 8 * 64, features) if quant in MATMUL_TYPES
+            else None,
+            "mirror_matches": ok and default["weight_buffers_mib"] == guarded["weight_buffers_mib"]
+            and default["logits_sha256"] == guarded["logits_sha256"],
+            **({} if ok else {"failure": default if not default["ok"] else guarded}),
+        }
+    return results
+
+
+def logits(quant: str, adapter_path: str, out: str) -> dict:
+    import numpy as np
+
+    from edgezo import store
+    from edgezo.adapter import LoraAdapter
+    from edgezo.engine import Engine, EngineConfig
+
+    path = store.resolve_model(MODEL, quant)
+    with Engine(path, EngineConfig(n_seq_max=len(PROMPTS), n_ctx_per_seq=64, n_threads=1)) as engine:
+        engine.set_adapter(LoraAdapter.load(adapter_path), in_place=False)
+        sequences = [engine.tokenize(text, add_special=True) for text in PROMPTS]
+        values = engine.logits(sequences, [[len(s) - 1] for s in sequences])
+    np.save(out, values)
+    return {"quant": quant, "shape": list(values.shape), "sha256": hashlib.sha256(values.tobytes()).hexdigest()}
+
+
+if __name__ == "__main__":
+    command, args = sys.argv[1], sys.argv[2:]
+    result = {"system": lambda: system(), "quants": lambda: quants(args), "logits": lambda: logits(*args)}[command]()
+    print(json.dumps(result))

@@ -498,6 +498,34 @@ def at_milestone(curve: list[dict], steps: int) -> dict | None:
     return next((p for p in curve if p["step"] == steps), None)
 
 
+def verdict(cell: dict) -> str:
+    """MeZO's lead over BP (points) on validation at each milestone both reached, and on test with the standard
+    error of the difference of two independent test scores."""
+    arms = {a["method"]: a for a in cell["arms"]}
+    if set(arms) != {"bp", "mezo"}:
+        return ""
+    (bp_run, bp_curve), (mezo_run, mezo_curve) = curve_of(arms["bp"]), curve_of(arms["mezo"])
+    leads = []
+    for label, b_steps, m_steps in zip(("15 min", "30 min", "1 h", "2 h"), arms["bp"].get("milestone_steps") or [],
+                                       arms["mezo"].get("milestone_steps") or []):
+        b, m = at_milestone(bp_curve, b_steps), at_milestone(mezo_curve, m_steps)
+        if b and m:
+            leads.append(f"{label} {100 * (m['valid_accuracy'] - b['valid_accuracy']):+.1f}")
+    text = ""
+    if leads:
+        text += "\nMeZO minus BP, validation accuracy (points): " + ", ".join(leads) + "."
+    bt, mt = (bp_run or {}).get("test"), (mezo_run or {}).get("test")
+    if bt and mt:
+        se = math.hypot(standard_error(bt["accuracy"], bt["n_examples"]),
+                        standard_error(mt["accuracy"], mt["n_examples"]))
+        gap = mt["accuracy"] - bt["accuracy"]
+        winner = "MeZO" if gap > 0 else "BP" if gap < 0 else "neither"
+        text += (f" Test: {winner} by {100 * abs(gap):.1f} +/- {100 * se:.1f} points (MeZO on {arms['mezo']['model']} "
+                 f"{mt['accuracy']:.3f}, BP on {arms['bp']['model']} {bt['accuracy']:.3f}; +/- one standard error of "
+                 f"the difference).")
+    return text + "\n" if text else ""
+
+
 def render(result: dict, image: str = "budget_experiment.png") -> str:
     """Markdown of a result line (bench/report.py calls it too); the first experiment's lines render as they were."""
     if result.get("format") != 2:
@@ -530,6 +558,7 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
                          run["shared_pieces"] if run else "-"])
         text.append(table(["method", "model", "rate", "peak RSS (predicted)", "quiet s/step", "zero-shot test",
                            "valid 15 min", "30 min", "1 h", "2 h", "test (best validated)", "shared pieces"], rows))
+        text.append(verdict(cell))
         if cell.get("refusal"):
             r = cell["refusal"]
             text.append(f"\nLean BP on {r['model']} under the budget: "

@@ -196,7 +196,14 @@ def test_the_report_renders_cells_and_the_first_experiment_lines(tmp_path):
                          "note": "", "task_spec": vars(bc.TASKS["boolq"]), "arms": [arm],
                          "refusal": {"model": "big", "refused": True, "message": "exceeds the memory budget",
                                      "returncode": 1}}]}
+    mezo = {**arm, "method": "mezo", "model": "big", "chosen_rate": "auto",
+            "runs": {"auto": {**arm["runs"]["0.001"], "test": {"accuracy": 0.80, "n_examples": 400},
+                              "curve": [{**p, "valid_accuracy": p["valid_accuracy"] + 0.02} for p in
+                                        arm["runs"]["0.001"]["curve"][:3]]}}}
+    result["cells"][0]["arms"].append(mezo)
     text = be.render(result)
+    assert "MeZO minus BP, validation accuracy (points): 15 min +2.0, 30 min +2.0." in text  # 1 h: MeZO not there yet
+    assert "Test: BP by 4.0 +/- 2.7 points" in text
     assert "| bp | m | 0.001 | 950 MiB (900 MiB) | 9.00 | 0.700 | 0.810 | 0.820 | 0.830 | 0.840 |" in text
     assert "0.840 +/- 0.018 (400)" in text and "refused" in text
     be.plot(result, tmp_path / "figure.png")

@@ -547,7 +547,7 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
             cells_at = [at_milestone(curve, s) for s in steps]
             test = (run or {}).get("test")
             z = zero.get(arm["model"], {}).get("test")
-            rows.append([arm["method"], arm["model"], arm.get("chosen_rate", "-"),
+            rows.append([arm["method"], arm["model"], arm.get("chosen_rate") or "-",
                          f"{mib(run['peak_rss_bytes']) if run else '-'} ({mib(arm['predicted_bytes'])})",
                          (f"{arm['timing']['median_step_s']:.2f}" + ("" if arm["timing"].get("quiet", True) else " (busy)"))
                          if arm.get("timing") else "-",
@@ -564,6 +564,8 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
             text.append(f"\nLean BP on {r['model']} under the budget: "
                         + (f"refused (`{r['message']}`)" if r["refused"] else f"NOT refused (exit {r['returncode']})")
                         + ".\n")
+    if result.get("cut"):
+        text.append(f"\nNot run (beyond the CPU budget, in the plan's order): {', '.join(result['cut'])}.\n")
     return "".join(text) + f"\n{provenance(result)}\n"
 
 

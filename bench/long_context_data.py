@@ -3,12 +3,13 @@
     python -m bench.long_context_data OUT_DIR     # writes OUT_DIR/{train,valid,test}.jsonl and lengths.json
 
 Each record is a boolq record whose text is its own passage hidden among distractor passages of other records of the
-same split (no passage seen twice in one record), at a seeded position: the model has to find the passage the
-question is about (a passage of MIN_TOKENS or more alone keeps none). Distractors are added, in a seeded order, until the prompt holds at least MIN_TOKENS tokens by
-the Qwen2.5-Coder tokenizer (the experiment's models); a distractor that would take it past MAX_TOKENS is skipped.
-Labels stay boolq's (yes 62 %). Every record is a pure function of (boolq's split, SEED), so the files are the same
-on every machine; lengths.json gives the prompt lengths (template filled, the answer word included) under each
-built-in model's own tokenizer, measured with llama.cpp's vocabulary (edgezo.engine.Vocabulary).
+same split (no passage twice in one record), at a seeded position: the model has to find the passage the question is
+about. Distractors are added in a seeded order until the prompt holds at least MIN_TOKENS tokens by the Qwen2.5-Coder
+tokenizer (the experiment's models); one that would take it past MAX_TOKENS is skipped, and a passage of MIN_TOKENS
+or more alone keeps none. Labels stay boolq's (yes 62 %). Every record is a pure function of (boolq's split, SEED),
+so the files are the same on every machine; lengths.json gives the prompt lengths (template filled, the answer word
+included) under each built-in model family's own tokenizer, measured with llama.cpp's vocabulary
+(edgezo.engine.Vocabulary).
 
 Used by bench/budget_experiment.py as the long-context setting of issue 33 (the sequence length at which the
 accountant predicts BP's activations to dominate).

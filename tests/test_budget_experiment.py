@@ -239,10 +239,14 @@ def test_an_arm_runs_end_to_end_on_the_tiny_model_and_a_rerun_trains_nothing(met
 def test_a_rerun_sees_an_edgezo_process_still_writing_into_its_work_dir(tmp_path):
     import subprocess
     import sys
+    import time
 
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", "edgezo.cli", "finetune",
                                "--out", str(tmp_path / "runs" / "x")])
     try:
+        deadline = time.monotonic() + 30  # until the child has exec'ed (a loaded machine is slow to)
+        while orphan.pid not in be.running_in(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert orphan.pid in be.running_in(tmp_path) and be.running_in(tmp_path / "other") == []
     finally:
         orphan.kill()

@@ -32,17 +32,26 @@ def quants(names: list[str]) -> dict:
     """Per quant: a decode in a child process as llama.cpp places the weights, and again with edgezo's mirror of
     llama.cpp's repack rules placing them (EDGEZO_AMX=avoid): the same buffers and bit-identical logits mean the
     mirror chose as llama.cpp did."""
-    from edgezo import kernels, store
+    import subprocess
+
+    from edgezo import doctor, kernels, store
     from edgezo.doctor import MATMUL_TYPES, probe_in_child
     from edgezo.engine import system_info
+
+    doctor.PROBE_TIMEOUT_S = 3600  # a decode of F32 weights under qemu on a loaded host took over doctor's 5 min
 
     features = kernels.build_features(system_info())
     results = {}
     for quant in names:
         path = store.resolve_model(MODEL, quant)
         start = time.monotonic()
-        default = probe_in_child(path, n_threads=1, env={kernels.AMX_ENV: "auto"})
-        guarded = probe_in_child(path, n_threads=1, env={kernels.AMX_ENV: "avoid"})
+        try:
+            default = probe_in_child(path, n_threads=1, env={kernels.AMX_ENV: "auto"})
+            guarded = probe_in_child(path, n_threads=1, env={kernels.AMX_ENV: "avoid"})
+        except subprocess.TimeoutExpired as exc:
+            results[quant] = {"ok": False, "mirror_matches": False, "weight_buffers_mib": None, "predicted_layout": None,
+                              "failure": f"timed out after {exc.timeout} s"}
+            continue
         ok = default["ok"] and guarded["ok"] and default["finite"] and guarded["finite"]
         results[quant] = {
             "ok": ok, "seconds": round(time.monotonic() - start, 1),

@@ -47,6 +47,10 @@ ARMS = {"fixed-1e-3": ["--learning-rate", "1e-3"], "auto": [], "auto-no-rollback
         **{f"oracle-{lr}": ["--learning-rate", lr, "--schedule", "cosine"] for lr in ORACLE_RATES}}
 BATCH = 16
 FORWARDS_PER_STEP = 2  # MeZO: the + and the - evaluation
+# A normalised gain divides by the oracle's gain over zero-shot: where that is within the test split's noise (a task
+# no rate learned to generalise, or a model already at its ceiling) the ratio is noise over noise, and the cell is
+# left out of the gain figures (it still counts for "below zero-shot").
+HEADROOM_STANDARD_ERRORS = 2.0
 
 
 @dataclass(frozen=True)
@@ -161,24 +165,27 @@ def summarize(result: dict) -> dict:
         zs_se = test_standard_error(result["zero_shot"][f"{model}/{task}"]["test_eval"], lm)
         best = oracle(cells)
         valid_start = cells[0]["valid_curve"][0][1]
+        headroom = best and best["final"] - zs > HEADROOM_STANDARD_ERRORS * math.hypot(
+            test_standard_error(best["final_eval"], lm), zs_se)
         row = {"model": model, "task": task, "seed": seed, "zero_shot": zs,
-               "oracle": best and {"arm": best["arm"], "test": best["final"]}}
+               "oracle": best and {"arm": best["arm"], "test": best["final"], "headroom": headroom}}
         for cell in cells:
             arm = cell["arm"]
             entry = {"final": cell["final"], "last": cell["last"], "rollbacks": cell["rollbacks"]}
-            if best and best["final"] != zs:
+            if headroom:
                 entry["gain"] = (cell["final"] - zs) / (best["final"] - zs)
                 # the noise of the two test scores in the numerator (the oracle's own noise left out: a lower bound)
                 entry["gain_se"] = math.hypot(test_standard_error(cell["final_eval"], lm), zs_se) / abs(best["final"] - zs)
                 gains.setdefault(arm, []).append(entry["gain"])
             if best:
                 entry["passes_to_90"] = passes_to(cell, valid_start, 0.9 * (best["best_valid"] - valid_start))
-            below.setdefault(arm, [0, 0])
+            below.setdefault(arm, [0, 0, 0])
             below[arm][0] += cell["final"] < zs
-            below[arm][1] += 1
+            below[arm][1] += zs - cell["final"] > 2 * math.hypot(test_standard_error(cell["final_eval"], lm), zs_se)
+            below[arm][2] += 1
             row[arm] = entry
         rows.append(row)
-    overall = {arm: {"below_zero_shot": b[0], "cells": b[1],
+    overall = {arm: {"below_zero_shot": b[0], "below_by_2_se": b[1], "cells": b[2],
                      "median_gain": statistics.median(gains[arm]) if gains.get(arm) else None,
                      "min_gain": min(gains[arm]) if gains.get(arm) else None} for arm, b in below.items()}
     # today: the fixed rate's last adapter (what adapter.gguf was before the best validated one was kept)
@@ -187,6 +194,11 @@ def summarize(result: dict) -> dict:
         "below_zero_shot": sum(c["last"] < result["zero_shot"][f"{c['model']}/{c['task']}"]["test"] for c in today),
         "cells": len(today)}
     return {"rows": rows, "overall": overall}
+
+
+def below_text(overall: dict) -> str:
+    text = f"{overall['below_zero_shot']} of {overall['cells']}"
+    return text + (f" ({overall['below_by_2_se']} by > 2 s.e.)" if overall.get("below_by_2_se") else "")
 
 
 def render(result: dict) -> str:
@@ -207,17 +219,21 @@ def render(result: dict) -> str:
                 gain = f", gain {entry['gain']:.2f}" + (f" ± {entry['gain_se']:.2f}" if entry["gain_se"] else "")
             rb = f", {entry['rollbacks']} rb" if entry["rollbacks"] else ""
             cells.append(f"{entry['final']:.3f}{gain}{rb}")
-        oracle_text = f"{row['oracle']['test']:.3f} ({row['oracle']['arm']})" if row["oracle"] else "not run"
+        oracle_text = "not run"
+        if row["oracle"]:
+            oracle_text = f"{row['oracle']['test']:.3f} ({row['oracle']['arm']})"
+            oracle_text += "" if row["oracle"]["headroom"] else ", no gain beyond noise"
         rows.append([row["model"], row["task"], row["seed"], f"{row['zero_shot']:.3f}",
                      "" if today is None else f"{today:.3f}", *cells, oracle_text])
-    overall = [[arm, f"{o['below_zero_shot']} of {o['cells']}", common.fmt(o.get("median_gain"), 2),
-                common.fmt(o.get("min_gain"), 2)] for arm, o in summary["overall"].items()]
+    overall = [[arm, below_text(o), common.fmt(o.get("median_gain"), 2), common.fmt(o.get("min_gain"), 2)]
+               for arm, o in summary["overall"].items()]
     return (common.table(header, rows) + "\n"
             + common.table(["arm", "cells below zero-shot", "median normalised gain", "minimum"], overall)
             + f"\nTest accuracy (tool-calls: minus the per-token NLL) of the adapter each run left (adapter.gguf), on "
             f"the first {result['test_limit']} test examples; rb: rollbacks; ± one standard error of the gain from the "
-            f"sampling noise of the two test scores (the oracle's own left out). {result['steps']} steps of batch {BATCH} "
-            f"per cell, validation every {result['eval_every']} steps on {result['n_valid']} examples, Q4_0.\n\n"
+            f"sampling noise of the two test scores (the oracle's own left out); where the oracle gained no more than "
+            f"{HEADROOM_STANDARD_ERRORS:g} standard errors over zero-shot no gain is computed. {result['steps']} steps of "
+            f"batch {BATCH} per cell, validation every {result['eval_every']} steps on {result['n_valid']} examples, Q4_0.\n\n"
             + common.provenance(result) + "\n")
 
 

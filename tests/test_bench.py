@@ -6,6 +6,7 @@ Nothing here measures speed; the benchmarks themselves are run by hand (bench/RE
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -539,3 +540,33 @@ def test_busy_always_measures_idle_and_refuses_unknown_names():
     assert busy.parse_args(["--loads", "normal-1"]).loads == ["idle", "normal-1"]
     with pytest.raises(SystemExit):
         busy.parse_args(["--settings", "threads-7"])
+
+
+def _robustness_cell(arm: str, final: float, best_valid: float, n: int = 400) -> dict:
+    evaluation = {"accuracy": final, "n_examples": n}
+    return {"model": "m", "task": "movie-reviews", "arm": arm, "seed": 0, "final": final, "last": final,
+            "final_eval": evaluation, "valid_curve": [(0, 0.5), (100, best_valid)], "best_valid": best_valid,
+            "rollbacks": 0}
+
+
+def test_robustness_gains_only_where_the_oracle_gained_beyond_noise_and_counts_cells_below_zero_shot():
+    from bench import robustness
+
+    zero_shot = {"test": 0.70, "test_eval": {"accuracy": 0.70, "n_examples": 400}}
+    headroom = {"zero_shot": {"m/movie-reviews": zero_shot}, "cells": [
+        _robustness_cell("fixed-1e-3", 0.80, 0.82), _robustness_cell("auto", 0.75, 0.80),
+        _robustness_cell("auto-step-0.25", 0.60, 0.70)]}
+    summary = robustness.summarize(headroom)
+    row = summary["rows"][0]
+    assert row["oracle"]["arm"] == "fixed-1e-3" and row["oracle"]["headroom"]
+    assert row["auto"]["gain"] == pytest.approx(0.5)
+    assert row["auto"]["gain_se"] == pytest.approx(math.hypot(math.sqrt(.75 * .25 / 400), math.sqrt(.7 * .3 / 400)) / 0.1)
+    assert summary["overall"]["auto-step-0.25"]["below_zero_shot"] == 1
+    assert summary["overall"]["auto-step-0.25"]["below_by_2_se"] == 1  # 10 points on 400 is > 2 standard errors
+    # an oracle 2 points above zero-shot on 400 examples is within noise: no normalised gains at all
+    noise = {"zero_shot": {"m/movie-reviews": zero_shot}, "cells": [
+        _robustness_cell("fixed-1e-3", 0.72, 0.82), _robustness_cell("auto", 0.69, 0.80)]}
+    summary = robustness.summarize(noise)
+    assert not summary["rows"][0]["oracle"]["headroom"] and "gain" not in summary["rows"][0]["auto"]
+    assert summary["overall"]["auto"]["median_gain"] is None
+    assert (summary["overall"]["auto"]["below_zero_shot"], summary["overall"]["auto"]["below_by_2_se"]) == (1, 0)

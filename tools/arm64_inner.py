@@ -65,7 +65,8 @@ def quants(names: list[str]) -> dict:
     return results
 
 
-def logits(quant: str, adapter_path: str, out: str) -> dict:
+def logits(quant: str, adapter_path: str, out: str, attention: str = "f16") -> dict:
+    """attention f32: F32 KV cache without flash attention (the x86 yardstick: how much logits move with numerics)."""
     import numpy as np
 
     from edgezo import store
@@ -73,7 +74,9 @@ def logits(quant: str, adapter_path: str, out: str) -> dict:
     from edgezo.engine import Engine, EngineConfig
 
     path = store.resolve_model(MODEL, quant)
-    with Engine(path, EngineConfig(n_seq_max=len(PROMPTS), n_ctx_per_seq=64, n_threads=1)) as engine:
+    f32 = attention == "f32"
+    config = EngineConfig(n_seq_max=len(PROMPTS), n_ctx_per_seq=64, n_threads=1, flash_attn=not f32, kv_f32=f32)
+    with Engine(path, config) as engine:
         engine.set_adapter(LoraAdapter.load(adapter_path), in_place=False)
         sequences = [engine.tokenize(text, add_special=True) for text in PROMPTS]
         values = engine.logits(sequences, [[len(s) - 1] for s in sequences])

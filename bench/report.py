@@ -65,7 +65,8 @@ def write_markdown_files(results_dir: Path = common.RESULTS) -> None:
         result = common.latest_result(name, results_dir)
         if result is not None and result.get("benchmark") == name:
             module = importlib.import_module(f"bench.{name}")
-            common.write_markdown(name, f"# {module.TITLE}\n\n{module.render(result)}", results_dir)
+            title = module.title(result) if hasattr(module, "title") else module.TITLE  # a title per result format
+            common.write_markdown(name, f"# {title}\n\n{module.render(result)}", results_dir)
 
 
 def build_block(results_dir: Path = common.RESULTS) -> str:

@@ -49,8 +49,9 @@ BATCH = 16
 FORWARDS_PER_STEP = 2  # MeZO: the + and the - evaluation
 # A normalised gain divides by the oracle's gain over zero-shot: where that is within the test split's noise (a task
 # no rate learned to generalise, or a model already at its ceiling) the ratio is noise over noise, and the cell is
-# left out of the gain figures (it still counts for "below zero-shot").
-HEADROOM_STANDARD_ERRORS = 2.0
+# left out of the gain figures (it still counts for "below zero-shot"). The same margin marks a cell as below
+# zero-shot beyond noise.
+NOISE_STANDARD_ERRORS = 2.0
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,10 @@ def summarize(result: dict) -> dict:
         zs_se = test_standard_error(result["zero_shot"][f"{model}/{task}"]["test_eval"], lm)
         best = oracle(cells)
         valid_start = cells[0]["valid_curve"][0][1]
-        headroom = best and best["final"] - zs > HEADROOM_STANDARD_ERRORS * math.hypot(
-            test_standard_error(best["final_eval"], lm), zs_se)
+        def difference_se(cell: dict) -> float:  # of the cell's test score minus zero-shot's
+            return math.hypot(test_standard_error(cell["final_eval"], lm), zs_se)
+
+        headroom = best and best["final"] - zs > NOISE_STANDARD_ERRORS * difference_se(best)
         row = {"model": model, "task": task, "seed": seed, "zero_shot": zs,
                "oracle": best and {"arm": best["arm"], "test": best["final"], "headroom": headroom}}
         for cell in cells:
@@ -175,13 +178,13 @@ def summarize(result: dict) -> dict:
             if headroom:
                 entry["gain"] = (cell["final"] - zs) / (best["final"] - zs)
                 # the noise of the two test scores in the numerator (the oracle's own noise left out: a lower bound)
-                entry["gain_se"] = math.hypot(test_standard_error(cell["final_eval"], lm), zs_se) / abs(best["final"] - zs)
+                entry["gain_se"] = difference_se(cell) / abs(best["final"] - zs)
                 gains.setdefault(arm, []).append(entry["gain"])
             if best:
                 entry["passes_to_90"] = passes_to(cell, valid_start, 0.9 * (best["best_valid"] - valid_start))
             below.setdefault(arm, [0, 0, 0])
             below[arm][0] += cell["final"] < zs
-            below[arm][1] += zs - cell["final"] > 2 * math.hypot(test_standard_error(cell["final_eval"], lm), zs_se)
+            below[arm][1] += zs - cell["final"] > NOISE_STANDARD_ERRORS * difference_se(cell)
             below[arm][2] += 1
             row[arm] = entry
         rows.append(row)
@@ -198,7 +201,7 @@ def summarize(result: dict) -> dict:
 
 def below_text(overall: dict) -> str:
     text = f"{overall['below_zero_shot']} of {overall['cells']}"
-    return text + (f" ({overall['below_by_2_se']} by > 2 s.e.)" if overall.get("below_by_2_se") else "")
+    return text + (f" ({overall['below_by_2_se']} by > {NOISE_STANDARD_ERRORS:g} s.e.)" if overall.get("below_by_2_se") else "")
 
 
 def render(result: dict) -> str:
@@ -232,7 +235,7 @@ def render(result: dict) -> str:
             + f"\nTest accuracy (tool-calls: minus the per-token NLL) of the adapter each run left (adapter.gguf), on "
             f"the first {result['test_limit']} test examples; rb: rollbacks; ± one standard error of the gain from the "
             f"sampling noise of the two test scores (the oracle's own left out); where the oracle gained no more than "
-            f"{HEADROOM_STANDARD_ERRORS:g} standard errors over zero-shot no gain is computed. {result['steps']} steps of "
+            f"{NOISE_STANDARD_ERRORS:g} standard errors over zero-shot no gain is computed. {result['steps']} steps of "
             f"batch {BATCH} per cell, validation every {result['eval_every']} steps on {result['n_valid']} examples, Q4_0.\n\n"
             + common.provenance(result) + "\n")
 

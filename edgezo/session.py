@@ -22,9 +22,9 @@ from .adapter import LoraAdapter, config_dict
 from .files import EdgezoError, write_json_atomic
 from .mezo import AUTO, Estimator, MezoConfig
 from .objective import evaluate
-from .resolve import (DEFAULT_DATA, DEFAULT_MAX_SEQ_LEN, FZOO_DEFAULT_DIRECTIONS, load_task_and_splits,
-                      lora_from_args, memory_budget, open_engine, predict_run, read_run_config, refuse_over_budget,
-                      resolve_base, task_dict)
+from .resolve import (DEFAULT_DATA, DEFAULT_MAX_SEQ_LEN, FZOO_DEFAULT_DIRECTIONS, dataset_max_seq_len,
+                      load_task_and_splits, lora_from_args, memory_budget, open_engine, predict_run, read_run_config,
+                      refuse_over_budget, resolve_base, task_dict)
 from .rundir import RunDir, identity_changes
 from .steppers import EngineStepper, engine_validation
 from .trainer import TrainConfig, TrainingEvents, TrainResult, train
@@ -122,10 +122,12 @@ def check(spec: FinetuneSpec) -> None:
 
 def resolve_inputs(spec: FinetuneSpec, log=_quiet) -> tuple[Path, dict | None]:
     """(base file, the run's saved config on --resume): fetches and requantizes once, fills spec.model / quant /
-    data with what is used (--resume without them continues on the run's own)."""
+    data with what is used (--resume without them continues on the run's own) and raises a default max_seq_len to
+    what a built-in dataset needs."""
     saved = read_run_config(RunDir(spec.out)) if spec.resume else None
     model_path = resolve_base(spec, saved, log=log)
     spec.data = spec.data or (saved or {}).get("data") or DEFAULT_DATA
+    dataset_max_seq_len(spec, spec.data, log)
     return model_path, saved
 
 

@@ -339,6 +339,14 @@ def test_a_default_max_seq_len_is_raised_to_what_bfcl_needs_and_a_chosen_one_is_
     assert args.max_seq_len == DEFAULT_MAX_SEQ_LEN
 
 
+
+def test_finetune_raises_a_default_max_seq_len_for_bfcl(tiny_gguf, tmp_path):
+    from edgezo import session
+
+    spec = session.FinetuneSpec(model=str(tiny_gguf), quant="f32", data="bfcl", out=str(tmp_path / "run"))
+    session.resolve_inputs(spec)
+    assert spec.max_seq_len == store.MAX_SEQ_LEN_BFCL
+
 # ---- the real data ---------------------------------------------------------------------------------------------------
 @pytest.mark.real_model
 def test_real_bfcl_splits_are_pinned_and_the_first_50_ground_truths_score_100_percent():

@@ -15,8 +15,8 @@ from ..files import EdgezoError, write_json_atomic
 from ..formats import check_base_file
 from ..memory import torch_method
 from ..mezo import MezoConfig
-from ..resolve import (load_task_and_splits, lora_from_args, memory_budget, read_run_config, refuse_over_budget,
-                       resolve_base, task_dict)
+from ..resolve import (dataset_max_seq_len, load_task_and_splits, lora_from_args, memory_budget, read_run_config,
+                       refuse_over_budget, resolve_base, task_dict)
 from ..rundir import RunDir, identity_changes
 from ..session import best_by, best_fields, mezo_learning_rate, valid_fields
 from ..trainer import TrainConfig
@@ -54,6 +54,7 @@ def cmd_reference(args) -> tuple[dict, str]:
 
     t0 = time.perf_counter()
     model_path = resolve_base(args, log=say)
+    dataset_max_seq_len(args, args.data, log=say)
     if args.threads:
         reference.torch.set_num_threads(args.threads)
     config = reference.ReferenceConfig(method=args.method, optimizer=args.optimizer, dtype=args.dtype,

@@ -78,27 +78,19 @@ def make_reporter(kind: str, run_dir: Path, project: str | None = None, config: 
 
 
 class Fanout(TrainingEvents):
-    """Several TrainingEvents as one (the progress bar first, then the reporters)."""
+    """Several TrainingEvents as one (the progress bar first, then the reporters): every event goes to each."""
 
     def __init__(self, *receivers: TrainingEvents):
         self.receivers = receivers
 
-    def step(self, fields: dict) -> None:
-        for receiver in self.receivers:
-            receiver.step(fields)
 
-    def eval_start(self, step: int, n_examples: int) -> None:
+def _fan_out(name: str):
+    def event(self, *args):
         for receiver in self.receivers:
-            receiver.eval_start(step, n_examples)
+            getattr(receiver, name)(*args)
+    return event
 
-    def eval_batch(self, n_examples: int) -> None:
-        for receiver in self.receivers:
-            receiver.eval_batch(n_examples)
 
-    def evaluated(self, fields: dict) -> None:
-        for receiver in self.receivers:
-            receiver.evaluated(fields)
-
-    def close(self) -> None:
-        for receiver in self.receivers:
-            receiver.close()
+for _name, _method in vars(TrainingEvents).items():  # every event, so none is dropped when one is added
+    if callable(_method) and not _name.startswith("_"):
+        setattr(Fanout, _name, _fan_out(_name))

@@ -112,6 +112,9 @@ Validate = Callable[[Sequence[Example], Callable[[int], None]], Totals]  # (exam
 class TrainingEvents:
     """What the loop reports as it goes; each method does nothing unless overridden. `fields` are the metrics line."""
 
+    def preparing(self, done: int, total: int) -> None:
+        """A one-off pass before training (the hidden-state table of --prefix-reuse cache) did `done` of `total`."""
+
     def start(self, step: int, total_steps: int) -> None:
         """Training starts (or resumes) after `step` of `total_steps`."""
 

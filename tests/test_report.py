@@ -29,3 +29,23 @@ def test_asking_for_a_tracker_that_is_not_installed_is_a_clear_error(tiny_gguf, 
     assert main(finetune_args(tiny_gguf, sentiment_dir, tmp_path / "run", 2, "--report-to", "wandb")) == 1
     err = capsys.readouterr().err
     assert "--report-to wandb needs wandb" in err and "Traceback" not in err
+
+
+def test_fanout_passes_every_training_event_to_each_receiver():
+    from edgezo.report import Fanout
+    from edgezo.trainer import TrainingEvents
+
+    events = [name for name, method in vars(TrainingEvents).items() if callable(method) and not name.startswith("_")]
+
+    class Recorder(TrainingEvents):
+        def __init__(self):
+            self.calls = []
+
+    for name in events:
+        setattr(Recorder, name, lambda self, *args, name=name: self.calls.append(name))
+    receivers = Recorder(), Recorder()
+    fanout = Fanout(*receivers)
+    for name in events:
+        getattr(fanout, name)(*[0] * (getattr(TrainingEvents, name).__code__.co_argcount - 1))
+    assert {"start", "rolled_back", "preparing", "close"} <= set(events)
+    assert receivers[0].calls == receivers[1].calls == events

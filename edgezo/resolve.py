@@ -272,13 +272,18 @@ def predict_run(model_path: Path, method: str, args, log=_quiet) -> tuple:
                                    logit_cols=logit_cols, token_ids=token_ids,
                                    release_freed=getattr(args, "release_freed_memory", False))
     else:
-        split_at, n_cached = 0, 0
+        split_at, n_cached, n_stored = 0, 0, 0
         shape = read_model_shape(model_path)
-        if method == "mezo" and getattr(args, "prefix_reuse", "off") == "auto":
+        prefix_reuse = getattr(args, "prefix_reuse", "off")
+        if method == "mezo" and prefix_reuse != "off":
             split_at = split_point(shape.architecture, shape.n_layers, lora)
-            n_cached = sum(len(s) for s in valid) if args.data else 0
+            n_valid_tokens = sum(len(s) for s in valid) if args.data else 0
+            if prefix_reuse == "cache":  # every example in the table, none in the repeated-batch cache
+                n_stored = n_valid_tokens + (sum(len(s) for s in seqs["train"]) if args.data else 0)
+            else:
+                n_cached = n_valid_tokens
         prediction = predict_llama_cpp(shape, method, args.batch_size, args.max_seq_len, lora=lora,
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len), split_at=split_at,
-                                       n_cached_tokens=n_cached,
+                                       n_cached_tokens=n_cached, n_stored_tokens=n_stored,
                                        momentum=getattr(args, "estimator", "mezo") == "conmezo", **outputs)
     return prediction, seq_len

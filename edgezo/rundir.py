@@ -47,7 +47,7 @@ PER_MACHINE = {"model", "data"}
 ADDED_WITH_IMPLIED_VALUE = {"lora.layers": None, "mezo.estimator": "mezo", "train.freeze_lora_a": False,
                             "objective": "loss", "train.best_by": "valid_loss", "mezo.cone_angle": 1.35,
                             "mezo.cone_momentum": 0.99, "train.rollback": False, "mezo.auto_step": 0.1,
-                            "mezo.auto_window": 50, "mezo.auto_clip": 3.0}
+                            "mezo.auto_window": 50, "mezo.auto_clip": 3.0, "hidden_state_table": False}
 ADDED_UNRECORDED = {"valid", "test", "mask_prompt"}
 
 

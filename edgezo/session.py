@@ -60,7 +60,7 @@ class FinetuneSpec:
     num_layers: int | None = None
     layers: str | None = None  # "START:STOP"
     lora_fa: bool = False
-    prefix_reuse: str = "auto"
+    prefix_reuse: str = "auto"  # auto, cache (every example's hidden states kept for the run) or off
     # optimizer
     learning_rate: float | str | None = None  # a number, or None / "auto": AutoRate with rollbacks (edgezo.mezo)
     eps: float = _MEZO.eps
@@ -161,6 +161,20 @@ def plan_memory(spec: FinetuneSpec, model_path: Path, budget_bytes: int, log=_qu
     refuse_over_budget(model_path, "mezo", spec, budget_bytes, prediction, log)
 
 
+def store_hidden_states(engine, examples: dict, n_valid: int, events: TrainingEvents | None, log=_quiet) -> None:
+    """--prefix-reuse cache: the blocks below the adapter run once per training and validation example, now."""
+    from .engine import SplitEngine
+
+    if not isinstance(engine, SplitEngine):
+        raise EdgezoError("--prefix-reuse cache needs LoRA on the top blocks only (--num-layers N or --layers A:), "
+                          "so that the blocks below it never change")
+    valid = examples.get("valid", [])
+    sequences = [ex.tokens for ex in examples["train"] + (valid[:n_valid] if n_valid else valid)]
+    nbytes = engine.store_hidden_states(sequences, log, events.preparing if events else lambda done, total: None)
+    log(f"hidden states of {len(sequences)} examples entering block {engine.first_block}: {nbytes / 2**20:.0f} MiB, "
+        f"memory-mapped from {engine.table.path}")
+
+
 def check_resume(run: RunDir, saved: dict | None, config: dict) -> None:
     """Refuse to continue `run` (its config.json: `saved`) with a configuration of another identity."""
     if saved is None:
@@ -194,9 +208,11 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
         plan_memory(spec, model_path, budget_bytes, log)
     engine_batch = group.engine_batch_size(spec.batch_size) if group else spec.batch_size
     engine, base = open_engine(model_path, engine_batch, spec.max_seq_len, spec.threads,
-                               split_for=lora if spec.prefix_reuse == "auto" else None, log=log)
+                               split_for=lora if spec.prefix_reuse != "off" else None, log=log)
     task, examples, label_words = load_task_and_splits(engine, spec.data, spec, ["train", "valid"],
                                                        optional={"valid"}, log=log)
+    if spec.prefix_reuse == "cache":
+        store_hidden_states(engine, examples, spec.n_valid, events, log)
     if "valid" not in examples:
         log("no validation split: training without periodic evaluation; adapter.gguf is the last step's")
     # a distributed run does not roll back (each replica would have to): there, the rate alone is automatic
@@ -224,6 +240,8 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
         "mezo": {**asdict(mezo), "schedule": mezo.schedule.value, "estimator": mezo.estimator.value},
         "train": asdict(train_cfg), "threads": spec.threads, "objective": spec.objective,
         "eval_generation": spec.eval_generation,
+        # the table's logits differ from the full model's by llama.cpp's batch-composition jitter: part of the run
+        "hidden_state_table": spec.prefix_reuse == "cache",
     }
     if group:  # only then: single-process runs resume as before, and a change of world size or mode is refused
         config["distributed"] = group.config_dict()

@@ -29,6 +29,12 @@ class ConsoleProgress(TrainingEvents):
 
     def __init__(self, desc: str = "finetune"):
         self.desc, self.bar, self.eval_bar, self.postfix = desc, None, None, {}
+        self.preparation = _Bar("hidden states")
+
+    def preparing(self, done: int, total: int) -> None:
+        self.preparation.update(done, total)
+        if done == total:
+            self.preparation.close()
 
     def start(self, step: int, total_steps: int) -> None:
         from tqdm import tqdm
@@ -76,12 +82,12 @@ class ConsoleProgress(TrainingEvents):
 class _Bar:
     """A tqdm bar on stderr, made at the first callback (when the total is known), closed on exit."""
 
-    unit = "item"
+    unit = "ex"
 
     def __init__(self, desc: str):
         self.desc, self.bar = desc, None
 
-    def _update(self, done: int, total: int):
+    def update(self, done: int, total: int):
         if self.bar is None:
             from tqdm import tqdm
 
@@ -92,6 +98,9 @@ class _Bar:
         return self
 
     def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
@@ -102,7 +111,7 @@ class TensorProgress(_Bar):
     unit = "tensor"
 
     def __call__(self, done: int, total: int, *rest) -> None:
-        self._update(done, total)
+        self.update(done, total)
 
 
 class ChildProgress(_Bar):
@@ -111,5 +120,5 @@ class ChildProgress(_Bar):
     unit = "run"
 
     def __call__(self, label: str, done: int, total: int) -> None:
-        self._update(done, total)
+        self.update(done, total)
         self.bar.set_postfix_str(label)

@@ -242,9 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-generation", action="store_true",
         help="validate also by greedy generation: exact_match (and the reward) [on with a reward --objective]")
     groups["LoRA"].add_argument("--lora-fa", action="store_true", help="LoRA-FA: train B only, A stays at its random init")
-    groups["LoRA"].add_argument("--prefix-reuse", choices=["auto", "off"], default="auto",
+    groups["LoRA"].add_argument("--prefix-reuse", choices=["auto", "cache", "off"], default="auto",
                                 help="auto: when LoRA sits on the top blocks only (--num-layers), run the blocks "
-                                "below once per batch and only the trained ones per evaluation (same logits) [%(default)s]")
+                                "below once per batch and only the trained ones per evaluation (same logits); cache: "
+                                "run them once per example for the whole run, kept in a memory-mapped table (long "
+                                "prompts) [%(default)s]")
     groups["run directory"].add_argument("--save-every", type=int, default=t.save_every,
                                          help="checkpoint every N steps [%(default)s]")
     groups["run directory"].add_argument("--resume", action="store_true",
@@ -335,8 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-seq", type=int, help="tokens per sequence without --data [worst case: --max-seq-len]")
     p.add_argument("--split", default="test", choices=["train", "valid", "test"], help="inference: eval's split [%(default)s]")
     p.add_argument("--limit", type=int, default=0, help="inference: eval's --limit [%(default)s]")
-    p.add_argument("--prefix-reuse", choices=["auto", "off"], default="auto",
-                   help="mezo with --num-layers: count the split engine's suffix model, as finetune runs it [%(default)s]")
+    p.add_argument("--prefix-reuse", choices=["auto", "cache", "off"], default="auto",
+                   help="mezo with --num-layers: count the split engine's suffix model (and with cache the table of "
+                   "every example's hidden states), as finetune runs it [%(default)s]")
     # accepted so a finetune / reference command line can be reused; none of them changes the peak RSS
     for flag, kind in (("--learning-rate", learning_rate), ("--eps", float), ("--n-directions", int), ("--save-every", int),
                        ("--estimator", str)):

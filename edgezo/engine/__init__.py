@@ -23,6 +23,7 @@ The package, by job:
   vocabulary.py     Vocabulary: a GGUF's tokenizer and metadata, and the model load every Engine does
   core.py           EngineConfig, Engine (scoring, generation, the in-place adapter), Sampling
   split_engine.py   SplitEngine: the prefix once, the trained blocks per evaluation
+  hidden_states.py  the memory-mapped table of every example's hidden states below the adapter (--prefix-reuse cache)
   quantize.py       quantize_gguf: llama.cpp's own quantizer
 """
 

@@ -10,9 +10,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..adapter import LoraAdapter
-from ..files import EdgezoError
+from ..files import EdgezoError, cached_sha256, home
 from ..split import PREFIX_CACHE_BYTES, rename_for_suffix
-from .core import Engine, EngineConfig
+from .core import Engine, EngineConfig, llama_cpp
+from .hidden_states import HiddenStateTable, open_table, sequences_digest, table_path
 
 
 class SplitEngine(Engine):
@@ -25,6 +26,11 @@ class SplitEngine(Engine):
     keeps its hidden states in memory, up to `cache_bytes`. Hidden states are only reused for the identical
     batch (llama.cpp's CPU kernels depend slightly on batch composition), so the logits are always exactly the
     full model's. Scoring and the adapter calls behave as the full model's; generation is not split.
+
+    With `store_hidden_states(examples)` (--prefix-reuse cache) the hidden states of every given example come from a
+    table computed once (edgezo.engine.hidden_states): a batch of them runs no prefix at all. Its logits are then
+    the full model's up to the batch-composition jitter of llama.cpp's kernels (the table was computed in other
+    batches), and always the same for the same batch.
     """
 
     def __init__(self, prefix_path: str | os.PathLike, suffix_path: str | os.PathLike, first_block: int,
@@ -38,6 +44,8 @@ class SplitEngine(Engine):
         self._cache: dict[tuple, np.ndarray] = {}
         self._base_names: dict[str, str] = {}  # suffix adapter tensor name -> base name (set_adapter)
         self.prefix_passes = 0  # how many times blocks [0, a) ran (tests and benchmarks read it)
+        self.prefix_path = prefix_path
+        self.table: HiddenStateTable | None = None
 
     def close(self) -> None:
         if getattr(self, "suffix", None) is not None:
@@ -55,6 +63,9 @@ class SplitEngine(Engine):
         if self._last is not None and self._last[0] == key:
             return self._last[1]
         hidden = self._cache.get(key)
+        if hidden is None and self.table is not None:
+            rows = [self.table.get(s) for s in sequences]
+            hidden = np.concatenate(rows) if all(r is not None for r in rows) else None
         if hidden is None:
             hidden = self.block_inputs(sequences)
             self.prefix_passes += 1
@@ -63,6 +74,16 @@ class SplitEngine(Engine):
             self._seen.add(hash(key))
         self._last = (key, hidden)
         return hidden
+
+    def store_hidden_states(self, sequences, log=lambda msg: None, progress=lambda done, total: None) -> int:
+        """Serve the hidden states of `sequences` (every training and validation example) from a table on disk,
+        computed now unless an identical one exists; returns its size in bytes."""
+        identity = {"prefix_sha256": cached_sha256(self.prefix_path), "first_block": self.first_block,
+                    "llama_cpp": llama_cpp.__version__, "batch_size": self.config.n_seq_max,
+                    "sequences": sequences_digest(sequences)}
+        self.table = open_table(table_path(home() / "hidden-states", identity), sequences, self.block_inputs,
+                                self.config.n_seq_max, self.n_embd, log, progress)
+        return self.table.nbytes
 
     @property
     def cached_bytes(self) -> int:

@@ -119,8 +119,9 @@ def lora_params(shape: ModelShape, lora: LoraConfig) -> int:
 def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, batch_size: int, n_ctx_per_seq: int,
                       lora: LoraConfig | None = None, n_tokens_per_seq: int | None = None,
                       n_outputs_per_seq: int = 1, n_ubatch: int = DEFAULT_N_UBATCH, kv_f32: bool = False,
-                      split_at: int = 0, n_cached_tokens: int = 0, n_outputs: int | None = None,
-                      n_ubatch_outputs: int | None = None, lm_loss: bool = False, momentum: bool = False) -> Prediction:
+                      split_at: int = 0, n_cached_tokens: int = 0, n_stored_tokens: int = 0,
+                      n_outputs: int | None = None, n_ubatch_outputs: int | None = None, lm_loss: bool = False,
+                      momentum: bool = False) -> Prediction:
     """Peak RSS of an edgezo process running `method` ("inference" or "mezo") through llama.cpp.
 
     model_path: a GGUF, or a ModelShape (shape_from_spec: a model known only by its architecture).
@@ -134,7 +135,8 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     target token on the host. momentum: ConMeZO (--estimator conmezo) keeps a momentum the size of the adapter.
     lora: the adapter MeZO trains (default LoraConfig()); ignored for inference.
     split_at: prefix reuse (engine.SplitEngine) from this block; n_cached_tokens: tokens of the repeated (validation)
-    batches whose hidden states it keeps.
+    batches whose hidden states it keeps; n_stored_tokens: tokens of the examples in its hidden-state table
+    (--prefix-reuse cache: memory-mapped, and every page is read each epoch, so all of it counts).
     """
     if method not in ("inference", "mezo"):
         raise EdgezoError(f"unknown method {method!r}; choose inference or mezo")
@@ -174,6 +176,8 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
         suffix_compute = compute_touched_bytes(shape, ubatch_tokens, n_ubatch_outputs, adapter)
         breakdown.update(split_terms(full_shape, split_at, batch_size, n_ctx_per_seq, n_tokens, suffix_compute,
                                      n_cached_tokens, F32_BYTES if kv_f32 else F16_BYTES, n_outputs))
+        if n_stored_tokens:
+            breakdown["split_table_bytes"] = n_stored_tokens * full_shape.n_embd * F32_BYTES
     return Prediction(total_bytes=sum(breakdown.values()), breakdown=breakdown)
 
 

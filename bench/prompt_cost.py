@@ -1,16 +1,23 @@
-"""Where a MeZO step's time goes on function-calling data: the prompt against the completion (issue 32, part 6).
+"""Where a MeZO step's time goes on function-calling data, and what prefix reuse saves (issue 32, part 6).
 
-    python -m bench.prompt_cost --model qwen2.5-coder-0.5b --batch-size 8 --threads 1
+    python -m bench.prompt_cost --model qwen2.5-coder-0.5b --batch-size 4 --top-blocks 4
 
 A BFCL prompt (the function schema through the chat template) is hundreds of tokens and the call it should produce
-tens, yet the loss covers only the call. One child process builds a batch of the first --batch-size training
-requests of the built-in `bfcl` data and, beside it, the same batch cut to its completions: each example's
-reference-call tokens after one context token (the prompt's last), so both batches score the same target tokens.
-It then alternates blocks of real MeZO steps (edgezo.mezo.mezo_step with the default LoRA adapter: two forwards of
-the batch, adapter uploads, update) on the full batch and on the cut one, each block after one untimed step (the
-switch rebuilds llama.cpp's graph), so both sides see the same machine. Reported: the median step of each and their
-ratio, the quantity issue 32 asks to bring to <= 1.5 (a step on BFCL data over a step on its completion tokens
-alone). Nothing is optimised here: this is the measurement the choice of an optimisation starts from.
+tens, yet the loss covers only the call. One child process takes --batches batches of --batch-size training requests
+of the built-in `bfcl` data and times real MeZO steps (edgezo.mezo.mezo_step: two forwards of the batch, adapter
+uploads, update) in four configurations, a new batch each step as in training:
+
+    completion only   the same batches cut to their completions (each example's reference-call tokens after one
+                      context token, the prompt's last), so the same target tokens are scored; LoRA on every block
+    full              the whole prompt and completion; LoRA on every block (the default)
+    top K             LoRA on the top --top-blocks blocks only; the blocks below run once per step (--prefix-reuse
+                      auto: the two perturbed forwards share them)
+    top K, table      the same LoRA; the blocks below ran once per example before training (--prefix-reuse cache),
+                      so a step runs only the top blocks; the table's one-off build is timed too
+
+Blocks of steps alternate between the configurations (each block after one untimed step, which rebuilds llama.cpp's
+graph) so all see the same machine. Reported: each configuration's median step and its ratio to the completion-only
+step, the quantity issue 32 asks to bring to <= 1.5.
 """
 
 from __future__ import annotations
@@ -26,59 +33,85 @@ NAME = "prompt_cost"
 TITLE = "Function calling (BFCL): a MeZO step on prompt + completion against the completion alone"
 TARGET = 1.5  # issue 32: a step on BFCL data over a step on the same completion tokens without the prompt
 BLOCK = 3  # timed steps per block
+BASELINE = "completion only"
 
 
 def child(args) -> dict:
-    from edgezo import mezo, store
+    from edgezo import mezo, split, store
     from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
     from edgezo.data import Example, build_examples, build_task, read_jsonl
-    from edgezo.engine import Engine, EngineConfig
+    from edgezo.engine import Engine, EngineConfig, SplitEngine
     from edgezo.objective import loss_function
 
     model_path = store.resolve_model(args.model, args.quant)
     files, _ = store.resolve_data("bfcl")
     base = read_base_model_info(model_path)
-    engine = Engine(model_path, EngineConfig(n_seq_max=args.batch_size, n_ctx_per_seq=store.MAX_SEQ_LEN_BFCL,
-                                             n_threads=args.threads))
-    records = read_jsonl(files.train)[: args.batch_size]
-    task = build_task(records, files.train, engine, None, None)
-    full = build_examples(records, files.train, task, engine, store.MAX_SEQ_LEN_BFCL)
+    config = EngineConfig(n_seq_max=args.batch_size, n_ctx_per_seq=store.MAX_SEQ_LEN_BFCL, n_threads=args.threads)
+    first = base.n_layers - args.top_blocks
+    with Engine(model_path, config) as engine:
+        records = read_jsonl(files.train)[: args.batch_size * args.batches]
+        task = build_task(records, files.train, engine, None, None)
+        full = build_examples(records, files.train, task, engine, store.MAX_SEQ_LEN_BFCL)
     # the same target tokens, each predicted from the same previous token, with the prompt before it removed
     cut = [Example(ex.tokens[ex.target_start - 1:], target_start=1) for ex in full]
-    adapter = LoraAdapter.init(base, LoraConfig(), seed=0)
-    engine.set_adapter(adapter)
-    config = mezo.MezoConfig()
-    losses = {"full": loss_function(engine, full, task), "completion": loss_function(engine, cut, task)}
-    total = args.rounds * 2 * (BLOCK + 1)
-    step = iter(range(total))
+    batches = {kind: [examples[i:i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
+               for kind, examples in (("full", full), ("cut", cut))}
+    parts = split.split_files(model_path, first, base.n_layers)
+    top = LoraConfig(layers=(first, None))
+    setups = {BASELINE: (Engine(model_path, config), LoraConfig(), "cut"),
+              "full": (Engine(model_path, config), LoraConfig(), "full"),
+              f"top {args.top_blocks}": (SplitEngine(*parts, first, config, cache_bytes=0), top, "full"),
+              f"top {args.top_blocks}, table": (SplitEngine(*parts, first, config, cache_bytes=0), top, "full")}
+    table_engine = setups[f"top {args.top_blocks}, table"][0]
+    table_seconds = common.timed(lambda: table_engine.store_hidden_states([ex.tokens for ex in full]), 0, 1)[0]
+    steps = {}
+    for name, (engine, lora, kind) in setups.items():
+        adapter = LoraAdapter.init(base, lora, seed=0)
+        engine.set_adapter(adapter)
+        losses = [loss_function(engine, batch, task) for batch in batches[kind]]
+        steps[name] = (adapter, losses)
+    schedule = mezo.MezoConfig()
+    total = args.rounds * (BLOCK + 1)
     rounds = []
-    for _ in range(args.rounds):
-        rounds.append({kind: common.timed(lambda: mezo.mezo_step(adapter.tensors, loss, config, 0, next(step), total),
-                                          1, BLOCK)
-                       for kind, loss in losses.items()})
+    for r in range(args.rounds):
+        timings = {}
+        for name, (adapter, losses) in steps.items():
+            step = iter(range(r * (BLOCK + 1), (r + 1) * (BLOCK + 1)))
+
+            def one_step():
+                t = next(step)
+                mezo.mezo_step(adapter.tensors, losses[t % len(losses)], schedule, 0, t, total)
+
+            timings[name] = common.timed(one_step, 1, BLOCK)
+        rounds.append(timings)
+    for engine, _, _ in setups.values():
+        engine.close()
     n_prompt = sum(ex.target_start for ex in full)
     n_target = sum(len(ex.tokens) - ex.target_start for ex in full)
     return {"rounds": rounds, "n_prompt_tokens": n_prompt, "n_target_tokens": n_target,
             "n_tokens_full": sum(len(ex.tokens) for ex in full), "n_tokens_completion": sum(len(ex.tokens) for ex in cut),
-            "model_sha256": common.sha256(model_path), "n_adapter_params": adapter.n_params}
+            "n_examples": len(full), "n_layers": base.n_layers, "table_seconds": table_seconds,
+            "table_bytes": table_engine.table.nbytes, "model_sha256": common.sha256(model_path)}
 
 
 def run(args) -> dict:
     argv = common.python_cmd("bench.prompt_cost", "--child", "--model", args.model, "--quant", args.quant,
-                             "--batch-size", args.batch_size, "--threads", args.threads, "--rounds", args.rounds)
+                             "--batch-size", args.batch_size, "--batches", args.batches, "--threads", args.threads,
+                             "--rounds", args.rounds, "--top-blocks", args.top_blocks)
     measured = common.run_json(argv, f"prompt cost {args.model}", timeout=3 * 3600)
-    full = [s for r in measured["rounds"] for s in r["full"]]
-    completion = [s for r in measured["rounds"] for s in r["completion"]]
-    per_round = [statistics.median(r["full"]) / statistics.median(r["completion"]) for r in measured["rounds"]]
-    split = where_time_goes(statistics.median(full), statistics.median(completion), measured["n_tokens_full"],
-                            measured["n_tokens_completion"])
+    names = list(measured["rounds"][0])
+    steps = {name: common.summary([s for r in measured["rounds"] for s in r[name]]) for name in names}
+    ratios = {name: statistics.median(statistics.median(r[name]) / statistics.median(r[BASELINE])
+                                      for r in measured["rounds"]) for name in names}
+    n_full, n_cut = measured["n_tokens_full"], measured["n_tokens_completion"]
+    split = where_time_goes(steps["full"]["median"], steps[BASELINE]["median"], n_full / args.batches,
+                            n_cut / args.batches)
     return {"benchmark": NAME, "time": common.utc_now(), "machine": common.machine_info(), "model": args.model,
-            "quant": args.quant, "batch_size": args.batch_size, "threads": args.threads,
-            "step_seconds_full": common.summary(full), "step_seconds_completion": common.summary(completion),
-            "ratio_per_round": per_round, "ratio": statistics.median(per_round), "target": TARGET, **split,
+            "quant": args.quant, "batch_size": args.batch_size, "batches": args.batches, "threads": args.threads,
+            "top_blocks": args.top_blocks, "step_seconds": steps, "ratio": ratios, "target": TARGET, **split,
             "peak_rss_bytes": measured["_process"]["peak_rss_bytes"],
             **{k: measured[k] for k in ("n_prompt_tokens", "n_target_tokens", "n_tokens_full", "n_tokens_completion",
-                                        "model_sha256", "n_adapter_params")},
+                                        "n_examples", "n_layers", "table_seconds", "table_bytes", "model_sha256")},
             "load_average_end": common.load_average()}
 
 
@@ -93,21 +126,24 @@ def where_time_goes(full_s: float, completion_s: float, n_full: int, n_completio
 
 
 def render(result: dict) -> str:
-    header = ["model", "quant", "batch", "prompt tokens", "target tokens", "step s, prompt + completion",
-              "step s, completion only", "ratio", "target"]
-    rows = [[result["model"], result["quant"], result["batch_size"], result["n_prompt_tokens"],
-             result["n_target_tokens"], common.spread(result["step_seconds_full"], 2),
-             common.spread(result["step_seconds_completion"], 2), f"{result['ratio']:.2f}", f"<= {result['target']}"]]
+    header = ["configuration", "step s", "over the completion alone", "target"]
+    rows = [[name, common.spread(stats, 2), f"{result['ratio'][name]:.2f}",
+             "" if name == BASELINE else f"<= {result['target']}"] for name, stats in result["step_seconds"].items()]
+    n = result["n_examples"]
     share = result["n_prompt_tokens"] / result["n_tokens_full"]
-    text = common.table(header, rows)
-    text += (f"\nTokens are the batch's totals: the prompts are {100 * share:.0f} % of the tokens a step decodes twice. "
-             f"As a fixed cost plus a cost per token, solved from the two medians: {result['fixed_seconds']:.2f} s fixed "
+    text = (f"{result['model']} ({result['quant']}, {result['n_layers']} blocks), {n} BFCL training requests in batches "
+            f"of {result['batch_size']}: {result['n_prompt_tokens'] / n:.0f} prompt and "
+            f"{result['n_target_tokens'] / n:.0f} target tokens per request.\n\n")
+    text += common.table(header, rows)
+    text += (f"\nThe prompts are {100 * share:.0f} % of the tokens a full step decodes twice. As a fixed cost plus a "
+             f"cost per token, solved from the full and completion-only medians: {result['fixed_seconds']:.2f} s fixed "
              f"(z, adapter uploads, update), {1000 * result['seconds_per_token']:.1f} ms per batch token, so the "
-             f"prompts take {100 * result['prompt_share_of_step']:.0f} % of a step. "
-             f"Median (min-max) of real MeZO steps (default LoRA: rank 16 on attn_k, attn_v of every block), blocks of "
-             f"{BLOCK} alternating between the full batch and its completions (each completion after the prompt's "
-             f"last token) in one process; ratio = median over rounds of the two blocks' median steps. "
-             f"`--threads {result['threads']}`.\n\n")
+             f"prompts take {100 * result['prompt_share_of_step']:.0f} % of a full step. The table (top "
+             f"{result['top_blocks']}) took {result['table_seconds']:.1f} s to build for the {n} requests "
+             f"({result['table_bytes'] / 2**20:.0f} MiB), once per run. Median (min-max) of real MeZO steps (rank 16 "
+             f"on attn_k, attn_v; every block, or the top {result['top_blocks']}), a new batch each step, blocks of "
+             f"{BLOCK} alternating between the configurations in one process; ratio = median over rounds of the "
+             f"blocks' median steps. `--threads {result['threads']}`.\n\n")
     return text + common.provenance(result) + "\n"
 
 
@@ -115,7 +151,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="qwen2.5-coder-0.5b")
     p.add_argument("--quant", default="q4_0")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batches", type=int, default=4, help="distinct batches, one per step in turn (>= 2)")
+    p.add_argument("--top-blocks", type=int, default=4, help="K: LoRA on the top K blocks in the prefix-reuse "
+                   "configurations")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -378,15 +378,20 @@ def test_the_bench_tables_render_their_figures():
     text = agentic.render({"runs": [row], "threads": 1, "machine": machine, "time": "T"})
     assert "| qwen2.5-coder-0.5b | q4_0 | 150 | 31.3 | 50.0 | 52.0 | 61.0 | 0.123 | 99 |" in text
     summary = {"median": 2.0, "min": 1.5, "max": 2.5, "n": 3}
-    text = prompt_cost.render({"model": "m", "quant": "q4_0", "batch_size": 4, "n_prompt_tokens": 900,
-                               "n_target_tokens": 100, "n_tokens_full": 1000, "step_seconds_full": summary,
-                               "step_seconds_completion": {**summary, "median": 0.5}, "ratio": 4.0, "target": 1.5,
+    steps = {prompt_cost.BASELINE: {**summary, "median": 0.5}, "full": summary,
+             "top 4": {**summary, "median": 1.0}, "top 4, table": {**summary, "median": 0.6}}
+    text = prompt_cost.render({"model": "m", "quant": "q4_0", "n_layers": 24, "batch_size": 4, "n_examples": 8,
+                               "n_prompt_tokens": 1800, "n_target_tokens": 200, "n_tokens_full": 2000,
+                               "step_seconds": steps, "ratio": {k: v["median"] / 0.5 for k, v in steps.items()},
+                               "target": 1.5, "top_blocks": 4, "table_seconds": 12.0, "table_bytes": 2**23,
                                "threads": 1, "machine": machine, "time": "T",
                                **prompt_cost.where_time_goes(2.0, 0.5, 1000, 100)})
-    assert "| m | q4_0 | 4 | 900 | 100 | 2.00 (1.50-2.50) | 0.50 (1.50-2.50) | 4.00 | <= 1.5 |" in text
-    assert "the prompts are 90 % of the tokens" in text
+    assert "| full | 2.00 (1.50-2.50) | 4.00 | <= 1.5 |" in text and "| top 4, table | 0.60 (1.50-2.50) | 1.20 |" in text
+    assert "| completion only | 0.50 (1.50-2.50) | 1.00 |  |" in text
+    assert "225 prompt and 25 target tokens per request" in text and "the prompts are 90 % of the tokens" in text.lower()
     # 2.0 = f + 1000 t and 0.5 = f + 100 t: t = 1/600 s, f = 1/3 s; the 900 removed tokens are 75 % of the step
-    assert "0.33 s fixed (z, adapter uploads, update), 1.7 ms per batch token" in text and "take 75 % of a step" in text
+    assert "0.33 s fixed (z, adapter uploads, update), 1.7 ms per batch token" in text and "take 75 % of a full" in text
+    assert "took 12.0 s to build for the 8 requests (8 MiB)" in text
 
 
 def test_eval_and_a_reward_finetune_run_on_a_bfcl_directory(tiny_gguf, tmp_path, capsys):

@@ -347,6 +347,25 @@ def test_finetune_raises_a_default_max_seq_len_for_bfcl(tiny_gguf, tmp_path):
     session.resolve_inputs(spec)
     assert spec.max_seq_len == store.MAX_SEQ_LEN_BFCL
 
+
+def test_memory_predicts_a_bfcl_run_at_the_raised_max_seq_len(tiny_gguf, monkeypatch, capsys):
+    from edgezo import resolve
+    from edgezo.cli import main
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def run_sequences(model_path, method, args, log):  # what the prediction is asked for; no data needed
+        seen.append(args.max_seq_len)
+        raise Stop
+
+    monkeypatch.setattr(resolve, "run_sequences", run_sequences)
+    with pytest.raises(Stop):
+        main(["memory", "--model", str(tiny_gguf), "--quant", "f32", "--data", "bfcl"])
+    assert seen == [store.MAX_SEQ_LEN_BFCL]
+
 # ---- the real data ---------------------------------------------------------------------------------------------------
 @pytest.mark.real_model
 def test_real_bfcl_splits_are_pinned_and_the_first_50_ground_truths_score_100_percent():

@@ -8,7 +8,7 @@ from .. import store
 from ..formats import check_base_file
 from ..memory import TORCH_METHODS, torch_method
 from ..rundir import RunDir
-from ..resolve import DEFAULT_DATA, lora_from_args, predict_run, resolve_base
+from ..resolve import DEFAULT_DATA, dataset_max_seq_len, lora_from_args, predict_run, resolve_base
 from .finetune import cmd_finetune
 from .generate import cmd_eval
 from .output import say
@@ -28,6 +28,8 @@ def cmd_memory(args) -> tuple[dict, str]:
         quantized = method.startswith("bp-quant") or args.base_dtype != "float"
         method = torch_method(args.gradient_checkpointing or method.endswith("-ckpt"), quantized)
     model_path = resolve_base(args, log=say)
+    if args.data:
+        dataset_max_seq_len(args, args.data, log=say)  # as the run it describes does
     if method.startswith("bp-quant"):
         check_base_file(model_path, None if args.base_dtype == "float" else args.base_dtype)
     prediction, seq_len = predict_run(model_path, method, args, log=say)

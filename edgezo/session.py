@@ -162,12 +162,8 @@ def plan_memory(spec: FinetuneSpec, model_path: Path, budget_bytes: int, log=_qu
 
 
 def store_hidden_states(engine, examples: dict, n_valid: int, events: TrainingEvents | None, log=_quiet) -> None:
-    """--prefix-reuse cache: the blocks below the adapter run once per training and validation example, now."""
-    from .engine import SplitEngine
-
-    if not isinstance(engine, SplitEngine):
-        raise EdgezoError("--prefix-reuse cache needs LoRA on the top blocks only (--num-layers N or --layers A:), "
-                          "so that the blocks below it never change")
+    """--prefix-reuse cache: the blocks below the adapter (engine: a SplitEngine) run once per training and
+    validation example, now."""
     valid = examples.get("valid", [])
     sequences = [ex.tokens for ex in examples["train"] + (valid[:n_valid] if n_valid else valid)]
     nbytes = engine.store_hidden_states(sequences, log, events.preparing if events else lambda done, total: None)
@@ -193,6 +189,8 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
     spec.eval_generation = spec.eval_generation or reward is not None
     if spec.eval_generation:
         spec.prefix_reuse = "off"  # generation runs every block for each new token: nothing to reuse
+    from .engine import SplitEngine
+
     t0 = time.perf_counter()
     # A rank of a distributed run: only rank 0 writes the run directory and talks.
     group = (distributed.Group.from_env(distributed.DistConfig(spec.parallel, spec.peer_timeout), spec.workers)
@@ -209,10 +207,11 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
     engine_batch = group.engine_batch_size(spec.batch_size) if group else spec.batch_size
     engine, base = open_engine(model_path, engine_batch, spec.max_seq_len, spec.threads,
                                split_for=lora if spec.prefix_reuse != "off" else None, log=log)
+    if spec.prefix_reuse == "cache" and not isinstance(engine, SplitEngine):  # LoRA in block 0: nothing below it
+        raise EdgezoError("--prefix-reuse cache needs LoRA on the top blocks only (--num-layers N or --layers A:), "
+                          "so that the blocks below it never change")
     task, examples, label_words = load_task_and_splits(engine, spec.data, spec, ["train", "valid"],
                                                        optional={"valid"}, log=log)
-    if spec.prefix_reuse == "cache":
-        store_hidden_states(engine, examples, spec.n_valid, events, log)
     if "valid" not in examples:
         log("no validation split: training without periodic evaluation; adapter.gguf is the last step's")
     # a distributed run does not roll back (each replica would have to): there, the rate alone is automatic
@@ -285,6 +284,8 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
         write_json_atomic(run.config, config)
     else:
         run = distributed.ReplicaRun()  # rank 0 owns the run directory
+    if spec.prefix_reuse == "cache":  # after the checks above: minutes of work a refused --resume should not cost
+        store_hidden_states(engine, examples, spec.n_valid, events, log)
     engine.set_adapter(adapter)
     log(f"MeZO on {model_path.name}: {adapter.n_params:,} LoRA parameters, {len(examples['train'])} training examples, "
         f"{train_cfg.steps} steps of batch {train_cfg.batch_size}"

@@ -57,8 +57,8 @@ def render(result: dict) -> str:
              "the first call's function is right; lenient accuracy: the same check on calls also read from a "
              "```json fence or bare JSON (what the model knew, format aside); target NLL: per token of the reference "
              "call. Greedy generation, budget twice the reference call's tokens plus 8. The first N requests of the "
-             f"seeded test split (150 of BFCL's 400). `--threads {result['threads']}`, run beside other work "
-             "(accuracy only: times are not comparable).\n\n")
+             f"seeded test split (150 of BFCL's 400). Rows come from several invocations (the last: `--threads "
+             f"{result['threads']}`), some beside other work: eval s are not comparable between rows.\n\n")
     return text + common.provenance(result) + "\n"
 
 

@@ -104,7 +104,7 @@ def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: in
     return Engine(model_path, config), base
 
 
-def dataset_max_seq_len(args, data_spec: str, log=_quiet) -> None:
+def dataset_max_seq_len(args, data_spec: str | None, log=_quiet) -> None:
     """Raise a default --max-seq-len to what a built-in dataset's longest example needs (BuiltinDataset.max_seq_len);
     a value the user chose is left alone."""
     builtin = store.DATASETS.get(data_spec)

@@ -49,11 +49,12 @@ def test_a_table_returns_each_examples_rows_and_refuses_changed_bytes(tmp_path):
         HiddenStateTable(tmp_path / "t.f32")
 
 
-def test_the_split_engine_serves_stored_examples_without_the_prefix(tiny4):
+def test_the_split_engine_serves_stored_examples_without_the_prefix(tiny4, tmp_path):
     with Engine(tiny4, CONFIG) as full, SplitEngine(*split.split_files(tiny4, 2, 4), 2, CONFIG) as parts:
         seqs = [full.tokenize(t, add_special=True) for t in TEXTS]
-        nbytes = parts.store_hidden_states(seqs)
+        nbytes = parts.store_hidden_states(seqs, directory=tmp_path / "tables")
         assert nbytes == sum(len(s) for s in seqs) * parts.n_embd * 4
+        assert parts.table.path.parent == tmp_path / "tables" and not (home() / "hidden-states").exists()
         assert parts.prefix_passes == 0  # the table is built by block_inputs, outside the counted passes
         for batch in ([seqs[0], seqs[3]], [seqs[4], seqs[1]]):  # compositions other than the table's
             last = [[len(s) - 1] for s in batch]

@@ -28,8 +28,7 @@ def cmd_memory(args) -> tuple[dict, str]:
         quantized = method.startswith("bp-quant") or args.base_dtype != "float"
         method = torch_method(args.gradient_checkpointing or method.endswith("-ckpt"), quantized)
     model_path = resolve_base(args, log=say)
-    if args.data:
-        dataset_max_seq_len(args, args.data, log=say)  # as the run it describes does
+    dataset_max_seq_len(args, args.data, log=say)  # as the run it describes does
     if method.startswith("bp-quant"):
         check_base_file(model_path, None if args.base_dtype == "float" else args.base_dtype)
     prediction, seq_len = predict_run(model_path, method, args, log=say)

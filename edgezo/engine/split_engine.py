@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
@@ -75,13 +76,16 @@ class SplitEngine(Engine):
         self._last = (key, hidden)
         return hidden
 
-    def store_hidden_states(self, sequences, log=lambda msg: None, progress=lambda done, total: None) -> int:
-        """Serve the hidden states of `sequences` (every training and validation example) from a table on disk,
-        computed now unless an identical one exists; returns its size in bytes."""
+    def store_hidden_states(self, sequences, log=lambda msg: None, progress=lambda done, total: None,
+                            directory: Path | None = None) -> int:
+        """Serve the hidden states of `sequences` (every training and validation example) from a table on disk
+        (in `directory`, default $EDGEZO_HOME/hidden-states), computed now unless an identical one exists; returns
+        its size in bytes."""
         identity = {"prefix_sha256": cached_sha256(self.prefix_path), "first_block": self.first_block,
                     "llama_cpp": llama_cpp.__version__, "batch_size": self.config.n_seq_max,
                     "sequences": sequences_digest(sequences)}
-        self.table = open_table(table_path(home() / "hidden-states", identity), sequences, self.block_inputs,
+        directory = home() / "hidden-states" if directory is None else directory
+        self.table = open_table(table_path(directory, identity), sequences, self.block_inputs,
                                 self.config.n_seq_max, self.n_embd, log, progress)
         return self.table.nbytes
 

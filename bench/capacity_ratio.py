@@ -75,7 +75,8 @@ def accountant_same_model(spec, batch_size: int, seq_len: int, lora: LoraConfig)
 def device_ratios(batch_size: int, seq_len: int, lora: LoraConfig, specs) -> dict:
     out = {}
     for device in DEVICES:
-        result = capacity(load_device_profile(device).usable_ram_bytes, specs, batch_size, seq_len, lora)
+        profile = load_device_profile(device)
+        result = capacity(profile.usable_ram_bytes, specs, batch_size, seq_len, lora, profile.llama_cpp_system_info)
         m = result["methods"]
         out[device] = {"mezo_model": m["mezo-q4_0"]["model"], "best_bp": result["best_bp"],
                        "best_bp_model": m[result["best_bp"]]["model"], "over_best_bp": result["mezo_over_best_bp"],

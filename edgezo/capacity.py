@@ -24,7 +24,7 @@ from pathlib import Path
 
 from .adapter import LoraConfig
 from .files import EdgezoError
-from .memory import ModelSpec, predict_llama_cpp, predict_torch, shape_from_spec, torch_method
+from .memory import CALIBRATION_SYSTEM_INFO, ModelSpec, predict_llama_cpp, predict_torch, shape_from_spec, torch_method
 
 # Package data (importlib.resources), so an installed wheel has it as well as a checkout.
 FAMILIES_FILE = resources.files("edgezo") / "model_families.toml"
@@ -81,19 +81,24 @@ def load_specs(families: list[str] | None = None, path: Path | Traversable = FAM
     return sorted((s for s in specs if s.family in families), key=lambda s: s.params)
 
 
-def predicted_bytes(spec: ModelSpec, method: Method, batch_size: int, seq_len: int, lora: LoraConfig) -> int:
-    """Peak RSS of fine-tuning `spec` with `method`, by the same functions `edgezo memory` calls."""
+def predicted_bytes(spec: ModelSpec, method: Method, batch_size: int, seq_len: int, lora: LoraConfig,
+                    system_info: str = CALIBRATION_SYSTEM_INFO) -> int:
+    """Peak RSS of fine-tuning `spec` with `method`, by the same functions `edgezo memory` calls (MeZO on the
+    llama.cpp build whose system info is `system_info`)."""
     if method.is_mezo:
-        return predict_llama_cpp(shape_from_spec(spec, method.quant), "mezo", batch_size, seq_len, lora).total_bytes
+        return predict_llama_cpp(shape_from_spec(spec, method.quant), "mezo", batch_size, seq_len, lora,
+                                 system_info=system_info).total_bytes
     quantized = method.base != "float"
     return predict_torch(shape_from_spec(spec, method.base if quantized else "f32"),
                          torch_method(method.checkpointing, quantized), batch_size, seq_len, lora, dtype=method.dtype,
                          full=method.full, release_freed=True).total_bytes
 
 
-def prediction_table(specs: list[ModelSpec], batch_size: int, seq_len: int, lora: LoraConfig) -> dict[str, dict[str, int]]:
+def prediction_table(specs: list[ModelSpec], batch_size: int, seq_len: int, lora: LoraConfig,
+                     system_info: str = CALIBRATION_SYSTEM_INFO) -> dict[str, dict[str, int]]:
     """model name -> method key -> predicted peak bytes."""
-    return {s.name: {m.key: predicted_bytes(s, m, batch_size, seq_len, lora) for m in METHODS} for s in specs}
+    return {s.name: {m.key: predicted_bytes(s, m, batch_size, seq_len, lora, system_info) for m in METHODS}
+            for s in specs}
 
 
 def largest_fitting(specs: list[ModelSpec], table: dict[str, dict[str, int]], method_key: str, budget: int) -> ModelSpec | None:
@@ -102,14 +107,16 @@ def largest_fitting(specs: list[ModelSpec], table: dict[str, dict[str, int]], me
 
 
 def capacity(budget_bytes: int, specs: list[ModelSpec], batch_size: int = DEFAULT_BATCH_SIZE,
-             seq_len: int = DEFAULT_SEQ_LEN, lora: LoraConfig | None = None) -> dict:
-    """The largest model per method within `budget_bytes`, and the MeZO (Q4_0) / BP ratios of their sizes."""
+             seq_len: int = DEFAULT_SEQ_LEN, lora: LoraConfig | None = None,
+             system_info: str = CALIBRATION_SYSTEM_INFO) -> dict:
+    """The largest model per method within `budget_bytes`, and the MeZO (Q4_0) / BP ratios of their sizes, MeZO on
+    the llama.cpp build whose system info is `system_info` (a device profile's llama_cpp_system_info)."""
     if budget_bytes <= 0:
         raise EdgezoError(f"memory budget must be positive, got {budget_bytes}")
     if batch_size < 1 or seq_len < 1:
         raise EdgezoError(f"batch size and sequence length must be >= 1, got {batch_size} and {seq_len}")
     lora = lora or LoraConfig()
-    table = prediction_table(specs, batch_size, seq_len, lora)
+    table = prediction_table(specs, batch_size, seq_len, lora, system_info)
     methods = {}
     for m in METHODS:
         best = largest_fitting(specs, table, m.key, budget_bytes)

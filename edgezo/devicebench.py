@@ -194,7 +194,7 @@ def _fixed_length_engine(model_path: str, config):
 def measure_llama(point: BenchPoint, config: BenchConfig) -> dict:
     """pp, tg and MeZO steps in this process (see the module docstring). Seconds per call, lists of `repeats`."""
     from .adapter import LoraAdapter, LoraConfig, read_base_model_info
-    from .engine import EngineConfig
+    from .engine import EngineConfig, system_info
     from .mezo import MezoConfig, mezo_step
     from .objective import loss_function
 
@@ -224,7 +224,7 @@ def measure_llama(point: BenchPoint, config: BenchConfig) -> dict:
         n_threads = engine.n_threads
     return {"forward_s": forward_s, "generate_s": generate_s, "mezo_step_s": step_s,
             "n_generated_tokens": sum(len(g) for g in generated), "n_prompt_tokens": sum(map(len, sequences)),
-            "n_adapter_params": adapter.n_params, "n_threads": n_threads}
+            "n_adapter_params": adapter.n_params, "n_threads": n_threads, "system_info": system_info()}
 
 
 def prepare_bp(point: BenchPoint) -> dict:
@@ -338,16 +338,18 @@ def machine_info() -> dict:
 
 
 # ---- the table ---------------------------------------------------------------------------------------------------
-def predicted_rss_bytes(point: BenchPoint, token_ids: Sequence[int] | None) -> tuple[int, int]:
+def predicted_rss_bytes(point: BenchPoint, token_ids: Sequence[int] | None,
+                        system_info: str | None = None) -> tuple[int, int]:
     """(MeZO, BP) peak RSS as edgezo.memory predicts them for the children's runs: the llama child's engine
     (B sequences of n_ctx_per_seq cells, P tokens each decoded, the default LoRA) and reference-bp's float32 run on
-    the same batch (two label columns; `token_ids` the rows it reads, None: every row)."""
+    the same batch (two label columns; `token_ids` the rows it reads, None: every row). system_info: the llama
+    child's build (which weights it repacks); None: edgezo.memory's calibration build."""
     from .adapter import LoraConfig
-    from .memory import predict_llama_cpp, predict_torch, read_model_shape
+    from .memory import CALIBRATION_SYSTEM_INFO, predict_llama_cpp, predict_torch, read_model_shape
 
     shape = read_model_shape(point.model_path)
     mezo = predict_llama_cpp(shape, "mezo", point.batch_size, point.n_ctx_per_seq, lora=LoraConfig(),
-                             n_tokens_per_seq=point.prompt_tokens)
+                             n_tokens_per_seq=point.prompt_tokens, system_info=system_info or CALIBRATION_SYSTEM_INFO)
     bp = predict_torch(shape, "bp", point.batch_size, point.prompt_tokens, lora=LoraConfig(), logit_cols=2,
                        token_ids=None if token_ids is None else set(token_ids))
     return mezo.total_bytes, bp.total_bytes
@@ -383,7 +385,8 @@ def make_row(point: BenchPoint, llama: dict, bp: dict | None) -> dict:
         notes.append(f"BP child failed: {bp['error']}")
     try:
         token_ids = bp["result"]["token_ids"] if bp is not None and bp["ok"] else None
-        row["mezo_predicted_rss_bytes"], bp_predicted = predicted_rss_bytes(point, token_ids)
+        built = llama["result"].get("system_info") if llama["ok"] else None
+        row["mezo_predicted_rss_bytes"], bp_predicted = predicted_rss_bytes(point, token_ids, built)
         if bp is not None:
             row["bp_predicted_rss_bytes"] = bp_predicted
     except (EdgezoError, OSError, ValueError) as exc:

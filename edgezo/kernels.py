@@ -158,6 +158,24 @@ def repacked_by_llama_cpp(name: str, ggml_type: int, dims: tuple[int, ...], feat
     return repack_layout(ggml_type, dims[1], features) is not None
 
 
+def repacked_tensors(tensor_types: dict[str, int], tensor_dims: dict[str, tuple[int, ...]],
+                     features: dict[str, str]) -> list[str]:
+    """The tensors of a GGUF (ggml dims: (n_in, n_out) for a matrix) of which llama.cpp keeps a CPU_REPACK copy on
+    this build. With tied embeddings (no output.weight) llama.cpp loads token_embd a second time as the output
+    matrix: the input copy stays as mapped (get_rows), the output copy goes where any output weight of its type goes,
+    so token_embd is listed when the output rule takes it (ARM repacks Q8_0 and Q6_K; x86 never does for the types
+    llama.cpp gives an output matrix). The guard (engine.buffers) cannot place that copy by name without moving the
+    input copy too, so it leaves it unrepacked."""
+    if features.get("REPACK") != "1":
+        return []
+    names = [n for n, t in tensor_types.items() if repacked_by_llama_cpp(n, t, tensor_dims[n], features)]
+    embd = "token_embd.weight"
+    if "output.weight" not in tensor_types and embd in tensor_types and \
+            repacked_by_llama_cpp("output.weight", tensor_types[embd], tensor_dims[embd], features):
+        names.append(embd)
+    return names
+
+
 def repack_plan(features: dict[str, str], ggml_types: dict[str, int]) -> dict[str, str | None]:
     """{name: layout or None} for each ggml type (a matmul weight with rows a multiple of 8, as every model edgezo
     ships has): which kernels the matmuls of a model in that type run on this build, for `edgezo doctor`."""

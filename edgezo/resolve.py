@@ -234,9 +234,10 @@ def run_sequences(model_path: Path, method: str, args, log=_quiet) -> tuple[dict
     return {split: [ex.tokens for ex in exs] for split, exs in examples.items()}, task, outputs
 
 
-def predict_run(model_path: Path, method: str, args, log=_quiet) -> tuple:
+def predict_run(model_path: Path, method: str, args, log=_quiet, system_info: str | None = None) -> tuple:
     """(Prediction, sequence length used) for the run `args` describes (finetune, reference-*, memory or eval flags):
-    with --data its own batches, else the worst case of --max-seq-len tokens per sequence."""
+    with --data its own batches, else the worst case of --max-seq-len tokens per sequence. system_info: the
+    llama.cpp build it is for (which weights it repacks); None: the one installed here."""
     from .memory import predict_llama_cpp, predict_torch, read_model_shape, run_batches
     from .split import split_point
 
@@ -282,8 +283,13 @@ def predict_run(model_path: Path, method: str, args, log=_quiet) -> tuple:
                 n_stored = n_valid_tokens + (sum(len(s) for s in seqs["train"]) if args.data else 0)
             else:
                 n_cached = n_valid_tokens
+        if system_info is None:
+            from .engine import system_info as installed_build
+
+            system_info = installed_build()
         prediction = predict_llama_cpp(shape, method, args.batch_size, args.max_seq_len, lora=lora,
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len), split_at=split_at,
                                        n_cached_tokens=n_cached, n_stored_tokens=n_stored,
-                                       momentum=getattr(args, "estimator", "mezo") == "conmezo", **outputs)
+                                       momentum=getattr(args, "estimator", "mezo") == "conmezo",
+                                       system_info=system_info, **outputs)
     return prediction, seq_len

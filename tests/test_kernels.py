@@ -13,6 +13,7 @@ from edgezo import kernels
 from edgezo.cli import main
 from edgezo.formats import QUANT_FTYPES
 from edgezo.kernels import AmxMode, plan_kernels
+from edgezo.memory import read_model_shape, repack_bytes
 
 AMD_INFO = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | LLAMAFILE = 1 | "
             "OPENMP = 1 | REPACK = 1 | ")
@@ -228,6 +229,7 @@ def test_every_quant_type_decodes_on_the_real_model_with_and_without_the_guard(q
     checks edgezo.kernels' copy of llama.cpp's repack rules on every quant type."""
     from edgezo import store
     from edgezo.doctor import probe_in_child
+    from edgezo.engine import system_info
 
     path = store.resolve_model("smollm2-135m", quant)
     default = probe_in_child(path, n_threads=2, env={kernels.AMX_ENV: "auto"})
@@ -238,6 +240,9 @@ def test_every_quant_type_decodes_on_the_real_model_with_and_without_the_guard(q
     if not default["avoid_amx"]:  # llama.cpp chose freely: the guard must reproduce its choice exactly
         assert guarded["weight_buffers_mib"] == default["weight_buffers_mib"]
         assert guarded["logits_sha256"] == default["logits_sha256"]
+    # the accountant's repack term is the buffer llama.cpp allocated (probe rounds to 0.01 MiB)
+    predicted = repack_bytes(read_model_shape(path), system_info()) / 2**20
+    assert predicted == pytest.approx(default["weight_buffers_mib"].get("CPU_REPACK", 0), abs=0.006)
 
 
 def test_install_recipe_builds_without_amx_and_never_reuses_a_cached_wheel():

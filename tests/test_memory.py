@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from edgezo import kernels
 from edgezo.adapter import LoraAdapter, LoraConfig, read_base_model_info
+from edgezo.capacity import load_specs
 from edgezo.files import EdgezoError
-from edgezo.memory import (F16_BYTES, F32_BYTES, kv_cache_bytes, kv_cells, predict_llama_cpp, read_model_shape,
-                           weights_bytes)
+from edgezo.memory import (ANY_BUILD_SYSTEM_INFO, CALIBRATION_SYSTEM_INFO, F16_BYTES, F32_BYTES, MIB, kv_cache_bytes,
+                           kv_cells, load_device_profile, predict_llama_cpp, read_model_shape, repack_bytes,
+                           shape_from_spec, weights_bytes)
 
 ROOT = Path(__file__).parent.parent
 PROFILES = ROOT / "edgezo" / "device_profiles"
@@ -113,6 +116,35 @@ def test_device_profiles_parse_and_are_consistent():
         assert profile["cpu"].strip(), stem
     assert found["raspberry-pi-zero-2w"]["total_ram_bytes"] == 512 * 2**20
     assert found["ci-2core-24gb"]["cores"] == 2
+    for stem in ("raspberry-pi-5-4gb", "raspberry-pi-5-8gb", "android-4gb", "android-8gb", "raspberry-pi-zero-2w"):
+        assert kernels.build_features(found[stem]["llama_cpp_system_info"])["NEON"] == "1", stem  # an ARM build
+    assert kernels.build_features(found["ci-2core-24gb"]["llama_cpp_system_info"])["AVX512"] == "1"
+    assert load_device_profile("iphone-8gb").llama_cpp_system_info == ANY_BUILD_SYSTEM_INFO  # the build is not known
+
+
+A76_BUILD = "CPU : NEON = 1 | ARM_FMA = 1 | FP16_VA = 1 | DOTPROD = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"
+A53_BUILD = "CPU : NEON = 1 | ARM_FMA = 1 | LLAMAFILE = 1 | OPENMP = 1 | REPACK = 1 |"  # no dotprod: no repack
+
+
+def test_repacked_weights_follow_the_builds_rules_and_the_tied_outputs_copy():
+    """SmolLM2-135M Q4_0 (tied embeddings, token_embd Q8_0): x86 repacks the Q4_0 blocks only; an ARM dotprod build
+    also the Q8_0 copy of token_embd llama.cpp loads as the output matrix (measured under qemu: 85.6 MiB against
+    56.95 on x86, tools/arm64-check); without dotprod or without REPACK, nothing."""
+    spec = next(s for s in load_specs(["smollm2"]) if s.name == "SmolLM2-135M")
+    shape = shape_from_spec(spec, "q4_0")
+    blocks = sum(b for n, b in shape.tensor_bytes.items() if n.startswith("blk.") and len(shape.linear_shapes.get(n, ())) == 2)
+    embd = shape.tensor_bytes["token_embd.weight"]
+    assert repack_bytes(shape, CALIBRATION_SYSTEM_INFO) == blocks
+    assert repack_bytes(shape, A76_BUILD) == blocks + embd
+    assert repack_bytes(shape, A76_BUILD) / MIB == pytest.approx(85.64, abs=0.01)
+    assert repack_bytes(shape, A53_BUILD) == 0
+    assert repack_bytes(shape, A76_BUILD.replace("REPACK = 1", "REPACK = 0")) == 0
+    assert repack_bytes(shape, ANY_BUILD_SYSTEM_INFO) == blocks + embd  # the upper bound
+    untied = shape_from_spec(dataclasses.replace(spec, tied=False), "q4_0")  # output.weight its own (Q8_0) tensor
+    assert repack_bytes(untied, A76_BUILD) == blocks + untied.tensor_bytes["output.weight"]
+    assert repack_bytes(untied, CALIBRATION_SYSTEM_INFO) == blocks
+    on_pi = predict_llama_cpp(shape, "mezo", 4, 64, system_info=A76_BUILD)
+    assert on_pi.total_bytes - predict_llama_cpp(shape, "mezo", 4, 64).total_bytes == embd
 
 
 _MEASURE = textwrap.dedent("""

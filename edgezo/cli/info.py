@@ -31,7 +31,10 @@ def cmd_memory(args) -> tuple[dict, str]:
     dataset_max_seq_len(args, args.data, log=say)  # as the run it describes does
     if method.startswith("bp-quant"):
         check_base_file(model_path, None if args.base_dtype == "float" else args.base_dtype)
-    prediction, seq_len = predict_run(model_path, method, args, log=say)
+    profile = load_device_profile(args.device) if args.device else None
+    # for a device, its llama.cpp build (which weights it repacks); else the one installed here
+    prediction, seq_len = predict_run(model_path, method, args, log=say,
+                                      system_info=profile.llama_cpp_system_info if profile else None)
     result = {"predicted_bytes": prediction.total_bytes, "breakdown": prediction.breakdown, "method": method,
               "model": str(model_path), "batch_size": args.batch_size, "max_seq_len": args.max_seq_len,
               "seq_len": seq_len, "data": args.data}
@@ -40,8 +43,7 @@ def cmd_memory(args) -> tuple[dict, str]:
     lines = [f"{k:28}{v / 2**20:10.1f} MiB" for k, v in prediction.breakdown.items()]
     what = f"{method}, batch {args.batch_size} x {seq_len} tokens" + ("" if args.data else " (worst case)")
     lines.append(f"{'predicted peak RSS':28}{prediction.total_bytes / 2**20:10.1f} MiB ({what})")
-    if args.device:
-        profile = load_device_profile(args.device)
+    if profile:
         fits = prediction.total_bytes <= profile.usable_ram_bytes
         result.update(device=profile.key, usable_ram_bytes=profile.usable_ram_bytes, fits=fits)
         lines.append(f"{profile.name}: {profile.usable_ram_bytes / 2**20:.0f} MiB usable -> {'fits' if fits else 'does NOT fit'}")
@@ -57,7 +59,8 @@ def cmd_capacity(args) -> tuple[dict, str]:
     profile = load_device_profile(args.device)
     families = [f for f in args.family.split(",") if f] if args.family else None
     lora = lora_from_args(args)
-    result = capacity(profile.usable_ram_bytes, load_specs(families), args.batch_size, args.seq_len, lora)
+    result = capacity(profile.usable_ram_bytes, load_specs(families), args.batch_size, args.seq_len, lora,
+                      profile.llama_cpp_system_info)
     result.update(device=profile.key, device_name=profile.name, usable_ram_bytes=profile.usable_ram_bytes)
     header = (f"{profile.name}: {profile.usable_ram_bytes / 2**20:.0f} MiB usable; batch {args.batch_size} x "
               f"{args.seq_len} tokens, LoRA rank {lora.rank} on {','.join(lora.targets)}")

@@ -30,8 +30,8 @@ from .shape import (  # noqa: F401 (re-exported: `from edgezo.memory import X`)
     SPEC_ARCHITECTURES, GGML_F32, GGML_Q8_0, GGML_Q6_K, gguf_tensor_dims, quantized_tensor_type, shape_from_spec)
 from .llama_terms import (  # noqa: F401 (re-exported: `from edgezo.memory import X`)
     RUNTIME_BASELINE_BYTES, LLAMA_FIXED_BYTES, LLAMA_BYTES_PER_LAYER, VOCAB_BYTES_PER_TOKEN, ACTIVATION_LIVE_FACTOR,
-    LOGITS_ROW_FACTOR, VOCAB_SCRATCH_ROWS, COMPUTE_FIXED_BYTES, KV_CELL_PAD, DEFAULT_N_UBATCH, REPACKED_TYPES,
-    NOT_REPACKED, weights_bytes, repack_bytes, kv_cells, kv_cache_bytes, output_buffer_bytes, lm_loss_bytes,
+    LOGITS_ROW_FACTOR, VOCAB_SCRATCH_ROWS, COMPUTE_FIXED_BYTES, KV_CELL_PAD, DEFAULT_N_UBATCH, CALIBRATION_SYSTEM_INFO,
+    ANY_BUILD_SYSTEM_INFO, weights_bytes, repack_bytes, kv_cells, kv_cache_bytes, output_buffer_bytes, lm_loss_bytes,
     activation_floats_per_token, compute_touched_bytes, lora_params, predict_llama_cpp, part_shape, split_terms,
     adapter_terms, max_lora_tensor_params)
 from .torch_terms import (  # noqa: F401 (re-exported: `from edgezo.memory import X`)

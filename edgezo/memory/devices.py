@@ -8,6 +8,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from ..files import EdgezoError
+from .llama_terms import ANY_BUILD_SYSTEM_INFO
 
 
 # Package data (importlib.resources): an installed wheel has the profiles as well as a checkout.
@@ -22,6 +23,9 @@ class DeviceProfile:
     usable_ram_bytes: int
     usable_ram_source: str
     cores: int
+    # llama_print_system_info() of the llama.cpp build the device runs (which weights it repacks); a profile without
+    # `llama_cpp_system_info` gets ANY_BUILD_SYSTEM_INFO, every rule of every build (the larger prediction)
+    llama_cpp_system_info: str = ANY_BUILD_SYSTEM_INFO
 
 
 def load_device_profile(name: str, directory: Path | Traversable = PROFILE_DIR) -> DeviceProfile:
@@ -36,6 +40,7 @@ def load_device_profile(name: str, directory: Path | Traversable = PROFILE_DIR) 
         d = tomllib.loads(path.read_text())
         return DeviceProfile(key=path.name.removesuffix(".toml"), name=d["name"], total_ram_bytes=int(d["total_ram_bytes"]),
                              usable_ram_bytes=int(d["usable_ram_bytes"]), usable_ram_source=d["usable_ram_source"],
-                             cores=int(d["cores"]))
+                             cores=int(d["cores"]),
+                             llama_cpp_system_info=str(d.get("llama_cpp_system_info", ANY_BUILD_SYSTEM_INFO)))
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise EdgezoError(f"{path}: invalid device profile ({exc})") from None

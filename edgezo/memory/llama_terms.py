@@ -6,8 +6,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from gguf.constants import GGMLQuantizationType
 
+from .. import kernels
 from ..adapter import BaseModelInfo, LoraConfig, target_tensor_names
 from ..files import EdgezoError
 from ..objective import chunk_rows
@@ -42,12 +42,19 @@ COMPUTE_FIXED_BYTES = int(2.5 * MIB)
 KV_CELL_PAD = 256  # each sequence's KV cells are rounded up to a multiple of 256 (64 per seq -> 256, 300 -> 512)
 DEFAULT_N_UBATCH = 1024  # edgezo.engine.EngineConfig.n_ubatch
 # CPU_REPACK: llama.cpp keeps the file memory-mapped (all tensor pages are read at load, so all count in RSS) and
-# additionally copies weights of these types into interleaved layouts for its matmul kernels. Measured: the repack
-# buffer equals the Q4_0 tensor bytes (56.95 MiB for SmolLM2 Q4_0, 53.79 MiB for Gemma 3 Q4_0) and the mapped
-# pages stay resident, so both count; a Q8_0 SmolLM2 got no repack buffer on this build (AVX-512 CPU).
-# token_embd is only read by get_rows, which the repacked layout does not serve, so it is never repacked.
-REPACKED_TYPES = {GGMLQuantizationType.Q4_0}
-NOT_REPACKED = {"token_embd.weight"}
+# additionally copies the weights its repack rules take (edgezo.kernels.repacked_tensors: by type, row count and the
+# build's CPU features) into interleaved layouts of the same size. Measured: the repack buffer equals the Q4_0 tensor
+# bytes (56.95 MiB for SmolLM2 Q4_0, 53.79 MiB for Gemma 3 Q4_0) and the Q4_K tensors of SmolLM2 Q4_K_M (7.59 MiB)
+# on the x86 build below; on ARM builds (tools/arm64-check) also the Q8_0 / Q6_K blocks and the tied output's copy
+# of token_embd (28.7 MiB for SmolLM2). The builds a prediction is for: this machine's (the caller passes its system
+# info), a device profile's (`llama_cpp_system_info`), else this x86 calibration build.
+CALIBRATION_SYSTEM_INFO = ("CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX_VNNI = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | "
+                           "BMI2 = 1 | AVX512 = 1 | AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | LLAMAFILE = 1 | "
+                           "OPENMP = 1 | REPACK = 1 |")
+# A build known by nothing: every rule of every architecture applies, so every tensor some build repacks counts (an
+# upper bound, for a device profile that does not say which build it runs).
+ANY_BUILD_SYSTEM_INFO = "AVX2 = 1 | AVX512 = 1 | NEON = 1 | DOTPROD = 1 | MATMUL_INT8 = 1 | REPACK = 1 |"
+
 
 # ---- the terms ---------------------------------------------------------------------------------------------------
 def weights_bytes(shape: ModelShape) -> int:
@@ -55,10 +62,11 @@ def weights_bytes(shape: ModelShape) -> int:
     return sum(shape.tensor_bytes.values())
 
 
-def repack_bytes(shape: ModelShape) -> int:
-    """The CPU_REPACK copy: same bytes as the source tensors (the interleaved layout keeps the block size)."""
-    return sum(b for n, b in shape.tensor_bytes.items()
-               if shape.tensor_types[n] in REPACKED_TYPES and n not in NOT_REPACKED and len(shape.linear_shapes.get(n, ())) == 2)
+def repack_bytes(shape: ModelShape, system_info: str = CALIBRATION_SYSTEM_INFO) -> int:
+    """The CPU_REPACK copies on the llama.cpp build whose llama_print_system_info() is `system_info`."""
+    dims = {n: tuple(reversed(shape.linear_shapes.get(n, ()))) for n in shape.tensor_types}  # ggml order (n_in, n_out)
+    names = kernels.repacked_tensors(shape.tensor_types, dims, kernels.build_features(system_info))
+    return sum(shape.tensor_bytes[n] for n in names)
 
 
 def kv_cells(batch_size: int, n_ctx_per_seq: int) -> int:
@@ -121,7 +129,7 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
                       n_outputs_per_seq: int = 1, n_ubatch: int = DEFAULT_N_UBATCH, kv_f32: bool = False,
                       split_at: int = 0, n_cached_tokens: int = 0, n_stored_tokens: int = 0,
                       n_outputs: int | None = None, n_ubatch_outputs: int | None = None, lm_loss: bool = False,
-                      momentum: bool = False) -> Prediction:
+                      momentum: bool = False, system_info: str = CALIBRATION_SYSTEM_INFO) -> Prediction:
     """Peak RSS of an edgezo process running `method` ("inference" or "mezo") through llama.cpp.
 
     model_path: a GGUF, or a ModelShape (shape_from_spec: a model known only by its architecture).
@@ -137,6 +145,7 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     split_at: prefix reuse (engine.SplitEngine) from this block; n_cached_tokens: tokens of the repeated (validation)
     batches whose hidden states it keeps; n_stored_tokens: tokens of the examples in its hidden-state table
     (--prefix-reuse cache: memory-mapped, and every page is read each epoch, so all of it counts).
+    system_info: llama_print_system_info() of the build the run uses (which weights it repacks).
     """
     if method not in ("inference", "mezo"):
         raise EdgezoError(f"unknown method {method!r}; choose inference or mezo")
@@ -156,7 +165,7 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
         "runtime_baseline_bytes": RUNTIME_BASELINE_BYTES,
         "llama_runtime_bytes": LLAMA_FIXED_BYTES + LLAMA_BYTES_PER_LAYER * shape.n_layers + VOCAB_BYTES_PER_TOKEN * shape.n_vocab,
         "weights_mapped_bytes": weights_bytes(shape),
-        "weights_repacked_bytes": repack_bytes(shape),
+        "weights_repacked_bytes": repack_bytes(shape, system_info),
         "kv_cache_bytes": kv_cache_bytes(shape, batch_size, n_ctx_per_seq, F32_BYTES if kv_f32 else F16_BYTES),
     }
     # With prefix reuse these two are the prefix context's, which asks for one output per sequence (the suffix
@@ -175,7 +184,7 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     if split_at:
         suffix_compute = compute_touched_bytes(shape, ubatch_tokens, n_ubatch_outputs, adapter)
         breakdown.update(split_terms(full_shape, split_at, batch_size, n_ctx_per_seq, n_tokens, suffix_compute,
-                                     n_cached_tokens, F32_BYTES if kv_f32 else F16_BYTES, n_outputs))
+                                     n_cached_tokens, F32_BYTES if kv_f32 else F16_BYTES, n_outputs, system_info))
         if n_stored_tokens:
             breakdown["split_table_bytes"] = n_stored_tokens * full_shape.n_embd * F32_BYTES
     return Prediction(total_bytes=sum(breakdown.values()), breakdown=breakdown)
@@ -193,14 +202,16 @@ def part_shape(shape: ModelShape, blocks: range, with_head: bool = True) -> Mode
 
 
 def split_terms(shape: ModelShape, first_block: int, batch_size: int, n_ctx_per_seq: int, n_tokens: int,
-                compute_bytes: int, n_cached_tokens: int, kv_bytes_per_element: int, n_outputs: int = 0) -> dict[str, int]:
+                compute_bytes: int, n_cached_tokens: int, kv_bytes_per_element: int, n_outputs: int = 0,
+                system_info: str = CALIBRATION_SYSTEM_INFO) -> dict[str, int]:
     """What prefix reuse adds to the prefix part's own terms: a second llama.cpp model and context for the suffix
     file (its pages are its own, so the token embeddings count twice), and the hidden states on the host."""
     suffix = part_shape(shape, range(first_block, shape.n_layers))
     hidden_row = shape.n_embd * F32_BYTES
     return {
         "split_suffix_model_bytes": (LLAMA_FIXED_BYTES + LLAMA_BYTES_PER_LAYER * suffix.n_layers
-                                     + VOCAB_BYTES_PER_TOKEN * suffix.n_vocab + weights_bytes(suffix) + repack_bytes(suffix)),
+                                     + VOCAB_BYTES_PER_TOKEN * suffix.n_vocab + weights_bytes(suffix)
+                                     + repack_bytes(suffix, system_info)),
         "split_suffix_context_bytes": (kv_cache_bytes(suffix, batch_size, n_ctx_per_seq, kv_bytes_per_element)
                                        + output_buffer_bytes(suffix, batch_size, n_outputs) + compute_bytes),
         # the embeddings batch (written rows only), the captured micro-batches and the assembled states of a batch

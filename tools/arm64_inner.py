@@ -3,6 +3,7 @@
     python tools/arm64_inner.py system                       # build, CPU, repack plan: one JSON line
     python tools/arm64_inner.py quants Q [Q ...]             # each quant decodes the real model in a child process
     python tools/arm64_inner.py logits QUANT ADAPTER OUT.npy # last-position logits of PROMPTS with the adapter
+    python tools/arm64_inner.py dequantize QUANT ADAPTER OUT.gguf  # the model with the adapter merged, all float32
 
 Each command prints one JSON object as its last line of stdout (a script, not library code: printing is its job).
 """
@@ -65,26 +66,40 @@ def quants(names: list[str]) -> dict:
     return results
 
 
-def logits(quant: str, adapter_path: str, out: str, attention: str = "f16") -> dict:
-    """attention f32: F32 KV cache without flash attention (the x86 yardstick: how much logits move with numerics)."""
+def logits(model: str, adapter_path: str, out: str) -> dict:
+    """model: a quant of MODEL, or a GGUF file (then without the adapter: `dequantize` merged it)."""
     import numpy as np
 
     from edgezo import store
     from edgezo.adapter import LoraAdapter
     from edgezo.engine import Engine, EngineConfig
 
-    path = store.resolve_model(MODEL, quant)
-    f32 = attention == "f32"
-    config = EngineConfig(n_seq_max=len(PROMPTS), n_ctx_per_seq=64, n_threads=1, flash_attn=not f32, kv_f32=f32)
+    merged = model.endswith(".gguf")
+    path = model if merged else store.resolve_model(MODEL, model)
+    config = EngineConfig(n_seq_max=len(PROMPTS), n_ctx_per_seq=64, n_threads=1)
     with Engine(path, config) as engine:
-        engine.set_adapter(LoraAdapter.load(adapter_path), in_place=False)
+        if not merged:
+            engine.set_adapter(LoraAdapter.load(adapter_path), in_place=False)
         sequences = [engine.tokenize(text, add_special=True) for text in PROMPTS]
         values = engine.logits(sequences, [[len(s) - 1] for s in sequences])
     np.save(out, values)
-    return {"quant": quant, "shape": list(values.shape), "sha256": hashlib.sha256(values.tobytes()).hexdigest()}
+    return {"model": model, "shape": list(values.shape), "sha256": hashlib.sha256(values.tobytes()).hexdigest()}
+
+
+def dequantize(quant: str, adapter_path: str, out: str) -> dict:
+    """The same function without 8-bit activations: the adapter merged into the dequantized weights, all float32
+    (llama.cpp multiplies float32 weights by float32 activations; the quantized model quantizes every matmul's
+    activations to Q8_0 blocks first)."""
+    from edgezo import store
+    from edgezo.adapter import LoraAdapter
+    from edgezo.convert.merge import merge_adapter
+
+    merge_adapter(store.resolve_model(MODEL, quant), LoraAdapter.load(adapter_path), out, "f32")
+    return {"quant": quant, "out": out}
 
 
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
-    result = {"system": lambda: system(), "quants": lambda: quants(args), "logits": lambda: logits(*args)}[command]()
+    result = {"system": lambda: system(), "quants": lambda: quants(args), "logits": lambda: logits(*args),
+              "dequantize": lambda: dequantize(*args)}[command]()
     print(json.dumps(result))

@@ -88,10 +88,11 @@ def resolve_base(args, saved: dict | None = None, log=_quiet) -> Path:
 
 
 def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: int,
-                split_for: LoraConfig | None = None, log=_quiet):
+                split_for: LoraConfig | None = None, stored_prefix: bool = False, log=_quiet):
     """(engine, base model info). The info is read first: gguf's reader holds ~160 MB of Python objects for
     SmolLM2's 49k-token vocabulary while it lives, which would add to the engine's peak RSS if read later.
-    With `split_for` (an adapter config whose blocks end at the top), evaluations run only those blocks."""
+    With `split_for` (an adapter config whose blocks end at the top), evaluations run only those blocks; the ones
+    below run once per batch, or with `stored_prefix` (--prefix-reuse cache) once per example before training."""
     from .engine import Engine, EngineConfig, SplitEngine  # imported late: `edgezo fetch --help` should not load llama.cpp
     from .split import split_files, split_point
 
@@ -99,7 +100,8 @@ def open_engine(model_path: Path, batch_size: int, max_seq_len: int, threads: in
     config = EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=max_seq_len, n_threads=threads)
     first = split_point(base.architecture, base.n_layers, split_for) if split_for else 0
     if first:
-        log(f"prefix reuse: blocks 0-{first - 1} run once per batch, blocks {first}-{base.n_layers - 1} per evaluation")
+        below = "once per example, stored before the first step" if stored_prefix else "once per batch"
+        log(f"prefix reuse: blocks 0-{first - 1} run {below}, blocks {first}-{base.n_layers - 1} per evaluation")
         return SplitEngine(*split_files(model_path, first, base.n_layers, log), first, config), base
     return Engine(model_path, config), base
 

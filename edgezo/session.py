@@ -206,7 +206,8 @@ def finetune(spec: FinetuneSpec, events: TrainingEvents | None = None, log=_quie
         plan_memory(spec, model_path, budget_bytes, log)
     engine_batch = group.engine_batch_size(spec.batch_size) if group else spec.batch_size
     engine, base = open_engine(model_path, engine_batch, spec.max_seq_len, spec.threads,
-                               split_for=lora if spec.prefix_reuse != "off" else None, log=log)
+                               split_for=lora if spec.prefix_reuse != "off" else None,
+                               stored_prefix=spec.prefix_reuse == "cache", log=log)
     if spec.prefix_reuse == "cache" and not isinstance(engine, SplitEngine):  # LoRA in block 0: nothing below it
         raise EdgezoError("--prefix-reuse cache needs LoRA on the top blocks only (--num-layers N or --layers A:), "
                           "so that the blocks below it never change")

@@ -72,6 +72,7 @@ def test_finetune_with_the_table_resumes_bit_exactly_and_rebuilds_it_identically
     assert main(["finetune", *common, "--steps", "4", "--out", str(tmp_path / "straight")]) == 0
     err = capsys.readouterr().err
     assert "computing the hidden states entering the trained blocks once, for 80 examples" in err
+    assert "blocks 0-1 run once per example, stored before the first step" in err and "once per batch" not in err
     tables = sorted((home() / "hidden-states").glob("*.f32"))
     assert len(tables) == 1
     first_bytes = tables[0].read_bytes()

@@ -4,6 +4,7 @@
     python tools/arm64_inner.py quants Q [Q ...]             # each quant decodes the real model in a child process
     python tools/arm64_inner.py logits QUANT ADAPTER OUT.npy # last-position logits of PROMPTS with the adapter
     python tools/arm64_inner.py dequantize QUANT ADAPTER OUT.gguf  # the model with the adapter merged, all float32
+    python tools/arm64_inner.py rss QUANT                    # peak RSS of imports, then of decodes, beside predictions
 
 Each command prints one JSON object as its last line of stdout (a script, not library code: printing is its job).
 """
@@ -98,8 +99,32 @@ def dequantize(quant: str, adapter_path: str, out: str) -> dict:
     return {"quant": quant, "out": out}
 
 
+def rss(quant: str) -> dict:
+    """Peak RSS (VmHWM) of this fresh process at two points, beside the accountant's prediction for each: after
+    what every edgezo process imports and reads before loading a model (RUNTIME_BASELINE_BYTES), and after loading
+    MODEL at `quant` and 3 decodes of 4 x 24 tokens (tests/test_memory.py's measurement, on the real model)."""
+    from edgezo import adapter, data, mezo, objective, store  # noqa: F401 (what an edgezo process imports)
+    from edgezo.engine import Engine, EngineConfig, system_info
+    from edgezo.files import peak_rss_bytes
+    from edgezo.memory import RUNTIME_BASELINE_BYTES, predict_llama_cpp
+
+    path = store.resolve_model(MODEL, quant)
+    adapter.read_base_model_info(path)
+    baseline = peak_rss_bytes()
+    batch_size, n_ctx, n_tokens = 4, 64, 24
+    with Engine(path, EngineConfig(n_seq_max=batch_size, n_ctx_per_seq=n_ctx, n_threads=1)) as engine:
+        tokens = [[10 + (i + j) % 200 for j in range(n_tokens)] for i in range(batch_size)]
+        for _ in range(3):
+            engine.logits(tokens, [[n_tokens - 1]] * batch_size)
+    predicted = predict_llama_cpp(path, "inference", batch_size, n_ctx, n_tokens_per_seq=n_tokens,
+                                  system_info=system_info())
+    return {"quant": quant, "baseline_bytes": baseline, "baseline_predicted_bytes": RUNTIME_BASELINE_BYTES,
+            "decode_bytes": peak_rss_bytes(), "decode_predicted_bytes": predicted.total_bytes,
+            "breakdown": predicted.breakdown}
+
+
 if __name__ == "__main__":
     command, args = sys.argv[1], sys.argv[2:]
     result = {"system": lambda: system(), "quants": lambda: quants(args), "logits": lambda: logits(*args),
-              "dequantize": lambda: dequantize(*args)}[command]()
+              "dequantize": lambda: dequantize(*args), "rss": lambda: rss(*args)}[command]()
     print(json.dumps(result))

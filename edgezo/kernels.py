@@ -16,9 +16,10 @@ edgezo's install builds without AMX (-mno-amx-*, see the Makefile). For any othe
 loads the model with llama.cpp's extra buffer types off (so nothing reaches the AMX buffer type) and gives back the
 repacked kernels by placing, through tensor buffer-type overrides, exactly the weights CPU_REPACK would have taken
 into CPU_REPACK. `repacked_by_llama_cpp` mirrors ggml_repack_get_optimal_repack_type (repack.cpp) for x86 and
-ARM (AMX does not exist on ARM; there the rules serve EDGEZO_AMX=avoid and `edgezo doctor`'s report of the kernels
-in use); the tests check it against llama.cpp's own choice on the real model for every quant type edgezo offers, on
-x86 and, under emulation, on two ARM builds (tools/arm64-check).
+ARM. The same rules tell the memory accountant which weights llama.cpp keeps a second, repacked copy of
+(`repacked_tensors`), on any build, and `edgezo doctor` which kernels run. The tests check them against llama.cpp's
+own choice and CPU_REPACK buffer on the real model for every quant type edgezo offers, on x86 and, under emulation,
+on two ARM builds (tools/arm64-check).
 """
 
 from __future__ import annotations

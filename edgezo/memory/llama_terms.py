@@ -6,7 +6,6 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-
 from .. import kernels
 from ..adapter import BaseModelInfo, LoraConfig, target_tensor_names
 from ..files import EdgezoError

@@ -14,7 +14,7 @@ import sys
 from ..files import EdgezoError
 from ..trainer import TrainingInterrupted
 from .bench import cmd_bench
-from .files import cmd_convert, cmd_export, cmd_fetch, cmd_plot
+from .files import cmd_cache, cmd_convert, cmd_export, cmd_fetch, cmd_plot
 from ..session import mezo_learning_rate
 from .finetune import cmd_finetune, cmd_reference
 from .generate import cmd_chat, cmd_eval, cmd_generate, cmd_serve
@@ -27,6 +27,7 @@ __all__ = ["main", "build_parser", "command_line", "subcommand_parser", "expand_
 
 COMMANDS = {  # subcommand -> cmd_<name>(args) -> (result dict, text)
     "fetch": cmd_fetch,
+    "cache": cmd_cache,
     "finetune": cmd_finetune,
     "reference-bp": cmd_reference,
     "reference-mezo": cmd_reference,

@@ -1,4 +1,5 @@
-"""Commands that move files: fetch into the cache, export an adapter, convert between formats, plot a run."""
+"""Commands that move files: fetch into the cache, show or clear it, export an adapter, convert between formats,
+plot a run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,23 @@ from .output import say, TensorProgress
 def cmd_fetch(args) -> tuple[dict, str]:
     paths = {name: str(store.fetch(name, log=say)) for name in args.names}
     return {"paths": paths}, "\n".join(f"{name}: {path}" for name, path in paths.items())
+
+
+# ---- cache -------------------------------------------------------------------------------------------------------
+def cmd_cache(args) -> tuple[dict, str]:
+    """$EDGEZO_HOME area by area; with --clear, those areas removed first."""
+    from .. import cache
+
+    freed = cache.clear(cache.resolve_areas(args.clear)) if args.clear else 0
+    areas = cache.usage()
+    rows = [{"area": u.area.name, "path": str(u.path), "files": u.n_files, "bytes": u.n_bytes, "holds": u.area.holds,
+             "derived": u.area.derived, "comes_back": u.area.comes_back} for u in areas]
+    lines = [f"{u.area.name:14}{u.n_bytes / 2**20:10.1f} MiB {u.n_files:6d} files  {u.area.holds}; if removed, "
+             f"{u.area.comes_back}" for u in areas]
+    lines.append(f"{'total':14}{sum(u.n_bytes for u in areas) / 2**20:10.1f} MiB in {store.home()}")
+    if args.clear:
+        lines.insert(0, f"cleared {args.clear}: {freed / 2**20:.1f} MiB freed")
+    return {"home": str(store.home()), "areas": rows, "freed_bytes": freed}, "\n".join(lines)
 
 
 # ---- export ------------------------------------------------------------------------------------------------------

@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", help=f"{', '.join(list(store.MODELS) + list(store.DATASETS))}")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("cache", help="what the cache ($EDGEZO_HOME) holds, area by area; --clear removes areas")
+    p.add_argument("--clear", metavar="AREAS", help="derived (quantized, split, hidden-states, hf: made again when "
+                   "needed), all, or comma-separated areas (models, datasets, hf, quantized, split, hidden-states)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("finetune", help="train a LoRA adapter with MeZO")
     groups = add_run_args(p)
     m, t, lo = MezoConfig(), TrainConfig(), LoraConfig()

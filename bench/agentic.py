@@ -8,6 +8,9 @@ Each model is evaluated by `edgezo eval --data bfcl --split test` in a fresh pro
 generation, the prompt edgezo.bfcl builds from the model's own chat template), on the first --limit test requests
 (0: all 150). A model's finished evaluation is kept in --work and reused, so a long table can be filled in over
 several invocations; the table shows every model evaluated so far.
+
+MeZO against BP on this data, under one memory budget, held-out accuracy against training wall-clock: the budget
+experiment's bfcl cell (`python -m bench.budget_experiment --cells bfcl.separate`; bench/budget_cells.py).
 """
 
 from __future__ import annotations

@@ -44,6 +44,10 @@ class TaskSpec:
     models: tuple[str, ...] = tuple(MODELS)  # candidates; gemma3 beyond its 512-token window is not modelled for BP
     bp_models: tuple[str, ...] = tuple(MODELS)
     train_args: tuple[str, ...] = ()  # more flags of the training commands (the tests' LoRA on the tiny model)
+    metric: str = "accuracy"  # the `edgezo eval --json` key of held-out accuracy: zero-shot, milestones, test
+    # A generative task (function calls): the trainer validates by the target's NLL, and the held-out accuracy at
+    # each milestone comes from generating with the adapter validation chose so far (RUN:best) on n_valid requests.
+    generative: bool = False
 
 
 LONG_TEMPLATE = "{text}\nQuestion: {question}?\nAnswer:"
@@ -54,6 +58,10 @@ TASKS = {
     # near 40 s and BP's activations the largest term of its peak
     "boolq-long": TaskSpec("boolq-long", "long-context", 4, 1024, 100, 300, LONG_TEMPLATE,
                            bp_models=("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")),
+    # issue 32: BFCL simple_python (prompts of ~300-600 tokens with the function schema); only the Qwen models have
+    # a tool-calling chat template, the others score 0 zero-shot in any format (bench/results/agentic.md)
+    "bfcl": TaskSpec("bfcl", "bfcl", 4, 768, 50, 150, models=("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"),
+                     bp_models=("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"), metric="bfcl_accuracy", generative=True),
 }
 
 
@@ -72,6 +80,7 @@ CELLS = (
     CellSpec("boolq", "separate", "reading comprehension, where model size matters: headroom for the larger model"),
     CellSpec("boolq-long", "separate", "long context at the 0.5B/1.5B budget: does the gap grow with length"),
     CellSpec("movie-reviews", "separate", "the earlier task (no headroom: 1.5B is at 89.6 % zero-shot): cut first"),
+    CellSpec("bfcl", "separate", "function calling (issue 32): held-out BFCL accuracy, generated at each milestone"),
 )
 
 
@@ -211,24 +220,34 @@ def others_busy_cores(stat_before: list[int], stat_after: list[int], own_cpu_s: 
 
 
 # ---- the learning rate ----------------------------------------------------------------------------------------------
-def choose_rate(first_validations: dict) -> object:
-    """The rate whose run validated best at the first milestone: highest accuracy, then lowest loss, then the first
-    listed. first_validations: rate -> {"valid_accuracy", "valid_loss"} (the test split is never looked at)."""
+def choose_rate(first_validations: dict, by_loss: bool = False) -> object:
+    """The rate whose run validated best at the first milestone: highest accuracy, then lowest loss (by_loss, as the
+    trainer chooses for a generative task: lowest loss), then the first listed. first_validations: rate ->
+    {"valid_accuracy", "valid_loss"} (the test split is never looked at)."""
     if not first_validations:
         raise ValueError("no run reached the first milestone")
     order = list(first_validations)
-    return min(order, key=lambda r: (-first_validations[r]["valid_accuracy"], first_validations[r]["valid_loss"],
-                                     order.index(r)))
+    return min(order, key=lambda r: validation_rank(first_validations[r], by_loss) + (order.index(r),))
+
+
+def validation_rank(event: dict, by_loss: bool = False) -> tuple:
+    """Sort key of a validation, best first: accuracy then loss, or loss alone (generative tasks)."""
+    return (event["valid_loss"],) if by_loss else (-event["valid_accuracy"], event["valid_loss"])
 
 
 # ---- CPU budget ---------------------------------------------------------------------------------------------------
 # Rough throughputs on the 2-core Intel Xeon, for the plan only (the runs measure their own): llama.cpp evaluation
 # tokens/s per model, and the accountant-free guess of a training step's seconds per token.
 EVAL_TOKENS_PER_S = {"smollm2-135m": 1400, "gemma3-270m": 900, "qwen2.5-coder-0.5b": 450, "qwen2.5-coder-1.5b": 170}
-MEAN_TOKENS = {"movie-reviews": 40, "boolq": 160, "boolq-long": 590}  # per example (Qwen tokenizer)
+MEAN_TOKENS = {"movie-reviews": 40, "boolq": 160, "boolq-long": 590, "bfcl": 450}  # per example (Qwen tokenizer)
+# Generative tasks: a held-out request is generated (bench/results/agentic.md: 50 BFCL test requests in 379 s on
+# qwen2.5-coder-0.5b, 386 s on 1.5b)
+GENERATION_S_PER_EXAMPLE = {"qwen2.5-coder-0.5b": 7.6, "qwen2.5-coder-1.5b": 7.7}
 
 
 def eval_seconds(model: str, task: str, n_examples: int) -> float:
+    if TASKS[task].generative:
+        return n_examples * GENERATION_S_PER_EXAMPLE.get(model, 10.0)
     return n_examples * MEAN_TOKENS[task] / EVAL_TOKENS_PER_S[model]
 
 

@@ -4,7 +4,10 @@ model BP fits, each trained 2 h, validated at 15 min, 30 min, 1 h and 2 h of tra
 
 What runs (bench/budget_cells.py holds the rules; `--plan` prints them with the predicted memory and CPU hours):
 1. Tasks: movie-reviews, boolq (batch 16, --max-seq-len 256) and boolq-long (bench/long_context_data.py: boolq with
-   distractor passages, 513-769 tokens by the Qwen tokenizer on valid / test, batch 4, --max-seq-len 1024).
+   distractor passages, 513-769 tokens by the Qwen tokenizer on valid / test, batch 4, --max-seq-len 1024); and,
+   for issue 32, bfcl (function calling, batch 4, --max-seq-len 768, the Qwen models): a generative task, whose
+   runs validate by the call's NLL and whose held-out accuracy (BFCL's AST check of generated calls) is scored at
+   each milestone on the adapter chosen so far (the last cell: run it with --cells bfcl.separate).
 2. Budgets from the accountant (`edgezo memory` on each run's own batches): per task, midway between lean BP on
    qwen2.5-coder-0.5b and on 1.5b, where MeZO fits 1.5b; and for boolq-long a phone-like profile (android-4gb, else
    raspberry-pi-5-4gb usable RAM). Each arm trains the largest built-in model its method fits. Every run gets
@@ -29,6 +32,7 @@ What runs (bench/budget_cells.py holds the rules; `--plan` prints them with the 
     python -m bench.budget_experiment                 # ~10 CPU hours on the 2-core machine; rerun to continue
     python -m bench.budget_experiment --collect       # tables and figure from what is finished, nothing trained
     python -m bench.budget_experiment --smoke         # each arm 2 steps on its real model: the pipeline, minutes
+    python -m bench.budget_experiment --cells bfcl.separate   # issue 32's MeZO against BP on function calling, ~7 h
 """
 
 from __future__ import annotations
@@ -105,9 +109,15 @@ def zero_shot(model: str, task: bc.TaskSpec, split: str, limit: int, threads: in
     def compute():
         say(f"zero-shot {model} on {task.name} {split}")
         r = run_json(cmd, f"zero-shot {model} {task.name} {split}")
-        return {"accuracy": r["accuracy"], "loss": r["loss"], "n_examples": r["n_examples"], "seconds": r["seconds"]}
+        return {"accuracy": r[task.metric], "loss": r["loss"], "n_examples": r["n_examples"], "seconds": r["seconds"]}
 
     return cached_json(work / "zero-shot" / f"{task.name}.{model}.{split}.json", cmd[2:], compute)
+
+
+def zero_shot_record(task: bc.TaskSpec, model: str, work: Path) -> dict | None:
+    """The base model's zero-shot validation score, if computed."""
+    path = work / "zero-shot" / f"{task.name}.{model}.valid.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def say(message: str) -> None:
@@ -167,18 +177,40 @@ class Run:
         pieces = self.pieces()
         return self.step() >= target or bool(pieces and pieces[-1]["last_step"] < pieces[-1]["target"])
 
-    def test(self, limit: int) -> dict:
-        """The test split, once, on the adapter chosen by validation (RUN:best: the best validated, start included)."""
+    def scored(self, split: str, limit: int, record: Path) -> dict:
+        """`split` scored once on the adapter chosen by validation so far (RUN:best: the best validated, start
+        included), its held-out accuracy the task's metric; kept in `record`."""
         cmd = [*EDGEZO, "eval", "--model", self.model, "--adapter", f"{self.dir}:best", *data_args(self.task, self.work),
-               "--split", "test", "--threads", str(self.threads), "--json", *(["--limit", str(limit)] if limit else [])]
+               "--split", split, "--threads", str(self.threads), "--json", *(["--limit", str(limit)] if limit else [])]
 
         def compute():
-            say(f"{self.dir.name}: test split")
-            r = run_json(cmd, f"{self.dir.name} test")
-            return {"accuracy": r["accuracy"], "loss": r["loss"], "n_examples": r["n_examples"],
-                    "best_step": best_event(self.events())["step"]}
+            say(f"{self.dir.name}: {split} split at step {self.step()}")
+            r = run_json(cmd, f"{self.dir.name} {split}")
+            return {"accuracy": r[self.task.metric], "loss": r["loss"], "n_examples": r["n_examples"],
+                    "best_step": best_event(self.events(), self.task.generative)["step"], "step": self.step()}
 
-        return cached_json(self.dir / "test.json", cmd[2:], compute)
+        return cached_json(record, cmd[2:], compute)
+
+    def test(self, limit: int) -> dict:
+        """The test split, once, at the end."""
+        return self.scored("test", limit, self.dir / "test.json")
+
+    def heldout(self, step: int) -> dict:
+        """A generative task's held-out accuracy at a milestone `step` (where the run must be now: RUN:best moves on)."""
+        record = self.dir / f"heldout-{step}.json"
+        if not record.exists() and self.step() != step:
+            raise RuntimeError(f"{self.dir.name} is at step {self.step()}, not {step}: its held-out score there is lost")
+        return self.scored("valid", self.task.n_valid, record)
+
+    def heldout_curve(self, start: dict | None) -> list[dict]:
+        """(generative tasks) the curve's points: the start (`start`: the base model's zero-shot validation score)
+        and each milestone scored, with the trainer's validation loss at that step."""
+        losses = {e["step"]: e["valid_loss"] for e in self.events() if "valid_loss" in e}
+        points = [{"step": 0, "valid_accuracy": start["accuracy"], "valid_loss": losses.get(0)}] if start else []
+        for record in sorted(self.dir.glob("heldout-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+            r = json.loads(record.read_text())
+            points.append({"step": r["step"], "valid_accuracy": r["accuracy"], "valid_loss": losses.get(r["step"])})
+        return points
 
 
 def read_proc_stat() -> list[int]:
@@ -200,10 +232,11 @@ def run_watched(cmd: list[str], what: str) -> dict:
             "peak_rss_bytes": result["_process"]["peak_rss_bytes"], "steps": result.get("steps")}
 
 
-def best_event(events: list[dict]) -> dict:
-    """The validation RUN:best holds: highest accuracy, then lowest loss, the first on a tie (rundir.is_better)."""
+def best_event(events: list[dict], by_loss: bool = False) -> dict:
+    """The validation RUN:best holds: highest accuracy, then lowest loss (by_loss: the lowest loss, the trainer's
+    choice on generative data), the first on a tie (rundir.is_better)."""
     valid = [e for e in events if "valid_accuracy" in e]
-    return min(valid, key=lambda e: (-e["valid_accuracy"], e["valid_loss"], e["step"]))
+    return min(valid, key=lambda e: bc.validation_rank(e, by_loss) + (e["step"],))
 
 
 # ---- an arm: timing, rates, milestones -----------------------------------------------------------------------------
@@ -263,9 +296,12 @@ class ArmRunner:
             # the validation at the first milestone (the last before it, if a run ended early: 5 rollbacks)
             firsts = {rate: [e for e in self.run(rate).events() if "valid_accuracy" in e and e["step"] <= steps[0]][-1]
                       for rate in self.arm.rates}
-            rate = bc.choose_rate(firsts)
+            rate = bc.choose_rate(firsts, by_loss=self.task.generative)
             (self.dir / "choice.json").write_text(json.dumps(
                 {"rate": rate, "at_step": steps[0], "validations": firsts}, indent=1) + "\n")
+        chosen = self.run(self.chosen_rate())
+        if self.task.generative and chosen.step() == steps[k]:  # not if the trainer ended it early
+            chosen.heldout(steps[k])
 
     def collect(self, test: bool) -> dict:
         """The arm's record: timing, chosen rate, each run's curve on the accounted clock, pieces, test."""
@@ -282,9 +318,10 @@ class ArmRunner:
             clock = bc.account({e["step"]: e["seconds"] for e in events if "seconds" in e}, pieces,
                                timing["median_step_s"])
             measured = {0: 0.0, **{e["step"]: e["train_seconds"] for e in events if "seconds" in e}}
-            curve = [{"step": e["step"], "accounted_s": clock.get(e["step"]), "measured_s": measured.get(e["step"]),
-                      "valid_accuracy": e["valid_accuracy"], "valid_loss": e["valid_loss"]}
-                     for e in events if "valid_accuracy" in e]
+            points = (run.heldout_curve(zero_shot_record(self.task, self.arm.model, self.work))
+                      if self.task.generative else
+                      [{k: e[k] for k in ("step", "valid_accuracy", "valid_loss")} for e in events if "valid_accuracy" in e])
+            curve = [{**p, "accounted_s": clock.get(p["step"]), "measured_s": measured.get(p["step"])} for p in points]
             rec = {"rate": rate, "steps": run.step(), "curve": curve, "pieces": pieces,
                    "shared_pieces": sum(bc.is_shared(p, timing["median_step_s"]) for p in pieces),
                    "peak_rss_bytes": max((p["peak_rss_bytes"] or 0 for p in pieces), default=None),

@@ -104,10 +104,13 @@ def test_the_rate_is_the_best_validation_at_the_first_milestone():
     assert bc.choose_rate({"auto": v[3e-4], 1e-4: v[3e-4]}) == "auto"  # a full tie: the first listed
     with pytest.raises(ValueError):
         bc.choose_rate({})
+    assert bc.choose_rate(v, by_loss=True) == 1e-3 and bc.choose_rate({**v, 1e-4: {**v[1e-4], "valid_loss": 0.3}},
+                                                                    by_loss=True) == 1e-4  # loss alone
 
 
 # ---- pieces and their resume bookkeeping, with the child processes faked ----------------------------------------
-def fake_trainer(calls: list, median_s: float = 2.0, valid=lambda rate, step: 0.7, last_step: int = 10**9):
+def fake_trainer(calls: list, median_s: float = 2.0, valid=lambda rate, step: 0.7, last_step: int = 10**9,
+                 loss=lambda rate, step: 0.4):
     """A stand-in for run_watched: writes what edgezo finetune / reference-bp would (metrics, state.json) up to --steps,
     continuing from state.json with --resume and starting over without it."""
     def run(cmd, what):
@@ -122,7 +125,7 @@ def fake_trainer(calls: list, median_s: float = 2.0, valid=lambda rate, step: 0.
             lines.append({"step": 0, "valid_accuracy": valid(rate, 0), "valid_loss": 0.5, "train_seconds": 0.0})
         for step in range(start + 1, target + 1):
             lines.append({"step": step, "loss": 0.5, "seconds": median_s, "train_seconds": step * median_s})
-        lines.append({"step": target, "valid_accuracy": valid(rate, target), "valid_loss": 0.4,
+        lines.append({"step": target, "valid_accuracy": valid(rate, target), "valid_loss": loss(rate, target),
                       "train_seconds": target * median_s})
         (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
         state.write_text(json.dumps({"step": target}))
@@ -210,6 +213,38 @@ def test_the_report_renders_cells_and_the_first_experiment_lines(tmp_path):
     assert (tmp_path / "figure.png").stat().st_size > 10_000  # drawn from what is finished
     legacy = json.loads((Path(be.__file__).parent / "results" / "budget_experiment.jsonl").read_text().splitlines()[-1])
     assert "Budget **" in be.render(legacy)  # a line of the first experiment still renders (bench/report.py)
+
+
+def test_a_generative_task_scores_held_out_accuracy_by_generation_at_each_milestone(tmp_path, monkeypatch):
+    """BFCL (issue 32): the rate is chosen on validation loss, RUN:best is generated on the validation requests at
+    each milestone of the chosen run, the curve holds those scores from the zero-shot start, the test the metric."""
+    calls = []
+    # the lower rate validates better by (token) accuracy, the higher one by loss: chosen by loss
+    monkeypatch.setattr(be, "run_watched", fake_trainer(calls, valid=lambda rate, step: 0.9 if rate == "0.0001" else 0.7,
+                                                        loss=lambda rate, step: 0.3 if rate == "0.001" else 0.45))
+    scores = iter([0.10, 0.25, 0.40])
+
+    def evaluate(cmd, what):
+        calls.append(cmd)
+        return {"bfcl_accuracy": next(scores), "accuracy": 0.99, "loss": 1.0, "n_examples": 50, "seconds": 1.0}
+
+    monkeypatch.setattr(be, "run_json", evaluate)
+    task = bc.TASKS["bfcl"]
+    be.zero_shot("m", task, "valid", task.n_valid, 1, tmp_path)  # the start: 0.10
+    runner = be.ArmRunner(tiny_arm(), task, tmp_path, 1, milestones=(20.0, 40.0))
+    runner.advance(0)
+    assert runner.chosen_rate() == 1e-3
+    heldout = [c for c in calls if "eval" in c and "--adapter" in c]
+    assert len(heldout) == 1 and heldout[0][heldout[0].index("--adapter") + 1].endswith("lr-0.001:best")
+    assert heldout[0][heldout[0].index("--split") + 1] == "valid" and "50" in heldout[0]
+    runner.advance(1)
+    runner.advance(1)  # a rerun scores nothing again
+    assert len([c for c in calls if "--adapter" in c]) == 2
+    curve = runner.collect(test=False)["runs"]["0.001"]["curve"]
+    assert [(p["step"], p["valid_accuracy"]) for p in curve] == [(0, 0.10), (10, 0.25), (20, 0.40)]
+    assert curve[-1]["accounted_s"] == 40.0 and curve[-1]["valid_loss"] == 0.3
+    with pytest.raises(RuntimeError, match="at step 0, not 10"):  # RUN:best has moved on: that score is lost
+        be.Run(tiny_arm(), 1e-3, task, tmp_path, 1, tmp_path / "elsewhere").heldout(10)
 
 
 # ---- a smoke run on the tiny model: real processes, pieces, the rate choice and the test split ------------------

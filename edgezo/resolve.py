@@ -245,9 +245,10 @@ def predict_run(model_path: Path, method: str, args, log=_quiet, system_info: st
 
     lora = lora_from_args(args)
     seq_len = getattr(args, "tokens_per_seq", None) or args.max_seq_len
-    logit_rows, logit_cols, token_ids, outputs = None, 2, None, {}
+    logit_rows, logit_cols, token_ids, outputs, n_held = None, 2, None, {}, 0
     if args.data:
         seqs, task, scored = run_sequences(model_path, method, args, log)
+        n_held = sum(len(s) for split in seqs.values() for s in split)  # every example read stays in memory
         if method == "inference":
             n = args.limit or None
             split, split_scored = seqs.get(args.split, [])[:n], scored.get(args.split, [])[:n]
@@ -293,5 +294,5 @@ def predict_run(model_path: Path, method: str, args, log=_quiet, system_info: st
                                        n_tokens_per_seq=min(seq_len, args.max_seq_len), split_at=split_at,
                                        n_cached_tokens=n_cached, n_stored_tokens=n_stored,
                                        momentum=getattr(args, "estimator", "mezo") == "conmezo",
-                                       system_info=system_info, **outputs)
+                                       system_info=system_info, n_held_tokens=n_held, **outputs)
     return prediction, seq_len

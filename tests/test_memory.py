@@ -504,3 +504,25 @@ def test_a_threshold_the_user_chose_is_left_alone():
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="33554432")
     assert freed_array_probe("map", env)[0] == "False"
+
+
+def test_the_tokenized_data_a_run_holds_is_counted(tiny_gguf, sentiment_dir, tmp_path, capsys):
+    """36 B a token of every split the run reads (train and valid for MeZO): doubling the training file adds its
+    tokens once more, and --method inference on the test split counts that split only."""
+    from edgezo.cli import main
+    from edgezo.memory import HELD_TOKEN_BYTES
+
+    def held(data, *flags) -> int:
+        assert main(["memory", "--model", str(tiny_gguf), "--data", str(data), "--quant", "none", "--json", *flags]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["breakdown"]["dataset_tokens_bytes"]
+
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    for split in ("train", "valid", "test"):
+        text = (sentiment_dir / f"{split}.jsonl").read_text()
+        (doubled / f"{split}.jsonl").write_text(text * 2 if split == "train" else text)
+    both, train_twice = held(sentiment_dir), held(doubled)
+    train, valid = train_twice - both, both - (train_twice - both)
+    assert train > 0 and valid > 0 and both % HELD_TOKEN_BYTES == 0
+    assert train > 3 * valid  # 64 training reviews against 16 validation ones, of the same lengths
+    assert held(sentiment_dir, "--method", "inference", "--split", "test") < train

@@ -3,7 +3,7 @@
 llama.cpp (inference, MeZO; `predict_llama_cpp`):
     peak RSS = runtime baseline + vocabulary/runtime structures + mapped weights + repacked weights
                + KV cache + output (logits) buffer + touched compute buffer [+ LoRA adapter, for MeZO]
-               [+ the LM loss's working rows, for text / completion / chat data]
+               [+ the LM loss's working rows, for text / completion / chat data] [+ the tokenized data held]
     A language-modelling loss scores every target token, so the output buffer and the compute buffer's logits grow
     with the targets of the fullest decode and micro-batch (n_outputs x n_vocab floats each).
 the PyTorch BP reference (`edgezo reference-bp`; `predict_torch`):
@@ -19,8 +19,8 @@ own formulas; stored activations are counted from the forward torch runs (checke
 in tests); the rest are constants calibrated on fresh processes (2-core CI machine, llama-cpp-python 0.3.36, torch
 2.13 CPU; SmolLM2-135M Q4_0 / Q8_0 and Gemma-3-270M Q4_0 for llama.cpp, SmolLM2-135M for torch), checked against
 whole runs by bench/memory_validation.py (docs/capacity.md). A model known only by its architecture (the capacity
-analysis) gets its shape from `shape_from_spec`. Dataset records held by the caller (about 4.5 MiB for the 8.6k
-movie-review training records) are not counted for llama.cpp; the torch baseline includes them.
+analysis) gets its shape from `shape_from_spec`. The tokenized data a run holds counts 36 B a token for llama.cpp
+(68 MiB for boolq-long's 1.95M tokens; ~12 MiB for movie reviews); the torch baseline includes it.
 
 Importing this module loads neither llama_cpp nor torch: a device check must run before anything big is loaded.
 """
@@ -30,10 +30,10 @@ from .shape import (  # noqa: F401 (re-exported: `from edgezo.memory import X`)
     SPEC_ARCHITECTURES, GGML_F32, GGML_Q8_0, GGML_Q6_K, gguf_tensor_dims, quantized_tensor_type, shape_from_spec)
 from .llama_terms import (  # noqa: F401 (re-exported: `from edgezo.memory import X`)
     RUNTIME_BASELINE_BYTES, LLAMA_FIXED_BYTES, LLAMA_BYTES_PER_LAYER, VOCAB_BYTES_PER_TOKEN, ACTIVATION_LIVE_FACTOR,
-    LOGITS_ROW_FACTOR, VOCAB_SCRATCH_ROWS, COMPUTE_FIXED_BYTES, KV_CELL_PAD, DEFAULT_N_UBATCH, CALIBRATION_SYSTEM_INFO,
-    ANY_BUILD_SYSTEM_INFO, weights_bytes, repack_bytes, kv_cells, kv_cache_bytes, output_buffer_bytes, lm_loss_bytes,
-    activation_floats_per_token, compute_touched_bytes, lora_params, predict_llama_cpp, part_shape, split_terms,
-    adapter_terms, max_lora_tensor_params)
+    LOGITS_ROW_FACTOR, VOCAB_SCRATCH_ROWS, COMPUTE_FIXED_BYTES, HELD_TOKEN_BYTES, KV_CELL_PAD, DEFAULT_N_UBATCH,
+    CALIBRATION_SYSTEM_INFO, ANY_BUILD_SYSTEM_INFO, weights_bytes, repack_bytes, kv_cells, kv_cache_bytes,
+    output_buffer_bytes, lm_loss_bytes, activation_floats_per_token, compute_touched_bytes, lora_params,
+    predict_llama_cpp, part_shape, split_terms, adapter_terms, max_lora_tensor_params)
 from .torch_terms import (  # noqa: F401 (re-exported: `from edgezo.memory import X`)
     TORCH_DTYPE_BYTES, EMBEDDING_READ_WINDOW_BYTES, TORCH_METHODS, DEQUANT_BYTES_PER_WEIGHT, NORMS_PER_LAYER,
     LORA_INPUT_GROUP, TORCH_RUNTIME_BASELINE_BYTES, BACKWARD_BLOCKS, HEAP_RETENTION,

@@ -36,6 +36,11 @@ ACTIVATION_LIVE_FACTOR = 2.23  # live activation copies the graph allocator keep
 LOGITS_ROW_FACTOR = 0.88  # the lm_head result of the flagged positions (n_outputs x n_vocab floats)
 VOCAB_SCRATCH_ROWS = 2.2  # vocabulary-sized float rows written regardless of the number of outputs
 COMPUTE_FIXED_BYTES = int(2.5 * MIB)
+# The run's tokenized data, held for the whole run (edgezo.data.Example.tokens: tuples of Python ints): 8 B of
+# pointer and a 28 B int object per token (CPython shares only the ids up to 256). Measured: RSS grew 67.9 MiB while
+# the 3000 + 300 examples of boolq-long (1.95M Qwen tokens) were read and tokenized, 36.4 B a token; the MeZO runs on
+# that data had peaked ~100 MiB above a prediction without this term.
+HELD_TOKEN_BYTES = 36
 
 # ---- llama.cpp rules (read in its logs / source for the vendored commit, checked in tests) ----------------------
 KV_CELL_PAD = 256  # each sequence's KV cells are rounded up to a multiple of 256 (64 per seq -> 256, 300 -> 512)
@@ -128,7 +133,8 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
                       n_outputs_per_seq: int = 1, n_ubatch: int = DEFAULT_N_UBATCH, kv_f32: bool = False,
                       split_at: int = 0, n_cached_tokens: int = 0, n_stored_tokens: int = 0,
                       n_outputs: int | None = None, n_ubatch_outputs: int | None = None, lm_loss: bool = False,
-                      momentum: bool = False, system_info: str = CALIBRATION_SYSTEM_INFO) -> Prediction:
+                      momentum: bool = False, system_info: str = CALIBRATION_SYSTEM_INFO,
+                      n_held_tokens: int = 0) -> Prediction:
     """Peak RSS of an edgezo process running `method` ("inference" or "mezo") through llama.cpp.
 
     model_path: a GGUF, or a ModelShape (shape_from_spec: a model known only by its architecture).
@@ -145,6 +151,7 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     batches whose hidden states it keeps; n_stored_tokens: tokens of the examples in its hidden-state table
     (--prefix-reuse cache: memory-mapped, and every page is read each epoch, so all of it counts).
     system_info: llama_print_system_info() of the build the run uses (which weights it repacks).
+    n_held_tokens: tokens of the examples the process holds (every split it read).
     """
     if method not in ("inference", "mezo"):
         raise EdgezoError(f"unknown method {method!r}; choose inference or mezo")
@@ -176,6 +183,8 @@ def predict_llama_cpp(model_path: str | os.PathLike | ModelShape, method: str, b
     })
     if lm_loss:
         breakdown["lm_loss_bytes"] = lm_loss_bytes(shape, n_outputs)
+    if n_held_tokens:
+        breakdown["dataset_tokens_bytes"] = n_held_tokens * HELD_TOKEN_BYTES
     if adapter is not None:
         breakdown.update(adapter_terms(shape, adapter, breakdown["compute_bytes"]))
         if momentum:  # ConMeZO's state: one float32 copy of the adapter (the per-tensor estimate is transient)

@@ -635,7 +635,7 @@ def main() -> int:
     parser.add_argument("--bp-rates", type=rates, default=list(bc.BP_RATES), help="AdamW grid [1e-4,3e-4,1e-3]")
     parser.add_argument("--mezo-rates", type=rates, default=list(bc.MEZO_RATES), help="MeZO rates [auto]")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="[all cores]")
-    parser.add_argument("--work", type=common.work_dir, default=ROOT / "runs" / "budget33", help="[runs/budget33]")
+    parser.add_argument("--work", type=common.work_dir, default=str(ROOT / "runs" / "budget33"), help="[runs/budget33]")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the tables and figure go [bench/results]")
     args = parser.parse_args()
     kept, cut, rows, predictions = plan(args)

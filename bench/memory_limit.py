@@ -19,7 +19,6 @@ arithmetic). Default limits: unlimited, then around its usage less the accountan
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,6 +26,7 @@ import sys
 from pathlib import Path
 
 from bench import common
+from edgezo.rundir import RunDir
 
 NAME, TITLE = "memory_limit", "What a MeZO run needs: its speed under memory-cgroup limits below its peak RSS"
 CGROUP = Path("/sys/fs/cgroup")
@@ -82,8 +82,7 @@ def run_under(limit_mib: int, model: Path, args, work: Path) -> dict:
     row = {"limit_mib": limit_mib, "returncode": done["returncode"], "cgroup_peak_bytes": peak_usage}
     if done["returncode"] == 0:
         result = common.last_json(done["stdout"])
-        steps = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()
-                 if "seconds" in json.loads(line)]
+        steps = [e["seconds"] for e in RunDir(out).events() if "seconds" in e]
         row.update(peak_rss_bytes=result["peak_rss_bytes"], final_loss=result["final_loss"],
                    median_step_s=statistics.median(steps[1:] or steps))  # the first step also loads
     else:

@@ -37,11 +37,11 @@ class AreaUsage:
     n_bytes: int
 
 
-def usage(root: Path | None = None) -> list[AreaUsage]:
-    """Files and bytes of each area (0 where the directory does not exist)."""
+def usage(root: Path | None = None, areas=AREAS) -> list[AreaUsage]:
+    """Files and bytes of each of `areas` (0 where the directory does not exist)."""
     root = root or home()
     out = []
-    for area in AREAS:
+    for area in areas:
         files = [p for p in (root / area.name).rglob("*") if p.is_file()] if (root / area.name).is_dir() else []
         out.append(AreaUsage(area, root / area.name, len(files), sum(p.stat().st_size for p in files)))
     return out
@@ -65,8 +65,8 @@ def clear(areas: list[CacheArea], root: Path | None = None) -> int:
     """Remove the areas' directories; the bytes freed. A run that has a file of them open keeps reading it (Linux
     frees it at close); the next run remakes or downloads what it needs."""
     freed = 0
-    for u in usage(root):
-        if u.area in areas and u.path.is_dir():
+    for u in usage(root, areas):  # only the areas cleared are walked
+        if u.path.is_dir():
             shutil.rmtree(u.path)
             freed += u.n_bytes
     return freed

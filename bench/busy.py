@@ -22,7 +22,6 @@ Writes bench/results/busy.jsonl (appended) and bench/results/busy.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -177,12 +176,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return 0
-    result = run(args)
-    common.publish(NAME, TITLE, result, render(result), args.json)
-    return 0
+    return common.child_or_publish(args, NAME, TITLE, child, run, render)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,17 @@ def publish(name: str, title: str, result: dict, text: str, as_json: bool) -> No
     print(json.dumps(result) if as_json else text)
 
 
+def child_or_publish(args, name: str, title: str, child: Callable, run: Callable, render: Callable) -> int:
+    """A benchmark's main body. Invoked as its own measured child (--child), print the child's figures as JSON for
+    the parent; else run the whole benchmark and publish it."""
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    result = run(args)
+    publish(name, title, result, render(result), args.json)
+    return 0
+
+
 def latest_result(name: str, directory: Path = RESULTS) -> dict | None:
     """The last line of results/<name>.jsonl (the run a table quotes), None if there is none."""
     path = directory / f"{name}.jsonl"

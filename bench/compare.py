@@ -25,7 +25,6 @@ Writes bench/results/compare.jsonl (appended) and bench/results/compare.md; --js
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -232,15 +231,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child_tokens(args)))
-        return 0
-    try:
-        result = run(args)
-    except common.ChildFailed as exc:
-        sys.exit(f"compare: {exc}")
-    common.publish(NAME, TITLE, result, render(result), args.json)
-    return 0
+    return common.child_or_publish(args, NAME, TITLE, child_tokens, run, render)
 
 
 if __name__ == "__main__":

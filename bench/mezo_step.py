@@ -26,7 +26,6 @@ Writes bench/results/mezo_step.jsonl (appended) and bench/results/mezo_step.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -258,12 +257,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return 0
-    result = run(args)
-    common.publish(NAME, TITLE, result, render(result), args.json)
-    return 0
+    return common.child_or_publish(args, NAME, TITLE, child, run, render)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ step, the quantity issue 32 asks to bring to <= 1.5.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -165,12 +164,7 @@ def main(argv=None) -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return 0
-    result = run(args)
-    common.publish(NAME, TITLE, result, render(result), args.json)
-    return 0
+    return common.child_or_publish(args, NAME, TITLE, child, run, render)
 
 
 if __name__ == "__main__":

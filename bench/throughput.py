@@ -334,12 +334,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.child:
-        print(json.dumps(child(args)))
-        return 0
-    result = run(args)
-    common.publish(NAME, TITLE, result, render(result), args.json)
-    return 0
+    return common.child_or_publish(args, NAME, TITLE, child, run, render)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,6 @@ bench: install-torch  # every measurement the README and docs/ quote (~3 h on 2 
 	$(PYTHON) -m bench.report
 
 arm64-check:  # edgezo on 64-bit ARM under qemu-user (root; Debian packages in tools/arm64-check): ~2.5 h the first time
-              # on a shared 2-core host, then ~1 h (userland and builds cached); writes bench/results/arm64.jsonl and
+              # on a shared 2-core host, then ~30 min (userland and builds cached); writes bench/results/arm64.jsonl and
               # arm64.md. Not in CI (too long for its 40 min): run it before a release and after engine or build changes
 	nice -n 10 $(PYTHON) tools/arm64-check

@@ -212,7 +212,7 @@ def test_the_report_renders_cells_and_the_first_experiment_lines(tmp_path):
     be.plot(result, tmp_path / "figure.png")
     assert (tmp_path / "figure.png").stat().st_size > 10_000  # drawn from what is finished
     lines = (Path(be.__file__).parent / "results" / "budget_experiment.jsonl").read_text().splitlines()
-    legacy = [json.loads(line) for line in lines if json.loads(line).get("format") != 2][-1]
+    legacy = [record for record in map(json.loads, lines) if record.get("format") != 2][-1]
     assert "Budget **" in be.render(legacy)  # a line of the first experiment still renders (bench/report.py)
 
 

@@ -326,7 +326,9 @@ class ArmRunner:
                    "shared_pieces": sum(bc.is_shared(p, timing["median_step_s"]) for p in pieces),
                    "peak_rss_bytes": max((p["peak_rss_bytes"] or 0 for p in pieces), default=None),
                    "rollbacks": sum(1 for e in events if "rollback_to" in e)}
-            if test and rate == record["chosen_rate"] and run.finished(self.steps()[-1]):
+            # --collect runs nothing, but shows a test split already scored
+            if (test or (run.dir / "test.json").exists()) and rate == record["chosen_rate"] \
+                    and run.finished(self.steps()[-1]):
                 rec["test"] = run.test(self.task.test_limit)
             record["runs"][str(rate)] = rec
         return record

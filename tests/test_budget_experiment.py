@@ -178,8 +178,11 @@ def test_an_arm_trains_every_rate_to_the_first_milestone_then_only_the_chosen_on
     assert calls[-1][calls[-1].index("--learning-rate") + 1] == "0.001" and len(calls) == n_timing + 3
     monkeypatch.setattr(be, "run_json", lambda cmd, what: calls.append(cmd) or
                         {"accuracy": 0.88, "loss": 0.3, "n_examples": 500})
+    assert "test" not in runner.collect(test=False)["runs"]["0.001"]  # --collect scores nothing
     record = runner.collect(test=True)
     chosen = record["runs"]["0.001"]
+    n_calls = len(calls)
+    assert runner.collect(test=False)["runs"]["0.001"]["test"] == chosen["test"] and len(calls) == n_calls  # shown
     assert [p["step"] for p in chosen["curve"]] == [0, 10, 20] and chosen["curve"][-1]["accounted_s"] == 40.0
     assert chosen["test"]["accuracy"] == 0.88 and chosen["test"]["best_step"] == 10
     assert "--split" in calls[-1] and calls[-1][calls[-1].index("--adapter") + 1].endswith("lr-0.001:best")

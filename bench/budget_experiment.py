@@ -74,10 +74,13 @@ def data_args(task: bc.TaskSpec, work: Path) -> list[str]:
             str(task.max_seq_len), *(["--template", task.template] if task.template else [])]
 
 
-def cached_json(path: Path, key: list[str], compute) -> dict:
-    """`compute()` once per `key` (a command line): the record in `path` is reused while its key is the same."""
+def cached_json(path: Path, key: list[str], compute) -> dict | None:
+    """`compute()` once per `key` (a command line): the record in `path` is reused while its key is the same.
+    With `compute` None, only that record is read (None if there is none for this key)."""
     if path.exists() and (record := json.loads(path.read_text())).get("command_line") == key:
         return record
+    if compute is None:
+        return None
     record = {**compute(), "command_line": key}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=1) + "\n")
@@ -177,23 +180,23 @@ class Run:
         pieces = self.pieces()
         return self.step() >= target or bool(pieces and pieces[-1]["last_step"] < pieces[-1]["target"])
 
-    def scored(self, split: str, limit: int, record: Path) -> dict:
+    def scored(self, split: str, limit: int, record: Path, compute: bool = True) -> dict | None:
         """`split` scored once on the adapter chosen by validation so far (RUN:best: the best validated, start
-        included), its held-out accuracy the task's metric; kept in `record`."""
+        included), its held-out accuracy the task's metric; kept in `record` (compute False: only read from it)."""
         cmd = [*EDGEZO, "eval", "--model", self.model, "--adapter", f"{self.dir}:best", *data_args(self.task, self.work),
                "--split", split, "--threads", str(self.threads), "--json", *(["--limit", str(limit)] if limit else [])]
 
-        def compute():
+        def score():
             say(f"{self.dir.name}: {split} split at step {self.step()}")
             r = run_json(cmd, f"{self.dir.name} {split}")
             return {"accuracy": r[self.task.metric], "loss": r["loss"], "n_examples": r["n_examples"],
                     "best_step": best_event(self.events(), self.task.generative)["step"], "step": self.step()}
 
-        return cached_json(record, cmd[2:], compute)
+        return cached_json(record, cmd[2:], score if compute else None)
 
-    def test(self, limit: int) -> dict:
-        """The test split, once, at the end."""
-        return self.scored("test", limit, self.dir / "test.json")
+    def test(self, limit: int, compute: bool = True) -> dict | None:
+        """The test split, once, at the end (compute False: the score if already computed, else None)."""
+        return self.scored("test", limit, self.dir / "test.json", compute)
 
     def heldout(self, step: int) -> dict:
         """A generative task's held-out accuracy at a milestone `step` (where the run must be now: RUN:best moves on)."""
@@ -326,10 +329,10 @@ class ArmRunner:
                    "shared_pieces": sum(bc.is_shared(p, timing["median_step_s"]) for p in pieces),
                    "peak_rss_bytes": max((p["peak_rss_bytes"] or 0 for p in pieces), default=None),
                    "rollbacks": sum(1 for e in events if "rollback_to" in e)}
-            # --collect runs nothing, but shows a test split already scored
-            if (test or (run.dir / "test.json").exists()) and rate == record["chosen_rate"] \
-                    and run.finished(self.steps()[-1]):
-                rec["test"] = run.test(self.task.test_limit)
+            # --collect (test False) runs nothing, but shows a test split already scored
+            if rate == record["chosen_rate"] and run.finished(self.steps()[-1]) \
+                    and (scores := run.test(self.task.test_limit, compute=test)):
+                rec["test"] = scores
             record["runs"][str(rate)] = rec
         return record
 

@@ -48,6 +48,7 @@ class TaskSpec:
     # A generative task (function calls): the trainer validates by the target's NLL, and the held-out accuracy at
     # each milestone comes from generating with the adapter validation chose so far (RUN:best) on n_valid requests.
     generative: bool = False
+    also: tuple[str, ...] = ()  # more `eval --json` keys kept beside the metric at every score (BFCL: the format aside)
 
 
 LONG_TEMPLATE = "{text}\nQuestion: {question}?\nAnswer:"
@@ -61,7 +62,8 @@ TASKS = {
     # issue 32: BFCL simple_python (prompts of ~300-600 tokens with the function schema); only the Qwen models have
     # a tool-calling chat template, the others score 0 zero-shot in any format (bench/results/agentic.md)
     "bfcl": TaskSpec("bfcl", "bfcl", 4, 768, 50, 150, models=("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"),
-                     bp_models=("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"), metric="bfcl_accuracy", generative=True),
+                     bp_models=("qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"), metric="bfcl_accuracy", generative=True,
+                     also=("lenient_accuracy", "name_accuracy", "valid_call_rate")),
 }
 
 

@@ -104,6 +104,12 @@ def task_predictions(task: bc.TaskSpec, work: Path) -> dict:
     return out
 
 
+def scores(r: dict, task: bc.TaskSpec) -> dict:
+    """What a record keeps of an `edgezo eval --json` result: the task's metric as accuracy, its other keys."""
+    return {"accuracy": r[task.metric], **{k: r[k] for k in task.also}, "loss": r["loss"],
+            "n_examples": r["n_examples"], "seconds": r["seconds"]}
+
+
 def zero_shot(model: str, task: bc.TaskSpec, split: str, limit: int, threads: int, work: Path) -> dict:
     """llama.cpp's accuracy of the base model on the first `limit` examples of `split`, computed once."""
     cmd = [*EDGEZO, "eval", "--model", model, *data_args(task, work), "--split", split, "--threads", str(threads),
@@ -111,8 +117,7 @@ def zero_shot(model: str, task: bc.TaskSpec, split: str, limit: int, threads: in
 
     def compute():
         say(f"zero-shot {model} on {task.name} {split}")
-        r = run_json(cmd, f"zero-shot {model} {task.name} {split}")
-        return {"accuracy": r[task.metric], "loss": r["loss"], "n_examples": r["n_examples"], "seconds": r["seconds"]}
+        return scores(run_json(cmd, f"zero-shot {model} {task.name} {split}"), task)
 
     return cached_json(work / "zero-shot" / f"{task.name}.{model}.{split}.json", cmd[2:], compute)
 
@@ -188,8 +193,7 @@ class Run:
 
         def score():
             say(f"{self.dir.name}: {split} split at step {self.step()}")
-            r = run_json(cmd, f"{self.dir.name} {split}")
-            return {"accuracy": r[self.task.metric], "loss": r["loss"], "n_examples": r["n_examples"],
+            return {**scores(run_json(cmd, f"{self.dir.name} {split}"), self.task),
                     "best_step": best_event(self.events(), self.task.generative)["step"], "step": self.step()}
 
         return cached_json(record, cmd[2:], score if compute else None)
@@ -209,11 +213,11 @@ class Run:
         """(generative tasks) the curve's points: the start (`start`: the base model's zero-shot validation score)
         and each milestone scored, with the trainer's validation loss at that step."""
         losses = {e["step"]: e["valid_loss"] for e in self.events() if "valid_loss" in e}
-        points = [{"step": 0, "valid_accuracy": start["accuracy"], "valid_loss": losses.get(0)}] if start else []
-        for record in sorted(self.dir.glob("heldout-*.json"), key=lambda p: int(p.stem.split("-")[1])):
-            r = json.loads(record.read_text())
-            points.append({"step": r["step"], "valid_accuracy": r["accuracy"], "valid_loss": losses.get(r["step"])})
-        return points
+        records = [{**start, "step": 0}] if start else []
+        records += [json.loads(p.read_text()) for p in sorted(self.dir.glob("heldout-*.json"),
+                                                               key=lambda p: int(p.stem.split("-")[1]))]
+        return [{"step": r["step"], "valid_accuracy": r["accuracy"], "valid_loss": losses.get(r["step"]),
+                 **{k: r.get(k) for k in self.task.also}} for r in records]
 
 
 def read_proc_stat() -> list[int]:
@@ -568,6 +572,25 @@ def verdict(cell: dict) -> str:
     return text + "\n" if text else ""
 
 
+def also_table(cell: dict, zero: dict) -> str:
+    """The task's other metrics of the same generations (BFCL: lenient accuracy, name, valid call), as the main
+    table shows accuracy: zero-shot test, validation at each milestone, test."""
+    also = cell["task_spec"].get("also") or []
+    rows = []
+    for arm in cell["arms"]:
+        run, curve = curve_of(arm)
+        at = [at_milestone(curve, s) for s in arm.get("milestone_steps") or []]
+        at += [None] * (4 - len(at))
+        test, z = (run or {}).get("test") or {}, zero.get(arm["model"], {}).get("test") or {}
+        for key in also:
+            rows.append([arm["method"], arm["model"], key, *[f"{r[key]:.3f}" if r and r.get(key) is not None else "-"
+                                                             for r in (z, *at, test)]])
+    if not rows:
+        return ""
+    return "\nThe same generations, other metrics:\n\n" + table(
+        ["method", "model", "metric", "zero-shot test", "valid 15 min", "30 min", "1 h", "2 h", "test"], rows)
+
+
 LEGACY_TITLE = "The paper's experiment: MeZO on a bigger model vs the best BP on the biggest that fits, one memory budget"
 
 
@@ -608,6 +631,7 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
                          run["shared_pieces"] if run else "-"])
         text.append(table(["method", "model", "rate", "peak RSS (predicted)", "quiet s/step", "zero-shot test",
                            "valid 15 min", "30 min", "1 h", "2 h", "test (best validated)", "shared pieces"], rows))
+        text.append(also_table(cell, zero))
         text.append(verdict(cell))
         if cell.get("refusal"):
             r = cell["refusal"]

@@ -230,7 +230,9 @@ def test_a_generative_task_scores_held_out_accuracy_by_generation_at_each_milest
 
     def evaluate(cmd, what):
         calls.append(cmd)
-        return {"bfcl_accuracy": next(scores), "accuracy": 0.99, "loss": 1.0, "n_examples": 50, "seconds": 1.0}
+        strict = next(scores)
+        return {"bfcl_accuracy": strict, "lenient_accuracy": strict + 0.5, "name_accuracy": 0.9,
+                "valid_call_rate": strict, "accuracy": 0.99, "loss": 1.0, "n_examples": 50, "seconds": 1.0}
 
     monkeypatch.setattr(be, "run_json", evaluate)
     task = bc.TASKS["bfcl"]
@@ -247,6 +249,11 @@ def test_a_generative_task_scores_held_out_accuracy_by_generation_at_each_milest
     curve = runner.collect(test=False)["runs"]["0.001"]["curve"]
     assert [(p["step"], p["valid_accuracy"]) for p in curve] == [(0, 0.10), (10, 0.25), (20, 0.40)]
     assert curve[-1]["accounted_s"] == 40.0 and curve[-1]["valid_loss"] == 0.3
+    assert [p["lenient_accuracy"] for p in curve] == [0.6, 0.75, 0.9]  # the format aside, kept at every point
+    arm = {**vars(tiny_arm()), "milestone_steps": [10, 20], "chosen_rate": 1e-3, "runs": {"0.001": {"curve": curve}}}
+    text = be.also_table({"task_spec": vars(task), "arms": [arm]},
+                         {"m": {"test": {"lenient_accuracy": 0.55, "name_accuracy": 0.8, "valid_call_rate": 0.0}}})
+    assert "| bp | m | lenient_accuracy | 0.550 | 0.750 | 0.900 | - | - | - |" in text
     with pytest.raises(RuntimeError, match="at step 0, not 10"):  # RUN:best has moved on: that score is lost
         be.Run(tiny_arm(), 1e-3, task, tmp_path, 1, tmp_path / "elsewhere").heldout(10)
 

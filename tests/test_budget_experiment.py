@@ -177,7 +177,7 @@ def test_an_arm_trains_every_rate_to_the_first_milestone_then_only_the_chosen_on
     runner.advance(1)
     assert calls[-1][calls[-1].index("--learning-rate") + 1] == "0.001" and len(calls) == n_timing + 3
     monkeypatch.setattr(be, "run_json", lambda cmd, what: calls.append(cmd) or
-                        {"accuracy": 0.88, "loss": 0.3, "n_examples": 500})
+                        {"accuracy": 0.88, "loss": 0.3, "n_examples": 500, "seconds": 1.0})
     assert "test" not in runner.collect(test=False)["runs"]["0.001"]  # --collect scores nothing
     record = runner.collect(test=True)
     chosen = record["runs"]["0.001"]

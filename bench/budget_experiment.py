@@ -335,8 +335,8 @@ class ArmRunner:
                    "rollbacks": sum(1 for e in events if "rollback_to" in e)}
             # --collect (test False) runs nothing, but shows a test split already scored
             if rate == record["chosen_rate"] and run.finished(self.steps()[-1]) \
-                    and (scores := run.test(self.task.test_limit, compute=test)):
-                rec["test"] = scores
+                    and (scored := run.test(self.task.test_limit, compute=test)):
+                rec["test"] = scored
             record["runs"][str(rate)] = rec
         return record
 
@@ -544,6 +544,13 @@ def at_milestone(curve: list[dict], steps: int) -> dict | None:
     return next((p for p in curve if p["step"] == steps), None)
 
 
+def at_milestones(arm: dict) -> tuple[dict | None, list[dict | None]]:
+    """The arm's chosen run and its curve's points at the four milestones (None where not reached)."""
+    run, curve = curve_of(arm)
+    at = [at_milestone(curve, s) for s in arm.get("milestone_steps") or []]
+    return run, at + [None] * (len(bc.MILESTONES_S) - len(at))
+
+
 def verdict(cell: dict) -> str:
     """MeZO's lead over BP (points) on validation at each milestone both reached, and on test with the standard
     error of the difference of two independent test scores."""
@@ -578,9 +585,7 @@ def also_table(cell: dict, zero: dict) -> str:
     also = cell["task_spec"].get("also") or []
     rows = []
     for arm in cell["arms"]:
-        run, curve = curve_of(arm)
-        at = [at_milestone(curve, s) for s in arm.get("milestone_steps") or []]
-        at += [None] * (4 - len(at))
+        run, at = at_milestones(arm)
         test, z = (run or {}).get("test") or {}, zero.get(arm["model"], {}).get("test") or {}
         for key in also:
             rows.append([arm["method"], arm["model"], key, *[f"{r[key]:.3f}" if r and r.get(key) is not None else "-"
@@ -615,9 +620,7 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
         zero = result["zero_shot"].get(cell["task"], {})
         rows = []
         for arm in cell["arms"]:
-            run, curve = curve_of(arm)
-            steps = arm.get("milestone_steps") or []
-            cells_at = [at_milestone(curve, s) for s in steps]
+            run, cells_at = at_milestones(arm)
             test = (run or {}).get("test")
             z = zero.get(arm["model"], {}).get("test")
             rows.append([arm["method"], arm["model"], arm.get("chosen_rate") or "-",
@@ -625,7 +628,7 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
                          (f"{arm['timing']['median_step_s']:.2f}" + ("" if arm["timing"].get("quiet", True) else " (busy)"))
                          if arm.get("timing") else "-",
                          f"{z['accuracy']:.3f}" if z else "-",
-                         *[f"{c['valid_accuracy']:.3f}" if c else "-" for c in cells_at + [None] * (4 - len(cells_at))],
+                         *[f"{c['valid_accuracy']:.3f}" if c else "-" for c in cells_at],
                          (f"{test['accuracy']:.3f} +/- {standard_error(test['accuracy'], test['n_examples']):.3f} "
                           f"({test['n_examples']})") if test else "-",
                          run["shared_pieces"] if run else "-"])

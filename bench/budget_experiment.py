@@ -20,7 +20,10 @@ What runs (bench/budget_cells.py holds the rules; `--plan` prints them with the 
    15 / 30 / 60 / 120 min at that median, so a validation falls at the same step whatever the load. Each piece (one
    process to one milestone) checkpoints and resumes bit-exactly: kill the script, rerun it, it continues. A piece
    during which other processes kept >= 0.5 cores busy (/proc/stat less its own CPU), or whose median step was
-   1.25x the quiet one, counts its time as steps x the quiet median; both clocks are recorded.
+   1.25x the quiet one, counts its time as steps x the quiet median; both clocks are recorded. On another machine
+   (the work directory lost), the last published result gives back the zero-shot scores, timing runs, rate choices
+   and finished curves, and bench/results/budget_experiment.state.tar (written by every run and --collect: commit
+   it) the checkpoints of the runs still going.
 5. Order: cell by cell, most informative first; within a cell the arms advance together, milestone by milestone,
    so a session cut short leaves the first cells complete and the next one compared at a shorter time. Cells
    beyond --cpu-hours are cut, last first.
@@ -44,6 +47,7 @@ import os
 import resource
 import shutil
 import sys
+import tarfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -250,12 +254,18 @@ def best_event(events: list[dict], by_loss: bool = False) -> dict:
 class ArmRunner:
     def __init__(self, arm: bc.Arm, task: bc.TaskSpec, work: Path, threads: int, milestones=bc.MILESTONES_S,
                  model: str | None = None, timing_retries: int = 3, retry_wait_s: float = 120.0,
-                 fixed_steps: list[int] | None = None, timing_steps: int = bc.TIMING_STEPS, runs: Path | None = None):
+                 fixed_steps: list[int] | None = None, timing_steps: int = bc.TIMING_STEPS, runs: Path | None = None,
+                 published: dict | None = None):
         self.arm, self.task, self.work, self.threads, self.milestones = arm, task, work, threads, milestones
+        self.published = published or {}  # the arm's record in the last published result (restore())
         self.model, self.timing_retries, self.retry_wait_s = model, timing_retries, retry_wait_s
         self.fixed_steps = fixed_steps  # --smoke: these step counts instead of the milestones
         self.timing_steps = timing_steps
         self.dir = (runs or work / "runs") / arm.key  # the data stays in WORK/data
+
+    def published_run(self, rate) -> dict | None:
+        """The run's record in the last published result: what a work directory lost (another machine's) measured."""
+        return (self.published.get("runs") or {}).get(str(rate))
 
     def run(self, rate, name: str | None = None) -> Run:
         return Run(self.arm, rate, self.task, self.work, self.threads, self.dir / (name or f"lr-{rate}"), self.model)
@@ -298,7 +308,11 @@ class ArmRunner:
         save_every = max(1, round(300 / self.timing()["median_step_s"]))  # a checkpoint every ~5 min of training
         rates = self.arm.rates if k == 0 else [self.chosen_rate()]
         for rate in rates:
-            self.run(rate).advance(steps[k], steps[-1], save_every, self.task.n_valid)
+            run, published = self.run(rate), self.published_run(rate)
+            if run.step() == 0 and published and published["steps"] >= steps[k]:
+                continue  # measured on another machine and kept in the published result; a later milestone retrains it
+            for target in steps[:k + 1]:  # a run that restarts passes (and validates at) every milestone again
+                run.advance(target, steps[-1], save_every, self.task.n_valid)
         if k == 0 and self.chosen_rate() is None:
             # the validation at the first milestone (the last before it, if a run ended early: 5 rollbacks)
             firsts = {rate: [e for e in self.run(rate).events() if "valid_accuracy" in e and e["step"] <= steps[0]][-1]
@@ -318,8 +332,11 @@ class ArmRunner:
         timing = self.timing()
         record.update(timing=timing, milestone_steps=self.steps(), chosen_rate=self.chosen_rate())
         for rate in self.arm.rates:
-            run = self.run(rate)
+            run, published = self.run(rate), self.published_run(rate)
             events, pieces = run.events(), run.pieces()
+            if published and run.step() < published["steps"]:
+                record["runs"][str(rate)] = published
+                continue
             if not events:
                 continue
             clock = bc.account({e["step"]: e["seconds"] for e in events if "seconds" in e}, pieces,
@@ -339,6 +356,86 @@ class ArmRunner:
                 rec["test"] = scored
             record["runs"][str(rate)] = rec
         return record
+
+
+# ---- what a lost work directory held -------------------------------------------------------------------------------
+def published_arms(result: dict | None) -> dict[str, dict]:
+    """Each arm's record in a published result, by arm key, its runs stamped with the result's time ("published")."""
+    if not result or result.get("format") != 2:
+        return {}
+    arms = {}
+    for cell in result["cells"]:
+        for arm in cell["arms"]:
+            runs = {rate: {**run, "published": run.get("published") or result["time"]} for rate, run in arm["runs"].items()}
+            arms[arm["key"]] = {**arm, "runs": runs}
+    return arms
+
+
+def write_missing(path: Path, record: dict) -> None:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def resumable_runs(work: Path) -> list[Path]:
+    """Run directories with a checkpoint and no test score yet, less the timing runs and the rates not chosen: what a
+    rerun continues."""
+    def continues(run: Path) -> bool:
+        choice = run.parent / "choice.json"
+        chosen = run.name == f"lr-{json.loads(choice.read_text())['rate']}" if choice.exists() else True
+        return chosen and run.name != "timing" and not (run / "test.json").exists()
+
+    return sorted(state.parent for state in (work / "runs").glob("*/*/state.json") if continues(state.parent))
+
+
+def save_state(work: Path, path: Path) -> list[Path]:
+    """The resumable runs, less the adapters a rerun rewrites (adapter*.gguf), into the tar file `path`, so a
+    session on another machine continues them (restore()): the checkpoint, its best adapter and optimizer state
+    (sha256-checked on --resume), config.json, metrics.jsonl and the pieces. Returns the runs saved."""
+    runs = resumable_runs(work)
+    tmp = path.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for run in runs:
+            for f in sorted(run.iterdir()):
+                if f.is_file() and not f.name.startswith(("adapter", ".")):
+                    tar.add(f, arcname=str(f.relative_to(work)))
+    tmp.replace(path)
+    return runs
+
+
+def restore_runs(path: Path, work: Path) -> list[str]:
+    """The runs saved in `path` whose directories `work` lacks, unpacked (a run already here is never overwritten)."""
+    if not path.exists():
+        return []
+    with tarfile.open(path) as tar:
+        members = [m for m in tar.getmembers() if m.isfile()]
+        missing = sorted(d for d in {str(Path(m.name).parent) for m in members} if not (work / d).exists())
+        tar.extractall(work, members=[m for m in members if str(Path(m.name).parent) in missing], filter="data")
+    return missing
+
+
+def restore(result: dict | None, work: Path) -> None:
+    """Write back what the last published result holds and `work` lacks (a new machine, or a deleted directory):
+    the zero-shot scores and refusals (with their command lines, so they stay valid only for the same commands), each
+    arm's timing run and rate choice. The runs' curves come back in collect() (published_arms); a run that must go
+    further than its published record resumes from the state file (restore_runs), else restarts from step 0."""
+    if not result or result.get("format") != 2:
+        return
+    for task, models in result["zero_shot"].items():
+        for model, splits in models.items():
+            for split, record in splits.items():
+                write_missing(work / "zero-shot" / f"{task}.{model}.{split}.json", record)
+    for cell in result["cells"]:
+        if cell.get("refusal"):
+            write_missing(work / "refused" / f"{cell['task']}.{cell['budget']}.json", cell["refusal"])
+    for key, arm in published_arms(result).items():
+        if arm.get("timing"):
+            write_missing(work / "runs" / key / "timing.json", arm["timing"])
+        if arm.get("chosen_rate") is not None:
+            first = arm["milestone_steps"][0]
+            validations = {rate: [p for p in run["curve"] if p["step"] <= first][-1] for rate, run in arm["runs"].items()}
+            write_missing(work / "runs" / key / "choice.json", {"rate": arm["chosen_rate"], "at_step": first,
+                                                               "validations": validations, "published": result["time"]})
 
 
 # ---- the experiment -----------------------------------------------------------------------------------------------
@@ -418,7 +515,7 @@ def refusal(cell: bc.Cell, task: bc.TaskSpec, work: Path) -> dict | None:
     return cached_json(work / "refused" / f"{task.name}.{cell.spec.budget}.json", cmd[2:], compute)
 
 
-def collect(cells: list[bc.Cell], args, test: bool) -> dict:
+def collect(cells: list[bc.Cell], args, test: bool, published: dict[str, dict]) -> dict:
     tasks = {c.spec.task: bc.TASKS[c.spec.task] for c in cells}
     zero = {}
     for name, task in tasks.items():
@@ -438,7 +535,8 @@ def collect(cells: list[bc.Cell], args, test: bool) -> dict:
                           "budget_source": cell.budget_source, "why": cell.spec.why, "note": cell.note,
                           "task_spec": asdict(task),
                           "refusal": json.loads(refused.read_text()) if refused.exists() else None,
-                          "arms": [ArmRunner(a, task, args.work, args.threads).collect(test) for a in cell.arms]})
+                          "arms": [ArmRunner(a, task, args.work, args.threads, published=published.get(a.key)).collect(test)
+                                   for a in cell.arms]})
     return {"benchmark": NAME, "format": 2, "time": utc_now(), "machine": machine_info(), "threads": args.threads,
             "milestones_s": list(bc.MILESTONES_S), "seed": SEED, "cells": out_cells, "zero_shot": zero}
 
@@ -472,7 +570,7 @@ def running_in(work: Path) -> list[int]:
     return pids
 
 
-def execute(kept: list[bc.Cell], args) -> None:
+def execute(kept: list[bc.Cell], args, published: dict[str, dict]) -> None:
     """Cell by cell, in the plan's order: zero-shot (every model on validation, the trained ones on test), the
     refusal, the arms' timing runs, then the arms together milestone by milestone (both at 15 min, then both at
     30 min, ...), then test. Each step is skipped if done, so a session cut short leaves the first cells complete
@@ -484,7 +582,7 @@ def execute(kept: list[bc.Cell], args) -> None:
         for m in dict.fromkeys(a.model for a in cell.arms):
             zero_shot(m, task, "test", task.test_limit, args.threads, args.work)
         refusal(cell, task, args.work)
-        runners = [ArmRunner(a, task, args.work, args.threads) for a in cell.arms]
+        runners = [ArmRunner(a, task, args.work, args.threads, published=published.get(a.key)) for a in cell.arms]
         for runner in runners:
             runner.timing()
         for k in range(len(bc.MILESTONES_S)):
@@ -635,6 +733,11 @@ def render(result: dict, image: str = "budget_experiment.png") -> str:
         text.append(table(["method", "model", "rate", "peak RSS (predicted)", "quiet s/step", "zero-shot test",
                            "valid 15 min", "30 min", "1 h", "2 h", "test (best validated)", "shared pieces"], rows))
         text.append(also_table(cell, zero))
+        carried = [f"{arm['method']} lr {rate} ({run['published']})" for arm in cell["arms"]
+                   for rate, run in arm["runs"].items() if run.get("published")]
+        if carried:
+            text.append(f"\nCarried from an earlier published result (their run directories were on another machine): "
+                        f"{', '.join(carried)}.\n")
         text.append(verdict(cell))
         if cell.get("refusal"):
             r = cell["refusal"]
@@ -682,15 +785,22 @@ def main() -> int:
                   f"{mib(run['peak_rss_bytes'])} (predicted {mib(record['predicted_bytes'])}), timing "
                   f"{record['timing']['median_step_s']:.2f} s/step")
         return 0
+    latest, state = common.latest_result(NAME, args.results), args.results / f"{NAME}.state.tar"
+    for run in restore_runs(state, args.work):
+        say(f"restored {run} from {state}")
+    restore(latest, args.work)
+    published = published_arms(latest)
     if not args.collect:
         while pids := running_in(args.work.resolve()):
             say(f"waiting for edgezo processes still writing into {args.work} (pids {pids}; stop this script with "
                 f"Ctrl-C, which lets a piece checkpoint, rather than kill it alone)")
             time.sleep(30)
-        execute(kept, args)
-    result = collect(kept, args, test=not args.collect)
+        execute(kept, args, published)
+    result = collect(kept, args, not args.collect, published)
     result["cut"] = [f"{c.spec.task}.{c.spec.budget}" for c in cut]
     publish(result, args.results)
+    saved = save_state(args.work, state)
+    say(f"{len(saved)} resumable runs saved in {state} (commit it: a session on another machine continues them)")
     print(render(result))
     return 0
 

@@ -298,3 +298,50 @@ def test_a_rerun_sees_an_edgezo_process_still_writing_into_its_work_dir(tmp_path
         orphan.kill()
         orphan.wait()
     assert orphan.pid not in be.running_in(tmp_path)
+
+
+def test_a_new_machine_continues_from_the_published_result_and_the_saved_state(tmp_path, monkeypatch):
+    """The work directory is lost between sessions on different machines: the published result gives back the
+    zero-shot scores, timing, rate choice and the curves of runs not continued; the state file the chosen run's
+    checkpoint, which resumes; without it, the chosen run restarts while its published curve is shown."""
+    calls = []
+    monkeypatch.setattr(be, "run_watched", fake_trainer(calls, valid=lambda rate, step: 0.9 if rate == "0.001" and step
+                                                         else 0.7))
+    first = tmp_path / "first"
+    runner = be.ArmRunner(tiny_arm(), bc.TASKS["boolq"], first, 1, milestones=(20.0, 40.0))
+    runner.advance(0)
+    zero = {"accuracy": 0.5, "loss": 0.7, "n_examples": 8, "seconds": 1.0, "command_line": ["eval"]}
+    result = {"format": 2, "time": "T", "zero_shot": {"boolq": {"m": {"valid": zero}}},
+              "cells": [{"task": "boolq", "budget": "separate", "refusal": None, "arms": [runner.collect(test=False)]}]}
+    state = tmp_path / "state.tar"
+    assert [r.name for r in be.save_state(first, state)] == ["lr-0.001"]  # the rate not chosen stays out
+
+    def resumed_on(work: Path, with_state: bool) -> be.ArmRunner:
+        if with_state:
+            assert be.restore_runs(state, work) == ["runs/boolq.separate.bp.m/lr-0.001"]
+        be.restore(result, work)
+        assert json.loads((work / "zero-shot" / "boolq.m.valid.json").read_text()) == zero
+        new = be.ArmRunner(tiny_arm(), bc.TASKS["boolq"], work, 1, milestones=(20.0, 40.0),
+                           published=be.published_arms(result)["boolq.separate.bp.m"])
+        n = len(calls)
+        new.advance(0)
+        assert len(calls) == n and new.chosen_rate() == 1e-3  # no timing run, no rate trained again
+        shown = new.collect(test=False)["runs"]
+        assert shown["0.0001"]["published"] == "T" and [p["step"] for p in shown["0.001"]["curve"]] == [0, 10]
+        new.advance(1)
+        assert len(calls) == n + (1 if with_state else 2)  # resumed at 10, or again through 10 (validated there)
+        assert {c[c.index("--learning-rate") + 1] for c in calls[n:]} == {"0.001"}
+        assert ("--resume" in calls[n]) == with_state
+        assert [p["step"] for p in new.collect(test=False)["runs"]["0.001"]["curve"]] == [0, 10, 20]
+        return new
+
+    resumed_on(tmp_path / "second", with_state=True)
+    resumed_on(tmp_path / "third", with_state=False)
+    assert be.restore_runs(state, tmp_path / "second") == []  # a run already there is never overwritten
+    result["cells"][0]["arms"] = [be.ArmRunner(tiny_arm(), bc.TASKS["boolq"], tmp_path / "second", 1,
+                                               milestones=(20.0, 40.0),
+                                               published=be.published_arms(result)["boolq.separate.bp.m"])
+                                  .collect(test=False)]
+    result["cells"][0].update(budget_bytes=1000 * MiB, budget_source="x", note="", task_spec=vars(bc.TASKS["boolq"]))
+    result.update(seed=0, threads=1, milestones_s=[900, 1800, 3600, 7200], machine={})
+    assert "Carried from an earlier published result" in be.render(result) and "lr 0.0001 (T)" in be.render(result)

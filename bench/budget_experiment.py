@@ -385,7 +385,7 @@ def resumable_runs(work: Path) -> list[Path]:
         chosen = run.name == f"lr-{json.loads(choice.read_text())['rate']}" if choice.exists() else True
         return chosen and run.name != "timing" and not (run / "test.json").exists()
 
-    return sorted(state.parent for state in (work / "runs").glob("*/*/state.json") if continues(state.parent))
+    return sorted(state.parent for state in (work / "runs").rglob("state.json") if continues(state.parent))
 
 
 def save_state(work: Path, path: Path) -> list[Path]:

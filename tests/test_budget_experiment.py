@@ -2,6 +2,7 @@
 cut, milestones, the wall-clock accounting rule, the rate choice and the resume bookkeeping of pieces."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -271,7 +272,12 @@ def test_an_arm_runs_end_to_end_on_the_tiny_model_and_a_rerun_trains_nothing(met
     runner = be.ArmRunner(arm, task, tmp_path, 1, timing_retries=0)
     assert runner.timing()["median_step_s"] > 0
     runner.advance(0)
-    runner.advance(1)
+    chosen_dir = runner.run(runner.chosen_rate()).dir
+    assert be.save_state(tmp_path, tmp_path / "state.tar") == [chosen_dir]
+    shutil.rmtree(chosen_dir)  # a session on another machine: the checkpoint comes back from the state file
+    assert be.restore_runs(tmp_path / "state.tar", tmp_path) == [str(chosen_dir.relative_to(tmp_path))]
+    assert runner.run(runner.chosen_rate()).step() == 2 and not (chosen_dir / "adapter.best.gguf").exists()
+    runner.advance(1)  # resumes from step 2 (edgezo's --resume checks the checkpoint's sha256), then the test split
     record = runner.collect(test=True)
     chosen = record["runs"][str(record["chosen_rate"])]
     assert [p["step"] for p in chosen["curve"]] == [0, 2, 4] and len(chosen["pieces"]) == 2

@@ -133,11 +133,13 @@ def run_main(main: Callable[[], int | None]) -> int:
 # (a pytest process holding torch made `python -c pass` report 427 MiB). So every measured command is started by
 # this launcher, a fresh interpreter of ~10 MiB, and its figure is the command's own ru_maxrss from wait4, written
 # to the file named by argv[1]. SIGTERM is passed on (the timeout's kill); SIGINT reaches the command directly
-# from the terminal's process group, so the launcher ignores it.
+# from the terminal's process group, so the launcher ignores it, and the command gets it back as the default: an
+# ignored signal is inherited through exec, and a Ctrl-C while an edgezo command was still loading (before its
+# trainer sets its own handler) was lost, the command training on as an orphan.
 _LAUNCHER = """
 import os, signal, subprocess, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-child = subprocess.Popen(sys.argv[2:])
+child = subprocess.Popen(sys.argv[2:], preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 signal.signal(signal.SIGTERM, lambda sig, frame: child.send_signal(sig))
 _, status, usage = os.wait4(child.pid, 0)
 with open(sys.argv[1], "w") as f:

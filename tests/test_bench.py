@@ -79,6 +79,13 @@ def test_run_fresh_keeps_the_exit_status_of_a_killed_child():
     assert done["returncode"] == -9
 
 
+def test_run_fresh_leaves_ctrl_c_to_the_command_from_its_start():
+    # Regression: the launcher ignores SIGINT and the command inherited that, so a Ctrl-C before the trainer set its
+    # handler was lost and the command trained on as an orphan.
+    done = common.run_fresh([sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT))"])
+    assert "default_int_handler" in done["stdout"]
+
+
 def test_run_json_names_the_failing_child():
     with pytest.raises(common.ChildFailed, match="(?s)the child.*exit 3.*boom"):
         common.run_json([sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"], "the child")

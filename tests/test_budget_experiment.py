@@ -273,9 +273,9 @@ def test_an_arm_runs_end_to_end_on_the_tiny_model_and_a_rerun_trains_nothing(met
     assert runner.timing()["median_step_s"] > 0
     runner.advance(0)
     chosen_dir = runner.run(runner.chosen_rate()).dir
-    assert be.save_state(tmp_path, tmp_path / "state.tar") == [chosen_dir]
+    assert be.save_state(tmp_path, tmp_path / "state.tar.gz") == [chosen_dir]
     shutil.rmtree(chosen_dir)  # a session on another machine: the checkpoint comes back from the state file
-    assert be.restore_runs(tmp_path / "state.tar", tmp_path) == [str(chosen_dir.relative_to(tmp_path))]
+    assert be.restore_runs(tmp_path / "state.tar.gz", tmp_path) == [str(chosen_dir.relative_to(tmp_path))]
     assert runner.run(runner.chosen_rate()).step() == 2 and not (chosen_dir / "adapter.best.gguf").exists()
     runner.advance(1)  # resumes from step 2 (edgezo's --resume checks the checkpoint's sha256), then the test split
     record = runner.collect(test=True)
@@ -319,7 +319,7 @@ def test_a_new_machine_continues_from_the_published_result_and_the_saved_state(t
     zero = {"accuracy": 0.5, "loss": 0.7, "n_examples": 8, "seconds": 1.0, "command_line": ["eval"]}
     result = {"format": 2, "time": "T", "zero_shot": {"boolq": {"m": {"valid": zero}}},
               "cells": [{"task": "boolq", "budget": "separate", "refusal": None, "arms": [runner.collect(test=False)]}]}
-    state = tmp_path / "state.tar"
+    state = tmp_path / "state.tar.gz"
     assert [r.name for r in be.save_state(first, state)] == ["lr-0.001"]  # the rate not chosen stays out
 
     def resumed_on(work: Path, with_state: bool) -> be.ArmRunner:
